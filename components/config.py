@@ -1,0 +1,197 @@
+"""The one configuration source: `params.yaml`, one frozen pydantic model per section.
+
+Every stage reads its own section. Unknown keys and wrong types raise `ConfigError` naming
+the key (`distill.lr: Input should be a valid number`). `--set section.key=value` overrides
+are applied before validation, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the schema."""
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+# --- storage and registry ---------------------------------------------------------------
+
+
+class StorageConfig(Section):
+    root: str = "artifacts"  # local path or s3://bucket/prefix; every artifact lives under it
+    endpoint_url: str | None = None  # S3 endpoint; None falls back to $AWS_ENDPOINT_URL
+    region: str | None = None  # S3 region; None falls back to $AWS_DEFAULT_REGION
+    retries: int = 3  # attempts for storage calls that fail with a connection error
+
+
+class RegistryConfig(Section):
+    root: str = "registry"  # local path or s3://bucket/prefix holding NAME/versions, NAME/aliases
+    cache_dir: str = "~/.cache/lcmlora/registry"  # content-addressed cache used by `pull`
+
+
+# --- bases ------------------------------------------------------------------------------
+
+
+class BaseConfig(Section):
+    reference: str  # diffusers folder, hub id, or single-file .safetensors
+    family: Literal["sd15", "sdxl"]  # sdxl covers SSD-1B (smaller UNet, same conditioning)
+    resolution: int = 512  # training and sampling resolution in pixels
+    guidance_scale: float = 7.5  # the base's own CFG scale (7.5 for real SD bases)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
+
+
+# --- toy world --------------------------------------------------------------------------
+
+
+class ToyConfig(Section):
+    seed: int = 0  # seeds the toy source defects and the toy base training
+    source_dir: str = "data/toy/source"  # where `lcmlora toy source` writes
+    base_dir: str = "data/toy/base"  # where `lcmlora toy base` writes (committed)
+    style_dir: str = "data/toy/style"  # where the toy style set is written
+    image_size: int = 32  # pixel size of toy images
+    train_steps: int = 3000  # toy base UNet training steps
+    batch_size: int = 128  # toy base training batch
+
+
+# --- stages -----------------------------------------------------------------------------
+
+
+class CurateConfig(Section):
+    source: str = "data/toy/source"  # LAION/img2dataset source: local dir or s3://
+    output: str = "curated"  # manifest folder, relative to storage.root
+    min_aesthetic: float | None = 6.0  # LAION-Aesthetics default; None disables
+    max_watermark: float | None = 0.5  # maximum pwatermark; None disables
+    max_unsafe: float | None = 0.5  # maximum punsafe; None disables
+    min_side: int | None = None  # minimum shorter side in pixels; None: the base resolution
+    max_aspect: float | None = 2.0  # maximum long/short side ratio; None disables
+    caption_min_chars: int = 1  # shortest accepted caption
+    caption_max_chars: int = 500  # longest accepted caption
+    dedup: bool = True  # drop exact duplicate images (image hash)
+    columns: dict[str, str] = Field(default_factory=dict)  # source column -> LAION column name
+    min_rows: int = 100  # GX gate: minimum rows in the curated manifest
+
+
+class EncodeConfig(Section):
+    output: str = "latents"  # shard root, relative to storage.root; keyed by VAE fingerprint
+    batch_size: int = 32  # VAE encode batch
+    shard_size: int = 256  # samples per output shard
+    device: str = "cpu"  # torch device for the VAE
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # VAE dtype
+    text_embeddings: bool = False  # also store KEY.emb.npy for the base's text encoder(s)
+
+
+class DistillConfig(Section):
+    output: str = "runs/distill"  # run folder; the LoRA artifact is written here
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # per-process batch
+    lr: float = 1e-4  # AdamW learning rate
+    lora_rank: int = 64  # LoRA rank r
+    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    seed: int = 0  # training seed
+
+
+class EvaluateConfig(Section):
+    output: str = "runs/evaluate"  # report folder
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])  # LCM step counts
+
+
+class MergeConfig(Section):
+    output: str = "runs/merge"  # variant folders
+    weights: list[tuple[float, float]] = Field(default_factory=lambda: [(0.8, 1.0)])  # (l1, l2)
+
+
+class PublishConfig(Section):
+    name: str | None = None  # registry name; None: "<base>-lcm-lora"
+    alias: str = "candidate"  # alias moved to the new version after a passing gate
+
+
+# --- root -------------------------------------------------------------------------------
+
+
+class Params(Section):
+    storage: StorageConfig = StorageConfig()
+    registry: RegistryConfig = RegistryConfig()
+    bases: dict[str, BaseConfig] = Field(default_factory=dict)
+    toy: ToyConfig = ToyConfig()
+    curate: CurateConfig = CurateConfig()
+    encode: EncodeConfig = EncodeConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    merge: MergeConfig = MergeConfig()
+    publish: PublishConfig = PublishConfig()
+
+    def base(self, name: str) -> BaseConfig:
+        """The `bases.NAME` entry, or a ConfigError listing the known names."""
+        if name not in self.bases:
+            known = ", ".join(sorted(self.bases)) or "none"
+            raise ConfigError(f"bases.{name}: no such base in params (known: {known})")
+        return self.bases[name]
+
+    def digest(self) -> str:
+        """sha256 of the resolved config, for cache keys and lineage."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    dotted, raw = override.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {override!r}: empty key")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {key} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(tree: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params tree; ConfigError names every bad key."""
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found; pass --params FILE")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides or []:
+        apply_override(tree, override)
+    return parse_params(tree, source=str(path))
