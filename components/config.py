@@ -16,6 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+RESOLVED_CONFIG_NAME = "params.resolved.yaml"  # written beside every artifact
+
+
 class ConfigError(ValueError):
     """A params file or override that does not match the schema."""
 
