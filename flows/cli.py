@@ -64,7 +64,17 @@ def not_built(stage: str) -> None:
 def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
                output: OutputOpt = None) -> None:
     """Write the LAION/img2dataset-format toy source from sklearn's digits."""
-    not_built("toy source")
+    cfg = resolve(params, set_, [f"toy.source_dir={output}"] if output else None)
+    if dry_run:
+        print_config(cfg)
+        return
+    from components.toy_source import write_toy_source
+
+    with console.status(f"writing the toy source to {cfg.toy.source_dir}"):
+        summary = write_toy_source(cfg.toy.source_dir, seed=cfg.toy.seed)
+    defects = ", ".join(f"{k} {v}" for k, v in summary["defects"].items())
+    typer.echo(f"toy source: {summary['rows']} rows in {len(summary['shards'])} shards at "
+               f"{cfg.toy.source_dir} (seed {cfg.toy.seed}); defects: {defects}")
 
 
 @toy_app.command("base")
