@@ -416,11 +416,12 @@ class _S3Backend:
             if self.store.region:
                 client_kwargs["region_name"] = self.store.region
             self._fs = fsspec.filesystem(
-                "s3", client_kwargs=client_kwargs, retries=self.store.retries,
+                "s3", client_kwargs=client_kwargs,
                 config_kwargs={"request_checksum_calculation": "when_required",
                                "response_checksum_validation": "when_required",
                                "connect_timeout": self._connect_timeout, "read_timeout": self._read_timeout},
                 skip_instance_cache=True)
+            self._fs.retries = self.store.retries  # s3fs's own retry count (a class attribute)
         return self._fs
 
     # One place turns botocore errors into ours, naming the URL and never the credentials.
