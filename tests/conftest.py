@@ -187,7 +187,7 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     log_path = workdir / "weed.log"
     log = open(log_path, "wb")  # noqa: SIM115 - the child keeps writing to it
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            cwd=workdir, preexec_fn=_die_with_parent)
+                            cwd=workdir, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only
     log.close()
     server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}", data_dir=data, process=proc, log_path=log_path)
     try:

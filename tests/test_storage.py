@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from components.storage import AlreadyExists, NotFound, PreconditionFailed, Storage, StorageError, StorageUnavailable
+from components.storage import (
+    AlreadyExists,
+    NotFound,
+    PreconditionFailed,
+    Storage,
+    StorageError,
+    StorageUnavailable,
+)
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
 
@@ -148,7 +155,7 @@ def test_compare_and_swap(root: str) -> None:
     store.write_if_match("alias.json", b"1", None)  # None: only if absent
     with pytest.raises(PreconditionFailed):
         store.write_if_match("alias.json", b"x", None)
-    data, tag = store.read_with_etag("alias.json")
+    _, tag = store.read_with_etag("alias.json")
     new_tag = store.write_if_match("alias.json", b"2", tag)
     with pytest.raises(PreconditionFailed):
         store.write_if_match("alias.json", b"3", tag)  # stale tag
