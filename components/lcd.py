@@ -1,0 +1,180 @@
+"""Latent Consistency Distillation math (LCM-LoRA report, arXiv 2311.05556, Algorithm 1).
+
+Small pure functions, each named after the paper's quantity. Shapes: B batch, C latent
+channels, h x w latent size, T training timesteps (1000), N solver timesteps (50).
+
+Timesteps are the teacher's discrete DDPM timesteps 0..T-1. The DDIM solver Psi runs on the
+N "trailing" timesteps t_n = (n + 1) k - 1 (k = T / N), so one solver step goes from t_n
+to t_{n-1} = t_n - k (and from t_0 = k - 1 to timestep 0). Guidance follows the LCM form:
+with w = (CFG scale - 1), guided = cond + w (cond - uncond) (Algorithm 1, line 5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Per-sample values [B] -> [B, 1, ..., 1] with `ndim` dimensions, for broadcasting."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def alphas_cumprod(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+    trained_betas: list[float] | None = None,
+) -> Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), float32 [T]; alpha(t)^2 = alpha_bar_t, sigma(t)^2 = 1 - alpha_bar_t.
+
+    `scaled_linear` is Stable Diffusion's schedule (linear in sqrt(beta)). Computed in float32
+    exactly as the teacher's diffusers scheduler does, so the solver matches its sampler.
+    """
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    else:
+        raise ValueError(
+            f"beta_schedule {beta_schedule!r}: LCD supports 'linear', 'scaled_linear' or trained_betas; "
+            "check the base's scheduler/scheduler_config.json"
+        )
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def schedule_from_scheduler_config(config: dict) -> Tensor:
+    """alpha_bar [T] from a diffusers scheduler config (scheduler/scheduler_config.json)."""
+    return alphas_cumprod(
+        int(config.get("num_train_timesteps", 1000)),
+        float(config.get("beta_start", 0.00085)),
+        float(config.get("beta_end", 0.012)),
+        str(config.get("beta_schedule", "scaled_linear")),
+        config.get("trained_betas"),
+    )
+
+
+def ddim_solver_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
+    """Solver timesteps t_n = (n + 1) k - 1, n = 0..N-1, k = T / N (Algorithm 1's skipping interval); long [N]."""
+    if num_train_timesteps % num_ddim_timesteps:
+        raise ValueError(
+            f"distill.num_ddim_timesteps={num_ddim_timesteps} must divide num_train_timesteps="
+            f"{num_train_timesteps} so that the skipping interval k is an integer"
+        )
+    k = num_train_timesteps // num_ddim_timesteps
+    return torch.arange(1, num_ddim_timesteps + 1, dtype=torch.long) * k - 1
+
+
+def previous_solver_timestep(t: Tensor, skip: int) -> Tensor:
+    """t_{n-1} = t_n - k, clamped at timestep 0 for the first solver step; long [B]."""
+    return (t - skip).clamp(min=0)
+
+
+def add_noise(z0: Tensor, noise: Tensor, t: Tensor, alpha_bar: Tensor) -> Tensor:
+    """Forward process z_t = alpha(t) z + sigma(t) eps (Algorithm 1, line 4: z_{t_{n+k}} ~ N(alpha z, sigma^2 I)).
+
+    z0, noise: [B, C, h, w]; t: long [B]; alpha_bar: [T]. Returns [B, C, h, w] in z0's dtype.
+    """
+    a = append_dims(alpha_bar.to(z0.device)[t], z0.ndim)
+    return (a.sqrt() * z0 + (1.0 - a).sqrt() * noise).to(z0.dtype)
+
+
+def predicted_x0(model_output: Tensor, sample: Tensor, t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """x0(z_t, t) from the UNet output: (z - sigma eps) / alpha for epsilon, alpha z - sigma v for v-prediction.
+
+    model_output, sample: [B, C, h, w]; t: long [B].
+    """
+    a = append_dims(alpha_bar.to(sample.device)[t], sample.ndim)
+    alpha, sigma = a.sqrt(), (1.0 - a).sqrt()
+    if prediction_type == "epsilon":
+        x0 = (sample - sigma * model_output) / alpha
+    elif prediction_type == "v_prediction":
+        x0 = alpha * sample - sigma * model_output
+    else:
+        raise ValueError(f"prediction_type {prediction_type!r}: LCD supports 'epsilon' and 'v_prediction'")
+    return x0.to(sample.dtype)
+
+
+def predicted_epsilon(model_output: Tensor, sample: Tensor, t: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """eps(z_t, t) from the UNet output: the output itself, or alpha v + sigma z for v-prediction; [B, C, h, w]."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        a = append_dims(alpha_bar.to(sample.device)[t], sample.ndim)
+        return (a.sqrt() * model_output + (1.0 - a).sqrt() * sample).to(sample.dtype)
+    raise ValueError(f"prediction_type {prediction_type!r}: LCD supports 'epsilon' and 'v_prediction'")
+
+
+def ddim_step(x0: Tensor, eps: Tensor, t_prev: Tensor, alpha_bar: Tensor) -> Tensor:
+    """One deterministic DDIM step (eta = 0), the solver Psi: z_{t_prev} = alpha(t_prev) x0 + sigma(t_prev) eps.
+
+    x0, eps: [B, C, h, w] (already guided, Algorithm 1 line 5); t_prev: long [B].
+    """
+    a = append_dims(alpha_bar.to(x0.device)[t_prev], x0.ndim)
+    return (a.sqrt() * x0 + (1.0 - a).sqrt() * eps).to(x0.dtype)
+
+
+def guided(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
+    """Classifier-free guidance in LCM form: cond + w (cond - uncond), w = CFG scale - 1 (Algorithm 1, line 5); w: [B]."""
+    return cond + append_dims(w, cond.ndim).to(cond.dtype) * (cond - uncond)
+
+
+def sample_guidance_w(batch_size: int, scale_min: float, scale_max: float, generator: torch.Generator | None = None) -> Tensor:
+    """omega ~ U[w_min, w_max] per sample (Algorithm 1, line 3), from CFG scales: w = scale - 1; float32 [B].
+
+    scale_min == scale_max gives a fixed guidance.
+    """
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float32)
+    return (scale_min - 1.0) + (scale_max - scale_min) * u
+
+
+def scalings_for_boundary_conditions(
+    t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> tuple[Tensor, Tensor]:
+    """c_skip = s^2 / ((10 t)^2 + s^2), c_out = 10 t / sqrt((10 t)^2 + s^2), so f(x, 0) = x (LCM boundary condition).
+
+    t: [B] timesteps; returns two float [B] tensors.
+    """
+    scaled = t.double() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def consistency_function(sample: Tensor, x0: Tensor, c_skip: Tensor, c_out: Tensor) -> Tensor:
+    """f_theta(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t) (the consistency model's parameterisation); [B, C, h, w]."""
+    return append_dims(c_skip, sample.ndim).to(sample.dtype) * sample + append_dims(c_out, x0.ndim).to(x0.dtype) * x0
+
+
+def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float = 0.001) -> Tensor:
+    """d(x, y) = sqrt(||x - y||^2 + c^2) - c elementwise, mean over all elements (LCM's pseudo-Huber); scalar."""
+    diff = pred.float() - target.float()
+    return (torch.sqrt(diff**2 + c**2) - c).mean()
+
+
+def l2_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """d(x, y) = ||x - y||^2, mean over all elements; scalar."""
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def lcd_distance(pred: Tensor, target: Tensor, loss_type: str, huber_c: float = 0.001) -> Tensor:
+    """The distance d(., .) of Algorithm 1, line 6, chosen by `distill.loss_type`."""
+    if loss_type == "huber":
+        return pseudo_huber_loss(pred, target, huber_c)
+    if loss_type == "l2":
+        return l2_loss(pred, target)
+    raise ValueError(f"distill.loss_type {loss_type!r}: expected 'l2' or 'huber'")
+
+
+def guidance_scale_embedding(w: Tensor, embedding_dim: int = 512) -> Tensor:
+    """Sinusoidal embedding of w * 1000 [B] -> [B, D] (LCM's w-conditioning; unused by LCM-LoRA, which has no w input)."""
+    half = embedding_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    args = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 else emb
