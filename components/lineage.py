@@ -1,0 +1,121 @@
+"""Lineage (DESIGN contract 4, `lineage.json`): where an artifact came from.
+
+Every artifact records the code (git commit and whether the tree was dirty), the data
+pipeline state (sha256 of `dvc.lock` and the DVC version), the resolved params digest, its
+inputs' fingerprints, the hardware and the wall-clock times. Nothing here reads credentials:
+only git, files in the repository and the local machine's description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_revision(repo: str | Path = ".") -> dict[str, Any]:
+    """`{commit, dirty, branch}` of the repository holding `repo`; None values outside git."""
+    repo = Path(repo)
+    commit = _git(repo, "rev-parse", "HEAD")
+    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "branch": _git(repo, "rev-parse", "--abbrev-ref", "HEAD"),
+    }
+
+
+def dvc_revision(repo: str | Path = ".") -> dict[str, Any]:
+    """`{dvc_lock_sha256, dvc_version}`: the pipeline state DVC recorded in `dvc.lock`."""
+    lock = Path(repo) / "dvc.lock"
+    try:
+        from importlib.metadata import version
+
+        dvc_version: str | None = version("dvc")
+    except Exception:  # noqa: BLE001 - DVC is optional at run time
+        dvc_version = None
+    return {
+        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None,
+        "dvc_version": dvc_version,
+    }
+
+
+def hardware() -> dict[str, Any]:
+    """Machine description: OS, Python, torch, CPU count and accelerators (names only)."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - torch missing or CUDA query failing is not fatal
+        info["cuda"] = []
+    return info
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def collect(
+    *,
+    stage: str,
+    params_digest: str,
+    inputs: dict[str, Any],
+    started_at: str,
+    finished_at: str | None = None,
+    repo: str | Path = ".",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The lineage record of one stage's artifact (JSON-serializable)."""
+    return {
+        "stage": stage,
+        "inputs": inputs,
+        "params_digest": params_digest,
+        "git": git_revision(repo),
+        "dvc": dvc_revision(repo),
+        "hardware": hardware(),
+        "started_at": started_at,
+        "finished_at": finished_at or utc_now(),
+        **(extra or {}),
+    }
+
+
+class Stopwatch:
+    """Wall time of a block: `with Stopwatch() as sw: ...; sw.seconds`, plus its UTC start."""
+
+    def __enter__(self) -> Stopwatch:
+        self.started_at = utc_now()
+        self._t0 = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+
+
+def write_lineage(folder: str | Path, record: dict[str, Any]) -> Path:
+    """Write `lineage.json` into an artifact folder."""
+    path = Path(folder) / "lineage.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return path
