@@ -73,6 +73,7 @@ class ToyConfig(Section):
 
 class CurateConfig(Section):
     source: str = "data/toy/source"  # LAION/img2dataset source: local dir or s3://
+    metadata: str = "*.parquet"  # metadata parquet file(s) in the source, a glob relative to it
     output: str = "curated"  # manifest folder, relative to storage.root
     min_aesthetic: float | None = 6.0  # LAION-Aesthetics default; None disables
     max_watermark: float | None = 0.5  # maximum pwatermark; None disables

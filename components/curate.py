@@ -1,0 +1,525 @@
+"""Curation: a LAION/img2dataset source -> curated manifest + rejections (DESIGN contract 2).
+
+Two streaming passes, so metadata larger than memory works:
+
+1. **Metadata** (vectorized, pyarrow): every metadata parquet is read in record batches;
+   each batch is tested against the enabled filters at once and split into candidates
+   (spilled to a local parquet) and rejections (key, reason, detail, value). A row gets the
+   first failing filter as its reason, in `METADATA_REASONS` order.
+2. **Images**: candidates are matched to their tar shard, read as a stream once: an image
+   must be present with its `.txt`, and exact duplicates (sha256 of the image bytes) are
+   dropped, keeping the first. Only the seen-hash set grows with the data.
+
+Then the Great Expectations gate (`components/quality_gate.py`) validates the manifest, and
+everything is written through `Storage`: `rejected.parquet`, `gx/` (data docs),
+`summary.json`, `params.yaml`, and `manifest.parquet` last. The manifest's content hash
+(sha256 of its bytes) versions it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from components.config import CurateConfig
+from components.quality_gate import GateLimits, ManifestGateFailed, failure_message, run_manifest_gate
+from components.storage import Storage
+
+# Manifest column -> source column names accepted for it (LAION first, img2dataset second).
+SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "key": ("key",),
+    "caption": ("TEXT", "caption"),
+    "url": ("URL", "url"),
+    "width": ("WIDTH", "width", "original_width"),
+    "height": ("HEIGHT", "height", "original_height"),
+    "aesthetic": ("AESTHETIC_SCORE", "aesthetic"),
+    "pwatermark": ("pwatermark",),
+    "punsafe": ("punsafe",),
+    "similarity": ("similarity",),
+    "shard": ("shard",),
+    "status": ("status",),
+}
+NUMERIC = {"width", "height", "aesthetic", "pwatermark", "punsafe", "similarity"}
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("caption", pa.string()),
+    ("shard", pa.string()),  # source tar, relative to the source root
+    ("member", pa.string()),  # image member inside the tar (KEY.jpg)
+    ("url", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("aesthetic", pa.float64()),
+    ("pwatermark", pa.float64()),
+    ("punsafe", pa.float64()),
+    ("similarity", pa.float64()),
+    ("image_sha256", pa.string()),
+])
+CANDIDATE_SCHEMA = pa.schema([f for f in MANIFEST_SCHEMA if f.name not in ("member", "image_sha256")])
+REJECTED_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),  # the threshold or error that rejected it
+    ("value", pa.float64()),  # the offending value, where there is one
+])
+
+# Metadata filters, in the order that picks a row's reason.
+METADATA_REASONS = ("not_downloaded", "missing_score", "low_aesthetic", "watermark", "unsafe",
+                    "undersized", "aspect_ratio", "caption_length")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+BATCH_ROWS = 1 << 17  # metadata rows per record batch
+TAR_CACHE = 4  # tar member tables kept in memory (rows of one shard are contiguous)
+
+
+class SourceError(ValueError):
+    """The source is missing, unreadable or has the wrong columns or types."""
+
+
+class CurationEmpty(ValueError):
+    """No row survived the filters."""
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The enabled metadata filters; None disables one."""
+
+    min_aesthetic: float | None = 6.0
+    max_watermark: float | None = 0.5
+    max_unsafe: float | None = 0.5
+    min_side: int | None = None
+    max_aspect: float | None = 2.0
+    caption_min_chars: int = 1
+    caption_max_chars: int = 500
+
+    @classmethod
+    def from_config(cls, cfg: CurateConfig, min_side: int | None) -> Filters:
+        return cls(cfg.min_aesthetic, cfg.max_watermark, cfg.max_unsafe,
+                   cfg.min_side if cfg.min_side is not None else min_side, cfg.max_aspect,
+                   cfg.caption_min_chars, cfg.caption_max_chars)
+
+    def describe(self) -> dict[str, str]:
+        """Reason -> the rule that rejects, as stored in `detail`."""
+        return {
+            "not_downloaded": "status is not 'success'",
+            "missing_score": "a score an enabled filter needs is NaN or null",
+            "low_aesthetic": f"AESTHETIC_SCORE < {self.min_aesthetic} (curate.min_aesthetic)",
+            "watermark": f"pwatermark > {self.max_watermark} (curate.max_watermark)",
+            "unsafe": f"punsafe > {self.max_unsafe} (curate.max_unsafe)",
+            "undersized": f"shorter side < {self.min_side} px (curate.min_side)",
+            "aspect_ratio": f"long/short side > {self.max_aspect} (curate.max_aspect)",
+            "caption_length": (f"caption length outside [{self.caption_min_chars}, {self.caption_max_chars}] "
+                               "chars (curate.caption_min_chars/caption_max_chars)"),
+        }
+
+
+@dataclass
+class CurationResult:
+    rows_in: int
+    kept: int
+    rejected: dict[str, int]  # reason -> count
+    manifest_hash: str
+    elapsed_s: float
+    files: list[str] = field(default_factory=list)  # written, relative to the storage root
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_in": self.rows_in, "kept": self.kept, "rejected": self.rejected,
+                "manifest_hash": self.manifest_hash, "elapsed_s": round(self.elapsed_s, 3)}
+
+
+# --- source reading ---------------------------------------------------------------------
+
+
+def _resolve_columns(names: list[str], mapping: dict[str, str], where: str) -> dict[str, str]:
+    """Manifest column -> source column, after applying `curate.columns` renames."""
+    renamed = {mapping.get(n, n): n for n in names}  # LAION name -> physical name
+    out = {}
+    for canon, aliases in SOURCE_COLUMNS.items():
+        for alias in aliases:
+            if alias in renamed:
+                out[canon] = renamed[alias]
+                break
+    return out
+
+
+def _check_types(schema: pa.Schema, cols: dict[str, str], where: str) -> None:
+    problems = []
+    for canon, physical in cols.items():
+        typ = schema.field(physical).type
+        if canon in NUMERIC and not (pa.types.is_integer(typ) or pa.types.is_floating(typ)):
+            problems.append(f"column {physical} has type {typ}, expected a number")
+        if canon not in NUMERIC and not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+            problems.append(f"column {physical} has type {typ}, expected a string")
+    if problems:
+        raise SourceError(f"{where}: " + "; ".join(problems)
+                          + ". Fix the source, or map the right columns with curate.columns (source -> LAION name)")
+
+
+def _required(filters: Filters) -> list[str]:
+    need = ["key", "caption", "width", "height"]
+    need += [c for c, on in (("aesthetic", filters.min_aesthetic), ("pwatermark", filters.max_watermark),
+                             ("punsafe", filters.max_unsafe)) if on is not None]
+    return need
+
+
+def metadata_files(source: Storage, pattern: str) -> list[str]:
+    """The metadata parquet files of a source (names relative to its root)."""
+    names = [n for n in source.ls("", recursive=True) if fnmatch.fnmatch(n, pattern)]
+    if not names:
+        raise SourceError(f"{source.url()}: no metadata matching {pattern!r} (curate.metadata); "
+                          "run `lcmlora toy source` or point curate.source at a LAION/img2dataset folder")
+    return names
+
+
+def iter_metadata(source: Storage, files: list[str], filters: Filters, mapping: dict[str, str],
+                  batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Record batches with manifest column names (CANDIDATE_SCHEMA plus `status`), one file at a time."""
+    for name in files:
+        where = source.url(name)
+        try:
+            fragment = next(ds.dataset(source.path(name), format="parquet", filesystem=source.fs).get_fragments())
+            schema = fragment.physical_schema
+        except (OSError, pa.ArrowInvalid) as err:
+            raise SourceError(f"{where}: unreadable parquet: {err}") from None
+        cols = _resolve_columns(schema.names, mapping, where)
+        missing = [c for c in _required(filters) if c not in cols]
+        if missing:
+            wanted = ", ".join(f"{c} (one of {'/'.join(SOURCE_COLUMNS[c])})" for c in missing)
+            raise SourceError(f"{where}: missing column(s) {wanted}; has {schema.names}. "
+                              "Map source columns to LAION names with curate.columns")
+        _check_types(schema, cols, where)
+        shard_default = pa.scalar(Path(name).stem + ".tar", pa.string())
+        for batch in fragment.to_batches(columns=list(dict.fromkeys(cols.values())), batch_size=batch_rows,
+                                         use_threads=True):
+            n = batch.num_rows
+            arrays, names = [], []
+            for f in CANDIDATE_SCHEMA:
+                if f.name in cols:
+                    arr = batch.column(cols[f.name])
+                    arrays.append(arr if arr.type == f.type else pc.cast(arr, f.type, safe=False))
+                elif f.name == "shard":
+                    arrays.append(pa.array([shard_default.as_py()] * n, pa.string()) if n else pa.array([], pa.string()))
+                else:
+                    arrays.append(pa.nulls(n, f.type))
+                names.append(f.name)
+            if "status" in cols:
+                arrays.append(batch.column(cols["status"]))
+                names.append("status")
+            yield pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+# --- pass 1: vectorized metadata filters ------------------------------------------------
+
+
+def _nan_or_null(arr: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.is_nan(arr), True)
+
+
+def filter_batch(batch: pa.RecordBatch, filters: Filters) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Vectorized filters over one batch: (keep mask, reason index per row, offending value).
+
+    The reason index points into METADATA_REASONS (-1 where kept). All null handling is
+    explicit: a null score an enabled filter needs is `missing_score`, a null size is
+    `undersized`, a null caption has length 0.
+    """
+    n = batch.num_rows
+    false = pa.array(np.zeros(n, dtype=bool))
+    fails: list[pa.Array] = []
+    values: list[pa.Array] = []
+
+    # 1. img2dataset status.
+    if "status" in batch.schema.names:
+        fails.append(pc.fill_null(pc.not_equal(batch.column("status"), "success"), True))
+    else:
+        fails.append(false)
+    values.append(pa.nulls(n, pa.float64()))
+    # 2. Scores: missing first, then each threshold.
+    scored = [(c, t) for c, t in (("aesthetic", filters.min_aesthetic), ("pwatermark", filters.max_watermark),
+                                  ("punsafe", filters.max_unsafe)) if t is not None]
+    missing = false
+    for column, _ in scored:
+        missing = pc.or_(missing, _nan_or_null(batch.column(column)))
+    fails.append(missing)
+    values.append(pa.nulls(n, pa.float64()))
+    for column, reason, op in (("aesthetic", filters.min_aesthetic, pc.less),
+                               ("pwatermark", filters.max_watermark, pc.greater),
+                               ("punsafe", filters.max_unsafe, pc.greater)):
+        if reason is None:
+            fails.append(false)
+            values.append(pa.nulls(n, pa.float64()))
+        else:
+            arr = batch.column(column)
+            fails.append(pc.fill_null(op(arr, reason), False))
+            values.append(arr)
+    # 3. Geometry.
+    width = pc.cast(batch.column("width"), pa.float64())
+    height = pc.cast(batch.column("height"), pa.float64())
+    short, long = pc.min_element_wise(width, height), pc.max_element_wise(width, height)
+    if filters.min_side is not None:
+        fails.append(pc.fill_null(pc.less(short, float(filters.min_side)), True))
+    else:
+        fails.append(false)
+    values.append(short)
+    aspect = pc.divide(long, short)
+    if filters.max_aspect is not None:
+        fails.append(pc.fill_null(pc.greater(aspect, float(filters.max_aspect)), True))
+    else:
+        fails.append(false)
+    values.append(aspect)
+    # 4. Caption length, whitespace trimmed.
+    length = pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(batch.column("caption"))), 0)
+    fails.append(pc.or_(pc.less(length, filters.caption_min_chars), pc.greater(length, filters.caption_max_chars)))
+    values.append(pc.cast(length, pa.float64()))
+
+    cond = pa.StructArray.from_arrays(fails, names=[str(i) for i in range(len(fails))])
+    reason = pc.case_when(cond, *[pa.scalar(i, pa.int8()) for i in range(len(fails))])
+    keep = pc.is_null(reason)
+    value = pc.case_when(cond, *[pc.cast(v, pa.float64()) for v in values])
+    return keep, reason, value
+
+
+def _rejected_batch(keys: pa.Array, reason_idx: pa.Array, value: pa.Array, filters: Filters) -> pa.RecordBatch:
+    """Rejection rows from reason indices; reason and detail as dictionary-shared strings."""
+    details = filters.describe()
+    reasons = pa.array(METADATA_REASONS, pa.string())
+    detail_dict = pa.array([details[r] for r in METADATA_REASONS], pa.string())
+    return pa.RecordBatch.from_arrays(
+        [keys, pc.take(reasons, reason_idx), pc.take(detail_dict, reason_idx), value], schema=REJECTED_SCHEMA)
+
+
+def filter_metadata(batches: Iterator[pa.RecordBatch], filters: Filters,
+                    on_candidates: Callable[[pa.RecordBatch], None],
+                    on_rejected: Callable[[pa.RecordBatch], None]) -> tuple[int, dict[str, int]]:
+    """Pass 1 over any stream of metadata batches; returns (rows seen, rejections per reason)."""
+    rows = 0
+    counts = [0] * len(METADATA_REASONS)
+    for batch in batches:
+        rows += batch.num_rows
+        keep, reason, value = filter_batch(batch, filters)
+        kept = batch.filter(keep)
+        if kept.num_rows:
+            on_candidates(kept.select(CANDIDATE_SCHEMA.names))
+        if kept.num_rows < batch.num_rows:
+            drop = pc.invert(keep)
+            reason_idx = reason.filter(drop)
+            for entry in pc.value_counts(reason_idx).to_pylist():
+                counts[entry["values"]] += entry["counts"]
+            on_rejected(_rejected_batch(batch.column("key").filter(drop), reason_idx, value.filter(drop), filters))
+    return rows, {METADATA_REASONS[i]: c for i, c in enumerate(counts) if c}
+
+
+# --- pass 2: images in the tar shards ---------------------------------------------------
+
+
+@dataclass
+class _ShardMembers:
+    images: dict[str, tuple[str, str]]  # key -> (member name, sha256 of its bytes)
+    texts: set[str]  # keys with a .txt member
+    error: str | None  # why the shard could not be read to its end, if it could not
+
+
+def read_shard_members(source: Storage, shard: str) -> _ShardMembers:
+    """Stream one tar: hash every image, note which keys have captions, keep any read error."""
+    images: dict[str, tuple[str, str]] = {}
+    texts: set[str] = set()
+    try:
+        with source.open(shard) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                ext = ext.lower()
+                if ext in IMAGE_EXTENSIONS:
+                    data = tar.extractfile(member).read()
+                    images[key] = (member.name, hashlib.sha256(data).hexdigest())
+                elif ext == "txt":
+                    texts.add(key)
+    except FileNotFoundError:
+        return _ShardMembers({}, set(), f"{source.url(shard)}: shard not found")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        return _ShardMembers(images, texts, f"{source.url(shard)}: truncated or corrupt tar ({type(err).__name__}: {err})")
+    return _ShardMembers(images, texts, None)
+
+
+def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: bool,
+                 on_kept: Callable[[pa.RecordBatch], None],
+                 on_rejected: Callable[[pa.RecordBatch], None]) -> dict[str, int]:
+    """Pass 2: keep candidates whose image and caption are in their shard, drop duplicates."""
+    cache: OrderedDict[str, _ShardMembers] = OrderedDict()
+    seen: dict[str, str] = {}  # image sha256 -> first key
+    counts: dict[str, int] = {}
+
+    def members_of(shard: str) -> _ShardMembers:
+        if shard not in cache:
+            cache[shard] = read_shard_members(source, shard)
+            while len(cache) > TAR_CACHE:
+                cache.popitem(last=False)
+        cache.move_to_end(shard)
+        return cache[shard]
+
+    for batch in candidates:
+        keep, members, hashes = [], [], []
+        rej_keys, rej_reason, rej_detail = [], [], []
+        for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), strict=True):
+            m = members_of(shard)
+            reason = detail = None
+            image = m.images.get(key)
+            if image is None:
+                reason, detail = ("unreadable_shard", m.error) if m.error else ("missing_image", f"no {key}.jpg in {shard}")
+            elif key not in m.texts:
+                reason, detail = "missing_txt", f"no {key}.txt in {shard}"
+            elif dedup and image[1] in seen:
+                reason, detail = "duplicate", f"same image bytes as {seen[image[1]]}"
+            if reason is None:
+                if dedup:
+                    seen[image[1]] = key
+                keep.append(True)
+                members.append(image[0])
+                hashes.append(image[1])
+            else:
+                keep.append(False)
+                rej_keys.append(key)
+                rej_reason.append(reason)
+                rej_detail.append(detail)
+                counts[reason] = counts.get(reason, 0) + 1
+        kept = batch.filter(pa.array(keep, pa.bool_()))
+        if kept.num_rows:
+            table = pa.Table.from_batches([kept]).append_column("member", pa.array(members, pa.string())) \
+                .append_column("image_sha256", pa.array(hashes, pa.string()))
+            for b in table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA).to_batches():
+                on_kept(b)
+        if rej_keys:
+            on_rejected(pa.RecordBatch.from_arrays(
+                [pa.array(rej_keys, pa.string()), pa.array(rej_reason, pa.string()),
+                 pa.array(rej_detail, pa.string()), pa.nulls(len(rej_keys), pa.float64())], schema=REJECTED_SCHEMA))
+    return counts
+
+
+# --- the whole stage ---------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _empty_message(source: str, rows: int, counts: dict[str, int], filters: Filters) -> str:
+    rules = filters.describe()
+    listed = "; ".join(f"{r}: {c} rows ({rules.get(r, 'image check')})" for r, c in
+                       sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"{source}: no rows left after filtering {rows} rows. Rejected by {listed}. "
+            "Relax the filters in params.yaml (curate.*) or check the source")
+
+
+def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *, min_side: int | None,
+           resolved_config: str | None = None, progress: Callable[[str, int], None] | None = None) -> CurationResult:
+    """Run curation end to end; write the manifest folder `out_rel` under `storage`.
+
+    `min_side` is the base resolution, used when `cfg.min_side` is None. `progress(stage, rows)`
+    is called after each batch. Raises SourceError, CurationEmpty or ManifestGateFailed.
+    """
+    start = time.perf_counter()
+    filters = Filters.from_config(cfg, min_side)
+    report = progress or (lambda stage, rows: None)
+    out = lambda name: f"{out_rel.strip('/')}/{name}" if out_rel.strip("/") else name  # noqa: E731
+
+    with tempfile.TemporaryDirectory(prefix="lcmlora-curate-") as tmp:
+        tmp_path = Path(tmp)
+        rejected_w = pq.ParquetWriter(tmp_path / "rejected.parquet", REJECTED_SCHEMA, compression="zstd")
+        candidates_w = pq.ParquetWriter(tmp_path / "candidates.parquet", CANDIDATE_SCHEMA, compression="zstd")
+
+        # 1. Metadata filters, streaming.
+        files = metadata_files(source, cfg.metadata)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for b in iter_metadata(source, files, filters, cfg.columns):
+                report("metadata", b.num_rows)
+                yield b
+
+        rows_in, counts = filter_metadata(batches(), filters, candidates_w.write_batch, rejected_w.write_batch)
+        candidates_w.close()
+
+        # 2. Images: presence, caption file, exact duplicates.
+        manifest_w = pq.ParquetWriter(tmp_path / "manifest.parquet", MANIFEST_SCHEMA, compression="zstd")
+        kept = 0
+
+        def on_kept(b: pa.RecordBatch) -> None:
+            nonlocal kept
+            kept += b.num_rows
+            manifest_w.write_batch(b)
+
+        def candidate_batches() -> Iterator[pa.RecordBatch]:
+            for b in pq.ParquetFile(tmp_path / "candidates.parquet").iter_batches(batch_size=BATCH_ROWS):
+                yield b
+                report("images", b.num_rows)
+
+        image_counts = check_images(candidate_batches(), source, cfg.dedup, on_kept, rejected_w.write_batch)
+        manifest_w.close()
+        rejected_w.close()
+        for reason, c in image_counts.items():
+            counts[reason] = counts.get(reason, 0) + c
+
+        summary: dict[str, Any] = {"source": source.url(), "rows_in": rows_in, "kept": kept,
+                                   "rejected": dict(sorted(counts.items())), "filters": filters.describe()}
+        files_written: list[str] = []
+
+        def publish(local: Path, name: str) -> None:
+            storage.put_file(local, out(name))
+            files_written.append(out(name))
+
+        # 3. Fail closed: nothing kept, or the GX suite fails. A stale manifest must not survive.
+        if kept == 0:
+            storage.delete(out("manifest.parquet"))
+            raise CurationEmpty(_empty_message(source.url(), rows_in, counts, filters))
+        manifest = pq.read_table(tmp_path / "manifest.parquet")
+        limits = GateLimits(columns=tuple(MANIFEST_SCHEMA.names), min_rows=cfg.min_rows,
+                            min_aesthetic=filters.min_aesthetic, max_watermark=filters.max_watermark,
+                            max_unsafe=filters.max_unsafe, min_side=filters.min_side,
+                            caption_min_chars=filters.caption_min_chars, caption_max_chars=filters.caption_max_chars,
+                            unique_images=cfg.dedup)
+        gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context")
+        del manifest
+        for page in sorted(p for p in gate.docs_dir.rglob("*") if p.is_file()):
+            publish(page, f"gx/{page.relative_to(gate.docs_dir).as_posix()}")
+        summary["gate"] = {"success": gate.success, "data_docs": out("gx/index.html"),
+                           "statistics": gate.description.get("statistics")}
+        publish_rejected = tmp_path / "rejected.parquet"
+        publish(publish_rejected, "rejected.parquet")
+        if resolved_config is not None:
+            (tmp_path / "params.yaml").write_text(resolved_config)
+            publish(tmp_path / "params.yaml", "params.yaml")
+        if not gate.success:
+            storage.delete(out("manifest.parquet"))
+            summary["manifest_hash"] = None
+            storage.write_text(out("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            raise ManifestGateFailed(failure_message(gate.description, storage.url(out("gx/index.html"))))
+
+        # 4. Publish: summary, then the manifest last (its presence means a complete, gated run).
+        manifest_hash = file_sha256(tmp_path / "manifest.parquet")
+        summary["manifest_hash"] = manifest_hash
+        summary["elapsed_s"] = round(time.perf_counter() - start, 3)
+        storage.write_text(out("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        files_written.append(out("summary.json"))
+        publish(tmp_path / "manifest.parquet", "manifest.parquet")
+        shutil.rmtree(tmp_path / "gx-context", ignore_errors=True)
+    return CurationResult(rows_in=rows_in, kept=kept, rejected=dict(sorted(counts.items())),
+                          manifest_hash=manifest_hash, elapsed_s=time.perf_counter() - start, files=files_written)
