@@ -146,6 +146,18 @@ class PublishConfig(Section):
     alias: str = "candidate"  # alias moved to the new version after a passing gate
 
 
+class OrchestrateConfig(Section):
+    results: str = "prefect-results"  # Prefect task results and cache records, relative to storage.root
+    accelerate_config: str | None = None  # distill under `accelerate launch` with this file (infra/accelerate/); None: in-process
+    retries: int = 3  # retries of storage and network tasks (exponential backoff)
+    retry_delay_s: float = 5.0  # first retry delay; doubles each retry
+    encode_timeout_s: int = 4 * 3600  # per-task wall-clock limits (Prefect timeout_seconds)
+    distill_timeout_s: int = 24 * 3600
+    evaluate_timeout_s: int = 4 * 3600
+    merge_timeout_s: int = 4 * 3600
+    toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
+
+
 # --- root -------------------------------------------------------------------------------
 
 
@@ -160,24 +172,13 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     merge: MergeConfig = MergeConfig()
     publish: PublishConfig = PublishConfig()
+    orchestrate: OrchestrateConfig = OrchestrateConfig()
 
     def base(self, name: str) -> BaseConfig:
         """The `bases.NAME` entry, or a ConfigError listing the known names."""
         if name not in self.bases:
             known = ", ".join(sorted(self.bases)) or "none"
             raise ConfigError(f"bases.{name}: no such base in params (known: {known})")
-class OrchestrateConfig(Section):
-    results: str = "prefect-results"  # Prefect task results and cache records, relative to storage.root
-    accelerate_config: str | None = None  # distill under `accelerate launch` with this file (infra/accelerate/); None: in-process
-    retries: int = 3  # retries of storage and network tasks (exponential backoff)
-    retry_delay_s: float = 5.0  # first retry delay; doubles each retry
-    encode_timeout_s: int = 4 * 3600  # per-task wall-clock limits (Prefect timeout_seconds)
-    distill_timeout_s: int = 24 * 3600
-    evaluate_timeout_s: int = 4 * 3600
-    merge_timeout_s: int = 4 * 3600
-    toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
-
-
         return self.bases[name]
 
     def digest(self) -> str:
@@ -192,7 +193,6 @@ class OrchestrateConfig(Section):
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:
-    orchestrate: OrchestrateConfig = OrchestrateConfig()
     """Apply one `section.key=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected section.key=value")
