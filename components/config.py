@@ -130,10 +130,30 @@ class DistillConfig(Section):
     num_workers: int = 0  # data loader workers
 
 
-
 class EvaluateConfig(Section):
     output: str = "runs/evaluate"  # report folder
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])  # LCM step counts
+    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])  # LCM step counts (teacher runs them too)
+    teacher_steps: list[int] = Field(default_factory=lambda: [25, 50])  # extra teacher-only step counts
+    teacher_samplers: list[Literal["ddim", "dpmpp"]] = Field(default_factory=lambda: ["ddim", "dpmpp"])  # DDIM, DPM-Solver++(2M)
+    teacher_timestep_spacing: Literal["leading", "linspace", "trailing"] | None = "trailing"  # None: the base's own
+    lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG scale with the LCM-LoRA (1.0: no CFG pass)
+    tcd_gamma: float | None = None  # TCDScheduler gamma; None: no TCD rows
+    prompts: str | None = None  # prompt file, one per line; None: data/prompts/toy.txt (toy) or sd.txt
+    samples_per_prompt: int = 20  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
+    seed: int = 0  # first noise seed; every method gets the same initial noise
+    batch_size: int = 50  # images per pipeline call
+    device: str = "cpu"  # torch device for sampling and metrics
+    agreement_reference: str = "ddim-50"  # teacher run whose images PSNR/SSIM compare against
+    feature_backbone: Literal["auto", "digit_classifier", "torchscript"] = "auto"  # auto: digits for the toy
+    feature_extractor: str | None = None  # local TorchScript Inception (FID) file, needed for real bases
+    reference_images: str | None = None  # folder of reference images for FD; None: toy digits (toy only)
+    adherence: Literal["auto", "digit_accuracy", "clip_score"] = "auto"  # auto: digit accuracy for the toy
+    clip_model: str | None = None  # local CLIP folder (CLIPModel + processor), needed for real bases
+    # gate: thresholds; None switches one off (it is then listed as skipped, never as passed)
+    lcm4_fd_max_ratio_to_teacher50: float | None = 1.3  # FD(lcm-4) <= ratio * best teacher FD at 50 steps
+    lcm4_fd_below_dpm4: bool = True  # FD(lcm-4) <= FD(dpmpp-4)
+    adherence_min_ratio: float | None = 0.9  # adherence(lcm-4) >= ratio * best teacher adherence at 50 steps
+    lcm1_psnr_min: float | None = None  # PSNR(lcm-1 vs agreement_reference) minimum in dB
 
 
 class MergeConfig(Section):
