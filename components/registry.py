@@ -1,0 +1,709 @@
+"""Versioned LoRA registry (DESIGN.md contract 5) on any `Storage` root, local or S3.
+
+Layout under the root:
+
+    NAME/claims/VERSION.json             create-only: who took this version id
+    NAME/versions/VERSION/<files>        the LoRA folder, immutable
+    NAME/versions/VERSION/manifest.json  written last, create-only: a version without it
+                                         does not exist for readers
+    NAME/aliases/ALIAS.json              {version, updated_at, history}, moved by CAS
+
+Version ids are increasing integers. A publisher claims the next id with a create-only
+write of its claim; a racing publisher that loses the claim takes the next id, so both
+succeed with different ids and never write into each other's folder. Claims are never
+deleted, so ids are never reused, not even after `gc`.
+
+References: `NAME@ALIAS`, `NAME:VERSION`, `NAME` (the `latest` alias, which every publish
+moves forward). Names, aliases and versions match `[a-z0-9][a-z0-9._-]*`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from components.model_card import ModelCardError, check_model_card, render_model_card
+from components.storage import AlreadyExists, NotFound, PreconditionFailed, Storage, check_rel
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+MAX_NAME_LENGTH = 128
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib")  # never published
+MANIFEST = "manifest.json"
+CARD = "README.md"
+LATEST = "latest"
+MANIFEST_FORMAT = 1
+CHUNK = 8 * 1024 * 1024
+CAS_ATTEMPTS = 200  # alias moves retried this often under contention before giving up
+CLAIM_ATTEMPTS = 1000  # version ids tried by one publisher before giving up
+STALE_CLAIM_S = 3600.0  # gc removes incomplete versions whose claim is older than this
+WORKERS = 4  # parallel file transfers per publish / pull
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.IGNORECASE)
+
+
+class RegistryError(RuntimeError):
+    """A registry operation failed; the message names the reference or file."""
+
+
+class VerificationError(RegistryError):
+    """A pulled file does not match its manifest entry (tampered or truncated)."""
+
+
+# --- names and references --------------------------------------------------------------
+
+
+def validate_name(value: str, what: str = "name") -> str:
+    """Return `value` if it is a valid name/alias/version, else raise RegistryError."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or len(value) > MAX_NAME_LENGTH \
+            or value in (".", ".."):
+        raise RegistryError(f"invalid {what} {value!r}: use lowercase letters, digits, '.', '_', '-', "
+                            f"starting with a letter or digit (pattern [a-z0-9][a-z0-9._-]*)")
+    return value
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed `NAME@ALIAS`, `NAME:VERSION` or `NAME` (alias `latest`)."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}:{self.version}"
+        return f"{self.name}@{self.alias or LATEST}"
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse a reference; every part is validated like a name."""
+    if "@" in text and ":" in text:
+        raise RegistryError(f"invalid reference {text!r}: use NAME@ALIAS or NAME:VERSION, not both")
+    if "@" in text:
+        name, alias = text.split("@", 1)
+        return Reference(validate_name(name), alias=validate_name(alias, "alias"))
+    if ":" in text:
+        name, version = text.split(":", 1)
+        return Reference(validate_name(name), version=validate_version(version))
+    return Reference(validate_name(text), alias=LATEST)
+
+
+def validate_version(value: str) -> str:
+    """Version ids are positive integers without leading zeros."""
+    validate_name(value, "version")
+    if not value.isdigit() or value.startswith("0"):
+        raise RegistryError(f"invalid version {value!r}: versions are positive integers (1, 2, ...)")
+    return value
+
+
+# --- manifest ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a version contains and where it came from (contract 5)."""
+
+    name: str
+    version: str
+    files: dict[str, FileEntry]
+    base: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None
+    lineage: dict[str, Any] | None = None
+    created_at: str = ""
+    raw: bytes = field(default=b"", repr=False, compare=False)  # the stored bytes, when read
+
+    def to_json(self) -> str:
+        body = {
+            "format": MANIFEST_FORMAT, "name": self.name, "version": self.version, "created_at": self.created_at,
+            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "base": self.base, "metrics": self.metrics, "gate": self.gate, "lineage": self.lineage,
+        }
+        return json.dumps(body, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+            files = {check_rel(k): FileEntry(str(v["sha256"]), int(v["size"])) for k, v in raw["files"].items()}
+            return cls(name=raw["name"], version=str(raw["version"]), files=files, base=raw.get("base"),
+                       metrics=raw.get("metrics"), gate=raw.get("gate"), lineage=raw.get("lineage"),
+                       created_at=raw.get("created_at", ""),
+                       raw=text.encode() if isinstance(text, str) else bytes(text))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RegistryError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    version: str
+    previous: str | None
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    """What `gc` deletes (or would delete, in a dry run) and what it keeps."""
+
+    name: str
+    delete: list[str]
+    keep: list[str]
+    aliased: dict[str, list[str]]  # version -> aliases pointing at it (always kept)
+    incomplete: list[str]  # claimed long ago, never got a manifest: files removed
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class PullResult:
+    manifest: Manifest
+    path: Path
+    downloaded: list[str] = field(default_factory=list)  # files fetched from the registry
+    cached: list[str] = field(default_factory=list)  # files served from the local cache
+
+
+ProgressCallback = Callable[[str, int], None]  # (relative path, bytes) after each file
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _redact(value: Any) -> Any:
+    """Drop credential-like keys from metadata (lineage often embeds resolved configs)."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) else _redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path}: not valid JSON ({exc})") from None
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+class Registry:
+    """Publish, list, show, pull and alias versioned LoRA folders under one storage root."""
+
+    def __init__(self, storage: Storage, cache_dir: str | os.PathLike = "~/.cache/lcmlora/registry"):
+        self.storage = storage
+        self.cache_dir = Path(os.path.expanduser(str(cache_dir))).absolute()
+
+    @classmethod
+    def from_params(cls, params: Any) -> Registry:
+        """From `params.registry` (root, cache_dir); the S3 endpoint comes from `params.storage`."""
+        st = params.storage
+        storage = Storage(params.registry.root, endpoint_url=st.endpoint_url, region=st.region, retries=st.retries)
+        return cls(storage, params.registry.cache_dir)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.storage.url()!r})"
+
+    # --- paths -------------------------------------------------------------------------
+
+    @staticmethod
+    def _version_dir(name: str, version: str) -> str:
+        return f"{name}/versions/{version}"
+
+    @staticmethod
+    def _alias_path(name: str, alias: str) -> str:
+        return f"{name}/aliases/{alias}.json"
+
+    # --- publish -----------------------------------------------------------------------
+
+    def publish(self, folder: str | os.PathLike, name: str, *, alias: str | None = None,
+                base: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
+                gate: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
+                progress: ProgressCallback | None = None) -> Manifest:
+        """Publish `folder` as the next version of `name`; move `latest` (and `alias`) to it.
+
+        Metadata defaults come from the folder: `metrics.json` (its `gate` entry is the gate)
+        and `lineage.json` (its `base` entry is the base). A failed gate is refused.
+        """
+        validate_name(name)
+        if alias is not None:
+            validate_name(alias, "alias")
+        src = Path(folder)
+        # 1. Check the folder: files, weights format, model card, metadata.
+        files = self._scan_folder(src)
+        metrics, gate, lineage, base = self._folder_metadata(src, metrics, gate, lineage, base)
+        card = self._model_card(src, name, base)
+        # 2. Hash every file before anything is uploaded.
+        entries = {rel: FileEntry(_sha256_file(src / rel), (src / rel).stat().st_size) for rel in files}
+        if card is not None:
+            entries[CARD] = FileEntry(hashlib.sha256(card).hexdigest(), len(card))
+        # 3. Claim the next version id (create-only; a lost race moves on to the next id).
+        version = self._claim_version(name)
+        vdir = self._version_dir(name, version)
+        # 4. Upload the files; nobody else writes under a claimed id.
+        def upload(rel: str) -> None:
+            self.storage.put_file(src / rel, f"{vdir}/{rel}")
+            if progress is not None:
+                progress(rel, entries[rel].size)
+
+        if card is not None:
+            self.storage.write_bytes(f"{vdir}/{CARD}", card)
+        self._each(upload, files)
+        # 5. The manifest last, create-only: from here on the version exists.
+        manifest = Manifest(name=name, version=version, files=entries, base=_redact(base), metrics=_redact(metrics),
+                            gate=gate, lineage=_redact(lineage), created_at=_now())
+        text = manifest.to_json()
+        self._refuse_credentials(name, {"manifest.json": text.encode(), **self._small_texts(src, files)})
+        self.storage.write_bytes(f"{vdir}/{MANIFEST}", text.encode(), create_only=True)
+        # 6. Move aliases: `latest` only ever forward, the requested alias unconditionally.
+        self._move_alias(name, LATEST, version, forward_only=True)
+        if alias is not None and alias != LATEST:
+            self._move_alias(name, alias, version)
+        return manifest
+
+    def _scan_folder(self, src: Path) -> list[str]:
+        if not src.is_dir():
+            raise RegistryError(f"{src}: not a folder; publish takes a LoRA folder")
+        files, pickles, problems = [], [], []
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src).as_posix()
+            if path.is_dir():
+                continue
+            if not path.is_file():
+                problems.append(f"{rel}: not a regular file")
+                continue
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                pickles.append(rel)
+            files.append(rel)
+        if pickles:
+            raise RegistryError(f"{src}: refusing pickle-format weights {pickles}: they can run code when loaded; "
+                                "save them as .safetensors")
+        if MANIFEST in files:
+            problems.append(f"{MANIFEST}: reserved for the registry; remove it from the folder")
+        if not any(f.endswith(".safetensors") for f in files):
+            problems.append("no .safetensors weights file found")
+        if problems:
+            raise RegistryError(f"{src}: cannot publish:\n  - " + "\n  - ".join(problems))
+        return files
+
+    @staticmethod
+    def _folder_metadata(src: Path, metrics: dict | None, gate: dict | None, lineage: dict | None,
+                         base: dict | None) -> tuple[dict | None, dict | None, dict | None, dict | None]:
+        if metrics is None and (src / "metrics.json").is_file():
+            metrics = _read_json_file(src / "metrics.json")
+        if gate is None and isinstance(metrics, dict) and isinstance(metrics.get("gate"), dict):
+            gate = metrics["gate"]
+        if isinstance(metrics, dict) and "gate" in metrics:
+            metrics = {k: v for k, v in metrics.items() if k != "gate"}
+        if lineage is None and (src / "lineage.json").is_file():
+            lineage = _read_json_file(src / "lineage.json")
+        if base is None and isinstance(lineage, dict):
+            raw = lineage.get("base")
+            if isinstance(raw, dict):
+                base = raw
+            elif isinstance(raw, str):
+                base = {"reference": raw}
+            if base is not None and "fingerprint" not in base and "base_fingerprint" in lineage:
+                base = {**base, "fingerprint": lineage["base_fingerprint"]}
+        if gate is not None and gate.get("passed") is False:
+            violations = gate.get("violations") or []
+            raise RegistryError(f"{src}: its evaluation gate failed; a LoRA that failed its gate is never "
+                                f"published. Violations: {violations}")
+        return metrics, gate, lineage, base
+
+    @staticmethod
+    def _model_card(src: Path, name: str, base: dict | None) -> bytes | None:
+        """Validate README.md; generate one from the metadata if the folder has none."""
+        card_path = src / CARD
+        if card_path.is_file():
+            try:
+                check_model_card(card_path.read_text(), str(card_path))
+            except ModelCardError as exc:
+                raise RegistryError(str(exc)) from None
+            return None
+        base_model = str((base or {}).get("reference") or (base or {}).get("name") or "")
+        if not base_model:
+            raise RegistryError(f"{src}: no README.md model card and no base to generate one from; add a "
+                                "README.md with YAML front matter (base_model, library_name, tags, recommended) "
+                                "or a lineage.json with a `base` entry")
+        tags = ["lora", "lcm", "lcm-lora", "text-to-image", "stable-diffusion", "diffusers"]
+        if (base or {}).get("family") == "sdxl":
+            tags.append("stable-diffusion-xl")
+        return render_model_card(base_model=base_model, title=name, tags=tags).encode()
+
+    @staticmethod
+    def _small_texts(src: Path, files: list[str]) -> dict[str, bytes]:
+        """Metadata files (json, yaml, md, txt, csv under 4 MB) that could carry credentials."""
+        suffixes = (".json", ".yaml", ".yml", ".md", ".txt", ".csv", ".toml")
+        return {rel: (src / rel).read_bytes() for rel in files
+                if rel.endswith(suffixes) and (src / rel).stat().st_size < 4 * 1024 * 1024}
+
+    @staticmethod
+    def _refuse_credentials(name: str, texts: dict[str, bytes]) -> None:
+        """Fail if the value of an AWS credential variable appears in the manifest or metadata."""
+        for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+            value = os.environ.get(var, "").encode()
+            leaked = sorted(rel for rel, text in texts.items() if len(value) >= 8 and value in text)
+            if leaked:
+                raise RegistryError(f"{name}: {leaked} contain the value of ${var}; remove credentials from "
+                                    "metrics/lineage before publishing")
+
+    def _claim_version(self, name: str) -> str:
+        version = self._highest_claimed(name) + 1
+        claim = {"claimed_at": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(CLAIM_ATTEMPTS):
+            try:
+                self.storage.write_bytes(f"{name}/claims/{version}.json",
+                                         json.dumps({"version": str(version), **claim}).encode(), create_only=True)
+                return str(version)
+            except AlreadyExists:
+                version += 1
+        raise RegistryError(f"{name}: could not claim a version id after {CLAIM_ATTEMPTS} attempts")
+
+    def _highest_claimed(self, name: str) -> int:
+        ids = [n.removesuffix(".json") for n in self.storage.ls(f"{name}/claims")]
+        ids += self.storage.ls(f"{name}/versions")
+        return max((int(i) for i in ids if i.isdigit()), default=0)
+
+    @staticmethod
+    def _each(fn: Callable[[str], None], items: list[str]) -> None:
+        """fn(item) for every item, WORKERS at a time; re-raises the first failure."""
+        if len(items) < 2:
+            for item in items:
+                fn(item)
+            return
+        with ThreadPoolExecutor(WORKERS) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]  # type: ignore[misc]
+
+    # --- list / show ---------------------------------------------------------------------
+
+    def list(self, name: str | None = None) -> list[str]:
+        """Registered names (no argument), or the complete versions of `name`, oldest first."""
+        if name is None:
+            return [n for n in self.storage.ls() if NAME_PATTERN.fullmatch(n) and self.list(n)]
+        validate_name(name)
+        suffix = f"/{MANIFEST}"
+        versions = [p.removesuffix(suffix) for p in self.storage.ls(f"{name}/versions", recursive=True)
+                    if p.endswith(suffix) and p.count("/") == 1]
+        return sorted((v for v in versions if v.isdigit()), key=int)
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias -> version for every alias of `name`."""
+        validate_name(name)
+        out = {}
+        for entry in self.storage.ls(f"{name}/aliases"):
+            alias = entry.removesuffix(".json")
+            if entry.endswith(".json") and NAME_PATTERN.fullmatch(alias):
+                with contextlib.suppress(NotFound):
+                    out[alias] = self._read_alias(name, alias)[0]["version"]
+        return out
+
+    def resolve(self, ref: str | Reference) -> tuple[str, str]:
+        """(name, version) a reference points to now."""
+        ref = parse_reference(ref) if isinstance(ref, str) else ref
+        if ref.version is not None:
+            return ref.name, ref.version
+        try:
+            return ref.name, self._read_alias(ref.name, ref.alias or LATEST)[0]["version"]
+        except NotFound:
+            if ref.alias == LATEST:
+                versions = self.list(ref.name)
+                if versions:
+                    return ref.name, versions[-1]
+                raise RegistryError(f"{ref.name}: no versions in {self.storage.url()}") from None
+            raise RegistryError(f"{ref}: no alias {ref.alias!r} for {ref.name} in {self.storage.url()} "
+                                f"(aliases: {sorted(self.aliases(ref.name)) or 'none'})") from None
+
+    def show(self, ref: str | Reference) -> Manifest:
+        """The manifest of the version `ref` points to."""
+        name, version = self.resolve(ref)
+        return self._manifest(name, version)
+
+    def _manifest(self, name: str, version: str) -> Manifest:
+        path = f"{self._version_dir(name, version)}/{MANIFEST}"
+        try:
+            raw = self.storage.read_bytes(path)
+        except NotFound:
+            raise RegistryError(f"{name}:{version}: no such version in {self.storage.url()} "
+                                f"(versions: {', '.join(self.list(name)) or 'none'})") from None
+        manifest = Manifest.from_json(raw, self.storage.url(path))
+        if (manifest.name, manifest.version) != (name, version):
+            raise RegistryError(f"{self.storage.url(path)}: manifest says {manifest.name}:{manifest.version}, "
+                                f"expected {name}:{version}")
+        return manifest
+
+    # --- pull ----------------------------------------------------------------------------
+
+    def pull(self, ref: str | Reference, to: str | os.PathLike, *, overwrite: bool = False,
+             progress: ProgressCallback | None = None) -> PullResult:
+        """Download, verify and write the version `ref` points to as folder `to`, atomically.
+
+        Every file is checked against the manifest's sha256 and size while it downloads;
+        verified files go to a content-addressed cache, so pulling the same bytes again
+        downloads nothing. Any mismatch fails naming the file, and nothing is written.
+        """
+        name, version = self.resolve(ref)
+        manifest = self._manifest(name, version)
+        target = Path(to).absolute()
+        if target.exists() and not overwrite and (not target.is_dir() or any(target.iterdir())):
+            raise RegistryError(f"{target}: exists and is not empty; choose a new folder or pass overwrite")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.cache_dir / f".staging-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
+        try:
+            # 1. Serve what the cache has (re-hashed: the cache is only a hint), fetch the rest.
+            cached = [rel for rel, e in manifest.files.items() if self._cache_valid(e)]
+            missing = [rel for rel in manifest.files if rel not in cached]
+            vdir = self._version_dir(name, version)
+
+            def fetch(rel: str) -> None:
+                self._fetch_verified(f"{vdir}/{rel}", manifest.files[rel], staging / manifest.files[rel].sha256, rel)
+                if progress is not None:
+                    progress(rel, manifest.files[rel].size)
+
+            self._each(fetch, missing)
+            # 2. All verified: move into the cache, then assemble the folder beside the target.
+            for rel in missing:
+                entry = manifest.files[rel]
+                blob = self._blob(entry.sha256)
+                blob.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / entry.sha256, blob)
+            self._assemble(manifest, target, overwrite)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return PullResult(manifest=manifest, path=target, downloaded=sorted(missing), cached=sorted(cached))
+
+    def _blob(self, sha256: str) -> Path:
+        return self.cache_dir / "sha256" / sha256[:2] / sha256
+
+    def _cache_valid(self, entry: FileEntry) -> bool:
+        blob = self._blob(entry.sha256)
+        try:
+            if blob.stat().st_size != entry.size:
+                return False
+        except FileNotFoundError:
+            return False
+        if _sha256_file(blob) == entry.sha256:
+            return True
+        blob.unlink(missing_ok=True)  # corrupted in place (e.g. a hardlinked copy was edited)
+        return False
+
+    def _fetch_verified(self, key: str, entry: FileEntry, dest: Path, rel: str) -> None:
+        digest = hashlib.sha256()
+        try:
+            self.storage.get_file(key, dest, digest=digest)
+        except NotFound:
+            raise VerificationError(f"{rel}: listed in the manifest but missing from {self.storage.url(key)}") from None
+        size = dest.stat().st_size
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            dest.unlink(missing_ok=True)
+            raise VerificationError(
+                f"{rel}: does not match the manifest ({self.storage.url(key)}: {size} bytes, sha256 "
+                f"{digest.hexdigest()[:16]}..., expected {entry.size} bytes, sha256 {entry.sha256[:16]}...); "
+                "the stored version is tampered or truncated, nothing was written")
+
+    def _assemble(self, manifest: Manifest, target: Path, overwrite: bool) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            tmp.mkdir()
+            for rel, entry in manifest.files.items():
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(self._blob(entry.sha256), dest)
+                except OSError:  # another filesystem: copy
+                    shutil.copyfile(self._blob(entry.sha256), dest)
+            (tmp / MANIFEST).write_bytes(manifest.raw or manifest.to_json().encode())
+            if target.exists():
+                if target.is_dir() and not any(target.iterdir()):
+                    target.rmdir()
+                elif overwrite:
+                    trash = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.old.tmp"
+                    os.replace(target, trash)
+                    os.replace(tmp, target)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    return
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- aliases ---------------------------------------------------------------------------
+
+    def alias_set(self, name: str, alias: str, version: str) -> AliasMove:
+        """Point `alias` at an existing `version` (compare-and-swap; appended to its history)."""
+        validate_name(name)
+        validate_name(alias, "alias")
+        validate_version(version)
+        self._manifest(name, version)  # the version must exist
+        move = self._move_alias(name, alias, version)
+        assert move is not None
+        return move
+
+    def alias_history(self, name: str, alias: str) -> list[AliasMove]:
+        """Every move of `alias`, oldest first."""
+        validate_name(name)
+        validate_name(alias, "alias")
+        try:
+            state, _ = self._read_alias(name, alias)
+        except NotFound:
+            raise RegistryError(f"{name}@{alias}: no such alias (aliases: {sorted(self.aliases(name)) or 'none'})") \
+                from None
+        return [AliasMove(h["version"], h.get("previous"), h["updated_at"]) for h in state.get("history", [])]
+
+    def _read_alias(self, name: str, alias: str) -> tuple[dict[str, Any], str]:
+        path = self._alias_path(name, alias)
+        data, tag = self.storage.read_with_etag(path)
+        try:
+            state = json.loads(data)
+            state["version"] = str(state["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"{self.storage.url(path)}: malformed alias file ({exc})") from None
+        return state, tag
+
+    def _move_alias(self, name: str, alias: str, version: str, *, forward_only: bool = False) -> AliasMove | None:
+        path = self._alias_path(name, alias)
+        for attempt in range(CAS_ATTEMPTS):
+            try:
+                state, tag = self._read_alias(name, alias)
+            except NotFound:
+                state, tag = {"name": name, "alias": alias, "version": None, "history": []}, None
+            previous = state.get("version")
+            if forward_only and previous is not None and int(previous) >= int(version):
+                return None
+            move = AliasMove(version=version, previous=previous, updated_at=_now())
+            new = {"name": name, "alias": alias, "version": version, "updated_at": move.updated_at,
+                   "history": [*state.get("history", []), dataclasses.asdict(move)]}
+            try:
+                self.storage.write_if_match(path, json.dumps(new, indent=1).encode(), tag)
+                return move
+            except PreconditionFailed:
+                time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 20)))  # back off, then re-read
+        raise RegistryError(f"{name}@{alias}: could not move the alias after {CAS_ATTEMPTS} attempts "
+                            "(too many concurrent writers)")
+
+    # --- gc --------------------------------------------------------------------------------
+
+    def gc(self, name: str, keep: int, *, dry_run: bool = True) -> GcPlan:
+        """Delete all but the newest `keep` versions, never one an alias points to.
+
+        Dry run by default. Also removes the files of versions that were claimed more than
+        an hour ago and never got a manifest (a killed publisher's leftovers).
+        """
+        validate_name(name)
+        if keep < 0:
+            raise RegistryError(f"gc {name}: --keep must be >= 0, got {keep}")
+        versions = self.list(name)
+        aliased: dict[str, list[str]] = {}
+        for alias, version in self.aliases(name).items():
+            aliased.setdefault(version, []).append(alias)
+        newest = set(versions[-keep:]) if keep else set()
+        kept = [v for v in versions if v in newest or v in aliased]
+        delete = [v for v in versions if v not in kept]
+        incomplete = self._stale_incomplete(name, set(versions))
+        if not dry_run:
+            for version in delete:
+                vdir = self._version_dir(name, version)
+                self.storage.delete(f"{vdir}/{MANIFEST}")  # invisible first, then the files
+                self.storage.delete(vdir, recursive=True)
+            for version in incomplete:
+                self.storage.delete(self._version_dir(name, version), recursive=True)
+        return GcPlan(name=name, delete=delete, keep=kept, aliased={v: sorted(a) for v, a in aliased.items()},
+                      incomplete=incomplete, dry_run=dry_run)
+
+    def _stale_incomplete(self, name: str, complete: set[str]) -> list[str]:
+        stale = []
+        present = set(self.storage.ls(f"{name}/versions"))
+        for entry in self.storage.ls(f"{name}/claims"):
+            version = entry.removesuffix(".json")
+            if version in complete or version not in present:
+                continue
+            try:
+                claimed_at = float(json.loads(self.storage.read_bytes(f"{name}/claims/{entry}"))["claimed_at"])
+            except (NotFound, ValueError, KeyError, TypeError):
+                continue
+            if time.time() - claimed_at > STALE_CLAIM_S:
+                stale.append(version)
+        return sorted(stale, key=int)
+
+
+# --- consumers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _temporary_dir(parent: Path) -> Iterator[Path]:
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f".load-{uuid.uuid4().hex[:12]}"
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_lcm_pipeline(ref: str, base: Any, registry: Registry, *, adapter_name: str = "lcm") -> Any:
+    """A diffusers pipeline with the LoRA `ref` loaded and LCMScheduler set, for 4-step use.
+
+    `base` is a base reference (folder, hub id, .safetensors; loaded with
+    components.base_model.load_base) or an already-built diffusers pipeline.
+
+        pipe = load_lcm_pipeline("toy-lcm-lora@production", "data/toy/base", Registry.from_params(params))
+        image = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=1.0).images[0]
+    """
+    from diffusers import LCMScheduler
+
+    if isinstance(base, str | os.PathLike):
+        from components.base_model import load_base
+
+        loaded = load_base(str(base))
+        pipe, family = loaded.pipe, loaded.family
+    else:
+        pipe, family = base, None
+    with _temporary_dir(registry.cache_dir / "checkouts") as folder:
+        result = registry.pull(ref, folder)
+        lora_family = (result.manifest.base or {}).get("family")
+        if family and lora_family and family != lora_family:
+            raise RegistryError(f"{ref}: a LoRA for the {lora_family} family cannot load into a {family} base")
+        weights = "pytorch_lora_weights.safetensors"
+        if not (folder / weights).is_file():
+            candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not candidates:
+                raise RegistryError(f"{ref}: no .safetensors weights in the version")
+            weights = candidates[0]
+        pipe.load_lora_weights(str(folder), weight_name=weights, adapter_name=adapter_name)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return pipe
