@@ -265,6 +265,8 @@ class Registry:
         files = self._scan_folder(src)
         metrics, gate, lineage, base = self._folder_metadata(src, metrics, gate, lineage, base)
         card = self._model_card(src, name, base)
+        metadata = json.dumps([base, metrics, gate, lineage], default=str).encode()
+        self._refuse_credentials(name, {MANIFEST: metadata, **self._small_texts(src, files)})
         # 2. Hash every file before anything is uploaded.
         entries = {rel: FileEntry(_sha256_file(src / rel), (src / rel).stat().st_size) for rel in files}
         if card is not None:
@@ -285,7 +287,6 @@ class Registry:
         manifest = Manifest(name=name, version=version, files=entries, base=_redact(base), metrics=_redact(metrics),
                             gate=gate, lineage=_redact(lineage), created_at=_now())
         text = manifest.to_json()
-        self._refuse_credentials(name, {"manifest.json": text.encode(), **self._small_texts(src, files)})
         self.storage.write_bytes(f"{vdir}/{MANIFEST}", text.encode(), create_only=True)
         # 6. Move aliases: `latest` only ever forward, the requested alias unconditionally.
         self._move_alias(name, LATEST, version, forward_only=True)

@@ -159,11 +159,127 @@ def new_base(ref: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = N
 # --- registry ---------------------------------------------------------------------------
 
 
+def _registry(params: Path, set_: list[str] | None):
+    """The Registry of params.registry.root (endpoint and retries from params.storage)."""
+    from components.registry import Registry
+
+    return Registry.from_params(resolve(params, set_))
+
+
+def _registry_errors():
+    """Registry and storage failures become one-line CLI errors."""
+    import contextlib
+
+    from components.registry import RegistryError
+    from components.storage import StorageError
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (RegistryError, StorageError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return guard()
+
+
 @registry_app.command("publish")
-def registry_publish(folder: Path, name: str = typer.Option(..., "--name"), params: ParamsOpt = Path("params.yaml"),
-                     set_: SetOpt = None) -> None:
+def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help="registry name"),
+                     alias: Optional[str] = typer.Option(None, "--alias", help="alias to move to the new version"),
+                     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+                     dry_run: DryRunOpt = False) -> None:
     """Publish a LoRA folder as a new immutable version."""
-    not_built("registry publish")
+    if dry_run:
+        print_config(resolve(params, set_))
+        return
+    with _registry_errors():
+        reg = _registry(params, set_)
+        manifest = reg.publish(folder, name, alias=alias)
+    extra = f", alias {alias}" if alias else ""
+    typer.echo(f"published {manifest.name}:{manifest.version} ({len(manifest.files)} files, "
+               f"{manifest.total_size / 1e6:.1f} MB{extra}) to {reg.storage.url()}")
+
+
+@registry_app.command("list")
+def registry_list(name: Optional[str] = typer.Argument(None, help="list this name's versions"),
+                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Registered names, or the versions of NAME with their aliases."""
+    with _registry_errors():
+        reg = _registry(params, set_)
+        if name is None:
+            for n in reg.list():
+                typer.echo(n)
+            return
+        by_version: dict[str, list[str]] = {}
+        for alias, version in sorted(reg.aliases(name).items()):
+            by_version.setdefault(version, []).append(alias)
+        for version in reg.list(name):
+            m = reg.show(f"{name}:{version}")
+            gate = "-" if m.gate is None else ("passed" if m.gate.get("passed") else "failed")
+            typer.echo(f"{name}:{version}\t{m.created_at}\t{m.total_size / 1e6:.1f} MB\tgate {gate}\t"
+                       f"{','.join(by_version.get(version, []))}")
+
+
+@registry_app.command("show")
+def registry_show(ref: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """The manifest of REF (NAME@ALIAS, NAME:VERSION or NAME) as JSON, with its aliases."""
+    import json
+
+    with _registry_errors():
+        reg = _registry(params, set_)
+        manifest = reg.show(ref)
+        aliases = sorted(a for a, v in reg.aliases(manifest.name).items() if v == manifest.version)
+    body = json.loads(manifest.to_json())
+    body["aliases"] = aliases
+    typer.echo(json.dumps(body, indent=2))
+
+
+@registry_app.command("pull")
+def registry_pull(ref: str, to: Annotated[Path, typer.Option("--to", help="folder to write (must be new or empty)")],
+                  overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
+                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Download and verify REF into a folder, atomically, through the local cache."""
+    with _registry_errors():
+        result = _registry(params, set_).pull(ref, to, overwrite=overwrite)
+    m = result.manifest
+    typer.echo(f"pulled {m.name}:{m.version} to {result.path} ({len(result.downloaded)} files downloaded, "
+               f"{len(result.cached)} from cache, all verified)")
+
+
+@alias_app.command("set")
+def registry_alias_set(name: str, alias: str, version: str, params: ParamsOpt = Path("params.yaml"),
+                       set_: SetOpt = None) -> None:
+    """Point ALIAS of NAME at VERSION (compare-and-swap, recorded in its history)."""
+    with _registry_errors():
+        move = _registry(params, set_).alias_set(name, alias, version)
+    typer.echo(f"{name}@{alias}: {move.previous or '(new)'} -> {move.version}")
+
+
+@alias_app.command("history")
+def registry_alias_history(name: str, alias: str, params: ParamsOpt = Path("params.yaml"),
+                           set_: SetOpt = None) -> None:
+    """Every move of ALIAS, oldest first."""
+    with _registry_errors():
+        moves = _registry(params, set_).alias_history(name, alias)
+    for move in moves:
+        typer.echo(f"{move.updated_at}\t{move.previous or '(new)'} -> {move.version}")
+
+
+@registry_app.command("gc")
+def registry_gc(name: str, keep: int = typer.Option(..., "--keep", help="newest versions to keep"),
+                yes: bool = typer.Option(False, "--yes", help="delete (the default is a dry run)"),
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Delete all but the newest N versions of NAME; aliased versions are always kept."""
+    with _registry_errors():
+        plan = _registry(params, set_).gc(name, keep, dry_run=not yes)
+    verb = "would delete" if plan.dry_run else "deleted"
+    typer.echo(f"{name}: {verb} {', '.join(plan.delete) or 'nothing'}; keeping {', '.join(plan.keep) or 'nothing'}")
+    for version, aliases in sorted(plan.aliased.items(), key=lambda kv: int(kv[0])):
+        typer.echo(f"  {version} kept: aliased by {', '.join(aliases)}")
+    if plan.incomplete:
+        typer.echo(f"  {verb} files of incomplete versions {', '.join(plan.incomplete)}")
+    if plan.dry_run:
+        typer.echo("dry run: pass --yes to delete")
 
 
 # --- entry point ------------------------------------------------------------------------
