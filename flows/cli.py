@@ -9,7 +9,9 @@ stderr.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -166,21 +168,16 @@ def _registry(params: Path, set_: list[str] | None):
     return Registry.from_params(resolve(params, set_))
 
 
-def _registry_errors():
+@contextlib.contextmanager
+def _registry_errors() -> Iterator[None]:
     """Registry and storage failures become one-line CLI errors."""
-    import contextlib
-
     from components.registry import RegistryError
     from components.storage import StorageError
 
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except (RegistryError, StorageError) as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return guard()
+    try:
+        yield
+    except (RegistryError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @registry_app.command("publish")
