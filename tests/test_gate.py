@@ -1,0 +1,101 @@
+"""The evaluation gate: each threshold failing alone, all listed together, failing closed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from components.config import EvaluateConfig
+from components.gate import Rule, check_rules, evaluate_gate
+
+CFG = EvaluateConfig(lcm1_psnr_min=20.0)  # every threshold on: 1.3x teacher-50 FD, below DPM-4, 0.9 adherence
+
+
+def passing_rows() -> dict[str, dict[str, float]]:
+    return {
+        "lcm-1": {"fd": 0.5, "adherence": 0.90, "psnr": 22.0},
+        "lcm-4": {"fd": 0.25, "adherence": 0.95},
+        "ddim-50": {"fd": 0.22, "adherence": 0.97},
+        "dpmpp-50": {"fd": 0.20, "adherence": 1.00},
+        "dpmpp-4": {"fd": 0.30, "adherence": 0.96},
+    }
+
+
+def test_passing_rows_pass_with_every_check_recorded():
+    result = evaluate_gate(passing_rows(), CFG)
+    assert result.passed and result.violations == []
+    assert [c["key"] for c in result.checks] == [
+        "evaluate.lcm4_fd_max_ratio_to_teacher50", "evaluate.lcm4_fd_below_dpm4",
+        "evaluate.adherence_min_ratio", "evaluate.lcm1_psnr_min"]
+    fd_check = result.checks[0]
+    assert fd_check["bound"] == pytest.approx(1.3 * 0.20) and fd_check["value"] == 0.25  # best teacher-50 is dpmpp
+
+
+@pytest.mark.parametrize("key, label, metric, value", [
+    ("evaluate.lcm4_fd_max_ratio_to_teacher50", "ddim-50", "fd", 0.10),  # 1.3 x 0.10 < 0.25
+    ("evaluate.lcm4_fd_below_dpm4", "dpmpp-4", "fd", 0.24),
+    ("evaluate.adherence_min_ratio", "dpmpp-50", "adherence", 1.10),  # 0.9 x 1.10 = 0.99 > 0.95
+    ("evaluate.lcm1_psnr_min", "lcm-1", "psnr", 19.0),
+])
+def test_each_threshold_fails_alone(key, label, metric, value):
+    rows = passing_rows()
+    rows[label][metric] = value
+    result = evaluate_gate(rows, CFG)
+    assert not result.passed
+    assert len(result.violations) == 1 and result.violations[0].startswith(key + ":")
+
+
+def test_all_violations_are_listed_together():
+    rows = passing_rows()
+    rows["lcm-4"].update(fd=1.0, adherence=0.1)
+    rows["lcm-1"]["psnr"] = 5.0
+    result = evaluate_gate(rows, CFG)
+    assert not result.passed
+    assert [v.split(":")[0] for v in result.violations] == [
+        "evaluate.lcm4_fd_max_ratio_to_teacher50", "evaluate.lcm4_fd_below_dpm4",
+        "evaluate.adherence_min_ratio", "evaluate.lcm1_psnr_min"]
+    assert "lcm-4 fd 1 exceeds 1.3 x dpmpp-50 0.2 = 0.26" in result.violations[0]
+
+
+@pytest.mark.parametrize("broken", ["missing_row", "missing_metric", "nan", "none"])
+def test_missing_or_non_finite_metrics_fail_closed(broken):
+    rows = passing_rows()
+    if broken == "missing_row":
+        del rows["dpmpp-4"]
+    elif broken == "missing_metric":
+        del rows["dpmpp-4"]["fd"]
+    else:
+        rows["dpmpp-4"]["fd"] = math.nan if broken == "nan" else None
+    result = evaluate_gate(rows, CFG)
+    assert not result.passed
+    assert result.violations == [
+        "evaluate.lcm4_fd_below_dpm4: cannot check lcm-4 fd <= dpmpp-4: fd missing for dpmpp-4 (the gate fails closed)"]
+
+
+def test_missing_subject_fails_closed():
+    rows = passing_rows()
+    del rows["lcm-4"]
+    result = evaluate_gate(rows, CFG)
+    assert len(result.violations) == 3 and all("missing for lcm-4" in v for v in result.violations)
+
+
+def test_switched_off_thresholds_are_skipped_not_passed():
+    cfg = EvaluateConfig(lcm4_fd_below_dpm4=False, lcm1_psnr_min=None)
+    result = evaluate_gate(passing_rows(), cfg)
+    assert result.passed
+    assert result.skipped == ["evaluate.lcm4_fd_below_dpm4", "evaluate.lcm1_psnr_min"]
+    assert result.to_dict()["skipped"] == result.skipped
+
+
+def test_a_gate_with_every_threshold_off_fails():
+    cfg = EvaluateConfig(lcm4_fd_max_ratio_to_teacher50=None, lcm4_fd_below_dpm4=False, adherence_min_ratio=None)
+    result = evaluate_gate(passing_rows(), cfg)
+    assert not result.passed and "every gate threshold is switched off" in result.violations[0]
+
+
+def test_rules_with_a_constant_and_higher_is_better():
+    rows = {"lcm-1": {"adherence": 0.85, "fd": 0.4}, "ddim-1": {"fd": 1.0}}
+    result = check_rules([Rule("goal.lcm1_accuracy", "adherence", "lcm-1", constant=0.9),
+                          Rule("goal.lcm1_fd_half_ddim1", "fd", "lcm-1", ("ddim-1",), 0.5)], rows)
+    assert result.violations == ["goal.lcm1_accuracy: lcm-1 adherence 0.85 falls below 0.9"]
