@@ -170,12 +170,12 @@ def load_base(
         if not Path(reference).exists():
             raise FileNotFoundError(f"{reference}: no such checkpoint")
         kwargs = {"config": str(config)} if config is not None else {}
-        pipe = cls.from_single_file(reference, torch_dtype=dtype, **kwargs, **extra)
+        pipe = cls.from_single_file(reference, dtype=dtype, **kwargs, **extra)
     else:
         if not Path(reference).exists() and not _is_hub_id(reference):
             raise FileNotFoundError(f"{reference}: neither a folder, a .safetensors file nor a hub id")
         _refuse_pickle_only_folder(reference)
-        pipe = cls.from_pretrained(reference, torch_dtype=dtype, use_safetensors=True, **extra)
+        pipe = cls.from_pretrained(reference, dtype=dtype, use_safetensors=True, **extra)
     return LoadedBase(pipe=pipe, family=detected, fingerprints=fingerprints_of(pipe))
 
 
@@ -189,7 +189,7 @@ def load_vae(reference: str | Path, dtype: torch.dtype = torch.float32) -> tuple
         from diffusers import AutoencoderKL
 
         _refuse_pickle_only_folder(reference)
-        vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", dtype=dtype, use_safetensors=True)
     return vae, module_fingerprint(vae)
 
 

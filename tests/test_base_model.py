@@ -1,0 +1,117 @@
+"""Base loading (contract 1): family detection, fingerprints, and pickle refusal."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from components.base_model import (
+    PickleRefused,
+    detect_family,
+    load_base,
+    load_vae,
+    module_fingerprint,
+    refuse_pickle,
+    resolve_base,
+)
+from components.config import ConfigError, load_params
+from tests.tiny_models import tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd15")
+    tiny_pipeline("sd15", folder / "src").save_pretrained(folder / "base", safe_serialization=True)
+    return folder / "base"
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    tiny_pipeline("sdxl", folder / "src").save_pretrained(folder / "base", safe_serialization=True)
+    return folder / "base"
+
+
+class _Boom:
+    """Unpickling this writes a marker file: proof that a pickle was (wrongly) loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+def test_pickle_checkpoints_are_refused_unopened(tmp_path, suffix):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(pickle.dumps(_Boom(marker)))
+    for call in (refuse_pickle, detect_family, load_base, load_vae):
+        with pytest.raises(PickleRefused, match=suffix.replace(".", r"\.") + " files are pickles"):
+            call(path)
+    assert not marker.exists()
+
+
+def test_folder_with_only_pickle_weights_is_refused(tmp_path, tiny_sd15_folder):
+    import shutil
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_sd15_folder, folder)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(PickleRefused, match="unet"):
+        load_base(folder)
+
+
+def test_family_from_single_file_keys(tmp_path):
+    sd15 = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "cond_stage_model.transformer.x": torch.zeros(1)}, str(sd15))
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "conditioner.embedders.1.model.x": torch.zeros(1)}, str(sdxl))
+    odd = tmp_path / "odd.safetensors"
+    save_file({"something.else": torch.zeros(1)}, str(odd))
+    assert detect_family(sd15) == "sd15"
+    assert detect_family(sdxl) == "sdxl"
+    with pytest.raises(ValueError, match="family"):
+        detect_family(odd)
+
+
+def test_load_folder_detects_family_and_fingerprints(tiny_sd15_folder, tiny_sdxl_folder):
+    sd15 = load_base(tiny_sd15_folder)
+    assert sd15.family == "sd15"
+    assert set(sd15.fingerprints) == {"unet", "vae", "text_encoder"}
+    sdxl = load_base(tiny_sdxl_folder)
+    assert sdxl.family == "sdxl"
+    assert set(sdxl.fingerprints) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    # Stable across loads.
+    assert load_base(tiny_sd15_folder).fingerprints == sd15.fingerprints
+    with pytest.raises(ConfigError, match="family"):
+        load_base(tiny_sd15_folder, family="sdxl")
+
+
+def test_fingerprint_tracks_weights_and_shared_vae(tiny_sd15_folder):
+    base = load_base(tiny_sd15_folder)
+    vae, vae_fp = load_vae(tiny_sd15_folder)
+    assert vae_fp == base.fingerprints["vae"]
+    unet = base.pipe.unet
+    before = module_fingerprint(unet)
+    with torch.no_grad():
+        next(unet.parameters()).view(-1)[0] += 1.0
+    assert module_fingerprint(unet) != before  # a fine-tune changes the base fingerprint
+    assert module_fingerprint(vae) == vae_fp  # while its VAE, untouched, keeps its own
+
+
+def test_resolve_base_by_name_and_by_path(tiny_sd15_folder):
+    params = load_params("params.yaml")
+    name, cfg = resolve_base(params, "toy")
+    assert name == "toy" and cfg.family == "sd15"
+    name, cfg = resolve_base(params, str(tiny_sd15_folder))
+    assert cfg.family == "sd15" and cfg.reference == str(tiny_sd15_folder)
+    with pytest.raises(ConfigError, match="known: toy"):
+        resolve_base(params, "no-such-base-here")
