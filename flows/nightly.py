@@ -1,0 +1,90 @@
+"""The nightly flow: every base in params.yaml through every stage, skipping unchanged work.
+
+Bases run one after another, each in its own `base-pipeline` subflow, so one failing base
+does not stop the others; the nightly then ends failed, naming the bases that failed. A stage
+whose cache key (content fingerprints + its params section) is unchanged is served from the
+Prefect cache under the storage root, so a second run with nothing changed trains nothing
+and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from components.config import Params, load_params
+from flows.pipeline import base_pipeline
+from tasks.curate import ensure_toy_source
+
+
+class BasesFailed(RuntimeError):
+    """Some bases failed; `summary` holds what every base did."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The nightly's report: one row per base and stage, then what was published."""
+    lines = ["# lcmlora nightly", "", "| base | stage | result | key |", "|---|---|---|---|"]
+    for name, base in summary["bases"].items():
+        if base["status"] == "failed":
+            lines.append(f"| {name} | - | **failed**: {base['error']} | |")
+        for stage in base.get("stages", []):
+            verdict = "skipped (unchanged)" if stage["skipped"] else "ran"
+            lines.append(f"| {name} | {stage['stage']} | {verdict} | `{stage['key']}` |")
+    lines.append("")
+    for name, base in summary["bases"].items():
+        if base.get("published"):
+            p = base["published"]
+            lines.append(f"- **{name}**: {p['reference']}; pull with `{p['pull']}`")
+    lines.append("")
+    lines.append(summary["verdict"])
+    return "\n".join(lines) + "\n"
+
+
+def verdict(summary: dict[str, Any]) -> str:
+    """One sentence: what this run trained, or that nothing changed."""
+    ran = [f"{n}/{s['stage']}" for n, b in summary["bases"].items() for s in b.get("stages", []) if not s["skipped"]]
+    trained = [r for r in ran if r.endswith("/distill")]
+    if not ran:
+        return "Nothing changed since the last run: every stage was skipped, no training was done."
+    if not trained:
+        return f"No training was done (distillation unchanged); ran: {', '.join(ran)}."
+    return f"Trained: {', '.join(t.split('/')[0] for t in trained)}; ran: {', '.join(ran)}."
+
+
+@flow(name="nightly", log_prints=True)
+def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Every base in params.yaml: curate, encode, distill, evaluate (gate), merge, publish."""
+    cfg: Params = load_params(params_file, overrides)
+    if not cfg.bases:
+        raise ValueError(f"{params_file}: no bases to run (add one under `bases:`)")
+
+    # 1. The toy source, written on first use so a fresh clone runs end to end.
+    if cfg.orchestrate.toy_source_if_missing:
+        ensure_toy_source(cfg)
+
+    # 2. Each base independently: a failing base is recorded and the next one runs.
+    summary: dict[str, Any] = {"bases": {}}
+    for name, base in cfg.bases.items():
+        state = base_pipeline.with_options(flow_run_name=f"base-{name}")(cfg, name, base, return_state=True)
+        if state.is_completed():
+            summary["bases"][name] = {"status": "completed", **state.result()}
+        else:
+            error = state.result(raise_on_failure=False)
+            summary["bases"][name] = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+
+    # 3. The report, then fail if any base failed.
+    summary["verdict"] = verdict(summary)
+    create_markdown_artifact(key="nightly-summary", markdown=summary_markdown(summary),
+                             description="What the nightly ran, skipped and published")
+    print(summary["verdict"])
+    failed = [n for n, b in summary["bases"].items() if b["status"] == "failed"]
+    if failed:
+        raise BasesFailed(f"{len(failed)} of {len(cfg.bases)} bases failed: {', '.join(failed)}", summary)
+    return summary
+

@@ -1,0 +1,67 @@
+"""Prefect tasks of the curate stage: the toy source, the source fingerprint, curation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from components.config import Params
+from components.content_hash import tree_digest
+from components.storage import Storage
+from tasks.caching import key_parameter, output_rel, storage_retries
+
+
+def source_storage(cfg: Params) -> Storage:
+    """The curation source (local folder or s3://) on the storage endpoint."""
+    return Storage(cfg.curate.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+                   retries=cfg.storage.retries)
+
+
+@task(name="toy-source")
+def ensure_toy_source(cfg: Params) -> str | None:
+    """Write the toy source when `curate.source` is the toy folder and it is empty; say what happened."""
+    logger = get_run_logger()
+    toy_dir = Path(cfg.toy.source_dir)
+    if Path(cfg.curate.source).resolve() != toy_dir.resolve():
+        return None
+    if any(toy_dir.glob("*.parquet")):
+        logger.info("toy source present at %s", toy_dir)
+        return None
+    from components.toy_source import write_toy_source
+
+    summary = write_toy_source(toy_dir, seed=cfg.toy.seed)
+    logger.info("wrote the toy source: %s rows in %s shards at %s", summary["rows"], len(summary["shards"]), toy_dir)
+    return str(toy_dir)
+
+
+@task(name="fingerprint-source", **storage_retries())
+def fingerprint_source(cfg: Params) -> str:
+    """Content digest of the whole source tree (metadata and shards)."""
+    return tree_digest(source_storage(cfg))
+
+
+@task(name="curate", cache_key_fn=key_parameter, persist_result=True)
+def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
+    """Curate the source into `curated/KEY/` (manifest, rejections, GX data docs)."""
+    from components.curate import curate
+
+    storage = Storage.from_config(cfg.storage)
+    out = output_rel("curated", key)
+    result = curate(source_storage(cfg), storage, out, cfg.curate, min_side=min_side, resolved_config=cfg.to_yaml())
+    summary = result.as_dict()
+    create_table_artifact(
+        key="curate-rejections",
+        table=[{"reason": r, "rows": n} for r, n in sorted(summary["rejected"].items())] + [{"reason": "kept", "rows": result.kept}],
+        description=f"Curation of {cfg.curate.source}: {result.kept} of {result.rows_in} rows kept",
+    )
+    create_markdown_artifact(
+        key="curate-summary",
+        markdown=f"# Curated manifest\n\n`{storage.url(out)}/manifest.parquet`, hash `{result.manifest_hash[:16]}`\n\n"
+        f"```json\n{json.dumps(summary, indent=1)}\n```\n",
+    )
+    return {"output": out, "manifest": f"{out}/manifest.parquet", **summary}
