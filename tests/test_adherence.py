@@ -1,0 +1,87 @@
+"""Prompt adherence: digit labels and accuracy; CLIP score from a local checkpoint against a reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.adherence import (clip_score_from_embeddings, clip_score_metric, digit_accuracy_from_logits,
+                                  digit_accuracy_metric, digit_label, to_uint8_hwc)
+from tests.tiny_pipeline import _write_byte_tokenizer
+
+
+def test_digit_label_reads_the_digit_word():
+    assert digit_label("a handwritten digit seven") == 7
+    assert digit_label("A handwritten digit Zero in neon style") == 0
+    with pytest.raises(ValueError, match="names no digit"):
+        digit_label("a photo of a cat")
+
+
+def test_digit_accuracy_from_logits():
+    logits = torch.eye(10)[[3, 1, 4, 1, 5]]
+    assert digit_accuracy_from_logits(logits, torch.tensor([3, 1, 4, 0, 0])) == pytest.approx(0.6)
+
+
+class _BrightnessClassifier:
+    """A judge whose verdict is known: brightness bins -> digit (0 dark ... 9 bright)."""
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        level = ((images.mean(dim=(1, 2, 3)) + 1) / 2 * 9.999).long().clamp(0, 9)
+        return torch.nn.functional.one_hot(level, 10).float()
+
+
+def test_digit_accuracy_metric_pairs_images_with_their_prompts():
+    images = torch.stack([torch.full((3, 8, 8), v) for v in (-0.99, 0.99, 0.0)])  # digits 0, 9, 5
+    metric = digit_accuracy_metric(classifier=_BrightnessClassifier())
+    prompts = ["a handwritten digit zero", "a handwritten digit nine", "a handwritten digit two"]
+    assert metric(images, prompts) == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random-init CLIPModel with processor files saved to a local folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    _write_byte_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                              model_max_length=32, pad_token="<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder, model.eval(), processor
+
+
+def test_clip_score_matches_a_direct_computation(tiny_clip):
+    folder, model, processor = tiny_clip
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    prompts = ["a red car", "a blue sky", "digit seven", "a cat"]
+    score = clip_score_metric(folder, batch_size=3)(images, prompts)
+    # Reference: the CLIP towers and projections called by hand, cosine * 100 clipped at 0, mean.
+    with torch.no_grad():
+        pix = processor(images=to_uint8_hwc(images), return_tensors="pt")["pixel_values"]
+        img = model.visual_projection(model.vision_model(pixel_values=pix).pooler_output)
+        tok = processor.tokenizer(prompts, return_tensors="pt", padding=True)
+        txt = model.text_projection(model.text_model(**tok).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    assert score == pytest.approx(float((100 * cos).clamp(min=0).mean()), abs=1e-4)
+    assert clip_score_from_embeddings(img, img) == pytest.approx(100.0)
+
+
+def test_missing_clip_checkpoint_names_the_params_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluate.clip_model is not set"):
+        clip_score_metric(None)
+    with pytest.raises(FileNotFoundError, match="evaluate.clip_model=.*not a CLIP folder"):
+        clip_score_metric(tmp_path)
