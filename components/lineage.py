@@ -14,14 +14,14 @@ import os
 import platform
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 def _git(repo: Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -74,7 +74,7 @@ def hardware() -> dict[str, Any]:
 
 def utc_now() -> str:
     """ISO-8601 UTC timestamp with seconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def collect(
@@ -104,7 +104,7 @@ def collect(
 class Stopwatch:
     """Wall time of a block: `with Stopwatch() as sw: ...; sw.seconds`, plus its UTC start."""
 
-    def __enter__(self) -> Stopwatch:
+    def __enter__(self) -> Self:
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
         self.seconds = 0.0

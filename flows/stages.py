@@ -14,7 +14,13 @@ from prefect import Task, flow
 
 from components.config import BaseConfig, Params
 from components.storage import Storage
-from tasks.caching import cached_unless_missing, output_rel, result_storage_block, section_digest, stage_key
+from tasks.caching import (
+    cached_unless_missing,
+    output_rel,
+    result_storage_block,
+    section_digest,
+    stage_key,
+)
 from tasks.curate import curate_manifest, fingerprint_source
 from tasks.encode import encode_latents
 
