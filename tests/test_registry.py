@@ -1,0 +1,494 @@
+"""components/registry.py and `lcmlora registry` on local disk and on a real SeaweedFS."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from typer.testing import CliRunner
+
+from components import registry as registry_module
+from components.model_card import check_model_card
+from components.registry import (
+    Reference,
+    Registry,
+    RegistryError,
+    VerificationError,
+    load_lcm_pipeline,
+    parse_reference,
+    validate_name,
+)
+from components.storage import Storage, StorageUnavailable
+
+BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
+CARD = ("---\nbase_model: data/toy/base\nlibrary_name: diffusers\ntags: [lora, lcm]\n"
+        "recommended:\n  num_inference_steps: 4\n  guidance_scale: 1.0\n---\n\n# test lora\n")
+
+
+@pytest.fixture
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh registry root: a temp dir, or a prefix in a fresh SeaweedFS bucket."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3_bucket") + "/registry"
+    return str(tmp_path / "registry")
+
+
+def make_lora_folder(folder: Path, *, seed: int = 0, card: bool = True, big: int = 0) -> Path:
+    """A LoRA-shaped folder: safetensors weights, metrics with a passed gate, lineage."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    save_file({"unet.down.lora_A.weight": rng.standard_normal((4, 16)).astype(np.float32),
+               "unet.down.lora_B.weight": rng.standard_normal((16, 4)).astype(np.float32)},
+              str(folder / "pytorch_lora_weights.safetensors"))
+    if big:
+        (folder / "big.safetensors").write_bytes(rng.bytes(big))
+    (folder / "metrics.json").write_text(json.dumps({"fd_4_steps": 1.5 + seed, "gate": {"passed": True,
+                                                                                        "violations": []}}))
+    (folder / "lineage.json").write_text(json.dumps({"base": {"name": "toy", "reference": "data/toy/base",
+                                                              "family": "sd15", "fingerprint": "f" * 64}}))
+    (folder / "report").mkdir(exist_ok=True)
+    (folder / "report" / "table.md").write_text(f"| steps | fd |\n| 4 | {1.5 + seed} |\n")
+    if card:
+        (folder / "README.md").write_text(CARD)
+    return folder
+
+
+def registry_at(root: str, tmp_path: Path) -> Registry:
+    return Registry(Storage(root), cache_dir=tmp_path / "cache")
+
+
+def folder_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- names and references ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["", "..", ".", "a/b", "../etc", "Upper", "-lead", ".hidden", "a b", "a\\b",
+                                 "x" * 200, "na\u00efve"])
+def test_invalid_names_rejected(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="invalid"):
+        validate_name(bad)
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    with pytest.raises(RegistryError, match="invalid"):
+        reg.publish(make_lora_folder(tmp_path / "lora"), bad)
+    with pytest.raises(RegistryError, match="invalid"):
+        reg.pull(f"{bad}@latest" if bad else "@latest", tmp_path / "out")
+    assert not (tmp_path / "reg").exists() or not any((tmp_path / "reg").rglob("*.json"))
+
+
+def test_reference_parsing() -> None:
+    assert parse_reference("toy-lcm-lora") == Reference("toy-lcm-lora", alias="latest")
+    assert parse_reference("toy-lcm-lora@production") == Reference("toy-lcm-lora", alias="production")
+    assert parse_reference("toy-lcm-lora:12") == Reference("toy-lcm-lora", version="12")
+    for bad in ["a@", "a:", "a:0", "a:01", "a:x", "a@b:1", "a@../b", "a:1/..", "@x"]:
+        with pytest.raises(RegistryError):
+            parse_reference(bad)
+
+
+# --- publish / list / show / pull ---------------------------------------------------------
+
+
+@BACKENDS
+def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    src = make_lora_folder(tmp_path / "lora")
+    m1 = reg.publish(src, "toy-lcm-lora", alias="candidate")
+    m2 = reg.publish(make_lora_folder(tmp_path / "lora2", seed=1), "toy-lcm-lora")
+    assert (m1.version, m2.version) == ("1", "2")
+    assert reg.list() == ["toy-lcm-lora"]
+    assert reg.list("toy-lcm-lora") == ["1", "2"]
+    assert reg.aliases("toy-lcm-lora") == {"candidate": "1", "latest": "2"}
+    assert reg.show("toy-lcm-lora").version == "2"
+    assert reg.show("toy-lcm-lora@candidate").version == "1"
+    shown = reg.show("toy-lcm-lora:1")
+    assert shown.gate == {"passed": True, "violations": []}
+    assert shown.metrics == {"fd_4_steps": 1.5}
+    assert shown.base is not None and shown.base["fingerprint"] == "f" * 64
+    assert set(shown.files) == set(folder_files(src))
+
+    result = reg.pull("toy-lcm-lora@candidate", tmp_path / "out")
+    pulled = folder_files(tmp_path / "out")
+    assert pulled.pop("manifest.json") == reg.storage.read_bytes("toy-lcm-lora/versions/1/manifest.json")
+    assert pulled == folder_files(src)
+    assert result.downloaded == sorted(folder_files(src)) and result.cached == []
+    # A second pull of the same version downloads nothing: every file comes from the cache.
+    again = reg.pull("toy-lcm-lora:1", tmp_path / "out-again")
+    assert again.downloaded == [] and again.cached == sorted(folder_files(src))
+    assert folder_files(tmp_path / "out-again") == folder_files(tmp_path / "out")
+    # A folder that exists and is not empty is never silently replaced.
+    with pytest.raises(RegistryError, match="not empty"):
+        reg.pull("toy-lcm-lora:2", tmp_path / "out")
+    reg.pull("toy-lcm-lora:2", tmp_path / "out", overwrite=True)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == "2"
+    with pytest.raises(RegistryError, match="no such version"):
+        reg.show("toy-lcm-lora:9")
+    with pytest.raises(RegistryError, match="no alias 'production'"):
+        reg.show("toy-lcm-lora@production")
+
+
+def test_model_card_generated_when_missing_and_checked_when_present(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    m = reg.publish(make_lora_folder(tmp_path / "nocard", card=False), "gen-card")
+    assert "README.md" in m.files
+    front = check_model_card(reg.storage.read_text("gen-card/versions/1/README.md"))
+    assert front["base_model"] == "data/toy/base" and front["library_name"] == "diffusers"
+    assert front["recommended"]["num_inference_steps"] == 4 and "lcm-lora" in front["tags"]
+
+    bad = make_lora_folder(tmp_path / "badcard")
+    (bad / "README.md").write_text("---\nlibrary_name: transformers\n---\nno card\n")
+    with pytest.raises(RegistryError) as err:
+        reg.publish(bad, "bad-card")
+    for key in ("base_model", "library_name", "tags", "recommended"):
+        assert key in str(err.value)
+    nobase = make_lora_folder(tmp_path / "nobase", card=False)
+    (nobase / "lineage.json").unlink()
+    with pytest.raises(RegistryError, match="no README.md model card"):
+        reg.publish(nobase, "no-base")
+    assert reg.list() == ["gen-card"]
+
+
+def test_pickle_weights_and_failed_gate_refused(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    for suffix in (".ckpt", ".bin", ".pt", ".pth", ".pkl"):
+        folder = make_lora_folder(tmp_path / f"lora{suffix}")
+        (folder / f"extra{suffix}").write_bytes(b"\x80\x04not really a pickle")
+        with pytest.raises(RegistryError, match=rf"pickle.*extra\{suffix}"):
+            reg.publish(folder, "pickled")
+    no_weights = make_lora_folder(tmp_path / "noweights")
+    (no_weights / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(RegistryError, match="no .safetensors"):
+        reg.publish(no_weights, "empty")
+    failed = make_lora_folder(tmp_path / "failed")
+    (failed / "metrics.json").write_text(json.dumps({"gate": {"passed": False, "violations": ["FD too high"]}}))
+    with pytest.raises(RegistryError, match="FD too high"):
+        reg.publish(failed, "failed")
+    assert reg.list() == []
+
+
+def test_credentials_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value-123")
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    folder = make_lora_folder(tmp_path / "lora")
+    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "env": "super-secret-value-123"}))
+    with pytest.raises(RegistryError, match="AWS_SECRET_ACCESS_KEY"):
+        reg.publish(folder, "leaky")
+    assert reg.list() == [] and not reg.storage.exists("leaky/claims/1.json")
+    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "s3": {"secret_key": "abc"}}))
+    m = reg.publish(folder, "redacted")
+    assert m.lineage == {"base": {"reference": "b"}, "s3": {"secret_key": "<redacted>"}}
+
+
+# --- tampering ------------------------------------------------------------------------------
+
+
+@BACKENDS
+def test_tampered_or_truncated_file_fails_pull_and_writes_nothing(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    src = make_lora_folder(tmp_path / "lora")
+    reg.publish(src, "victim")
+    key = "victim/versions/1/pytorch_lora_weights.safetensors"
+    original = reg.storage.read_bytes(key)
+    tampered = bytearray(original)
+    tampered[-1] ^= 0xFF
+    for label, data in [("tampered", bytes(tampered)), ("truncated", original[: len(original) // 2])]:
+        reg.storage.write_bytes(key, data)
+        target = tmp_path / f"out-{label}"
+        with pytest.raises(VerificationError, match="pytorch_lora_weights.safetensors") as err:
+            reg.pull("victim", target)
+        assert "nothing was written" in str(err.value)
+        assert not target.exists()
+        assert not list((tmp_path / "cache").rglob("pytorch*")) and not (tmp_path / "cache" / "sha256").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    reg.storage.write_bytes(key, original)  # restored: the pull verifies again and succeeds
+    reg.pull("victim", tmp_path / "out-ok")
+    assert (tmp_path / "out-ok" / "pytorch_lora_weights.safetensors").read_bytes() == original
+
+
+def test_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    reg.publish(make_lora_folder(tmp_path / "lora"), "cached")
+    reg.pull("cached", tmp_path / "a")
+    # The pulled file is a hard link into the cache: editing it must not poison the next pull.
+    (tmp_path / "a" / "metrics.json").write_text("{}")
+    result = reg.pull("cached", tmp_path / "b")
+    assert result.downloaded == ["metrics.json"]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["fd_4_steps"] == 1.5
+
+
+# --- aliases and gc ---------------------------------------------------------------------------
+
+
+@BACKENDS
+def test_alias_moves_history_and_gc(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    for seed in range(4):
+        reg.publish(make_lora_folder(tmp_path / f"lora{seed}", seed=seed), "lcm")
+    reg.alias_set("lcm", "production", "1")
+    reg.alias_set("lcm", "production", "2")
+    reg.alias_set("lcm", "candidate", "3")
+    history = reg.alias_history("lcm", "production")
+    assert [(h.previous, h.version) for h in history] == [(None, "1"), ("1", "2")]
+    assert [(h.previous, h.version) for h in reg.alias_history("lcm", "latest")] == [
+        (None, "1"), ("1", "2"), ("2", "3"), ("3", "4")]
+    with pytest.raises(RegistryError, match="no such version"):
+        reg.alias_set("lcm", "production", "9")
+    with pytest.raises(RegistryError, match="no such alias"):
+        reg.alias_history("lcm", "staging")
+
+    plan = reg.gc("lcm", keep=1)  # dry run by default: nothing deleted
+    assert plan.dry_run and plan.delete == ["1"] and plan.keep == ["2", "3", "4"]
+    assert plan.aliased == {"2": ["production"], "3": ["candidate"], "4": ["latest"]}
+    assert reg.list("lcm") == ["1", "2", "3", "4"]
+    plan = reg.gc("lcm", keep=0, dry_run=False)
+    assert plan.delete == ["1"] and reg.list("lcm") == ["2", "3", "4"]
+    assert reg.storage.ls("lcm/versions/1", recursive=True) == []
+    assert reg.show("lcm@production").version == "2"
+    # Ids are never reused after gc.
+    assert reg.publish(make_lora_folder(tmp_path / "lora9", seed=9), "lcm").version == "5"
+
+
+def test_latest_only_moves_forward(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    reg.publish(make_lora_folder(tmp_path / "a"), "fwd")
+    reg.publish(make_lora_folder(tmp_path / "b", seed=1), "fwd")
+    assert reg._move_alias("fwd", "latest", "1", forward_only=True) is None
+    assert reg.show("fwd").version == "2"
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def _publish_then_move(root: str, env: dict[str, str], folder: str, cache: str, start, barrier, results) -> None:
+    os.environ.update(env)
+    reg = Registry(Storage(root), cache_dir=cache)
+    start.wait()
+    manifest = reg.publish(folder, "racy")
+    barrier.wait()  # every publisher done: now all move one alias at the same moment
+    move = reg.alias_set("racy", "production", manifest.version)
+    results.put((manifest.version, move.previous))
+
+
+def _publish_and_hang(root: str, env: dict[str, str], folder: str, started) -> None:
+    os.environ.update(env)
+
+    def stall(rel: str, size: int) -> None:
+        started.set()
+        time.sleep(120)  # killed here, mid-upload
+
+    Registry(Storage(root)).publish(folder, "killed", progress=stall)
+
+
+def _aws_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+@BACKENDS
+def test_eight_racing_publishers_and_alias_movers(root: str, tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    n = 8
+    folders = [make_lora_folder(tmp_path / f"lora{i}", seed=i) for i in range(n)]
+    start, barrier, results = ctx.Event(), ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_publish_then_move,
+                         args=(root, _aws_env(), str(f), str(tmp_path / "cache"), start, barrier, results))
+             for f in folders]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)  # let the children import and wait on `start`
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * n
+    outcomes = [results.get(timeout=10) for _ in range(n)]
+    versions = sorted((v for v, _ in outcomes), key=int)
+    assert versions == [str(i) for i in range(1, n + 1)]  # 8 distinct ids
+    reg = registry_at(root, tmp_path)
+    assert reg.list("racy") == versions
+    # Each version is complete and verifiable: it pulls, and its metrics are its own folder's.
+    for v in versions:
+        pulled = reg.pull(f"racy:{v}", tmp_path / f"out{v}")
+        files = folder_files(pulled.path)
+        files.pop("manifest.json")
+        assert any(files == folder_files(f) for f in folders)
+    # The alias ends on one of their versions; the history has 8 moves that chain.
+    history = reg.alias_history("racy", "production")
+    assert len(history) == n
+    assert history[0].previous is None
+    assert all(b.previous == a.version for a, b in itertools.pairwise(history))
+    assert sorted((h.version for h in history), key=int) == versions
+    assert reg.show("racy@production").version == history[-1].version
+    assert reg.show("racy").version == str(n)  # latest only moved forward
+
+
+@BACKENDS
+def test_killed_publisher_leaves_no_version(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = mp.get_context("spawn")
+    folder = make_lora_folder(tmp_path / "lora", big=512 * 1024)
+    started = ctx.Event()
+    proc = ctx.Process(target=_publish_and_hang, args=(root, _aws_env(), str(folder), started))
+    proc.start()
+    assert started.wait(60), "publisher never started uploading"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    reg = registry_at(root, tmp_path)
+    assert reg.storage.exists("killed/claims/1.json")  # it had claimed id 1 and uploaded a file
+    assert reg.list("killed") == [] and reg.list() == []
+    with pytest.raises(RegistryError, match="no versions"):
+        reg.show("killed")
+    manifest = reg.publish(folder, "killed")
+    assert manifest.version == "2" and reg.list("killed") == ["2"]
+    reg.pull("killed", tmp_path / "out")
+    # gc clears the leftovers of the dead publisher once its claim is stale.
+    assert reg.gc("killed", keep=1).incomplete == []
+    monkeypatch.setattr(registry_module, "STALE_CLAIM_S", 0.0)
+    assert reg.gc("killed", keep=1, dry_run=False).incomplete == ["1"]
+    assert reg.storage.ls("killed/versions/1", recursive=True) == []
+    assert reg.list("killed") == ["2"]
+
+
+# --- unreachable endpoint -------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_endpoint_clear_error_after_bounded_retries(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-printed-secret")
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    reg = Registry(Storage("s3://bucket/reg", endpoint_url=endpoint, retries=2, connect_timeout=1),
+                   cache_dir=tmp_path / "cache")
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="unreachable after 2 attempts") as err:
+        reg.pull("toy-lcm-lora@production", tmp_path / "out")
+    assert endpoint in str(err.value) and time.monotonic() - t0 < 15
+    # The CLI says the same in one line on stderr and exits non-zero; no secret printed.
+    (tmp_path / "params.yaml").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "registry", "list", "x", "--params", str(tmp_path / "params.yaml"),
+         "--set", "registry.root=s3://bucket/reg", "--set", f"storage.endpoint_url={endpoint}",
+         "--set", "storage.retries=2"],
+        capture_output=True, text=True, timeout=60, check=False, cwd=Path(__file__).parents[1],
+        env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode != 0
+    assert endpoint in proc.stderr and "unreachable" in proc.stderr
+    assert "never-printed-secret" not in proc.stderr + proc.stdout
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_registry_commands_on_s3(s3_bucket: str, tmp_path: Path) -> None:
+    from flows.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"registry:\n  root: {s3_bucket}/reg\n  cache_dir: {tmp_path / 'cache'}\n")
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(app, [*args, "--params", str(params)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    folder = make_lora_folder(tmp_path / "lora")
+    assert "published cli-lora:1" in run("registry", "publish", str(folder), "--name", "cli-lora", "--alias", "candidate")
+    assert "published cli-lora:2" in run("registry", "publish", str(folder), "--name", "cli-lora")
+    assert run("registry", "list").split() == ["cli-lora"]
+    listing = run("registry", "list", "cli-lora")
+    assert "cli-lora:1" in listing and "candidate" in listing and "gate passed" in listing
+    shown = json.loads(run("registry", "show", "cli-lora@candidate"))
+    assert shown["version"] == "1" and shown["aliases"] == ["candidate"]
+    pulled = run("registry", "pull", "cli-lora", "--to", str(tmp_path / "out"))
+    assert "pulled cli-lora:2" in pulled and "5 files downloaded, 0 from cache, all verified" in pulled
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert "1 -> 2" in run("registry", "alias", "set", "cli-lora", "candidate", "2")
+    assert "(new) -> 1" in run("registry", "alias", "history", "cli-lora", "candidate")
+    assert "would delete 1" in run("registry", "gc", "cli-lora", "--keep", "1")
+    assert "deleted 1" in run("registry", "gc", "cli-lora", "--keep", "1", "--yes")
+    bad = runner.invoke(app, ["registry", "show", "cli-lora:7", "--params", str(params)])
+    assert bad.exit_code != 0 and "no such version" in str(bad.exception)
+
+
+# --- consumer helper ----------------------------------------------------------------------
+
+
+def _tiny_sd_pipeline(tmp: Path):
+    """A random-init StableDiffusionPipeline (32x32 images, 4x8x8 latents) built from config."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=32)
+    words = ["a", "digit", "seven"]
+    vocab = {w: i for i, w in enumerate([*words, *(w + "</w>" for w in words), "<|startoftext|>", "<|endoftext|>"])}
+    (tmp / "tok").mkdir(parents=True, exist_ok=True)
+    (tmp / "tok" / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "tok" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"),
+                              model_max_length=16, pad_token="<|endoftext|>")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"]))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_load_lcm_pipeline_loads_lora_and_sets_lcm_scheduler(tmp_path: Path) -> None:
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = _tiny_sd_pipeline(tmp_path)
+    # A tiny LoRA saved the diffusers way (random B so that it changes the output).
+    unet = _tiny_sd_pipeline(tmp_path).unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    folder = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    (folder / "README.md").write_text(CARD)
+    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "tiny", "family": "sd15"}}))
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    reg.publish(folder, "tiny-lcm-lora", alias="production")
+
+    def sample(p) -> torch.Tensor:
+        return p("a digit seven", num_inference_steps=4, guidance_scale=1.0, height=32, width=32, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    plain = sample(pipe)
+    pipe = load_lcm_pipeline("tiny-lcm-lora@production", pipe, reg)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.get_active_adapters() == ["lcm"]
+    with_lora = sample(pipe)
+    assert with_lora.shape == (1, 3, 32, 32)
+    assert not torch.allclose(plain, with_lora)  # the LoRA is really applied
+    assert not list((tmp_path / "cache" / "checkouts").iterdir())  # temporary checkout removed
