@@ -1,0 +1,80 @@
+"""The sampler matrix on a tiny random pipeline: methods, shared noise, LoRA toggling, cost counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.sampler_matrix import (Method, build_matrix, initial_noise, latent_shape, lora_loaded, run_matrix,
+                                       run_method)
+from tests.tiny_pipeline import random_lora_folder, tiny_sd_pipeline
+
+PROMPTS = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three"]
+SEEDS = [10, 11, 12]
+
+
+@pytest.fixture(scope="module")
+def pipe_and_lora(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("matrix")
+    pipe = tiny_sd_pipeline(tmp)
+    return pipe, random_lora_folder(pipe, tmp / "lora")
+
+
+def test_build_matrix_rows():
+    methods = build_matrix([1, 2, 4], [25, 50], ["ddim", "dpmpp"], teacher_guidance=2.0, lcm_guidance=1.5,
+                           tcd_gamma=0.3)
+    labels = [m.label for m in methods]
+    assert labels == ["lcm-1", "lcm-2", "lcm-4", "tcd-1", "tcd-2", "tcd-4",
+                      "ddim-1", "ddim-2", "ddim-4", "ddim-25", "ddim-50",
+                      "dpmpp-1", "dpmpp-2", "dpmpp-4", "dpmpp-25", "dpmpp-50"]
+    assert all(m.lora and m.guidance_scale == 1.5 for m in methods[:6])
+    assert all(not m.lora and m.guidance_scale == 2.0 for m in methods[6:])
+    assert {m.gamma for m in methods if m.sampler == "tcd"} == {0.3}
+    with pytest.raises(ValueError, match="evaluate.steps"):
+        build_matrix([0], [], ["ddim"], 2.0)
+
+
+def test_initial_noise_rows_depend_only_on_their_seed():
+    a = initial_noise([5, 6, 7], (4, 8, 8))
+    b = initial_noise([7, 5], (4, 8, 8))
+    torch.testing.assert_close(a[0], b[1])
+    torch.testing.assert_close(a[2], b[0])
+
+
+def test_teacher_rows_are_the_base_without_the_lora_and_lora_rows_differ(pipe_and_lora):
+    pipe, lora = pipe_and_lora
+    shape = latent_shape(pipe, 32, 32)
+    noise = initial_noise(SEEDS, shape)
+    ddim2 = Method("ddim", 2, 2.0, lora=False)
+    lcm2 = Method("lcm", 2, 1.0, lora=True)
+    kwargs = dict(height=32, width=32, batch_size=2)
+    # Before any LoRA: the plain base.
+    plain_teacher = run_method(pipe, ddim2, PROMPTS, noise, SEEDS, timestep_spacing="trailing", **kwargs)
+    plain_lcm = run_method(pipe, lcm2, PROMPTS, noise, SEEDS, **kwargs)
+    runs = {r.method.label: r for r in run_matrix(pipe, lora, [lcm2, ddim2], PROMPTS, SEEDS,
+                                                  timestep_spacing="trailing", **kwargs)}
+    torch.testing.assert_close(runs["ddim-2"].images, plain_teacher.images, atol=1e-5, rtol=0)
+    assert (runs["lcm-2"].images - plain_lcm.images).abs().max() > 1e-3  # the LoRA was active
+    # After the matrix: no adapter left behind, the base scheduler restored.
+    assert not getattr(pipe.unet, "peft_config", None)
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler"
+    # Cost: LCM at guidance 1 is one UNet row per step, the teacher with CFG two.
+    assert runs["lcm-2"].unet_evals_per_image == 2.0 and runs["ddim-2"].unet_evals_per_image == 4.0
+    assert runs["lcm-2"].seconds_per_image > 0.0
+
+
+def test_results_do_not_depend_on_batching(pipe_and_lora):
+    pipe, lora = pipe_and_lora
+    noise = initial_noise(SEEDS, latent_shape(pipe, 32, 32))
+    with lora_loaded(pipe, lora):
+        lcm = Method("lcm", 2, 1.0, lora=True)  # injects noise between steps: per-image generators
+        one = run_method(pipe, lcm, PROMPTS, noise, SEEDS, height=32, width=32, batch_size=1)
+        three = run_method(pipe, lcm, PROMPTS, noise, SEEDS, height=32, width=32, batch_size=3)
+    torch.testing.assert_close(one.images, three.images, atol=1e-5, rtol=0)
+
+
+def test_a_folder_without_lora_weights_is_refused(pipe_and_lora, tmp_path):
+    pipe, _ = pipe_and_lora
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
+        with lora_loaded(pipe, tmp_path):
+            pass
