@@ -148,14 +148,50 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
 @app.command()
 def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False) -> None:
     """The main job: every base in params through every stage, skipping unchanged work."""
-    not_built("nightly")
+    cfg = resolve(params, set_)
+    if dry_run:
+        print_config(cfg)
+        return
+    from flows.runtime import prefect_environment
+
+    typer.echo(prefect_environment())
+    from flows.nightly import BasesFailed, summary_lines
+    from flows.nightly import nightly as nightly_flow
+
+    state = nightly_flow(str(params), list(set_ or []), return_state=True)
+    result = state.result(raise_on_failure=False)
+    summary = result.summary if isinstance(result, BasesFailed) else result if isinstance(result, dict) else None
+    if summary is not None:
+        typer.echo("\n".join(summary_lines(summary)))
+    if not state.is_completed():
+        raise click.ClickException(f"nightly failed: {result}")
 
 
 @app.command("new-base")
-def new_base(ref: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-             dry_run: DryRunOpt = False) -> None:
+def new_base(ref: str, name: Annotated[Optional[str], typer.Option("--name", help="base name (default: from REF)")] = None,
+             family: Annotated[Optional[str], typer.Option("--family", help="sd15 or sdxl (default: detected)")] = None,
+             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False) -> None:
     """Register a fine-tuned base and run distill, evaluate, merge and publish for it."""
-    not_built("new-base")
+    cfg = resolve(params, set_)
+    if dry_run:
+        from flows.new_base import register_config
+
+        base_name, base_cfg = register_config(cfg, ref, name, family)
+        print_config(cfg.model_copy(update={"bases": {base_name: base_cfg}}))
+        return
+    from flows.runtime import prefect_environment
+
+    typer.echo(prefect_environment())
+    from flows.new_base import new_base as new_base_flow
+    from flows.nightly import summary_lines
+
+    state = new_base_flow(ref, name=name, family=family, params_file=str(params), overrides=list(set_ or []),
+                          return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        typer.echo("\n".join(summary_lines(result)))
+    if not state.is_completed():
+        raise click.ClickException(f"new-base failed: {result}")
 
 
 # --- registry ---------------------------------------------------------------------------

@@ -161,16 +161,16 @@ def _start_chromium(binary: str, profile: Path) -> tuple[subprocess.Popen, int]:
     raise TimeoutError("chromium did not write DevToolsActivePort within 60 s")
 
 
-def test_html_opens_in_headless_chromium_without_console_errors(report, chromium, tmp_path):
-    _, paths, _ = report
-    proc, port = _start_chromium(chromium, tmp_path / "profile")
+def open_in_chromium(binary: str, html: Path, profile: Path) -> tuple[list[dict], dict]:
+    """Load a page in headless Chromium: (console/log/exception error events, page state)."""
+    proc, port = _start_chromium(binary, profile)
     try:
         targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
         page = next(t for t in targets if t.get("type") == "page")
         tools = DevTools(page["webSocketDebuggerUrl"])
         for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
             tools.call(domain)
-        tools.call("Page.navigate", url=paths["report.html"].resolve().as_uri())
+        tools.call("Page.navigate", url=html.resolve().as_uri())
         tools.wait_event("Page.loadEventFired")
         tools.drain(0.5)
         check = tools.call("Runtime.evaluate", returnByValue=True, expression=(
@@ -183,9 +183,24 @@ def test_html_opens_in_headless_chromium_without_console_errors(report, chromium
     errors = [ev for ev in tools.events if ev.get("method") == "Runtime.exceptionThrown"
               or (ev.get("method") == "Runtime.consoleAPICalled" and ev["params"].get("type") in ("error", "assert"))
               or (ev.get("method") == "Log.entryAdded" and ev["params"]["entry"].get("level") == "error")]
+    return errors, json.loads(check["result"]["value"])
+
+
+def test_html_opens_in_headless_chromium_without_console_errors(report, chromium, tmp_path):
+    _, paths, _ = report
+    errors, page_state = open_in_chromium(chromium, paths["report.html"], tmp_path / "profile")
     assert errors == []
-    page_state = json.loads(check["result"]["value"])
     assert page_state["title"] == "LCM-LoRA evaluation: toy"
     assert page_state["rows"] == len(synthetic_doc()["methods"])
     assert [img[0] for img in page_state["images"]] == ["samples", "plot"]
     assert all(img[1] and img[2] > 0 for img in page_state["images"]), page_state["images"]
+
+
+def test_the_chromium_check_sees_errors(chromium, tmp_path):
+    broken = tmp_path / "broken.html"
+    broken.write_text('<!DOCTYPE html><html><head><title>t</title></head><body>'
+                      '<img id="gone" src="missing.png"><script>throw new Error("boom")</script></body></html>')
+    errors, page_state = open_in_chromium(chromium, broken, tmp_path / "profile")
+    methods = {ev["method"] for ev in errors}
+    assert "Runtime.exceptionThrown" in methods and "Log.entryAdded" in methods
+    assert page_state["images"] == [["gone", True, 0]]
