@@ -46,6 +46,25 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The same report as plain lines for the terminal, ending with how to pull what was published."""
+    lines = []
+    for name, base in summary["bases"].items():
+        if base["status"] == "failed":
+            lines.append(f"base {name}: FAILED: {base['error']}")
+            continue
+        lines.append(f"base {name}: completed")
+        for stage in base.get("stages", []):
+            verdict_ = "skipped (unchanged)" if stage["skipped"] else "ran"
+            lines.append(f"  {stage['stage']:<9} {verdict_:<20} {stage['key']}")
+        published = base.get("published")
+        if published:
+            lines.append(f"  published {published['reference']} (alias {published['alias']})")
+            lines.append(f"  pull it:  {published['pull']}")
+    lines.append(summary["verdict"])
+    return lines
+
+
 def verdict(summary: dict[str, Any]) -> str:
     """One sentence: what this run trained, or that nothing changed."""
     ran = [f"{n}/{s['stage']}" for n, b in summary["bases"].items() for s in b.get("stages", []) if not s["skipped"]]

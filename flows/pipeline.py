@@ -16,12 +16,13 @@ def _stage(name: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="base-pipeline", log_prints=True)
-def base_pipeline(cfg: Params, base_name: str, base: BaseConfig) -> dict[str, Any]:
+def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
+                  fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base."""
     stages: list[dict[str, Any]] = []
 
     # 1. Fingerprints of the base's modules: they key every later stage.
-    fingerprints = fingerprint_base(base)
+    fingerprints = fingerprints or fingerprint_base(base)
 
     # 2. Data: curated manifest at this base's resolution, latent shards for its VAE.
     curated = curate_flow(cfg, min_side=base.resolution)

@@ -27,6 +27,14 @@ def fingerprint_base(base: BaseConfig) -> dict[str, str]:
     return dict(load_base(base.reference, base.family).fingerprints)
 
 
+@task(name="fingerprint-vae")
+def fingerprint_vae(base: BaseConfig) -> str:
+    """Fingerprint of the base's VAE alone (the UNet is not loaded for a folder or hub id)."""
+    from components.base_model import load_vae
+
+    return load_vae(base.reference)[1]
+
+
 @task(name="encode", cache_key_fn=key_parameter, persist_result=True)
 def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: str, manifest_rows: int,
                    fingerprints: dict[str, str], key: str) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""The new-base flow: register a fine-tuned base, then distill, evaluate, merge and publish for it.
+
+Started by `lcmlora new-base REF [--name NAME]`, by the `new-base` deployment, or by the
+`lcmlora.base.registered` event (infra/prefect.yaml). A fine-tune usually keeps its parent's
+VAE: the base then inherits the parent's resolution and guidance from params.yaml, and the
+curate and encode stages are served from the cache (the latent shards are keyed by VAE
+fingerprint and reused as they are).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from components.base_model import resolve_base
+from components.config import BaseConfig, ConfigError, Params, load_params
+from flows.nightly import verdict
+from flows.pipeline import base_pipeline
+from tasks.encode import fingerprint_base, fingerprint_vae
+from tasks.publish import register_base
+
+
+def register_config(cfg: Params, reference: str, name: str | None = None,
+                    family: str | None = None) -> tuple[str, BaseConfig]:
+    """The base's name and config: from params.yaml when REF names a base there, else detected."""
+    base_name, base = resolve_base(cfg, reference)
+    if name:
+        from components.registry import validate_name
+
+        base_name = validate_name(name, "base name")
+    if family:
+        if family not in ("sd15", "sdxl"):
+            raise ConfigError(f"--family {family!r}: expected sd15 or sdxl")
+        base = base.model_copy(update={"family": family})
+    return base_name, base
+
+
+def inherit_from_parent(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+                        parents: dict[str, str]) -> tuple[BaseConfig, str | None]:
+    """Resolution and guidance of the params base that shares this base's VAE (its parent), if any."""
+    if base_name in cfg.bases:
+        return base, None
+    for parent, vae_fp in parents.items():
+        if vae_fp == fingerprints["vae"]:
+            p = cfg.bases[parent]
+            return base.model_copy(update={"resolution": p.resolution, "guidance_scale": p.guidance_scale,
+                                           "prediction_type": p.prediction_type}), parent
+    return base, None
+
+
+@flow(name="new-base", log_prints=True)
+def new_base(reference: str, name: str | None = None, family: str | None = None,
+             params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Register the base at `reference` and run its pipeline; gate failure publishes nothing."""
+    cfg = load_params(params_file, overrides)
+
+    # 1. Name, family and fingerprints of the new base; its parent is the params base with its VAE.
+    base_name, base = register_config(cfg, reference, name or None, family or None)
+    fingerprints = fingerprint_base(base)
+    parents = {n: fingerprint_vae(b) for n, b in cfg.bases.items() if n != base_name}
+    base, parent = inherit_from_parent(cfg, base_name, base, fingerprints, parents)
+    if parent:
+        print(f"{base_name}: shares the VAE of {parent} ({fingerprints['vae']}): its latent shards are reused")
+    record = register_base(cfg, base_name, base, fingerprints, parent)
+
+    # 2. The stages (curate and encode come from the cache when the VAE matches).
+    result = base_pipeline(cfg, base_name, base, fingerprints=fingerprints)
+    summary = {"bases": {base_name: {"status": "completed", "registered": record, **result}}}
+    summary["verdict"] = verdict(summary)
+    return summary

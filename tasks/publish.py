@@ -1,0 +1,53 @@
+"""Prefect tasks of the publish stage: base registration and registry publication."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from components.config import BaseConfig, Params
+from components.folder_sync import pull_folder
+from components.lineage import utc_now
+from components.storage import Storage
+from tasks.caching import key_parameter, storage_retries
+
+
+def registry_name(cfg: Params, base_name: str) -> str:
+    """`publish.name`, or `<base>-lcm-lora`."""
+    return cfg.publish.name or f"{base_name}-lcm-lora"
+
+
+@task(name="register-base", **storage_retries())
+def register_base(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+                  parent: str | None) -> dict[str, Any]:
+    """Record the base (reference, family, fingerprints, parent) under `bases/NAME/UNET_FP.json`."""
+    record = {"name": base_name, **base.model_dump(mode="json"), "fingerprints": fingerprints, "parent": parent,
+              "registered_at": utc_now()}
+    rel = f"bases/{base_name}/{fingerprints['unet']}.json"
+    Storage.from_config(cfg.storage).write_text(rel, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return {**record, "record": rel}
+
+
+@task(name="publish", cache_key_fn=key_parameter, persist_result=True, **storage_retries())
+def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key: str) -> dict[str, Any]:
+    """Publish a gated artifact folder as a new registry version and move `publish.alias` to it."""
+    from components.registry import Registry
+
+    local = pull_folder(Storage.from_config(cfg.storage), folder_rel)
+    registry = Registry.from_params(cfg)
+    manifest = registry.publish(local, name, alias=cfg.publish.alias)
+    alias = cfg.publish.alias
+    published = {
+        "name": name, "version": manifest.version, "alias": alias, "registry": registry.storage.url(),
+        "reference": f"{name}:{manifest.version}",
+        "pull": f"lcmlora registry pull {name}@{alias} --to DIR",
+    }
+    create_markdown_artifact(
+        key=f"publish-{name}".replace(".", "-").replace("_", "-"),
+        markdown=f"# Published {name}:{manifest.version}\n\nRegistry `{published['registry']}`, alias "
+        f"`{alias}`, base `{base_name}`.\n\n```bash\n{published['pull']}\n```\n",
+    )
+    return published
