@@ -475,3 +475,113 @@ def factor_summary(factors: LoraFactors) -> dict[str, Any]:
             "parameters": sum(f.down.numel() + f.up.numel() for f in modules.values()),
         }
     return summary
+
+
+# --- 6. writing LoRAs and fused checkpoints -----------------------------------------------
+
+
+def factor_tensors(factors: LoraFactors) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+    """Per-component peft state dicts (A, B as they are) and alphas {component.module: scale * rank}."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for component, modules in factors.items():
+        for name, f in modules.items():
+            parts.setdefault(component, {})[f"{name}.lora_A.weight"] = f.down.contiguous()
+            parts[component][f"{name}.lora_B.weight"] = f.up.contiguous()
+            alphas[f"{component}.{name}"] = f.scale * f.rank
+    return parts, alphas
+
+
+def save_lora_folder(folder: str | Path, factors: LoraFactors, *, family: str, base_meta: dict[str, Any],
+                     title: str, description: str) -> dict[str, Path]:
+    """A LoRA in both formats of contract 4: diffusers/peft (+ LoraConfig metadata) and kohya.
+
+    Per-module alpha = scale * rank, so a merged LoRA (scale 1) has alpha = rank and an input
+    LoRA keeps its own alpha. Kohya text-encoder names are the standard ones
+    (`lora_te_text_model_encoder_...` for SD-1.5, `lora_te1_` / `lora_te2_` for SDXL).
+    """
+    from safetensors.torch import save_file
+
+    from components import lora_formats
+
+    folder = Path(folder)
+    parts, alphas = factor_tensors(factors)
+    unet = parts.pop("unet", {})
+    if not unet:
+        raise LoraIncompatible(f"{folder}: refusing to save a LoRA without UNet layers")
+    ranks = [int(t.shape[0]) for k, t in unet.items() if k.endswith("lora_A.weight")]
+    paths = lora_formats.save_lora(folder, unet, rank=max(set(ranks), key=ranks.count), alpha=alphas,
+                                   base_meta=base_meta, text_encoder_state_dicts=parts or None, title=title,
+                                   kohya_name=None)
+    # kohya: from peft keys with the CLIP `text_model.` level that kohya names carry
+    flat = {f"unet.{k}": v for k, v in unet.items()}
+    kohya_alphas = dict(alphas)
+    for component, sd in parts.items():
+        for key, value in sd.items():
+            module = key.rsplit(".lora_", 1)[0]
+            full = module if module.startswith("text_model.") else f"text_model.{module}"
+            flat[f"{component}.{full}.lora_{key.rsplit('.lora_', 1)[1]}"] = value
+            kohya_alphas[f"{component}.{full}"] = alphas[f"{component}.{module}"]
+    kohya_sd, network_meta = lora_formats.to_kohya(flat, kohya_alphas)
+    if family == "sd15":  # SD-1.x kohya files name their one text encoder lora_te_
+        kohya_sd = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in kohya_sd.items()}
+    meta = lora_formats.kohya_metadata(base_meta, title, network_meta, {
+        "ss_training_comment": description, "modelspec.description": description})
+    paths["kohya"] = folder / lora_formats.KOHYA_WEIGHT_NAME
+    save_file(kohya_sd, str(paths["kohya"]), metadata=meta)
+    return paths
+
+
+SINGLE_FILE_LAYOUT = "lcmlora-diffusers-prefixed-v1"  # safetensors metadata `lcmlora.layout`
+
+
+def save_single_file(pipe: Any, path: str | Path, components: Sequence[str] = ("unet", "vae", "text_encoder")) -> Path:
+    """The fused checkpoint as one safetensors file, for serving without LoRA overhead.
+
+    Layout (`lcmlora.layout` = SINGLE_FILE_LAYOUT): every tensor of each listed pipeline
+    component under `<component>.<diffusers state-dict key>` (e.g. `unet.conv_in.weight`,
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight`), and per component
+    its config as JSON in metadata `config.<component>`. The tokenizer(s) and scheduler are not
+    in the file; `load_single_file` puts these weights into a pipeline loaded from the base.
+    This is not the original LDM (`model.diffusion_model.*`) layout: A1111/ComfyUI users load
+    the kohya merged LoRA instead.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {"format": "pt", "lcmlora.layout": SINGLE_FILE_LAYOUT, "lcmlora.components": ",".join(components)}
+    for component in components:
+        model = getattr(pipe, component, None)
+        if model is None:
+            raise ValueError(f"save_single_file: the pipeline has no {component}")
+        for key, value in model.state_dict().items():
+            tensors[f"{component}.{key}"] = value.detach().to("cpu").contiguous()
+        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+        meta[f"config.{component}"] = json.dumps(config, default=str)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_single_file(path: str | Path, pipe: Any) -> Any:
+    """Put the weights of a `save_single_file` checkpoint into a pipeline of the same base.
+
+    `pipe = load_base(base_folder).pipe; load_single_file(path, pipe)`. Every component named in
+    the file must match the pipeline's architecture exactly (strict load).
+    """
+    from safetensors import safe_open
+
+    refuse_pickle(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("lcmlora.layout") != SINGLE_FILE_LAYOUT:
+            raise UnknownLoraFormat(f"{path}: not an lcmlora fused single file (metadata lcmlora.layout="
+                                    f"{meta.get('lcmlora.layout')!r}, expected {SINGLE_FILE_LAYOUT!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for component in meta["lcmlora.components"].split(","):
+        own = {k.removeprefix(f"{component}."): v for k, v in tensors.items() if k.startswith(f"{component}.")}
+        getattr(pipe, component).load_state_dict(own, strict=True)
+    return pipe

@@ -159,7 +159,9 @@ def test_fused_checkpoint_equals_runtime_adapters(loras, tmp_path):
     pipe.save_pretrained(tmp_path / "fused", safe_serialization=True)
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "fused", safety_checker=None, tokenizer=None,
                                                        feature_extractor=None)
-    for got in (outputs(pipe), outputs(reloaded)):
+    single = merge.save_single_file(pipe, tmp_path / "fused.safetensors")
+    from_single = merge.load_single_file(single, tiny_sd15())
+    for got in (outputs(pipe), outputs(reloaded), outputs(from_single)):
         assert (got[0] - reference[0]).abs().max().item() < 1e-4
         assert (got[1] - reference[1]).abs().max().item() < 1e-4
 
@@ -243,3 +245,26 @@ def test_old_attention_processor_keys_are_read(tmp_path):
     assert len(factors["unet"]) == len(unet_sd) // 2
     name = next(iter(factors["unet"]))
     torch.testing.assert_close(factors["unet"][name].up, unet_sd[f"{name}.lora_B.weight"])
+
+
+def test_saved_folder_round_trips_in_both_formats_with_alpha_not_rank(loras, tmp_path):
+    """Style factors (alpha 2, rank 4) and the merged LoRA written in peft and kohya format read back exactly."""
+    probe = tiny_sd15()
+    style = merge.read_factors(probe, "sd15", loras["style_peft"])
+    merged = merged_factors(loras["style_peft"], loras["lcm"])
+    for label, factors in (("style", style), ("merged", merged)):
+        paths = merge.save_lora_folder(tmp_path / label, factors, family="sd15", base_meta={"name": "tiny"},
+                                       title=label, description="test")
+        for fmt in ("diffusers", "kohya"):
+            back = merge.read_factors(probe, "sd15", paths[fmt])
+            assert back.keys() == factors.keys(), fmt
+            for component, modules in factors.items():
+                assert back[component].keys() == modules.keys(), (fmt, component)
+                for name, f in modules.items():
+                    torch.testing.assert_close(back[component][name].delta(), f.delta(), atol=1e-7, rtol=0)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "style" / "lora_kohya.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        alpha = f.get_tensor(next(k for k in keys if k.startswith("lora_unet_") and k.endswith(".alpha")))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert float(alpha) == pytest.approx(2.0)  # alpha kept, not rewritten to the rank

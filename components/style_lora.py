@@ -1,0 +1,112 @@
+"""A style LoRA by plain diffusion fine-tuning (DDPM loss, no distillation) of a base's UNet.
+
+This is how the style LoRAs that the LCM-LoRA report merges with its acceleration vector are
+made (report Section 3.2: tau_style, trained on a style set with the usual noise-prediction
+loss). For the toy world the style set is sklearn's digits in the toy style
+(`toy_render.render_digit_styled`) with the plain captions, so the LoRA changes the look of
+every digit prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STYLE_ADAPTER = "style"
+
+
+@dataclass(frozen=True)
+class StyleTraining:
+    rank: int = 8  # LoRA rank
+    alpha: float = 8.0  # LoRA alpha (scale alpha / rank)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
+    steps: int = 400  # optimizer steps
+    batch_size: int = 64  # images per step
+    lr: float = 1e-3  # AdamW learning rate
+    seed: int = 0  # data order, noise and LoRA init
+
+
+def toy_style_set(count: int = 1797, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """sklearn digits in the toy style with their plain captions: N x 3 x 32 x 32 in [-1, 1], N captions."""
+    from sklearn.datasets import load_digits
+
+    from components.toy_render import caption_for, render_digit_styled
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    pick = rng.permutation(len(digits.images))[:count]
+    arrays = [np.asarray(render_digit_styled(digits.images[i], rng), dtype=np.float32) for i in pick]
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return images, [caption_for(int(digits.target[i])) for i in pick]
+
+
+@torch.no_grad()
+def encode_style_set(pipe, images: torch.Tensor, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE latents (mean, scaled) and text embeddings of the style set, computed once."""
+    latents, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(pipe.vae.device, pipe.vae.dtype)
+        latents.append(pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor)
+        embeds, _ = pipe.encode_prompt(captions[start:start + batch_size], pipe.unet.device, 1, False)
+        embeddings.append(embeds)
+    return torch.cat(latents).float(), torch.cat(embeddings).float()
+
+
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """DDPM's simple loss: || target - unet(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (eps or v)."""
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    prediction = unet(noisy, t, encoder_hidden_states=embeddings).sample
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: StyleTraining,
+                     callback: Callable[[int, float], None] | None = None) -> list[float]:
+    """Add a LoRA adapter named `style` to `pipe.unet` and fit it to the style set; returns the losses.
+
+    The base weights stay frozen; the adapter stays loaded in `pipe` for the caller to save
+    (`merge.adapter_factors(pipe, STYLE_ADAPTER)`).
+    """
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    # 1. Frozen base, fixed inputs.
+    torch.manual_seed(cfg.seed)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+    latents, embeddings = encode_style_set(pipe, images, captions)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # 2. The LoRA: B starts at zero, so step 0 is the base.
+    pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                                     init_lora_weights=True), adapter_name=STYLE_ADAPTER)
+    params = [p for n, p in pipe.unet.named_parameters() if ".lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    pipe.unet.train()
+    # 3. Plain diffusion fine-tuning over random mini-batches.
+    for step in range(cfg.steps):
+        index = torch.randint(0, latents.shape[0], (min(cfg.batch_size, latents.shape[0]),), generator=generator)
+        loss = diffusion_loss(pipe.unet, scheduler, latents[index], embeddings[index], generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"style LoRA: loss became {loss.item()} at step {step}; lower merge.style_lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss))
+        if callback is not None:
+            callback(step, losses[-1])
+    pipe.unet.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
