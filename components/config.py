@@ -158,7 +158,27 @@ class EvaluateConfig(Section):
 
 class MergeConfig(Section):
     output: str = "runs/merge"  # variant folders
-    weights: list[tuple[float, float]] = Field(default_factory=lambda: [(0.8, 1.0)])  # (l1, l2)
+    weights: list[tuple[float, float]] = Field(default_factory=lambda: [(0.8, 1.0)])  # (l1, l2) grid
+    lcm_steps: int = 4  # LCMScheduler steps of every merged variant
+    lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG with the LCM-LoRA (1.0: no CFG pass)
+    reference_steps: int = 25  # the style LoRA alone: DPM-Solver++ steps, CFG at the base's guidance
+    samples_per_prompt: int = 10  # images per prompt and variant (same noise for every variant)
+    seed: int = 0  # first noise seed
+    svd_rank: int | None = None  # also evaluate an SVD-compressed merged LoRA at this rank; None: skip
+    min_style_retention: float = 0.8  # rule: style strength >= this x the style LoRA's own (25-step)
+    min_adherence: float = 0.8  # rule: digit accuracy (toy) / CLIP score (real) at least this
+    select_by: Literal["style_retention", "fd", "adherence"] = "style_retention"  # best passing (l1, l2) by
+    save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
+    style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
+    lcm_folder: str = "runs/distill/toy"  # default --lcm
+    # toy style LoRA (`lcmlora toy style-lora`): plain diffusion LoRA fine-tuning of the toy base
+    style_output: str = "data/toy/style_lora"  # where the toy style LoRA is written
+    style_rank: int = 8  # LoRA rank
+    style_alpha: float = 4.0  # LoRA alpha (alpha != rank: exercises alpha scaling downstream)
+    style_steps: int = 600  # optimizer steps
+    style_batch_size: int = 64  # images per step
+    style_lr: float = 1e-3  # AdamW learning rate
+    style_seed: int = 0  # data order, noise, init
 
 
 class PublishConfig(Section):
