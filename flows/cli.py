@@ -96,8 +96,17 @@ def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
 @toy_app.command("style-lora")
 def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
                    output: OutputOpt = None) -> None:
-    """Train a style LoRA on the toy style set."""
-    not_built("toy style-lora")
+    """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base)."""
+    cfg = resolve(params, set_)
+    if dry_run:
+        print_config(cfg)
+        return
+    import json
+
+    from components.style_lora import run_toy_style_lora
+
+    metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False))
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 # --- stages -----------------------------------------------------------------------------
@@ -133,9 +142,32 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
 
 @app.command()
 def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-          base: BaseOpt = "toy", output: OutputOpt = None) -> None:
+          base: BaseOpt = "toy", output: OutputOpt = None,
+          lcm: Annotated[str | None, typer.Option("--lcm", help="LCM-LoRA folder (default merge.lcm_folder)")] = None,
+          style: Annotated[str | None, typer.Option("--style", help="style LoRA .safetensors (default merge.style_file)")] = None,
+          weights: Annotated[str | None, typer.Option("--weights", help="one l1,l2 pair instead of the merge.weights grid")] = None) -> None:
     """Combine the LCM-LoRA with style LoRAs (theta_pre + l1 tau_style + l2 tau_LCM)."""
-    not_built("merge")
+    extra = []
+    if weights:
+        try:
+            l1, l2 = (float(x) for x in weights.split(","))
+        except ValueError:
+            raise click.BadParameter(f"--weights {weights!r}: expected two numbers l1,l2 (e.g. 0.8,1.0)") from None
+        extra.append(f"merge.weights=[[{l1}, {l2}]]")
+    cfg = resolve(params, set_, extra)
+    if dry_run:
+        print_config(cfg)
+        return
+    from components.merge_eval import markdown_table, run_merge
+
+    result, paths = run_merge(cfg, base, lcm or cfg.merge.lcm_folder, style or cfg.merge.style_file, output,
+                              say=lambda m: console.print(m, markup=False, highlight=False))
+    typer.echo(markdown_table(result.doc["rows"]))
+    typer.echo(f"report: {paths['report.md']}")
+    selection = result.doc["selection"]
+    if not selection["passed"]:
+        raise click.ClickException(f"no (l1, l2) passes the merge rule: {'; '.join(selection['violations'])}")
+    typer.echo(f"selected: {selection['best']['label']}")
 
 
 @app.command()
