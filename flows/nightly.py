@@ -66,14 +66,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def verdict(summary: dict[str, Any]) -> str:
-    """One sentence: what this run trained, or that nothing changed."""
+    """One sentence: what this run trained, or that nothing changed; failed bases first."""
+    failed = [n for n, b in summary["bases"].items() if b["status"] == "failed"]
     ran = [f"{n}/{s['stage']}" for n, b in summary["bases"].items() for s in b.get("stages", []) if not s["skipped"]]
-    trained = [r for r in ran if r.endswith("/distill")]
+    trained = [r.split("/")[0] for r in ran if r.endswith("/distill")]
+    prefix = f"FAILED: {', '.join(failed)}. " if failed else ""
     if not ran:
+        if failed:
+            return f"{prefix}No other stage ran and no training was done."
         return "Nothing changed since the last run: every stage was skipped, no training was done."
     if not trained:
-        return f"No training was done (distillation unchanged); ran: {', '.join(ran)}."
-    return f"Trained: {', '.join(t.split('/')[0] for t in trained)}; ran: {', '.join(ran)}."
+        return f"{prefix}No training was done (distillation unchanged); ran: {', '.join(ran)}."
+    return f"{prefix}Trained: {', '.join(trained)}; ran: {', '.join(ran)}."
 
 
 @flow(name="nightly", log_prints=True)

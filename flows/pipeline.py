@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from components.config import BaseConfig, Params
-from flows.stages import curate_flow, encode_flow
+from flows.stages import curate_flow, distill_flow, encode_flow, evaluate_flow, publish_flow
 from tasks.encode import fingerprint_base
 
 
@@ -32,4 +32,16 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
     if shards["reused"] and not shards["skipped"]:
         print(f"{base_name}: reused the latent shards of VAE {fingerprints['vae']}")
 
-    return {"stages": stages, "fingerprints": fingerprints, "published": None}
+    # 3. The LCM-LoRA, then its evaluation; a failed gate raises in publish and publishes nothing.
+    lora = distill_flow(cfg, base_name, base, fingerprints, shards)
+    stages.append(_stage("distill", lora))
+    evaluation = evaluate_flow(cfg, base_name, base, fingerprints, lora)
+    stages.append(_stage("evaluate", evaluation))
+    print(f"{base_name}: gate {'passed' if evaluation['passed'] else 'FAILED'}"
+          + "".join(f"\n  - {v}" for v in evaluation["violations"]))
+
+    # 4. Publish the gated LoRA.
+    published = publish_flow(cfg, base_name, lora, evaluation)
+    stages.append(_stage("publish", published))
+    return {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
+            "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}

@@ -13,6 +13,8 @@ from typing import Any
 from prefect import Task, flow
 
 from components.config import BaseConfig, Params
+from components.content_hash import file_sha256
+from components.folder_sync import COMPLETE, work_dir
 from components.storage import Storage
 from tasks.caching import (
     cached_unless_missing,
@@ -22,16 +24,24 @@ from tasks.caching import (
     stage_key,
 )
 from tasks.curate import curate_manifest, fingerprint_source
+from tasks.distill import distill_lora
 from tasks.encode import encode_latents
+from tasks.evaluate import evaluate_lora
+from tasks.publish import GateFailed, publish_folder, registry_name
+from tasks.storage import fetch_folder, store_folders
 
 
-def _run_cached(cfg: Params, task: Task, marker_rel: str, **kwargs: Any) -> dict[str, Any]:
-    """Run a stage task with results under the storage root; report whether the cache served it."""
+def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, **kwargs: Any) -> dict[str, Any]:
+    """Run a stage task with results under the storage root; report whether the cache served it.
+
+    `marker_rel` is the file whose presence proves the stored output is complete: without it
+    the cache is refreshed (the task runs again) even when `cache_key` is known.
+    """
     storage = Storage.from_config(cfg.storage)
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
     state = task.with_options(result_storage=results, **cached_unless_missing(storage, marker_rel))(
         cfg=cfg, **kwargs, return_state=True)
-    return {**state.result(), "skipped": state.name == "Cached", "key": kwargs["key"]}
+    return {**state.result(), "skipped": state.name == "Cached", "key": cache_key}
 
 
 # --- curate -----------------------------------------------------------------------------
@@ -42,7 +52,7 @@ def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     """Curate the source into a manifest; skipped when the source bytes and curate params are unchanged."""
     source_digest = fingerprint_source(cfg)
     key = stage_key("curate", source=source_digest, curate=section_digest(cfg.curate), min_side=min_side)
-    return _run_cached(cfg, curate_manifest, f"{output_rel('curated', key)}/manifest.parquet",
+    return _run_cached(cfg, curate_manifest, f"{output_rel('curated', key)}/manifest.parquet", key,
                        min_side=min_side, key=key)
 
 
@@ -59,6 +69,65 @@ def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str
     key = stage_key("encode", manifest=curated["manifest_hash"], vae=fingerprints["vae"], text_encoder=te_fp,
                     resolution=base.resolution, encode=section_digest(cfg.encode))
     index_rel = f"{latent_dir(cfg.encode.output, fingerprints['vae'], base.resolution, curated['manifest_hash'], te_fp)}/index.json"
-    return _run_cached(cfg, encode_latents, index_rel, base_name=base_name, base=base,
+    return _run_cached(cfg, encode_latents, index_rel, key, base_name=base_name, base=base,
                        manifest_rel=curated["manifest"], manifest_rows=curated["kept"],
                        fingerprints=fingerprints, key=key)
+
+
+# --- distill ----------------------------------------------------------------------------
+
+
+def base_identity(base_name: str, base: BaseConfig, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """What makes a base the same base for caching: its name, settings and module fingerprints.
+
+    The reference (path or hub id) is left out: a moved folder with the same weights is the same base.
+    """
+    return {"name": base_name, **base.model_dump(mode="json", exclude={"reference"}), "fingerprints": fingerprints}
+
+
+@flow(name="distill")
+def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+                 shards: dict[str, Any]) -> dict[str, Any]:
+    """LCD-LoRA for this base; skipped when base, latent shards and distill params are unchanged."""
+    accelerate = cfg.orchestrate.accelerate_config
+    key = stage_key("distill", base=base_identity(base_name, base, fingerprints), shards=shards["index_hash"],
+                    distill=section_digest(cfg.distill.model_dump(mode="json", exclude={"output", "latents_index"})),
+                    accelerate=file_sha256(accelerate) if accelerate else None)
+    return _run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
+                       base_name=base_name, index_rel=shards["index"], key=key)
+
+
+# --- evaluate ---------------------------------------------------------------------------
+
+
+@flow(name="evaluate")
+def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+                  lora: dict[str, Any]) -> dict[str, Any]:
+    """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged."""
+    key = stage_key("evaluate", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
+                    evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})))
+    storage = Storage.from_config(cfg.storage)
+    out = output_rel("evaluate", key, base_name)
+    lora_dir = fetch_folder(cfg, lora["output"])
+    task = evaluate_lora.with_options(cache_key_fn=lambda *_: key, persist_result=True)
+    result = _run_cached(cfg, task, f"{out}/{COMPLETE}", key, base_name=base_name, lora_folder=str(lora_dir),
+                         output=str(work_dir(storage, out)))
+    if not result["skipped"]:
+        store_folders(cfg, {str(work_dir(storage, out)): out, str(lora_dir): lora["output"]})
+    return {**result, "evaluation": out}
+
+
+# --- publish ----------------------------------------------------------------------------
+
+
+@flow(name="publish")
+def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Publish the gated LoRA folder as a new registry version; skipped when that exact LoRA was published."""
+    if not evaluation["passed"]:
+        raise GateFailed(base_name, evaluation["violations"])
+    name = registry_name(cfg, base_name)
+    key = stage_key("publish", lora=lora["weights_sha256"], evaluation=evaluation["key"], name=name,
+                    alias=cfg.publish.alias, registry=Storage(cfg.registry.root).url())
+    state = publish_folder.with_options(result_storage=result_storage_block(cfg.storage, cfg.orchestrate.results))(
+        cfg=cfg, base_name=base_name, folder_rel=lora["output"], name=name, key=key, return_state=True)
+    return {**state.result(), "skipped": state.name == "Cached", "key": key}

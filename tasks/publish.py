@@ -15,6 +15,15 @@ from components.storage import Storage
 from tasks.caching import key_parameter, storage_retries
 
 
+class GateFailed(RuntimeError):
+    """The evaluation gate failed: nothing is published. Lists every violation."""
+
+    def __init__(self, base_name: str, violations: list[str]):
+        listed = "; ".join(violations) or "no violations recorded"
+        super().__init__(f"{base_name}: evaluation gate failed, nothing published ({len(violations)} violations: {listed})")
+        self.violations = violations
+
+
 def registry_name(cfg: Params, base_name: str) -> str:
     """`publish.name`, or `<base>-lcm-lora`."""
     return cfg.publish.name or f"{base_name}-lcm-lora"

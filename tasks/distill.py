@@ -1,0 +1,116 @@
+"""Prefect task of the distill stage: LCD-LoRA training with a live progress artifact.
+
+In-process by default. With `orchestrate.accelerate_config` naming a config of more than one
+process (infra/accelerate/), the task runs `accelerate launch ... -m flows.cli distill` with
+the resolved params written beside the run, and follows progress through the run's
+`progress.json` written by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.logging import get_run_logger
+
+from components.config import Params
+from components.content_hash import file_sha256
+from components.folder_sync import push_folder, work_dir
+from components.storage import Storage
+from tasks.caching import key_parameter, output_rel
+from tasks.evaluate import artifact_key
+
+WEIGHTS = "pytorch_lora_weights.safetensors"
+PROGRESS_UPDATES = 100  # progress artifact updates per run, at most
+
+
+def accelerate_processes(config_file: str | None) -> int:
+    """Total processes an accelerate config launches (1 without a config)."""
+    if not config_file:
+        return 1
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    if not Path(config_file).is_file():
+        raise FileNotFoundError(f"orchestrate.accelerate_config: {config_file} not found (see infra/accelerate/)")
+    return int(load_config_from_file(config_file).num_processes or 1)
+
+
+def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, on_progress: Any) -> None:
+    """Distill under `accelerate launch`; rank 0's progress file drives `on_progress(step)`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params_file = folder / "params.launch.yaml"
+    params_file.write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg.orchestrate.accelerate_config),
+           "-m", "flows.cli", "distill", "--params", str(params_file), "--base", base_name, "--output", str(folder)]
+    if resume:
+        cmd += ["--resume", resume]
+    log = folder / "launch.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(5)
+            on_progress(_steps_logged(folder))
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"accelerate launch exited with {proc.returncode} ({log}):\n{tail}")
+
+
+def _steps_logged(folder: Path) -> int:
+    """Newest complete checkpoint's step (the progress a separate process leaves on disk)."""
+    from components.distill import latest_checkpoint
+
+    latest = latest_checkpoint(folder)
+    return int(latest.name.split("-")[1]) if latest else 0
+
+
+@task(name="distill", cache_key_fn=key_parameter, persist_result=True)
+def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[str, Any]:
+    """Distill the LCM-LoRA of one base into `distill/BASE/KEY/` (contract 4 folder)."""
+    from components.distill_run import run_distill
+
+    logger = get_run_logger()
+    storage = Storage.from_config(cfg.storage)
+    out = output_rel("distill", key, base_name)
+    folder = work_dir(storage, out)
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"latents_index": index_rel})})
+    total = cfg.distill.max_steps
+    every = max(1, total // PROGRESS_UPDATES)
+    progress_id = create_progress_artifact(progress=0.0, key=artifact_key("distill-progress", base_name),
+                                           description=f"LCD-LoRA distillation of {base_name}: {total} steps")
+    losses: list[float] = []
+
+    def on_step(info: Any) -> None:  # called by the training loop after every optimizer step
+        losses.append(float(info.loss))
+        if info.step % every == 0 or info.step == info.max_steps:
+            update_progress_artifact(progress_id, progress=100.0 * info.step / info.max_steps,
+                                     description=f"{base_name}: step {info.step}/{info.max_steps}, loss {info.loss:.5f}")
+
+    # A killed earlier attempt left checkpoints in the same keyed folder: continue from them.
+    from components.distill import latest_checkpoint
+
+    resume = "latest" if latest_checkpoint(folder) else None
+    if resume:
+        logger.info("resuming the distillation of %s from %s", base_name, folder / "checkpoints")
+    if accelerate_processes(cfg.orchestrate.accelerate_config) > 1:
+        _launch(cfg, base_name, folder, resume,
+                lambda step: update_progress_artifact(progress_id, progress=100.0 * step / total))
+    else:
+        run_distill(cfg, base_name, output=folder, resume=resume, on_step=on_step)
+    update_progress_artifact(progress_id, progress=100.0)
+
+    metrics = json.loads((folder / "metrics.json").read_text())["distill"]
+    push_folder(storage, folder, out)
+    create_table_artifact(key=artifact_key("distill", base_name),
+                          table=[{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}],
+                          description=f"LCD-LoRA distillation of {base_name}")
+    return {"output": out, "weights_sha256": file_sha256(folder / WEIGHTS), "metrics": metrics}
