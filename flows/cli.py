@@ -133,11 +133,41 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     not_built("distill")
 
 
+LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (output of `lcmlora distill`)")]
+
+
+def echo_evaluation(doc: dict) -> None:
+    """The metric table and the gate verdict on stdout."""
+    from components.report import markdown_table, table_rows
+
+    typer.echo(markdown_table(table_rows(doc)))
+    gate = doc["gate"]
+    typer.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'}")
+    for violation in gate["violations"]:
+        typer.echo(f"  violation: {violation}")
+    for key in gate.get("skipped", []):
+        typer.echo(f"  skipped (off in params): {key}")
+
+
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-             base: BaseOpt = "toy", output: OutputOpt = None) -> None:
-    """Sampler matrix, metrics and gate for one LCM-LoRA."""
-    not_built("evaluate")
+             base: BaseOpt = "toy", output: OutputOpt = None, lora: LoraOpt = None) -> None:
+    """Sampler matrix, metrics and gate for one LCM-LoRA; exits non-zero when the gate fails."""
+    cfg = resolve(params, set_)
+    if dry_run:
+        print_config(cfg)
+        return
+    if lora is None:
+        raise click.UsageError("--lora FOLDER is required: the LoRA artifact folder written by `lcmlora distill`")
+    from components.evaluation import run_evaluation
+
+    evaluation, paths = run_evaluation(cfg, base, lora, output, callback=lambda msg: console.print(msg, markup=False))
+    echo_evaluation(evaluation.doc)
+    typer.echo(f"report: {paths['report.html']}  metrics: {paths['metrics.json']}")
+    gate = evaluation.doc["gate"]
+    if not gate["passed"]:
+        raise click.ClickException(f"evaluation gate failed with {len(gate['violations'])} violation(s): "
+                                   + "; ".join(gate["violations"]))
 
 
 @app.command()

@@ -268,3 +268,20 @@ def test_saved_folder_round_trips_in_both_formats_with_alpha_not_rank(loras, tmp
         alpha = f.get_tensor(next(k for k in keys if k.startswith("lora_unet_") and k.endswith(".alpha")))
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
     assert float(alpha) == pytest.approx(2.0)  # alpha kept, not rewritten to the rank
+
+
+def test_selection_rule_fails_closed_and_lists_every_violation():
+    from components.config import MergeConfig
+    from components.merge_eval import select_best
+
+    def row(l1, retention, adherence, fd):
+        return {"label": f"merged LoRA ({l1}, 1)", "variant": "merged", "l1": l1, "l2": 1.0,
+                "style_retention": retention, "adherence": adherence, "fd": fd}
+
+    rows = [row(0.6, 0.7, 0.95, 1.0), row(0.8, 0.85, 0.9, 2.0), row(1.0, 0.95, 0.7, 0.5),
+            {**row(0.8, 0.99, 0.99, 0.1), "variant": "adapters"}]  # only merged rows compete
+    best, violations = select_best(rows, MergeConfig(min_style_retention=0.8, min_adherence=0.8))
+    assert best["l1"] == 0.8
+    assert len(violations) == 2 and any("(0.6, 1)" in v and "retention" in v for v in violations)
+    none, violations = select_best(rows, MergeConfig(min_style_retention=0.99, min_adherence=0.8))
+    assert none is None and len(violations) == 4  # 3 retention + 1 adherence
