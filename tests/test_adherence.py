@@ -7,7 +7,7 @@ import torch
 
 from components.adherence import (clip_score_from_embeddings, clip_score_metric, digit_accuracy_from_logits,
                                   digit_accuracy_metric, digit_label, to_uint8_hwc)
-from tests.tiny_pipeline import _write_byte_tokenizer
+from tests.tiny_pipeline import tiny_clip_folder
 
 
 def test_digit_label_reads_the_digit_word():
@@ -39,28 +39,8 @@ def test_digit_accuracy_metric_pairs_images_with_their_prompts():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random-init CLIPModel with processor files saved to a local folder."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
     folder = tmp_path_factory.mktemp("clip")
-    _write_byte_tokenizer(folder / "tok")
-    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
-                              model_max_length=32, pad_token="<|endoftext|>")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8)
-    torch.manual_seed(0)
-    model = CLIPModel(config)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    model.save_pretrained(folder, safe_serialization=True)
-    processor.save_pretrained(folder)
-    return folder, model.eval(), processor
+    return (folder, *tiny_clip_folder(folder))
 
 
 def test_clip_score_matches_a_direct_computation(tiny_clip):

@@ -7,7 +7,9 @@ import torch
 
 from components.sampler_matrix import (Method, build_matrix, initial_noise, latent_shape, lora_loaded, run_matrix,
                                        run_method)
-from tests.tiny_pipeline import random_lora_folder, tiny_sd_pipeline
+from tests.tiny_pipeline import random_lora_folder, single_thread, tiny_sd_pipeline
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 PROMPTS = ["a handwritten digit one", "a handwritten digit two", "a handwritten digit three"]
 SEEDS = [10, 11, 12]

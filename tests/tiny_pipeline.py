@@ -6,6 +6,7 @@ tokenizer written on the fly: the toy base's shape without its training.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -26,6 +27,15 @@ def _write_byte_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def single_thread():
+    """Pytest fixture body: one torch thread. On a shared 2-core machine, intra-op threads spin against
+    other processes and tiny UNet calls get 10-60x slower; one thread keeps these tests fast."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_sd_pipeline(tmp: Path, seed: int = 0):
@@ -65,10 +75,49 @@ def random_lora_folder(pipe, folder: Path, rank: int = 4, alpha: int = 4, seed: 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                         init_lora_weights=False)
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(config, adapter_name="rand")
-    state = {k: v * scale for k, v in get_peft_model_state_dict(pipe.unet, adapter_name="rand").items()}
-    pipe.unet.delete_adapters("rand")
+    unet = copy.deepcopy(pipe.unet)  # the pipeline's own UNet stays free of peft layers
+    unet.add_adapter(config, adapter_name="rand")
+    state = {k: v * scale for k, v in get_peft_model_state_dict(unet, adapter_name="rand").items()}
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state,
                                               unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True)
     return folder
+
+
+def tiny_clip_folder(folder: Path):
+    """A random-init CLIPModel with processor files saved to `folder`; returns (model, processor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    _write_byte_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
+                              model_max_length=32, pad_token="<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=512, eos_token_id=513,
+                         pad_token_id=513),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return model.eval(), processor
+
+
+class MeanRGB(torch.nn.Module):
+    """A TorchScript-able stand-in for the FID Inception: per-channel mean and std of its [0, 255] input."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if not return_features:
+            raise RuntimeError("expected return_features=True")
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def torchscript_extractor(path: Path) -> Path:
+    """Save MeanRGB as a TorchScript file (the format `evaluate.feature_extractor` takes)."""
+    torch.jit.save(torch.jit.script(MeanRGB()), str(path))
+    return path

@@ -1,0 +1,47 @@
+"""Prefect task of the evaluate stage: sampler matrix, metrics, gate; the report as Prefect artifacts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from components.config import Params
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower())).strip("-")
+
+
+def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str) -> None:
+    """The evaluation's Markdown report and metric table as Prefect artifacts of the current run."""
+    from components.report import table_rows
+
+    gate = doc["gate"]
+    status = "passed" if gate["passed"] else f"FAILED ({len(gate['violations'])} violations)"
+    create_markdown_artifact(markdown=markdown, key=artifact_key("evaluate-report", base_name),
+                             description=f"LCM-LoRA evaluation of {base_name}: gate {status}")
+    create_table_artifact(table=table_rows(doc), key=artifact_key("evaluate-metrics", base_name),
+                          description=f"sampler matrix metrics for {base_name}")
+
+
+@task(name="evaluate")
+def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str | None = None) -> dict[str, Any]:
+    """Evaluate one LoRA folder against its base; metrics.json and report land in `output` and the
+    LoRA folder. Returns the gate, so the calling flow can stop before publishing a failed LoRA."""
+    from components.evaluation import run_evaluation
+
+    logger = get_run_logger()
+    evaluation, paths = run_evaluation(cfg, base_name, lora_folder, output, callback=logger.info)
+    publish_report_artifacts(evaluation.doc, Path(paths["report.md"]).read_text(), base_name)
+    gate = evaluation.doc["gate"]
+    for violation in gate["violations"]:
+        logger.warning("gate violation: %s", violation)
+    return {"passed": gate["passed"], "violations": list(gate["violations"]), "metrics": str(paths["metrics.json"]),
+            "report": str(paths["report.html"]), "output": str(Path(paths["metrics.json"]).parent),
+            "lora": str(lora_folder)}
