@@ -38,9 +38,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {name} | {stage['stage']} | {verdict} | `{stage['key']}` |")
     lines.append("")
     for name, base in summary["bases"].items():
-        if base.get("published"):
-            p = base["published"]
-            lines.append(f"- **{name}**: {p['reference']}; pull with `{p['pull']}`")
+        published = base.get("published")
+        for p in [published, *published.get("variants", [])] if published else []:
+            lines.append(f"- **{name}**: {p['reference']} (alias `{p['alias']}`); pull with `{p['pull']}`")
     lines.append("")
     lines.append(summary["verdict"])
     return "\n".join(lines) + "\n"
@@ -58,9 +58,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             verdict_ = "skipped (unchanged)" if stage["skipped"] else "ran"
             lines.append(f"  {stage['stage']:<9} {verdict_:<20} {stage['key']}")
         published = base.get("published")
-        if published:
-            lines.append(f"  published {published['reference']} (alias {published['alias']})")
-            lines.append(f"  pull it:  {published['pull']}")
+        for p in [published, *published.get("variants", [])] if published else []:
+            again = " (already published: unchanged)" if p["skipped"] else ""
+            lines.append(f"  published {p['reference']} to {p['registry']} (alias {p['alias']}){again}")
+            lines.append(f"  pull it:  {p['pull']}")
     lines.append(summary["verdict"])
     return lines
 

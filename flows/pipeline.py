@@ -7,8 +7,16 @@ from typing import Any
 from prefect import flow
 
 from components.config import BaseConfig, Params
-from flows.stages import curate_flow, distill_flow, encode_flow, evaluate_flow, publish_flow
+from flows.stages import (
+    curate_flow,
+    distill_flow,
+    encode_flow,
+    evaluate_flow,
+    merge_flow,
+    publish_flow,
+)
 from tasks.encode import fingerprint_base
+from tasks.publish import enforce_gate
 
 
 def _stage(name: str, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -32,7 +40,7 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
     if shards["reused"] and not shards["skipped"]:
         print(f"{base_name}: reused the latent shards of VAE {fingerprints['vae']}")
 
-    # 3. The LCM-LoRA, then its evaluation; a failed gate raises in publish and publishes nothing.
+    # 3. The LCM-LoRA, then its evaluation; a failed gate stops here: nothing merged or published.
     lora = distill_flow(cfg, base_name, base, fingerprints, shards)
     stages.append(_stage("distill", lora))
     evaluation = evaluate_flow(cfg, base_name, base, fingerprints, lora)
@@ -40,8 +48,12 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
     print(f"{base_name}: gate {'passed' if evaluation['passed'] else 'FAILED'}"
           + "".join(f"\n  - {v}" for v in evaluation["violations"]))
 
-    # 4. Publish the gated LoRA.
-    published = publish_flow(cfg, base_name, lora, evaluation)
+    enforce_gate(base_name, evaluation)
+
+    # 4. Style variants of the gated LoRA, then publish.
+    merged = merge_flow(cfg, base_name, base, fingerprints, lora)
+    stages.append(_stage("merge", merged))
+    published = publish_flow(cfg, base_name, lora, evaluation, merged)
     stages.append(_stage("publish", published))
     return {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
             "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}

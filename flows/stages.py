@@ -27,6 +27,7 @@ from tasks.curate import curate_manifest, fingerprint_source
 from tasks.distill import distill_lora
 from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
+from tasks.merge import merge_variants
 from tasks.publish import GateFailed, publish_folder, registry_name
 from tasks.storage import fetch_folder, store_folders
 
@@ -117,17 +118,61 @@ def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: d
     return {**result, "evaluation": out}
 
 
+# --- merge ------------------------------------------------------------------------------
+
+
+@flow(name="merge")
+def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+               lora: dict[str, Any]) -> dict[str, Any]:
+    """Style-LoRA variants of the gated LoRA; skipped when LoRA, style LoRA, base and params are unchanged."""
+    from components.evaluation import project_path
+
+    style = project_path(cfg.merge.style_file)
+    if not style.is_file():
+        print(f"{base_name}: merge not run: no style LoRA at {style} (merge.style_file); "
+              "train the toy one with `lcmlora toy style-lora`")
+        return {"skipped": True, "key": "no-style-lora", "passed": None, "best_folder": None}
+    key = stage_key("merge", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
+                    style=file_sha256(style), evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})),
+                    merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"output", "lcm_folder", "style_file"})))
+    storage = Storage.from_config(cfg.storage)
+    out = output_rel("merge", key, base_name)
+    lora_dir = fetch_folder(cfg, lora["output"])
+    result = _run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, base_name=base_name, lora_folder=lora_dir,
+                         style_file=str(style), output=str(work_dir(storage, out)), output_rel=out, key=key)
+    if not result["skipped"]:
+        store_folders(cfg, {str(work_dir(storage, out)): out})
+    return result
+
+
 # --- publish ----------------------------------------------------------------------------
 
 
 @flow(name="publish")
-def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
-    """Publish the gated LoRA folder as a new registry version; skipped when that exact LoRA was published."""
+def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: dict[str, Any],
+                 merged: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish the gated LoRA (and the best style variant) as new registry versions.
+
+    Skipped when that exact LoRA was already published under that name and alias.
+    """
     if not evaluation["passed"]:
         raise GateFailed(base_name, evaluation["violations"])
+    results = result_storage_block(cfg.storage, cfg.orchestrate.results)
+    registry = Storage(cfg.registry.root).url()
     name = registry_name(cfg, base_name)
     key = stage_key("publish", lora=lora["weights_sha256"], evaluation=evaluation["key"], name=name,
-                    alias=cfg.publish.alias, registry=Storage(cfg.registry.root).url())
-    state = publish_folder.with_options(result_storage=result_storage_block(cfg.storage, cfg.orchestrate.results))(
+                    alias=cfg.publish.alias, registry=registry)
+    state = publish_folder.with_options(result_storage=results)(
         cfg=cfg, base_name=base_name, folder_rel=lora["output"], name=name, key=key, return_state=True)
-    return {**state.result(), "skipped": state.name == "Cached", "key": key}
+    published = {**state.result(), "skipped": state.name == "Cached", "key": key, "variants": []}
+    # The best style variant, when the merge rule picked one: its own name, the merge rule as its gate.
+    if merged and merged.get("best_folder"):
+        variant = f"{name}-{merged['style']}"
+        vkey = stage_key("publish", merged=merged["key"], lora=lora["weights_sha256"], name=variant,
+                         alias=cfg.publish.alias, registry=registry)
+        vstate = publish_folder.with_options(result_storage=results)(
+            cfg=cfg, base_name=base_name, folder_rel=merged["best_folder"], name=variant, key=vkey,
+            gate={"passed": True, "violations": [], "rule": "merge selection"}, metrics=merged["best_metrics"],
+            return_state=True)
+        published["variants"].append({**vstate.result(), "skipped": vstate.name == "Cached"})
+    return published

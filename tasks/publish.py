@@ -29,6 +29,14 @@ def registry_name(cfg: Params, base_name: str) -> str:
     return cfg.publish.name or f"{base_name}-lcm-lora"
 
 
+@task(name="gate")
+def enforce_gate(base_name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """Fail (closed) when the evaluation gate did not pass, listing every violation."""
+    if evaluation.get("passed") is not True:
+        raise GateFailed(base_name, list(evaluation.get("violations") or []))
+    return {"passed": True}
+
+
 @task(name="register-base", **storage_retries())
 def register_base(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                   parent: str | None) -> dict[str, Any]:
@@ -41,13 +49,17 @@ def register_base(cfg: Params, base_name: str, base: BaseConfig, fingerprints: d
 
 
 @task(name="publish", cache_key_fn=key_parameter, persist_result=True, **storage_retries())
-def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key: str) -> dict[str, Any]:
-    """Publish a gated artifact folder as a new registry version and move `publish.alias` to it."""
+def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key: str,
+                   gate: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish a gated artifact folder as a new registry version and move `publish.alias` to it.
+
+    `gate` and `metrics` default to the folder's metrics.json (the registry refuses a failed gate).
+    """
     from components.registry import Registry
 
     local = pull_folder(Storage.from_config(cfg.storage), folder_rel)
     registry = Registry.from_params(cfg)
-    manifest = registry.publish(local, name, alias=cfg.publish.alias)
+    manifest = registry.publish(local, name, alias=cfg.publish.alias, gate=gate, metrics=metrics)
     alias = cfg.publish.alias
     published = {
         "name": name, "version": manifest.version, "alias": alias, "registry": registry.storage.url(),

@@ -1,0 +1,47 @@
+"""Prefect task of the merge stage: style-LoRA variants over the (l1, l2) grid, each evaluated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
+from components.config import Params
+from tasks.caching import key_parameter
+from tasks.evaluate import artifact_key
+
+
+def style_slug(style_file: str) -> str:
+    """A registry-safe name for a style LoRA: its folder name (or file stem), lowercase."""
+    path = Path(style_file)
+    stem = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "style"
+
+
+@task(name="merge", cache_key_fn=key_parameter, persist_result=True)
+def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: str, output: str, output_rel: str,
+                   key: str) -> dict[str, Any]:
+    """Runtime-adapter, exact merged, fused (and SVD) variants, evaluated; the best by the rule in params."""
+    from components.merge_eval import run_merge
+
+    logger = get_run_logger()
+    result, paths = run_merge(cfg, base_name, lora_folder, style_file, output, say=logger.info)
+    selection = result.doc["selection"]
+    create_markdown_artifact(key=artifact_key("merge-report", base_name), markdown=Path(paths["report.md"]).read_text(),
+                             description=f"style merge variants for {base_name}: "
+                             + ("best " + selection["best"]["label"] if selection["passed"] else "no variant passed"))
+    create_table_artifact(key=artifact_key("merge-metrics", base_name),
+                          table=[{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+                                 for row in result.doc["rows"]],
+                          description=f"merge variants of {base_name}")
+    best = selection["best"]
+    best_folder = f"merged-{best['l1']:g}_{best['l2']:g}" if best else None
+    best_row = next((r for r in result.doc["rows"] if best and r["label"] == best["label"]), None)
+    return {"output": output_rel, "passed": selection["passed"], "violations": selection["violations"],
+            "best": best, "best_folder": f"{output_rel}/{best_folder}" if best_folder else None,
+            "best_metrics": {k: v for k, v in (best_row or {}).items() if not isinstance(v, (dict, list))},
+            "style": style_slug(style_file)}
