@@ -202,9 +202,41 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
 
 @app.command()
 def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-              output: OutputOpt = None) -> None:
-    """Run curate, encode, distill and evaluate on the toy world and print the table."""
-    not_built("reproduce")
+              output: OutputOpt = None,
+              toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
+              max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None) -> None:
+    """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
+    when a reproduction goal is not met. Everything lands under --output (default runs/reproduce)."""
+    if not toy:
+        raise click.UsageError("only the toy reproduction exists: pass --toy")
+    import time
+
+    from components.reproduction import TOY_RECIPE, goals_markdown, run_toy_reproduction
+
+    out = (output or Path("runs/reproduce")).resolve()
+    isolated = [f"storage.root={out / 'artifacts'}", f"distill.output={out / 'lora'}",
+                f"evaluate.output={out / 'evaluation'}"]
+    cfg = resolve(params, TOY_RECIPE + isolated + list(set_ or []),
+                  [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
+    if dry_run:
+        print_config(cfg)
+        return
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+    def on_step(info) -> None:
+        if info.step % 50 == 0 or info.step == cfg.distill.max_steps:
+            console.print(f"distill step {info.step}/{cfg.distill.max_steps}: loss {info.loss:.5f}", markup=False)
+
+    result = run_toy_reproduction(cfg, out, say=lambda msg: console.print(msg, markup=False), distill_progress=on_step)
+    echo_evaluation(result.evaluation_doc)
+    typer.echo("reproduction goals:")
+    typer.echo(goals_markdown(result.goals))
+    typer.echo(f"started {started}; seconds per stage: {result.seconds}")
+    typer.echo(f"machine: {result.machine}")
+    typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
+    if not result.goals.passed:
+        raise click.ClickException(f"{len(result.goals.violations)} reproduction goal(s) not met: "
+                                   + "; ".join(result.goals.violations))
 
 
 @app.command()
