@@ -128,9 +128,44 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 
 @app.command()
 def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-            base: BaseOpt = "toy", output: OutputOpt = None) -> None:
+            base: BaseOpt = "toy", output: OutputOpt = None,
+            max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
+            resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+            as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False) -> None:
     """Latent Consistency Distillation with LoRA (Algorithm 1) for one base."""
-    not_built("distill")
+    import json
+
+    cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
+    if dry_run:
+        from components.distill_run import dry_run as distill_dry_run
+
+        summary = distill_dry_run(cfg, base)
+        if as_json:
+            typer.echo(json.dumps({"config": json.loads(cfg.to_json()), **summary}, indent=2))
+        else:
+            print_config(cfg)
+            typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
+            typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from components.distill_run import run_distill
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeRemainingColumn(), console=console) as progress:
+        bar = progress.add_task(f"distill {base}", total=cfg.distill.max_steps, loss="-")
+
+        def on_step(info) -> None:
+            progress.update(bar, completed=info.step, loss=f"{info.loss:.5f}")
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            progress.console.print(f"checkpoint {step}: {path}")
+
+        outcome = run_distill(cfg, base, output=output, resume=resume, on_step=on_step, on_checkpoint=on_checkpoint)
+    if outcome.result.is_main_process:
+        m = json.loads(outcome.paths["metrics"].read_text())["distill"]
+        typer.echo(f"distilled {outcome.result.steps} steps in {outcome.result.seconds:.0f}s, final loss "
+                   f"{m['final_loss_mean20']:.5f}; LoRA ({outcome.lora_trainable_params:,} params) in {outcome.folder}")
 
 
 LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (output of `lcmlora distill`)")]

@@ -1,0 +1,157 @@
+"""LCD-LoRA training: dry-run counts (Table 1), resume equality, NaN stop, DDP, SDXL, artifact folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.config import DistillConfig, load_params
+from components.distill import (LCDSettings, NonFiniteLoss, TextConditioner, TrainOptions, latest_checkpoint,
+                                train_lcd_lora)
+from components.lcd import schedule_from_scheduler_config
+from components.lora import add_lora, lora_config
+from tests.tiny_models import tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = DistillConfig().target_modules
+SETTINGS_SD15 = LCDSettings(family="sd15", prediction_type="epsilon", scaling_factor=0.18215, guidance_min=2.0,
+                            guidance_max=4.0)
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def memory_batches(family: str, batch: int = 4, n_batches: int = 3, nan_at: int | None = None):
+    """An in-memory loader in the contract-3 batch format: factory(rank, world_size) -> batches of one epoch."""
+    def factory(rank: int, world_size: int):
+        g = torch.Generator().manual_seed(1000 + rank)
+        for i in range(n_batches):
+            latents = torch.randn(batch, 4, 8, 8, generator=g) * 4.0
+            if nan_at is not None and i == nan_at:
+                latents[0, 0, 0, 0] = float("nan")
+            labels = torch.randint(0, 10, (batch,), generator=g).tolist()
+            yield {"latents": latents, "captions": [f"a handwritten digit {WORDS[d]}" for d in labels],
+                   "original_size": torch.tensor([[32, 32]] * batch), "crop_top_left": torch.zeros(batch, 2, dtype=torch.long),
+                   "target_size": torch.tensor([[32, 32]] * batch)}
+    return factory
+
+
+def train_tiny(tmp: Path, run: str, *, family: str = "sd15", max_steps: int = 6, resume: str | None = None,
+               checkpoint_every: int = 3, on_step=None, nan_at: int | None = None):
+    pipe = tiny_pipeline(family, tmp / "pipe")
+    torch.manual_seed(0)
+    add_lora(pipe.unet, lora_config(4, 8, TARGETS))
+    settings = SETTINGS_SD15 if family == "sd15" else LCDSettings(**{**SETTINGS_SD15.__dict__, "family": "sdxl"})
+    return train_lcd_lora(pipe.unet, TextConditioner.from_pipeline(pipe, family),
+                          memory_batches(family, nan_at=nan_at), settings,
+                          schedule_from_scheduler_config(dict(pipe.scheduler.config)),
+                          TrainOptions(max_steps=max_steps, lr=1e-3, checkpoint_every=checkpoint_every, seed=0),
+                          tmp / run, resume=resume, on_step=on_step)
+
+
+def test_dry_run_reproduces_table1_lora_sizes():
+    from components.distill_run import dry_run
+
+    params = load_params(REPO / "params.yaml")
+    counts = {arch: dry_run(params, str(REPO / "data" / "arch" / arch))["lora_trainable_params"]
+              for arch in ("sd15", "sdxl", "ssd1b")}
+    assert counts["sd15"] == 67_252_224  # Table 1: 67.5M
+    assert counts["sdxl"] == 196_751_360  # Table 1: 197M
+    assert abs(counts["ssd1b"] - 105e6) / 105e6 < 0.03  # Table 1: 105M
+
+
+def test_dry_run_cli_json():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "distill", "--base", "data/arch/sd15", "--dry-run", "--json",
+                          "--set", "distill.lora_rank=16"], cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert body["lora_trainable_params"] == 67_252_224 // 4  # linear in the rank
+    assert body["config"]["distill"]["lora_rank"] == 16 and body["base"]["family"] == "sd15"
+
+
+def test_resume_latest_matches_uninterrupted_run(tmp_path):
+    full = train_tiny(tmp_path, "full")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_5(info):
+        if info.step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_tiny(tmp_path, "killed", on_step=kill_after_5)
+    assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-3"
+    resumed = train_tiny(tmp_path, "killed", resume="latest")
+    assert resumed.resumed_from.endswith("checkpoint-3")
+    assert [s for s, _ in resumed.history] == list(range(1, 7))
+    for (_, a), (_, b) in zip(full.history, resumed.history):
+        assert abs(a - b) < 1e-6
+    assert full.lora_state_dict.keys() == resumed.lora_state_dict.keys()
+    for k, v in full.lora_state_dict.items():
+        assert (v - resumed.lora_state_dict[k]).abs().max() < 1e-6, k
+    assert sum(v.abs().sum() for k, v in full.lora_state_dict.items() if "lora_B" in k) > 0  # it trained
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"step 3.*checkpoint-2.*--resume latest") as err:
+        train_tiny(tmp_path, "nan", max_steps=6, checkpoint_every=2, nan_at=2)
+    assert "nan" in str(err.value)
+    assert latest_checkpoint(tmp_path / "nan").name == "checkpoint-2"
+    assert not (tmp_path / "nan" / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_ddp_two_cpu_processes_keep_identical_lora(tmp_path):
+    """`accelerate launch --multi_gpu` spawns the processes (torchrun); with no GPU they form a gloo group."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
+           str(REPO / "tests" / "distill_worker.py"), str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # same LoRA weights on both ranks
+    assert ranks[0]["lora_B_abs_sum"] > 0
+    assert ranks[0]["history"] == ranks[1]["history"]  # the loss is reduced over ranks
+
+
+def test_sdxl_family_step_and_artifact_loads(tmp_path):
+    """run_distill on a tiny SDXL-family base folder: one step, contract-4 folder, LoRA loads in diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from components.distill_run import run_distill
+    from components.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+    from components.model_card import check_model_card
+
+    base_dir = tmp_path / "tiny-sdxl"
+    tiny_pipeline("sdxl", tmp_path / "build").save_pretrained(base_dir)
+    params = load_params(REPO / "params.yaml", [
+        f"bases.tinyxl={{reference: {base_dir}, family: sdxl, resolution: 32, guidance_scale: 3.0}}",
+        "distill.lora_rank=4", "distill.lora_alpha=8", "distill.max_steps=1", "distill.batch_size=4",
+        "distill.checkpoint_every=1", "distill.guidance_range={tinyxl: [2.0, 5.0]}",
+    ])
+    steps = []
+    outcome = run_distill(params, "tinyxl", output=tmp_path / "out", batches=memory_batches("sdxl"),
+                          latents_info={"index": "memory"}, on_step=steps.append)
+    assert [s.step for s in steps] == [1] and outcome.result.steps == 1
+    folder = outcome.folder
+    for name in (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, "README.md", "metrics.json", "lineage.json", "config.yaml",
+                 "loss_curve.csv", "loss_curve.png"):
+        assert (folder / name).is_file(), name
+    assert not (folder / "checkpoints").exists()  # finished run: checkpoints removed
+    front = check_model_card((folder / "README.md").read_text())
+    assert front["recommended"] == {"num_inference_steps": 4, "guidance_scale": 1.0, "scheduler": "LCMScheduler"}
+    lineage = json.loads((folder / "lineage.json").read_text())
+    assert set(lineage["inputs"]["base"]["fingerprints"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert lineage["resolved"]["guidance_scale_range"] == [2.0, 5.0]
+    metrics = json.loads((folder / "metrics.json").read_text())["distill"]
+    assert metrics["steps"] == 1 and metrics["lora_trainable_params"] == outcome.lora_trainable_params
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.load_lora_weights(str(folder))
+    assert any("lora_A" in n for n, _ in pipe.unet.named_parameters())
