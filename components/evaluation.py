@@ -22,8 +22,13 @@ import torch
 
 from components.adherence import AdherenceMetric, clip_score_metric, digit_accuracy_metric
 from components.config import BaseConfig, ConfigError, EvaluateConfig, Params
-from components.frechet import (FeatureBackbone, digit_classifier_backbone, extract_features,
-                                frechet_distance_of_features, torchscript_backbone)
+from components.frechet import (
+    FeatureBackbone,
+    digit_classifier_backbone,
+    extract_features,
+    frechet_distance_of_features,
+    torchscript_backbone,
+)
 from components.gate import evaluate_gate
 from components.image_metrics import psnr, ssim
 from components.report import REPORT_FILES, write_report

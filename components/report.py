@@ -119,8 +119,8 @@ def render_markdown(doc: dict[str, Any], prompts: list[str]) -> str:
     lines = [f"# LCM-LoRA evaluation: {doc.get('base')}", ""]
     lines += [f"- {k}: {v}" for k, v in _header_lines(doc)] + [""]
     lines += _gate_markdown(doc.get("gate", {})) + ["", "## Metrics", "", markdown_table(table_rows(doc)), ""]
-    lines += ["PSNR and SSIM compare each method with the teacher's reference run from the same noise; "
-              "LCMScheduler injects fresh noise between steps, so agreement at 2+ steps is low by design.", ""]
+    lines += [("PSNR and SSIM compare each method with the teacher's reference run from the same noise; "
+              "LCMScheduler injects fresh noise between steps, so agreement at 2+ steps is low by design."), ""]
     lines += ["## Samples", "", "Rows: methods; columns: prompts " + ", ".join(
         f"({i + 1}) {p}" for i, p in enumerate(prompts)), "", "![samples](samples.png)", ""]
     lines += ["## Metrics versus steps", "", "![metrics versus steps](metrics_vs_steps.png)", ""]

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.adherence import (clip_score_from_embeddings, clip_score_metric, digit_accuracy_from_logits,
-                                  digit_accuracy_metric, digit_label, to_uint8_hwc)
+from components.adherence import (
+    clip_score_from_embeddings,
+    clip_score_metric,
+    digit_accuracy_from_logits,
+    digit_accuracy_metric,
+    digit_label,
+    to_uint8_hwc,
+)
 from tests.tiny_pipeline import tiny_clip_folder
 
 

@@ -5,7 +5,6 @@ features, local CLIP, reference image folder) with its exit status following the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,13 @@ from PIL import Image
 
 from components.config import ConfigError, EvaluateConfig
 from components.evaluation import Judges, evaluate_lora, resolve_judges, write_evaluation
-from tests.tiny_pipeline import (random_lora_folder, single_thread, tiny_clip_folder, tiny_sd_pipeline,
-                                 torchscript_extractor)
+from tests.tiny_pipeline import (
+    random_lora_folder,
+    single_thread,
+    tiny_clip_folder,
+    tiny_sd_pipeline,
+    torchscript_extractor,
+)
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

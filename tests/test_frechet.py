@@ -7,8 +7,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from components.frechet import (extract_features, feature_statistics, frechet_distance,
-                                frechet_distance_of_features, torchscript_backbone)
+from components.frechet import (
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    torchscript_backbone,
+)
 
 
 def _random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -60,7 +65,7 @@ def test_sample_statistics_converge_to_closed_form():
     y = rng.multivariate_normal(mu2, s2, size=200_000)
     assert frechet_distance_of_features(torch.from_numpy(x), y) == pytest.approx(
         frechet_distance(mu1, s1, mu2, s2), rel=0.02)
-    mu, sigma = feature_statistics(x)
+    _mu, sigma = feature_statistics(x)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False))
 
 

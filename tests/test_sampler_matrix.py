@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.sampler_matrix import (Method, build_matrix, initial_noise, latent_shape, lora_loaded, run_matrix,
-                                       run_method)
+from components.sampler_matrix import (
+    Method,
+    build_matrix,
+    initial_noise,
+    latent_shape,
+    lora_loaded,
+    run_matrix,
+    run_method,
+)
 from tests.tiny_pipeline import random_lora_folder, single_thread, tiny_sd_pipeline
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -49,7 +56,7 @@ def test_teacher_rows_are_the_base_without_the_lora_and_lora_rows_differ(pipe_an
     noise = initial_noise(SEEDS, shape)
     ddim2 = Method("ddim", 2, 2.0, lora=False)
     lcm2 = Method("lcm", 2, 1.0, lora=True)
-    kwargs = dict(height=32, width=32, batch_size=2)
+    kwargs = {"height": 32, "width": 32, "batch_size": 2}
     # Before any LoRA: the plain base.
     plain_teacher = run_method(pipe, ddim2, PROMPTS, noise, SEEDS, timestep_spacing="trailing", **kwargs)
     plain_lcm = run_method(pipe, lcm2, PROMPTS, noise, SEEDS, **kwargs)
@@ -77,6 +84,5 @@ def test_results_do_not_depend_on_batching(pipe_and_lora):
 
 def test_a_folder_without_lora_weights_is_refused(pipe_and_lora, tmp_path):
     pipe, _ = pipe_and_lora
-    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
-        with lora_loaded(pipe, tmp_path):
-            pass
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"), lora_loaded(pipe, tmp_path):
+        pass

@@ -40,7 +40,12 @@ def single_thread():
 
 def tiny_sd_pipeline(tmp: Path, seed: int = 0):
     """A random-init StableDiffusionPipeline: 32x32 images, 4x8x8 latents, CPU float32."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -92,11 +97,11 @@ def tiny_clip_folder(folder: Path):
     tokenizer = CLIPTokenizer(str(folder / "tok" / "vocab.json"), str(folder / "tok" / "merges.txt"),
                               model_max_length=32, pad_token="<|endoftext|>")
     config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=512, eos_token_id=513,
-                         pad_token_id=513),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config={"vocab_size": 514, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "max_position_embeddings": 32, "bos_token_id": 512, "eos_token_id": 513,
+                         "pad_token_id": 513},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "image_size": 32, "patch_size": 8},
         projection_dim=8)
     torch.manual_seed(0)
     model = CLIPModel(config)
