@@ -122,15 +122,17 @@ def test_ddp_two_cpu_processes_keep_identical_lora(tmp_path):
 
 
 def test_sdxl_family_step_and_artifact_loads(tmp_path):
-    """run_distill on a tiny SDXL-family base folder: one step, contract-4 folder, LoRA loads in diffusers."""
+    """run_distill on the tiny SDXL-family base (components/toy_sdxl.py): one step, contract-4 folder, LoRA loads."""
     from diffusers import StableDiffusionXLPipeline
 
     from components.distill_run import run_distill
     from components.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
     from components.model_card import check_model_card
 
+    from components.toy_sdxl import build_tiny_sdxl_pipeline
+
     base_dir = tmp_path / "tiny-sdxl"
-    tiny_pipeline("sdxl", tmp_path / "build").save_pretrained(base_dir)
+    build_tiny_sdxl_pipeline(seed=0).save_pretrained(base_dir)
     params = load_params(REPO / "params.yaml", [
         f"bases.tinyxl={{reference: {base_dir}, family: sdxl, resolution: 32, guidance_scale: 3.0}}",
         "distill.lora_rank=4", "distill.lora_alpha=8", "distill.max_steps=1", "distill.batch_size=4",
