@@ -1,8 +1,9 @@
 """Short toy settings for the orchestration tests: every stage runs for real, in seconds.
 
 The quality gate is what the toy reproduction and the main job prove (docs/results.md);
-these tests prove the wiring, so the gate thresholds are switched off except where a test
-makes the gate fail on purpose.
+these tests prove the wiring, so the quality thresholds are switched off and one always-met
+rule keeps the gate real (a gate with no rule fails closed); a test sets it out of reach to
+make the gate fail on purpose.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import yaml
 from components.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+ALWAYS_MET_PSNR = -100.0  # dB: the one gate rule kept on (a gate that checks nothing fails closed)
+NEVER_MET_PSNR = 1000.0  # dB: makes the gate fail on purpose
 
 SHORT = [
     "distill.max_steps=6", "distill.batch_size=16", "distill.lora_rank=4", "distill.lora_alpha=4",
@@ -21,7 +24,7 @@ SHORT = [
     "evaluate.samples_per_prompt=1", "evaluate.steps=[1,4]", "evaluate.teacher_steps=[8]",
     "evaluate.teacher_samplers=[ddim]", "evaluate.agreement_reference=ddim-8", "evaluate.batch_size=40",
     "evaluate.lcm4_fd_max_ratio_to_teacher50=null", "evaluate.lcm4_fd_below_dpm4=false",
-    "evaluate.adherence_min_ratio=null", "evaluate.lcm1_psnr_min=null",
+    "evaluate.adherence_min_ratio=null", f"evaluate.lcm1_psnr_min={ALWAYS_MET_PSNR}",
     "merge.weights=[[0.8,1.0]]", "merge.samples_per_prompt=1", "merge.reference_steps=4", "merge.svd_rank=null",
     "merge.save_fused=none", "merge.min_style_retention=0.0", "merge.min_adherence=0.0",
 ]

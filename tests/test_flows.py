@@ -1,0 +1,100 @@
+"""The nightly flow on the toy world under `prefect_test_harness` (short settings, tmp roots).
+
+One storage root is shared by the runs, in order, so the second run can find the first run's
+cache: (1) two bases, one of them broken: the toy base goes through every stage and is
+published while the broken one fails, and the flow ends failed naming it; (2) nothing
+changed: every stage is skipped, nothing is trained or published again, and the flow says
+so; (3) a gate that cannot pass: the flow fails on the gate and the (fresh) registry stays
+empty.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.toy_short import NEVER_MET_PSNR, REPO, write_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STAGES = ["curate", "encode", "distill", "evaluate", "merge", "publish"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (REPO / "data/toy/base/model_index.json").is_file():
+        pytest.fail("data/toy/base is missing: the toy base must be committed (lcmlora toy base)")
+    return tmp_path_factory.mktemp("nightly")
+
+
+def _run(params: Path):
+    from flows.nightly import nightly
+
+    state = nightly(str(params), [], return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def _registry(params: Path):
+    from components.config import load_params
+    from components.registry import Registry
+
+    return Registry.from_params(load_params(params))
+
+
+def test_nightly_runs_every_stage_and_a_broken_base_does_not_stop_it(harness, workdir: Path) -> None:
+    from flows.nightly import BasesFailed
+
+    broken = workdir / "broken.ckpt"
+    broken.write_bytes(b"not loaded: pickle checkpoints are refused by name")
+    params = write_params(workdir, [f"bases.broken.reference={broken}", "bases.broken.family=sd15",
+                                    "bases.broken.resolution=32"], name="two-bases.yaml")
+    state, result = _run(params)
+
+    assert state.is_failed()
+    assert isinstance(result, BasesFailed) and "broken" in str(result) and "toy" not in str(result).split(":")[-1]
+    toy, bad = result.summary["bases"]["toy"], result.summary["bases"]["broken"]
+    assert bad["status"] == "failed" and "PickleRefused" in bad["error"]
+    assert toy["status"] == "completed"
+    assert [s["stage"] for s in toy["stages"]] == STAGES
+    assert not any(s["skipped"] for s in toy["stages"] if s["stage"] != "merge")
+    published = toy["published"]
+    assert published["reference"] == f"toy-lcm-lora:{published['version']}"
+    manifest = _registry(params).show("toy-lcm-lora@candidate")
+    assert manifest.version == published["version"] and manifest.gate["passed"] is True
+    assert (workdir / "source").is_dir(), "the toy source is written in-flow when missing"
+
+
+def test_second_nightly_skips_everything_and_says_so(harness, workdir: Path) -> None:
+    params = write_params(workdir, name="toy-only.yaml")
+    before = _registry(params).list("toy-lcm-lora")
+    state, summary = _run(params)
+
+    assert state.is_completed(), summary
+    toy = summary["bases"]["toy"]
+    assert all(s["skipped"] for s in toy["stages"]), toy["stages"]
+    assert summary["verdict"].startswith("Nothing changed since the last run") and "no training" in summary["verdict"]
+    assert _registry(params).list("toy-lcm-lora") == before, "an unchanged LoRA is not published again"
+
+
+def test_failing_gate_fails_the_flow_and_publishes_nothing(harness, workdir: Path) -> None:
+    from flows.nightly import BasesFailed
+
+    params = write_params(workdir, [f"evaluate.lcm1_psnr_min={NEVER_MET_PSNR}",
+                                    f"registry.root={workdir / 'registry-gate'}"], name="gate.yaml")
+    state, result = _run(params)
+
+    assert state.is_failed()
+    assert isinstance(result, BasesFailed)
+    error = result.summary["bases"]["toy"]["error"]
+    assert error.startswith("GateFailed") and "nothing published" in error, error
+    assert "lcm-1 psnr" in error, "the violation is listed"
+    assert _registry(params).list() == []
