@@ -152,13 +152,14 @@ def run_method(pipe: Any, method: Method, prompts: list[str], noise: torch.Tenso
     try:
         for start in range(0, len(prompts), batch_size):
             stop = min(start + batch_size, len(prompts))
-            generators = [torch.Generator(device).manual_seed(int(s) + 1_000_003) for s in seeds[start:stop]]
+            # CPU generators on every device: the injected noise (LCM, TCD) is the same on CPU and GPU.
+            generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds[start:stop]]
             t0 = time.perf_counter()
             out = pipe(prompt=prompts[start:stop], num_inference_steps=method.steps,
                        guidance_scale=method.guidance_scale, latents=noise[start:stop].to(device, pipe.unet.dtype),
                        generator=generators, height=height, width=width, output_type="pt", **extra)
+            images.append(out.images.float().cpu() * 2.0 - 1.0)  # the copy to CPU also waits for a GPU
             seconds += time.perf_counter() - t0
-            images.append(out.images.float().cpu() * 2.0 - 1.0)
     finally:
         counter.close()
         pipe.scheduler = base_scheduler
