@@ -532,56 +532,21 @@ def save_lora_folder(folder: str | Path, factors: LoraFactors, *, family: str, b
     return paths
 
 
-SINGLE_FILE_LAYOUT = "lcmlora-diffusers-prefixed-v1"  # safetensors metadata `lcmlora.layout`
+def save_single_file(pipe: Any, path: str | Path, family: str, metadata: dict[str, str] | None = None) -> Path:
+    """The fused checkpoint as one safetensors file in the original (LDM/SGM) layout.
 
-
-def save_single_file(pipe: Any, path: str | Path, components: Sequence[str] = ("unet", "vae", "text_encoder")) -> Path:
-    """The fused checkpoint as one safetensors file, for serving without LoRA overhead.
-
-    Layout (`lcmlora.layout` = SINGLE_FILE_LAYOUT): every tensor of each listed pipeline
-    component under `<component>.<diffusers state-dict key>` (e.g. `unet.conv_in.weight`,
-    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight`), and per component
-    its config as JSON in metadata `config.<component>`. The tokenizer(s) and scheduler are not
-    in the file; `load_single_file` puts these weights into a pipeline loaded from the base.
-    This is not the original LDM (`model.diffusion_model.*`) layout: A1111/ComfyUI users load
-    the kohya merged LoRA instead.
+    UNet, VAE and text encoder(s) under `model.diffusion_model.`, `first_stage_model.`,
+    `cond_stage_model.` / `conditioner.embedders.N.` (`components/ldm_layout.py`), the layout
+    A1111 and ComfyUI load and diffusers reads with
+    `StableDiffusionPipeline.from_single_file(path, config=<base folder>)` (or
+    `load_base(path, config=<base folder>)`); the text encoders carry the style's fused
+    text-encoder layers when it has them.
     """
-    import json
-
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
-    meta = {"format": "pt", "lcmlora.layout": SINGLE_FILE_LAYOUT, "lcmlora.components": ",".join(components)}
-    for component in components:
-        model = getattr(pipe, component, None)
-        if model is None:
-            raise ValueError(f"save_single_file: the pipeline has no {component}")
-        for key, value in model.state_dict().items():
-            tensors[f"{component}.{key}"] = value.detach().to("cpu").contiguous()
-        config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-        meta[f"config.{component}"] = json.dumps(config, default=str)
+    from components.ldm_layout import pipeline_to_ldm
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_file(pipeline_to_ldm(pipe, family), str(path), metadata={"format": "pt", **(metadata or {})})
     return path
-
-
-def load_single_file(path: str | Path, pipe: Any) -> Any:
-    """Put the weights of a `save_single_file` checkpoint into a pipeline of the same base.
-
-    `pipe = load_base(base_folder).pipe; load_single_file(path, pipe)`. Every component named in
-    the file must match the pipeline's architecture exactly (strict load).
-    """
-    from safetensors import safe_open
-
-    refuse_pickle(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        if meta.get("lcmlora.layout") != SINGLE_FILE_LAYOUT:
-            raise UnknownLoraFormat(f"{path}: not an lcmlora fused single file (metadata lcmlora.layout="
-                                    f"{meta.get('lcmlora.layout')!r}, expected {SINGLE_FILE_LAYOUT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for component in meta["lcmlora.components"].split(","):
-        own = {k.removeprefix(f"{component}."): v for k, v in tensors.items() if k.startswith(f"{component}.")}
-        getattr(pipe, component).load_state_dict(own, strict=True)
-    return pipe

@@ -150,7 +150,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         try:
             v3, s = sample(fused_pipe, Method("lcm", cfg.lcm_steps, cfg.lcm_guidance_scale, False))
             if cfg.save_fused == "all":
-                files[f"fused-{tag}"] = save_fused(fused_pipe, output / f"fused-{tag}", merged)
+                files[f"fused-{tag}"] = save_fused(fused_pipe, output / f"fused-{tag}", family, description)
         finally:
             merge.fuse_into(fused_pipe, merge.scaled(merged, -1.0))  # back to the base
         rows.append(_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
@@ -175,7 +175,8 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         merged = merge.concat_ranks([(best["l1"], style_f), (best["l2"], lcm_f)])
         merge.fuse_into(fused_pipe, merged)
         try:
-            files["fused-best"] = save_fused(fused_pipe, output / f"fused-{best['l1']:g}_{best['l2']:g}", merged)
+            files["fused-best"] = save_fused(fused_pipe, output / f"fused-{best['l1']:g}_{best['l2']:g}", family,
+                                            f"{best['label']} fused into the base")
         finally:
             merge.fuse_into(fused_pipe, merge.scaled(merged, -1.0))
     doc = {
@@ -197,11 +198,11 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
     return MergeResult(doc=doc, images=images, prompts=prompts)
 
 
-def save_fused(pipe: Any, folder: Path, factors: merge.LoraFactors) -> dict[str, str]:
-    """Variant 3 on disk: a diffusers folder and a single-file checkpoint (see `merge.save_single_file`)."""
+def save_fused(pipe: Any, folder: Path, family: str, description: str) -> dict[str, str]:
+    """Variant 3 on disk: a diffusers folder and an original-layout single file (`merge.save_single_file`)."""
     pipe.save_pretrained(folder, safe_serialization=True)
     single = folder.with_suffix(".safetensors")
-    merge.save_single_file(pipe, single, components=("unet", "vae", *(c for c in factors if c != "unet")))
+    merge.save_single_file(pipe, single, family, {"lcmlora.merge": json.dumps(description)})
     return {"diffusers": str(folder), "single_file": str(single)}
 
 

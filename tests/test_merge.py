@@ -159,8 +159,9 @@ def test_fused_checkpoint_equals_runtime_adapters(loras, tmp_path):
     pipe.save_pretrained(tmp_path / "fused", safe_serialization=True)
     reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "fused", safety_checker=None, tokenizer=None,
                                                        feature_extractor=None)
-    single = merge.save_single_file(pipe, tmp_path / "fused.safetensors")
-    from_single = merge.load_single_file(single, tiny_sd15())
+    single = merge.save_single_file(pipe, tmp_path / "fused.safetensors", "sd15")
+    from_single = StableDiffusionPipeline.from_single_file(str(single), config=str(tmp_path / "fused"), tokenizer=None,
+                                                           safety_checker=None, requires_safety_checker=False)
     for got in (outputs(pipe), outputs(reloaded), outputs(from_single)):
         assert (got[0] - reference[0]).abs().max().item() < 1e-4
         assert (got[1] - reference[1]).abs().max().item() < 1e-4
