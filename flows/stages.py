@@ -22,6 +22,7 @@ from tasks.caching import (
     result_storage_block,
     section_digest,
     stage_key,
+    storage_retries,
 )
 from tasks.curate import curate_manifest, fingerprint_source
 from tasks.distill import distill_lora
@@ -32,7 +33,8 @@ from tasks.publish import GateFailed, publish_folder, registry_name
 from tasks.storage import fetch_folder, store_folders
 
 
-def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, **kwargs: Any) -> dict[str, Any]:
+def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, timeout_s: int | None = None,
+                **kwargs: Any) -> dict[str, Any]:
     """Run a stage task with results under the storage root; report whether the cache served it.
 
     `marker_rel` is the file whose presence proves the stored output is complete: without it
@@ -40,9 +42,14 @@ def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, **kwar
     """
     storage = Storage.from_config(cfg.storage)
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
-    state = task.with_options(result_storage=results, **cached_unless_missing(storage, marker_rel))(
-        cfg=cfg, **kwargs, return_state=True)
+    state = task.with_options(result_storage=results, timeout_seconds=timeout_s,
+                              **cached_unless_missing(storage, marker_rel))(cfg=cfg, **kwargs, return_state=True)
     return {**state.result(), "skipped": state.name == "Cached", "key": cache_key}
+
+
+def _storage_step(cfg: Params, task: Task) -> Task:
+    """A storage or network task with the retry policy from `orchestrate` (exponential backoff)."""
+    return task.with_options(**storage_retries(cfg.orchestrate.retries, cfg.orchestrate.retry_delay_s))
 
 
 # --- curate -----------------------------------------------------------------------------
@@ -51,7 +58,7 @@ def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, **kwar
 @flow(name="curate")
 def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     """Curate the source into a manifest; skipped when the source bytes and curate params are unchanged."""
-    source_digest = fingerprint_source(cfg)
+    source_digest = _storage_step(cfg, fingerprint_source)(cfg)
     key = stage_key("curate", source=source_digest, curate=section_digest(cfg.curate), min_side=min_side)
     return _run_cached(cfg, curate_manifest, f"{output_rel('curated', key)}/manifest.parquet", key,
                        min_side=min_side, key=key)
@@ -70,7 +77,7 @@ def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str
     key = stage_key("encode", manifest=curated["manifest_hash"], vae=fingerprints["vae"], text_encoder=te_fp,
                     resolution=base.resolution, encode=section_digest(cfg.encode))
     index_rel = f"{latent_dir(cfg.encode.output, fingerprints['vae'], base.resolution, curated['manifest_hash'], te_fp)}/index.json"
-    return _run_cached(cfg, encode_latents, index_rel, key, base_name=base_name, base=base,
+    return _run_cached(cfg, encode_latents, index_rel, key, cfg.orchestrate.encode_timeout_s, base_name=base_name, base=base,
                        manifest_rel=curated["manifest"], manifest_rows=curated["kept"],
                        fingerprints=fingerprints, key=key)
 
@@ -95,7 +102,7 @@ def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: di
                     distill=section_digest(cfg.distill.model_dump(mode="json", exclude={"output", "latents_index"})),
                     accelerate=file_sha256(accelerate) if accelerate else None)
     return _run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
-                       base_name=base_name, index_rel=shards["index"], key=key)
+                       cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
 
 
 # --- evaluate ---------------------------------------------------------------------------
@@ -109,12 +116,13 @@ def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: d
                     evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})))
     storage = Storage.from_config(cfg.storage)
     out = output_rel("evaluate", key, base_name)
-    lora_dir = fetch_folder(cfg, lora["output"])
+    lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
     task = evaluate_lora.with_options(cache_key_fn=lambda *_: key, persist_result=True)
-    result = _run_cached(cfg, task, f"{out}/{COMPLETE}", key, base_name=base_name, lora_folder=str(lora_dir),
+    result = _run_cached(cfg, task, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
+                         base_name=base_name, lora_folder=str(lora_dir),
                          output=str(work_dir(storage, out)))
     if not result["skipped"]:
-        store_folders(cfg, {str(work_dir(storage, out)): out, str(lora_dir): lora["output"]})
+        _storage_step(cfg, store_folders)(cfg, {str(work_dir(storage, out)): out, str(lora_dir): lora["output"]})
     return {**result, "evaluation": out}
 
 
@@ -137,11 +145,12 @@ def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict
                     merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"output", "lcm_folder", "style_file"})))
     storage = Storage.from_config(cfg.storage)
     out = output_rel("merge", key, base_name)
-    lora_dir = fetch_folder(cfg, lora["output"])
-    result = _run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, base_name=base_name, lora_folder=lora_dir,
+    lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
+    result = _run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, cfg.orchestrate.merge_timeout_s,
+                         base_name=base_name, lora_folder=lora_dir,
                          style_file=str(style), output=str(work_dir(storage, out)), output_rel=out, key=key)
     if not result["skipped"]:
-        store_folders(cfg, {str(work_dir(storage, out)): out})
+        _storage_step(cfg, store_folders)(cfg, {str(work_dir(storage, out)): out})
     return result
 
 
@@ -162,7 +171,7 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
     name = registry_name(cfg, base_name)
     key = stage_key("publish", lora=lora["weights_sha256"], evaluation=evaluation["key"], name=name,
                     alias=cfg.publish.alias, registry=registry)
-    state = publish_folder.with_options(result_storage=results)(
+    state = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
         cfg=cfg, base_name=base_name, folder_rel=lora["output"], name=name, key=key, return_state=True)
     published = {**state.result(), "skipped": state.name == "Cached", "key": key, "variants": []}
     # The best style variant, when the merge rule picked one: its own name, the merge rule as its gate.
@@ -170,7 +179,7 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
         variant = f"{name}-{merged['style']}"
         vkey = stage_key("publish", merged=merged["key"], lora=lora["weights_sha256"], name=variant,
                          alias=cfg.publish.alias, registry=registry)
-        vstate = publish_folder.with_options(result_storage=results)(
+        vstate = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
             cfg=cfg, base_name=base_name, folder_rel=merged["best_folder"], name=variant, key=vkey,
             gate={"passed": True, "violations": [], "rule": "merge selection"}, metrics=merged["best_metrics"],
             return_state=True)
