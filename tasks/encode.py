@@ -64,7 +64,8 @@ def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: 
     result = encode_dataset(
         storage, manifest_rel, source_storage(cfg), vae, fingerprints["vae"], resolution=base.resolution,
         output=cfg.encode.output, batch_size=cfg.encode.batch_size, shard_size=cfg.encode.shard_size,
-        device=cfg.encode.device, dtype=cfg.encode.dtype, text_embedder=embedder, text_encoder_fingerprint=te_fp,
+        device=cfg.encode.device, dtype=cfg.encode.dtype, workers=getattr(cfg.encode, "workers", 2),
+        text_embedder=embedder, text_encoder_fingerprint=te_fp,
         progress=on_batch,
     )
     update_progress_artifact(progress_id, progress=100.0)
