@@ -286,3 +286,76 @@ def test_selection_rule_fails_closed_and_lists_every_violation():
     assert len(violations) == 2 and any("(0.6, 1)" in v and "retention" in v for v in violations)
     none, violations = select_best(rows, MergeConfig(min_style_retention=0.99, min_adherence=0.8))
     assert none is None and len(violations) == 4  # 3 retention + 1 adherence
+
+
+# --- SDXL family: kohya file with SGM block names and both text encoders -----------------
+
+
+def sdxl_outputs(pipe, seed: int = 0) -> torch.Tensor:
+    """The tiny SDXL UNet's prediction from both text encoders' states and the pooled embedding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (2, 8), generator=g)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = pipe.text_encoder_2(ids, output_hidden_states=True)
+        hidden = torch.cat([first, second.hidden_states[-2]], dim=-1)
+        cond = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
+        return pipe.unet(latents, torch.tensor([999, 499]), encoder_hidden_states=hidden,
+                         added_cond_kwargs=cond).sample
+
+
+def test_sdxl_kohya_sgm_names_with_both_text_encoders(tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from components.ldm_layout import unet_key_to_ldm
+    from components.toy_sdxl import build_tiny_sdxl_pipeline
+
+    # 1. A kohya SDXL style LoRA named as kohya's SDXL trainer names it (input_blocks_4_1_...).
+    pipe = build_tiny_sdxl_pipeline()
+    torch.manual_seed(3)
+    kohya = {}
+    config = dict(pipe.unet.config)
+    for component, modules, prefix in ((pipe.unet, ["to_q", "to_k", "proj_in", "conv1", "ff.net.2"], "lora_unet"),
+                                       (pipe.text_encoder, ["q_proj", "fc1"], "lora_te1"),
+                                       (pipe.text_encoder_2, ["v_proj"], "lora_te2")):
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=modules, init_lora_weights=False),
+                                component, adapter_name="rand")
+        for key, value in get_peft_model_state_dict(component, adapter_name="rand").items():
+            module, kind = key.split(".lora_")
+            if prefix == "lora_unet":
+                module = unet_key_to_ldm(f"{module}.weight", config).removesuffix(".weight")
+            elif not module.startswith("text_model."):
+                module = f"text_model.{module}"
+            name = f"{prefix}_{module.replace('.', '_')}"
+            kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = 0.3 * value.contiguous()
+            kohya[f"{name}.alpha"] = torch.tensor(2.0)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)
+    save_file(kohya, str(tmp_path / "style_sdxl.safetensors"))
+    lcm_sd = {}
+    inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_v", "conv2"],
+                                       init_lora_weights=False), pipe.unet, adapter_name="lcm_rand")
+    for key, value in get_peft_model_state_dict(pipe.unet, adapter_name="lcm_rand").items():
+        lcm_sd[f"unet.{key}"] = 0.2 * value
+    save_file(lcm_sd, str(tmp_path / "lcm_sdxl.safetensors"))
+    style, lcm = tmp_path / "style_sdxl.safetensors", tmp_path / "lcm_sdxl.safetensors"
+    # 2. Variant 1 against variant 2.
+    runtime = build_tiny_sdxl_pipeline()
+    counts = merge.load_adapter(runtime, "sdxl", style, "style")
+    assert counts["text_encoder"] > 0 and counts["text_encoder_2"] > 0  # both encoders applied
+    merge.load_adapter(runtime, "sdxl", lcm, "lcm")
+    merge.set_weights(runtime, {"style": WEIGHTS[0], "lcm": WEIGHTS[1]})
+    reference = sdxl_outputs(runtime)
+    probe = build_tiny_sdxl_pipeline()
+    merged = merge.concat_ranks([(WEIGHTS[0], merge.read_factors(probe, "sdxl", style)),
+                                 (WEIGHTS[1], merge.read_factors(probe, "sdxl", lcm))])
+    paths = merge.save_lora_folder(tmp_path / "merged", merged, family="sdxl", base_meta={"name": "tiny-sdxl"},
+                                   title="m", description="d")
+    for fmt in ("diffusers", "kohya"):
+        single = build_tiny_sdxl_pipeline()
+        merge.load_adapter(single, "sdxl", paths[fmt], "merged")
+        assert (sdxl_outputs(single) - reference).abs().max().item() < 1e-5, fmt
+    assert (reference - sdxl_outputs(build_tiny_sdxl_pipeline())).abs().max().item() > 1e-3
+    # 3. The SD-1.5 base refuses it, naming the second text encoder.
+    with pytest.raises(merge.WrongFamily, match="text_encoder_2"):
+        merge.load_adapter(tiny_sd15(), "sd15", style, "style")
