@@ -196,6 +196,7 @@ class OrchestrateConfig(Section):
     evaluate_timeout_s: int = 4 * 3600
     merge_timeout_s: int = 4 * 3600
     toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
+    dvc_push: bool = False  # nightly ends with `dvc push` (serialized per repo) when the repo has a DVC remote
 
 
 # --- root -------------------------------------------------------------------------------

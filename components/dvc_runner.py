@@ -1,0 +1,72 @@
+"""DVC commands run one at a time per repository.
+
+DVC holds one lock per repository (`.dvc/tmp/lock`) and a second command fails at once with
+"Unable to acquire lock" instead of waiting. Flows that overlap (a nightly and a new-base
+run on the same worker) therefore serialize their DVC calls on their own file lock, waiting
+for it with a timeout, and run `dvc` as a subprocess (DVC's Python API is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = "lcmlora-dvc.lock"  # under .dvc/tmp/, beside DVC's own lock
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message holds the command and its output's tail."""
+
+
+def dvc_executable() -> str:
+    """`dvc` beside this Python (the project venv) or on PATH."""
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("dvc")
+    if found is None:
+        raise DvcError("dvc not found: install the project (pip install -e .), which brings dvc[s3]")
+    return found
+
+
+@contextmanager
+def repo_lock(repo: str | Path, timeout_s: float = 600.0, poll_s: float = 0.2) -> Iterator[None]:
+    """Exclusive inter-process lock for DVC calls on `repo`; waits up to `timeout_s`."""
+    tmp = Path(repo) / ".dvc" / "tmp"
+    if not tmp.parent.is_dir():
+        raise DvcError(f"{repo}: not a DVC repository (no .dvc/); run `dvc init` there first")
+    tmp.mkdir(exist_ok=True)
+    fd = os.open(tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DvcError(f"{tmp / LOCK_NAME}: another DVC call held the lock for over {timeout_s:.0f}s") from None
+                time.sleep(poll_s)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def run_dvc(args: list[str], repo: str | Path = ".", *, timeout_s: float = 3600.0,
+            lock_timeout_s: float = 600.0, env: dict[str, str] | None = None) -> str:
+    """Run `dvc ARGS` in `repo` under the repository's lcmlora lock; return its stdout."""
+    cmd = [dvc_executable(), *args]
+    with repo_lock(repo, lock_timeout_s):
+        out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout_s,
+                             env={**os.environ, **(env or {})}, check=False)
+    if out.returncode != 0:
+        tail = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
+        raise DvcError(f"`dvc {' '.join(args)}` in {repo} exited with {out.returncode}:\n{tail}")
+    return out.stdout
