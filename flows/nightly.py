@@ -16,7 +16,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from components.config import Params, load_params
 from flows.pipeline import base_pipeline
+from tasks.caching import storage_retries
 from tasks.curate import ensure_toy_source
+from tasks.dvc import dvc_push
 
 
 class BasesFailed(RuntimeError):
@@ -102,7 +104,11 @@ def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None
             error = state.result(raise_on_failure=False)
             summary["bases"][name] = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
-    # 3. The report, then fail if any base failed.
+    # 3. Data versions to the DVC remote (serialized with any other flow's DVC calls).
+    if cfg.orchestrate.dvc_push:
+        dvc_push.with_options(**storage_retries(cfg.orchestrate.retries, cfg.orchestrate.retry_delay_s))(".")
+
+    # 4. The report, then fail if any base failed.
     summary["verdict"] = verdict(summary)
     create_markdown_artifact(key="nightly-summary", markdown=summary_markdown(summary),
                              description="What the nightly ran, skipped and published")
