@@ -94,6 +94,8 @@ class EncodeConfig(Section):
     device: str = "cpu"  # torch device for the VAE
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # VAE dtype
     text_embeddings: bool = False  # also store KEY.emb.npy for the base's text encoder(s)
+    workers: int = 2  # threads decoding and resizing images while the VAE runs
+    pointers: str = "encoded"  # <pointers>/<base>.json names each base's index, relative to storage.root
 
 
 class DistillConfig(Section):

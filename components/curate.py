@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from components.config import CurateConfig
+from components.config import CurateConfig, Params
 from components.quality_gate import GateLimits, ManifestGateFailed, failure_message, run_manifest_gate
 from components.storage import Storage
 
@@ -523,3 +523,23 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
         shutil.rmtree(tmp_path / "gx-context", ignore_errors=True)
     return CurationResult(rows_in=rows_in, kept=kept, rejected=dict(sorted(counts.items())),
                           manifest_hash=manifest_hash, elapsed_s=time.perf_counter() - start, files=files_written)
+
+
+def curate_from_params(params: Params, base_name: str = "toy", output: str | None = None,
+                       progress: Callable[[str, int], None] | None = None) -> tuple[CurationResult, Storage, str]:
+    """`lcmlora curate`: the source, storage and thresholds from params; min side from the base.
+
+    `output` (a folder or s3:// URL) replaces `storage.root/curate.output`. Returns the
+    result, the storage written to and the manifest folder relative to it.
+    """
+    from components.base_model import resolve_base
+
+    _, base = resolve_base(params, base_name)
+    source = Storage(params.curate.source, endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+    if output is not None:
+        storage, out_rel = Storage(output, endpoint_url=params.storage.endpoint_url, region=params.storage.region), ""
+    else:
+        storage, out_rel = Storage.from_config(params.storage), params.curate.output
+    result = curate(source, storage, out_rel, params.curate, min_side=base.resolution,
+                    resolved_config=params.to_yaml(), progress=progress)
+    return result, storage, out_rel

@@ -352,11 +352,12 @@ def encode_dataset(
     barrier: Callable[[], None] | None = None,
     text_embedder: TextEmbedder | None = None,
     text_encoder_fingerprint: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EncodeResult:
     """Encode the manifest at `manifest_rel` (on `storage`) with `vae`; return where the index is.
 
-    `progress(n)` is called with the number of samples of each finished batch.
+    `progress(advance, total)` is called once with advance 0 and after each batch with its
+    number of samples; total is what this process has to encode in this run.
     """
     start = time.perf_counter()
     check_resolution(vae, resolution)
@@ -377,6 +378,9 @@ def encode_dataset(
     manifest = pq.read_table(io.BytesIO(manifest_bytes))
     plan = plan_shards(manifest, shard_size)
     mine = [p for p in shards_for_rank(plan, rank, world_size) if not storage.exists(f"{out_rel}/{p.name}")]
+    total = sum(len(p.rows) for p in mine)
+    if progress is not None:
+        progress(0, total)
 
     # 2. Encode this rank's missing shards: reader thread -> VAE here -> writer thread.
     torch_dtype = DTYPES[dtype]
@@ -399,7 +403,7 @@ def encode_dataset(
                 encoded += len(prepared.rows)
                 writer.add(prepared, latents, embeddings)
                 if progress is not None:
-                    progress(len(prepared.rows) + len(prepared.rejected))
+                    progress(len(prepared.rows) + len(prepared.rejected), total)
         finally:
             writer.close()
 
@@ -518,3 +522,41 @@ def text_encoder_fingerprint(fingerprints: dict[str, str]) -> str:
     """One fingerprint for the text encoder(s) of a base (both of them for SDXL)."""
     parts = [fingerprints["text_encoder"]] + ([fingerprints["text_encoder_2"]] if "text_encoder_2" in fingerprints else [])
     return parts[0] if len(parts) == 1 else hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def encode_from_params(params: Any, base_name: str = "toy", *, rank: int = 0, world_size: int = 1,
+                       barrier: Callable[[], None] | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> tuple[EncodeResult, dict[str, Any]]:
+    """`lcmlora encode --base NAME`: the VAE (and text encoders) of the base, storage and
+    manifest from params. Rank 0 also writes `encoded/<name>.json`, the fixed-path pointer
+    to this base's index that DVC and the distill stage read. Returns (result, pointer)."""
+    from components.base_model import load_base, load_vae, resolve_base
+
+    name, base = resolve_base(params, base_name)
+    cfg = params.encode
+    storage = Storage.from_config(params.storage)
+    source = Storage(params.curate.source, endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+    dtype = DTYPES[cfg.dtype]
+    embedder, te_fp = None, None
+    if cfg.text_embeddings:
+        loaded = load_base(base.reference, base.family, dtype=dtype)
+        vae, vae_fp = loaded.pipe.vae, loaded.fingerprints["vae"]
+        loaded.pipe.to(cfg.device)
+        embedder = pipeline_text_embedder(loaded.pipe, loaded.family, cfg.device)
+        te_fp = text_encoder_fingerprint(loaded.fingerprints)
+    else:
+        vae, vae_fp = load_vae(base.reference, dtype=dtype)
+    result = encode_dataset(
+        storage, f"{params.curate.output.strip('/')}/manifest.parquet", source, vae, vae_fp,
+        resolution=base.resolution, output=cfg.output, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
+        device=cfg.device, dtype=cfg.dtype, workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier,
+        text_embedder=embedder, text_encoder_fingerprint=te_fp, progress=progress)
+    pointer = {"base": name, "index": result.index_rel, "vae_fingerprint": vae_fp, "resolution": base.resolution,
+               "text_encoder_fingerprint": te_fp, "count": result.samples, "shards": result.shards,
+               "params": {"base": base.model_dump(mode="json"), "encode": cfg.model_dump(mode="json")}}
+    if rank == 0:
+        text = json.dumps(pointer, indent=1, sort_keys=True) + "\n"
+        rel = f"{cfg.pointers.strip('/')}/{name}.json"
+        if not storage.exists(rel) or storage.read_text(rel) != text:
+            storage.write_text(rel, text)
+    return result, pointer

@@ -116,14 +116,65 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
            output: OutputOpt = None) -> None:
     """Filter a LAION-style source into a curated manifest behind a GX gate."""
-    not_built("curate")
+    cfg = resolve(params, set_)
+    if dry_run:
+        print_config(cfg)
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from components.curate import curate_from_params
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, rows: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"curate: {stage}", total=None)
+            bar.advance(tasks[stage], rows)
+
+        result, storage, out_rel = curate_from_params(cfg, base, str(output) if output else None, progress)
+    where = storage.url(out_rel)
+    reasons = ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "none"
+    typer.echo(f"curated {result.kept} of {result.rows_in} rows -> {where}/manifest.parquet "
+               f"(sha256 {result.manifest_hash[:16]}); rejected: {reasons}; GX data docs: {where}/gx/index.html")
 
 
 @app.command()
 def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
            base: BaseOpt = "toy") -> None:
-    """VAE-encode the curated manifest into latent webdataset shards."""
-    not_built("encode")
+    """VAE-encode the curated manifest into latent webdataset shards (runs under `accelerate launch`)."""
+    cfg = resolve(params, set_)
+    if dry_run:
+        print_config(cfg)
+        return
+    import os
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from components.encode import encode_from_params
+
+    rank, world, barrier = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.encode.device == "cpu")
+        rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=rank != 0) as bar:
+        task = bar.add_task(f"encode --base {base}", total=None)
+        result, pointer = encode_from_params(cfg, base, rank=rank, world_size=world, barrier=barrier,
+                                             progress=lambda n, total: bar.update(task, advance=n, total=total))
+    if rank == 0:
+        what = "reused" if result.reused else f"encoded {result.encoded_shards} new shard(s) of {result.shards}"
+        typer.echo(f"encode --base {pointer['base']}: {result.samples} samples, {what}, "
+                   f"{len(result.rejected)} rejected -> {cfg.storage.root}/{result.index_rel}")
 
 
 @app.command()
