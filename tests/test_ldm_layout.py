@@ -7,32 +7,14 @@ import torch
 from safetensors.torch import save_file
 
 from components.ldm_layout import LayoutError, pipeline_to_ldm, unet_key_to_ldm
-from components.toy_sdxl import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
-
-
-def sdxl_with_distinct_encoder_widths():
-    """The tiny SDXL pipeline with a wider second text encoder: diffusers' single-file loader tells
-    the two CLIP encoders apart by width (768 vs 1280 in SDXL), so equal widths would be ambiguous."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection
-
-    from components.toy_sdxl import SDXL_TEXT_WIDTHS, _text_config, tiny_sdxl_unet
-
-    pipe = build_tiny_sdxl_pipeline()
-    torch.manual_seed(5)
-    wide = 48
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(pipe.tokenizer_2, wide, 32))
-    unet = UNet2DConditionModel.from_config({**tiny_sdxl_unet().config, "cross_attention_dim": SDXL_TEXT_WIDTHS[0] + wide})
-    return StableDiffusionXLPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, unet=unet,
-                                     scheduler=pipe.scheduler)
+from tests.tiny_merge_pipelines import tiny_sd15, tiny_sdxl
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_from_single_file_loads_every_tensor_back(tmp_path, family):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = sdxl_with_distinct_encoder_widths() if family == "sdxl" else build_tiny_sd15_pipeline()
+    pipe = tiny_sdxl() if family == "sdxl" else tiny_sd15()
     pipe.save_pretrained(tmp_path / "base", safe_serialization=True)
     file = tmp_path / "single.safetensors"
     state = pipeline_to_ldm(pipe, family)
@@ -40,7 +22,8 @@ def test_from_single_file_loads_every_tensor_back(tmp_path, family):
                for k in state)
     save_file(state, str(file))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    extra = {"tokenizer": None, **({"tokenizer_2": None} if family == "sdxl" else
+                                   {"safety_checker": None, "requires_safety_checker": False})}
     back = cls.from_single_file(str(file), config=str(tmp_path / "base"), **extra)
     components = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
     for name in components:

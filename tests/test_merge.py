@@ -14,29 +14,9 @@ from safetensors.torch import save_file
 
 from components import merge
 from components.base_model import PickleRefused
+from tests.tiny_merge_pipelines import tiny_sd15, tiny_sdxl
 
 WEIGHTS = (0.8, 1.0)  # (l1, l2), the report's choice
-
-
-def tiny_sd15(seed: int = 0, widths: tuple[int, int] = (16, 32)):
-    """A random-init SD-1.5-family pipeline (no tokenizer: tests feed token ids directly)."""
-    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=widths,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                        norm_num_groups=8, sample_size=8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=8))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet,
-                                   scheduler=LCMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    return pipe
 
 
 def random_lora(pipe, *, rank: int, alpha: float, unet_modules: list[str], te_modules: list[str] | None = None,
@@ -294,7 +274,7 @@ def test_selection_rule_fails_closed_and_lists_every_violation():
 def sdxl_outputs(pipe, seed: int = 0) -> torch.Tensor:
     """The tiny SDXL UNet's prediction from both text encoders' states and the pooled embedding."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 40, (2, 8), generator=g)
+    ids = torch.randint(0, 64, (2, 8), generator=g)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
         first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
@@ -309,10 +289,9 @@ def test_sdxl_kohya_sgm_names_with_both_text_encoders(tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     from components.ldm_layout import unet_key_to_ldm
-    from components.toy_sdxl import build_tiny_sdxl_pipeline
 
     # 1. A kohya SDXL style LoRA named as kohya's SDXL trainer names it (input_blocks_4_1_...).
-    pipe = build_tiny_sdxl_pipeline()
+    pipe = tiny_sdxl()
     torch.manual_seed(3)
     kohya = {}
     config = dict(pipe.unet.config)
@@ -340,22 +319,22 @@ def test_sdxl_kohya_sgm_names_with_both_text_encoders(tmp_path):
     save_file(lcm_sd, str(tmp_path / "lcm_sdxl.safetensors"))
     style, lcm = tmp_path / "style_sdxl.safetensors", tmp_path / "lcm_sdxl.safetensors"
     # 2. Variant 1 against variant 2.
-    runtime = build_tiny_sdxl_pipeline()
+    runtime = tiny_sdxl()
     counts = merge.load_adapter(runtime, "sdxl", style, "style")
     assert counts["text_encoder"] > 0 and counts["text_encoder_2"] > 0  # both encoders applied
     merge.load_adapter(runtime, "sdxl", lcm, "lcm")
     merge.set_weights(runtime, {"style": WEIGHTS[0], "lcm": WEIGHTS[1]})
     reference = sdxl_outputs(runtime)
-    probe = build_tiny_sdxl_pipeline()
+    probe = tiny_sdxl()
     merged = merge.concat_ranks([(WEIGHTS[0], merge.read_factors(probe, "sdxl", style)),
                                  (WEIGHTS[1], merge.read_factors(probe, "sdxl", lcm))])
     paths = merge.save_lora_folder(tmp_path / "merged", merged, family="sdxl", base_meta={"name": "tiny-sdxl"},
                                    title="m", description="d")
     for fmt in ("diffusers", "kohya"):
-        single = build_tiny_sdxl_pipeline()
+        single = tiny_sdxl()
         merge.load_adapter(single, "sdxl", paths[fmt], "merged")
         assert (sdxl_outputs(single) - reference).abs().max().item() < 1e-5, fmt
-    assert (reference - sdxl_outputs(build_tiny_sdxl_pipeline())).abs().max().item() > 1e-3
+    assert (reference - sdxl_outputs(tiny_sdxl())).abs().max().item() > 1e-3
     # 3. The SD-1.5 base refuses it, naming the second text encoder.
     with pytest.raises(merge.WrongFamily, match="text_encoder_2"):
         merge.load_adapter(tiny_sd15(), "sd15", style, "style")
