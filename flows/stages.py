@@ -60,7 +60,7 @@ def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     """Curate the source into a manifest; skipped when the source bytes and curate params are unchanged."""
     source_digest = _storage_step(cfg, fingerprint_source)(cfg)
     key = stage_key("curate", source=source_digest, curate=section_digest(cfg.curate), min_side=min_side)
-    return _run_cached(cfg, curate_manifest, f"{output_rel('curated', key)}/manifest.parquet", key,
+    return _run_cached(cfg, curate_manifest, f"{output_rel('curate', key)}/manifest.parquet", key,
                        min_side=min_side, key=key)
 
 

@@ -41,9 +41,12 @@ def key_parameter(context: Any, parameters: dict[str, Any]) -> str:
     return str(parameters["key"])
 
 
+FLOW_OUTPUTS = "stages"  # flows' keyed outputs, apart from the CLI's fixed folders (curated/, encoded/)
+
+
 def output_rel(stage: str, key: str, base: str | None = None) -> str:
-    """Where a stage's output lives below storage.root: `STAGE/[BASE/]KEY`."""
-    return "/".join(p for p in (stage, base, key) if p)
+    """Where a stage's output lives below storage.root: `stages/STAGE/[BASE/]KEY`."""
+    return "/".join(p for p in (FLOW_OUTPUTS, stage, base, key) if p)
 
 
 def result_storage_block(storage_cfg: Any, results_rel: str) -> str:

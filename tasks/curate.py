@@ -51,7 +51,7 @@ def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
     from components.curate import curate
 
     storage = Storage.from_config(cfg.storage)
-    out = output_rel("curated", key)
+    out = output_rel("curate", key)
     result = curate(source_storage(cfg), storage, out, cfg.curate, min_side=min_side, resolved_config=cfg.to_yaml())
     summary = result.as_dict()
     create_table_artifact(
