@@ -23,20 +23,24 @@ Connection failures are retried a bounded number of times (`retries`), then rais
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
-import io
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import fsspec
 
 CHUNK = 8 * 1024 * 1024  # bytes per read when copying or hashing
+PART_SIZE = 8 * 1024 * 1024  # bytes per ranged GET of a parallel S3 download
+DOWNLOAD_THREADS = 8  # parallel ranged GETs per file
+WINDOW = 16  # parts downloaded ahead of the in-order writer (bounds memory to WINDOW * PART_SIZE)
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; create-only uploads must fit in one
 _HIDDEN_SUFFIXES = (".tmp", ".lock")  # our temp and lock files, never listed
 
@@ -473,18 +477,45 @@ class _S3Backend:
             return resp["Body"].read(), resp["ETag"]
 
     def get_file(self, rel: str, local: Path, digest: Digest | None) -> None:
-        from boto3.s3.transfer import TransferConfig
+        # Ranged GETs in parallel, written (and hashed) in order by this thread, so that
+        # verification needs no second pass; at most WINDOW parts are held in memory.
+        # Every part asks for the ETag seen first, so a concurrent overwrite is an error.
+        key = self.store.key(rel)
+        with self._call(rel, "head"):
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        size, etag = int(head["ContentLength"]), head["ETag"]
 
-        with self._call(rel, "download"):
-            if digest is None:
-                self.client.download_file(self.bucket, self.store.key(rel), str(local),
-                                          Config=TransferConfig(max_concurrency=8))
+        def fetch(start: int) -> bytes:
+            extra = {"Range": f"bytes={start}-{min(start + PART_SIZE, size) - 1}"} if size else {}
+            try:
+                with self._call(rel, "download"):
+                    return self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **extra)["Body"].read()
+            except PreconditionFailed:
+                raise StorageError(f"s3://{self.bucket}/{key}: changed while it was downloading; retry") from None
+
+        starts = list(range(0, size, PART_SIZE)) or [0]
+        with open(local, "wb") as fh:
+            if len(starts) == 1:
+                data = fetch(0)
+                if digest is not None:
+                    digest.update(data)
+                fh.write(data)
                 return
-            # Parallel ranged GETs written in order through a non-seekable sink that hashes
-            # as it writes: verification costs no second pass over the file.
-            with open(local, "wb") as fh:
-                self.client.download_fileobj(self.bucket, self.store.key(rel), _HashingSink(fh, digest),
-                                             Config=TransferConfig(max_concurrency=8))
+            with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+                pending = collections.deque(pool.submit(fetch, s) for s in starts[:WINDOW])
+                queued = iter(starts[WINDOW:])
+                try:
+                    while pending:
+                        data = pending.popleft().result()
+                        nxt = next(queued, None)
+                        if nxt is not None:
+                            pending.append(pool.submit(fetch, nxt))
+                        if digest is not None:
+                            digest.update(data)
+                        fh.write(data)
+                finally:
+                    for future in pending:
+                        future.cancel()
 
     def ls(self, rel: str, recursive: bool) -> list[str]:
         prefix = self.store.key(rel)
@@ -567,22 +598,3 @@ class _S3Backend:
             batch = [{"Key": k} for k in keys[start:start + 1000]]
             with self._call(rel, "delete"):
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-
-
-class _HashingSink(io.RawIOBase):
-    """Write-only, non-seekable file wrapper that feeds every byte to a digest."""
-
-    def __init__(self, fh: IO[bytes], digest: Digest):
-        self._fh = fh
-        self._digest = digest
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def write(self, data: Any) -> int:  # type: ignore[override]
-        self._digest.update(data)
-        return self._fh.write(data)
-

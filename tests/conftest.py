@@ -63,6 +63,27 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _free_port_with_grpc(offset: int = 10000) -> tuple[int, int]:
+    """A free port p below 55536 with p + offset free too (weed's workers dial admin + 10000)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 65535 - offset)
+        socks = []
+        try:
+            for candidate in (port, port + offset):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", candidate))
+            return port, port + offset
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port pair for the SeaweedFS admin server")
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when pytest dies, so no `weed` outlives a killed session."""
     with contextlib.suppress(Exception):
@@ -173,8 +194,8 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     data.mkdir(parents=True, exist_ok=True)
     config = workdir / "s3_identities.json"
     _identity_config(config)
-    (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc,
-     ) = _free_ports(10)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    admin, admin_grpc = _free_port_with_grpc()
     cmd = [
         weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         f"-master.port={master}", f"-master.port.grpc={master_grpc}",
