@@ -78,7 +78,7 @@ def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str
                     resolution=base.resolution, encode=section_digest(cfg.encode))
     index_rel = f"{latent_dir(cfg.encode.output, fingerprints['vae'], base.resolution, curated['manifest_hash'], te_fp)}/index.json"
     return _run_cached(cfg, encode_latents, index_rel, key, cfg.orchestrate.encode_timeout_s, base_name=base_name, base=base,
-                       manifest_rel=curated["manifest"], manifest_rows=curated["kept"],
+                       manifest_rel=curated["manifest"],
                        fingerprints=fingerprints, key=key)
 
 

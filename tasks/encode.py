@@ -36,7 +36,7 @@ def fingerprint_vae(base: BaseConfig) -> str:
 
 
 @task(name="encode", cache_key_fn=key_parameter, persist_result=True)
-def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: str, manifest_rows: int,
+def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: str,
                    fingerprints: dict[str, str], key: str) -> dict[str, Any]:
     """VAE-encode the curated manifest into latent shards keyed by the VAE fingerprint."""
     from components.base_model import load_base, load_vae
@@ -56,10 +56,10 @@ def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: 
                                            description=f"latent encoding for base {base_name}")
     done = 0
 
-    def on_batch(n: int) -> None:
+    def on_batch(advance: int, total: int) -> None:  # encode_dataset's progress callback
         nonlocal done
-        done += n
-        update_progress_artifact(progress_id, progress=min(100.0, 100.0 * done / max(1, manifest_rows)))
+        done += advance
+        update_progress_artifact(progress_id, progress=min(100.0, 100.0 * done / max(1, total)))
 
     result = encode_dataset(
         storage, manifest_rel, source_storage(cfg), vae, fingerprints["vae"], resolution=base.resolution,
