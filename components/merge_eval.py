@@ -90,6 +90,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
     from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
 
     # 1. Inputs as diffusers reads them; same noise for every row.
+    style_path, lcm_path = merge.lora_file(style_path), merge.lora_file(lcm_path)
     merge.load_adapter(pipe, family, style_path, STYLE)
     merge.load_adapter(pipe, family, lcm_path, LCM)
     style_f, lcm_f = merge.adapter_factors(pipe, STYLE), merge.adapter_factors(pipe, LCM)
@@ -206,6 +207,44 @@ def save_fused(pipe: Any, folder: Path, family: str, description: str) -> dict[s
     return {"diffusers": str(folder), "single_file": str(single)}
 
 
+def finalize_merged_folders(result: MergeResult, output: Path, params: Params, base_reference: str,
+                            started_at: str) -> None:
+    """Complete each `merged-L1_L2` folder as a contract-4 LoRA folder: README.md model card,
+    metrics.json (its rows and a `gate` from the selection rule), lineage.json, resolved params."""
+    from components.config import RESOLVED_CONFIG_NAME
+    from components.content_hash import file_sha256
+    from components.lineage import collect, write_lineage
+    from components.model_card import render_model_card
+
+    doc, cfg = result.doc, params.merge
+    for name in [n for n in doc["files"] if n.startswith("merged-")]:
+        folder = output / name
+        rows = [r for r in doc["rows"] if r["variant"] != "reference" and r["variant"] != "context"
+                and f"merged-{r['l1']:g}_{r['l2']:g}" == name]
+        merged_row = next(r for r in rows if r["variant"] == "merged")
+        violations = [v for v in doc["selection"]["violations"] if v.startswith(merged_row["label"] + ":")]
+        gate = {"passed": not violations, "violations": violations, "rule": doc["selection"]["rule"],
+                "selected": doc["selection"]["best"] is not None and doc["selection"]["best"]["label"] == merged_row["label"]}
+        metrics = {"rows": rows, "reference": doc["rows"][0], "info": doc["info"], "gate": gate}
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        body = (f"\nStyle LoRA `{Path(doc['style']).name}` x {merged_row['l1']:g} + LCM-LoRA x {merged_row['l2']:g}, "
+                "merged exactly (ranks concatenated; theta' = theta_pre + l1 tau_style + l2 tau_LCM, LCM-LoRA report "
+                "Section 3.2).\n\n" + markdown_table(rows) + "\n")
+        card = render_model_card(base_model=base_reference, title=name, tags=(
+            "lora", "lcm", "lcm-lora", "style", "text-to-image", "stable-diffusion", "diffusers"),
+            num_inference_steps=cfg.lcm_steps, guidance_scale=cfg.lcm_guidance_scale, body=body,
+            extra={"merge": {"l1": merged_row["l1"], "l2": merged_row["l2"]}})
+        (folder / "README.md").write_text(card)
+        (folder / RESOLVED_CONFIG_NAME).write_text(params.to_yaml())
+        write_lineage(folder, collect(
+            stage="merge", params_digest=params.digest(), started_at=started_at,
+            inputs={"style": {"path": doc["style"], "sha256": file_sha256(doc["style"])},
+                    "lcm": {"path": doc["lcm"], "sha256": file_sha256(doc["lcm"])}},
+            extra={"base": {"name": doc.get("base"), "reference": base_reference,
+                            "fingerprint": doc.get("base_fingerprint")},
+                   "weights": {"l1": merged_row["l1"], "l2": merged_row["l2"]}}))
+
+
 # --- report -----------------------------------------------------------------------------
 
 
@@ -265,6 +304,7 @@ def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, out
               say: Callable[[str], None] = lambda _m: None) -> tuple[MergeResult, dict[str, Path]]:
     """`lcmlora merge`: load the base twice, evaluate every variant over the grid, write the report."""
     from components.base_model import load_base, resolve_base
+    from components.lineage import utc_now
     from components.evaluation import SD_PROMPTS, TOY_PROMPTS, is_toy_base, load_prompts, project_path, resolve_judges
 
     cfg = params.merge
@@ -272,6 +312,7 @@ def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, out
     style_path, lcm_path = merge.lora_file(project_path(style)), merge.lora_file(project_path(lcm))
     toy = is_toy_base(params, base_cfg)
     t0 = time.perf_counter()
+    started_at = utc_now()
     # 1. Judges and prompts first: a missing backbone fails before any sampling.
     judges = resolve_judges(params.evaluate, toy, base_cfg.resolution)
     prompts = load_prompts(params.evaluate.prompts or (TOY_PROMPTS if toy else SD_PROMPTS))
@@ -295,4 +336,5 @@ def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, out
     result.doc["base"] = name
     result.doc["base_fingerprint"] = loaded.fingerprint
     result.doc["seconds"] = round(time.perf_counter() - t0, 1)
+    finalize_merged_folders(result, out, params, base_cfg.reference, started_at)
     return result, write_merge_report(result, out)

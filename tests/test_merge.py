@@ -71,7 +71,7 @@ def write_kohya(path: Path, unet_sd: dict, te_sd: dict, alpha: float) -> Path:
 def outputs(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Text-encoder hidden states and the UNet's prediction from them (fixed inputs)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2, 8), generator=g)
+    ids = torch.randint(0, 256, (2, 8), generator=g)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
         hidden = pipe.text_encoder(ids)[0]
@@ -274,7 +274,7 @@ def test_selection_rule_fails_closed_and_lists_every_violation():
 def sdxl_outputs(pipe, seed: int = 0) -> torch.Tensor:
     """The tiny SDXL UNet's prediction from both text encoders' states and the pooled embedding."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2, 8), generator=g)
+    ids = torch.randint(0, 256, (2, 8), generator=g)
     latents = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
         first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]

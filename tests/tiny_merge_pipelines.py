@@ -1,18 +1,42 @@
-"""Tiny random-init pipelines of both families for the merge and single-file tests (no tokenizers:
-the tests feed token ids directly). Self-contained so that these tests depend only on diffusers."""
+"""Tiny random-init pipelines of both families for the merge and single-file tests.
+
+Self-contained so that these tests depend only on diffusers and transformers. Tests that compare
+module outputs feed token ids directly; `tiny_sd15(tokenizer_dir=...)` adds a byte-level CLIP
+tokenizer for tests that sample from prompts."""
 
 from __future__ import annotations
 
 import torch
 
 
+VOCAB = 258  # 256 byte symbols + <|startoftext|> + <|endoftext|>
+
+
+def byte_tokenizer(folder):
+    """A CLIP BPE tokenizer with one token per byte and no merges, written to `folder`."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = [s + "</w>" for s in bytes_to_unicode().values()]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(
+        [*symbols, "<|startoftext|>", "<|endoftext|>"])}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8,
+                         pad_token="<|endoftext|>")
+
+
 def _text_encoder(width: int, seed: int, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                             num_attention_heads=2, max_position_embeddings=8, projection_dim=16,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                            bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -25,7 +49,7 @@ def _vae(seed: int):
                          norm_num_groups=8, sample_size=16)
 
 
-def tiny_sd15(seed: int = 0, widths: tuple[int, int] = (16, 32)):
+def tiny_sd15(seed: int = 0, widths: tuple[int, int] = (16, 32), tokenizer_dir=None):
     """SD-1.5 family: 2 UNet levels (cross-attention down, plain down), conv projections, 16-wide CLIP."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -34,7 +58,8 @@ def tiny_sd15(seed: int = 0, widths: tuple[int, int] = (16, 32)):
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=widths,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_text_encoder(16, seed + 2), tokenizer=None,
+    tokenizer = byte_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    return StableDiffusionPipeline(vae=_vae(seed + 1), text_encoder=_text_encoder(16, seed + 2), tokenizer=tokenizer,
                                    unet=unet, scheduler=LCMScheduler(steps_offset=1), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
