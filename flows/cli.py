@@ -114,7 +114,7 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 @app.command()
 def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-           output: OutputOpt = None) -> None:
+           output: OutputOpt = None, base: BaseOpt = "toy") -> None:
     """Filter a LAION-style source into a curated manifest behind a GX gate."""
     cfg = resolve(params, set_)
     if dry_run:
