@@ -93,17 +93,20 @@ def main() -> None:
         #    side always runs second; each writes a new folder. The shared 2-core machine is
         #    noisy, so the ratio is the median of the per-pair ratios.
         pulls, downloads = [], []
+        cpu = {"pull": [], "boto3": []}  # this process's CPU seconds (all threads): load-independent
 
         def timed_pull(i: int) -> float:
             shutil.rmtree(work / "cache", ignore_errors=True)  # cold: nothing cached
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             registry.pull(f"bench-lcm-lora:{manifest.version}", work / f"pull{i}")
+            cpu["pull"].append(time.process_time() - c0)
             return time.perf_counter() - t0
 
         def timed_download(i: int) -> float:
             (work / f"dl{i}").mkdir()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             boto3_download(storage, keys, work / f"dl{i}")
+            cpu["boto3"].append(time.process_time() - c0)
             return time.perf_counter() - t0
 
         timed_pull(-1), timed_download(-1)  # warm-up pair, not counted
@@ -127,6 +130,8 @@ def main() -> None:
         print(f"boto3 download_file (no verification):       median {dl_med:.2f} s "
               f"({total_mb / dl_med:.0f} MB/s)  runs {[round(x, 2) for x in downloads]}")
         print(f"second pull (cache hit, re-verified, {len(warm.downloaded)} downloaded): {warm_s:.2f} s")
+        print(f"client CPU seconds, median: pull {statistics.median(cpu['pull'][1:]):.2f}, "
+              f"boto3 {statistics.median(cpu['boto3'][1:]):.2f}")
         ratios = [p / d for p, d in zip(pulls, downloads, strict=True)]
         print(f"ratio pull / boto3: median of pairs {statistics.median(ratios):.2f}, of medians "
               f"{pull_med / dl_med:.2f}, of minima {min(pulls) / min(downloads):.2f} (goal <= 1.2)")

@@ -477,42 +477,44 @@ class _S3Backend:
             return resp["Body"].read(), resp["ETag"]
 
     def get_file(self, rel: str, local: Path, digest: Digest | None) -> None:
-        # Ranged GETs in parallel, written (and hashed) in order by this thread, so that
-        # verification needs no second pass; at most WINDOW parts are held in memory.
-        # Every part asks for the ETag seen first, so a concurrent overwrite is an error.
+        # Ranged GETs in parallel, each part written at its offset by its own thread; this
+        # thread only hashes the parts in order, so verification adds no second pass and the
+        # serial path is the hash alone. At most WINDOW parts are held in memory. Every part
+        # asks for the ETag seen first, so a concurrent overwrite is an error, not a mix.
         key = self.store.key(rel)
         with self._call(rel, "head"):
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         size, etag = int(head["ContentLength"]), head["ETag"]
 
-        def fetch(start: int) -> bytes:
+        def fetch(start: int, fd: int) -> bytes:
             extra = {"Range": f"bytes={start}-{min(start + PART_SIZE, size) - 1}"} if size else {}
             try:
                 with self._call(rel, "download"):
-                    return self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **extra)["Body"].read()
+                    data = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **extra)["Body"].read()
             except PreconditionFailed:
                 raise StorageError(f"s3://{self.bucket}/{key}: changed while it was downloading; retry") from None
+            os.pwrite(fd, data, start)
+            return data
 
         starts = list(range(0, size, PART_SIZE)) or [0]
         with open(local, "wb") as fh:
+            fd = fh.fileno()
             if len(starts) == 1:
-                data = fetch(0)
+                data = fetch(0, fd)
                 if digest is not None:
                     digest.update(data)
-                fh.write(data)
                 return
             with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-                pending = collections.deque(pool.submit(fetch, s) for s in starts[:WINDOW])
+                pending = collections.deque(pool.submit(fetch, s, fd) for s in starts[:WINDOW])
                 queued = iter(starts[WINDOW:])
                 try:
                     while pending:
                         data = pending.popleft().result()
                         nxt = next(queued, None)
                         if nxt is not None:
-                            pending.append(pool.submit(fetch, nxt))
+                            pending.append(pool.submit(fetch, nxt, fd))
                         if digest is not None:
                             digest.update(data)
-                        fh.write(data)
                 finally:
                     for future in pending:
                         future.cancel()
