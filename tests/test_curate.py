@@ -176,3 +176,22 @@ def test_s3_source_and_storage(toy, s3_env):
     assert result.kept == toy[1]["expected_curated"]
     assert hashlib.sha256(out.read_bytes("curated/manifest.parquet")).hexdigest() == result.manifest_hash
     assert out.exists("curated/gx/index.html")
+
+
+def test_cli_curate_dry_run_and_run(toy, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    args = ["curate", "--params", str(params), "--set", f"curate.source={toy[0]}",
+            "--set", f"storage.root={tmp_path / 'root'}"]
+    dry = CliRunner().invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0 and f"source: {toy[0]}" in dry.stdout
+    assert not (tmp_path / "root").exists()
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    assert f"curated {toy[1]['expected_curated']} of {toy[1]['rows']} rows" in run.stdout
+    assert (tmp_path / "root" / "curated" / "manifest.parquet").exists()
+    empty = CliRunner().invoke(app, [*args, "--set", "curate.min_aesthetic=11"])
+    assert empty.exit_code != 0 and "no rows left" in str(empty.exception)
