@@ -63,6 +63,7 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
     if parent:
         print(f"{base_name}: shares the VAE of {parent} ({fingerprints['vae']}): its latent shards are reused")
     record = register_base(cfg, base_name, base, fingerprints, parent)
+    cfg = cfg.model_copy(update={"bases": {**cfg.bases, base_name: base}})  # the stages look bases up by name
 
     # 2. The stages (curate and encode come from the cache when the VAE matches).
     result = base_pipeline(cfg, base_name, base, fingerprints=fingerprints)

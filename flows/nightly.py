@@ -36,7 +36,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if base["status"] == "failed":
             lines.append(f"| {name} | - | **failed**: {base['error']} | |")
         for stage in base.get("stages", []):
-            verdict = "skipped (unchanged)" if stage["skipped"] else "ran"
+            verdict = stage.get("note") or ("skipped (unchanged)" if stage["skipped"] else "ran")
             lines.append(f"| {name} | {stage['stage']} | {verdict} | `{stage['key']}` |")
     lines.append("")
     for name, base in summary["bases"].items():
@@ -57,7 +57,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             continue
         lines.append(f"base {name}: completed")
         for stage in base.get("stages", []):
-            verdict_ = "skipped (unchanged)" if stage["skipped"] else "ran"
+            verdict_ = stage.get("note") or ("skipped (unchanged)" if stage["skipped"] else "ran")
             lines.append(f"  {stage['stage']:<9} {verdict_:<20} {stage['key']}")
         published = base.get("published")
         for p in [published, *published.get("variants", [])] if published else []:

@@ -20,7 +20,7 @@ from tasks.publish import enforce_gate
 
 
 def _stage(name: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    return {"stage": name, "skipped": outcome["skipped"], "key": outcome["key"]}
+    return {"stage": name, "skipped": outcome["skipped"], "key": outcome["key"], "note": outcome.get("note")}
 
 
 @flow(name="base-pipeline", log_prints=True)

@@ -139,7 +139,8 @@ def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict
     if not style.is_file():
         print(f"{base_name}: merge not run: no style LoRA at {style} (merge.style_file); "
               "train the toy one with `lcmlora toy style-lora`")
-        return {"skipped": True, "key": "no-style-lora", "passed": None, "best_folder": None}
+        return {"skipped": True, "key": "-", "passed": None, "best_folder": None,
+                "note": "not run: no style LoRA (merge.style_file)"}
     key = stage_key("merge", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
                     style=file_sha256(style), evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})),
                     merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"output", "lcm_folder", "style_file"})))
