@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from components.config import BaseConfig, Params
+from components.config import BaseConfig, Params, RegistryConfig
 from components.folder_sync import pull_folder
 from components.lineage import utc_now
 from components.storage import Storage
@@ -64,7 +64,8 @@ def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key:
     published = {
         "name": name, "version": manifest.version, "alias": alias, "registry": registry.storage.url(),
         "reference": f"{name}:{manifest.version}",
-        "pull": f"lcmlora registry pull {name}@{alias} --to DIR",
+        "pull": f"lcmlora registry pull {name}@{alias} --to DIR" + (
+            f" --set registry.root={cfg.registry.root}" if cfg.registry.root != RegistryConfig().root else ""),
     }
     create_markdown_artifact(
         key=f"publish-{name}".replace(".", "-").replace("_", "-"),
