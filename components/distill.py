@@ -99,11 +99,12 @@ class TextConditioner:
     unconditional = zeros (SDXL's force_zeros_for_empty_prompt), as the SDXL pipeline does.
     """
 
-    def __init__(self, family: str, tokenizers: list[Any], text_encoders: list[Any]):
-        if family == "sdxl" and len(text_encoders) != 2:
+    def __init__(self, family: str, tokenizers: list[Any], text_encoders: list[Any], uncond_embeds: Tensor | None = None):
+        """`uncond_embeds` [1, L, D]: a precomputed empty-prompt embedding (sd15), e.g. when batches carry embeddings."""
+        if family == "sdxl" and text_encoders and len(text_encoders) != 2:
             raise ValueError("sdxl family needs two text encoders (text_encoder, text_encoder_2)")
         self.family, self.tokenizers, self.text_encoders = family, tokenizers, text_encoders
-        self._uncond: Conditioning | None = None
+        self._uncond: Conditioning | None = None if uncond_embeds is None else Conditioning(uncond_embeds)
 
     @classmethod
     def from_pipeline(cls, pipe: Any, family: str) -> TextConditioner:
@@ -119,6 +120,8 @@ class TextConditioner:
     @torch.no_grad()
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor | None]:
         """(prompt_embeds [B, L, D], pooled [B, P] or None)."""
+        if not self.text_encoders:
+            raise ValueError("the batch has no prompt_embeds and no text encoder is loaded to encode its captions")
         embeds, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):
             ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,

@@ -1,0 +1,237 @@
+"""Step-time breakdown of LCD-LoRA distillation and its overhead over the bare UNet passes.
+
+    # CPU, the toy base (data/toy/base; the toy architecture with random weights if absent):
+    python bench/bench_distill_step.py
+    # GPU, SD-1.5 architecture at 512 px, random weights, bf16, batch 8:
+    python bench/bench_distill_step.py --arch data/arch/sd15 --resolution 512 --batch 8 --bf16 \
+        --device cuda --random-weights
+
+One LCD step holds three UNet passes: the teacher (adapters off, cond + uncond batched, 2B,
+no grad), the target (LoRA on, B, no grad) and the student (LoRA on, B, forward + backward).
+In the same run this script times
+  1. the real training loop (`components.distill.train_lcd_lora`): median step time,
+  2. an instrumented step split into data, teacher, target, student fwd+bwd and optimizer,
+  3. the bare UNet passes alone on the same inputs,
+and prints overhead = loop step time / sum of bare passes (goal <= 1.15), samples/s and, on
+CUDA, peak memory. Needs only torch, diffusers, peft, accelerate and this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from components import lcd  # noqa: E402
+from components.config import DistillConfig  # noqa: E402
+from components.distill import (Conditioning, LCDSettings, TextConditioner, TrainOptions, consistency_target,  # noqa: E402
+                                draw_lcd_sample, student_prediction, teacher_solver_step, train_lcd_lora)
+from components.lora import adapters_disabled, add_lora, lora_config, lora_parameters, trainable_parameters  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> tuple[object, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def build(args: argparse.Namespace):
+    """(unet, conditioner, family, scheduler config, scaling factor, latent shape, description)."""
+    if args.random_weights or args.arch:
+        from diffusers import UNet2DConditionModel
+
+        from components.lora import unet_config
+
+        arch = Path(args.arch or REPO / "data" / "arch" / "sd15")
+        config = unet_config(arch)
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(config)
+        family = "sdxl" if config.get("addition_embed_type") == "text_time" else "sd15"
+        sched = json.loads((arch / "scheduler" / "scheduler_config.json").read_text())
+        vae = json.loads((arch / "vae" / "config.json").read_text())
+        down = 2 ** (len(vae["block_out_channels"]) - 1)
+        uncond = torch.zeros(1, 77, config["cross_attention_dim"])
+        cond = TextConditioner(family, [], [], uncond_embeds=uncond)
+        shape = (config["in_channels"], args.resolution // down, args.resolution // down)
+        return unet, cond, family, sched, float(vae.get("scaling_factor", 0.18215)), shape, f"{arch} (random weights)"
+    toy = REPO / "data" / "toy" / "base"
+    if (toy / "model_index.json").exists():
+        from components.base_model import load_base
+
+        pipe = load_base(str(toy)).pipe
+        desc = "data/toy/base"
+    else:
+        from components.toy_sdxl import build_tiny_sd15_pipeline
+
+        pipe = build_tiny_sd15_pipeline(seed=0)
+        desc = "toy architecture, random weights (data/toy/base not built)"
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    return (pipe.unet, TextConditioner.from_pipeline(pipe, "sd15"), "sd15", dict(pipe.scheduler.config),
+            float(pipe.vae.config.scaling_factor), shape, desc)
+
+
+def make_batches(args, family: str, shape, unet_config, n: int):
+    """Loader-format batches (CPU tensors); embeddings precomputed for random-weight runs, captions otherwise."""
+    g = torch.Generator().manual_seed(0)
+    b = args.batch
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    batches = []
+    for i in range(n):
+        batch = {"latents": torch.randn(b, *shape, generator=g), "original_size": torch.tensor([[args.resolution] * 2] * b),
+                 "crop_top_left": torch.zeros(b, 2, dtype=torch.long), "target_size": torch.tensor([[args.resolution] * 2] * b),
+                 "captions": [f"a handwritten digit {words[(i + j) % 10]}" for j in range(b)]}
+        if args.random_weights or args.arch:
+            batch["prompt_embeds"] = torch.randn(b, 77, unet_config.cross_attention_dim, generator=g)
+            if family == "sdxl":
+                pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+                batch["pooled_prompt_embeds"] = torch.randn(b, pooled, generator=g)
+        batches.append(batch)
+    return batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", help="diffusers config folder (data/arch/sd15, ...); default: the toy base")
+    ap.add_argument("--random-weights", action="store_true", help="random-init UNet from --arch (no weights needed)")
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=DistillConfig().lora_rank)
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (frozen base in bf16, LoRA fp32)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    torch.manual_seed(0)
+    unet, conditioner, family, sched, scaling, shape, desc = build(args)
+    dcfg = DistillConfig()
+    add_lora(unet, lora_config(args.rank, args.rank, dcfg.target_modules))
+    n_lora = trainable_parameters(unet)
+    settings = LCDSettings(family=family, prediction_type=sched.get("prediction_type", "epsilon"), scaling_factor=scaling,
+                           guidance_min=7.5 if args.arch else 2.0, guidance_max=7.5 if args.arch else 2.0)
+    alpha_bar = lcd.schedule_from_scheduler_config(sched)
+    n_steps = args.warmup + args.steps
+    batches = make_batches(args, family, shape, unet.config, n_steps)
+
+    # 1. The real loop (accelerate, clipping, NaN check, AdamW): median step time after warm-up.
+    step_times: list[float] = []
+    opts = TrainOptions(max_steps=n_steps, mixed_precision="bf16" if args.bf16 else "no",
+                        gradient_checkpointing=args.gradient_checkpointing, cpu=device.type == "cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_lcd_lora(unet, conditioner, lambda r, w: batches, settings, alpha_bar, opts, tmp,
+                       on_step=lambda info: step_times.append(info.seconds))
+    loop_step = statistics.median(step_times[args.warmup:])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    # 2. Instrumented step: the same functions, each phase timed with device syncs.
+    alpha_bar_d = alpha_bar.to(device)
+    solver = lcd.ddim_solver_timesteps(settings.num_train_timesteps, settings.num_ddim_timesteps)
+    params = lora_parameters(unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    phases: dict[str, list[float]] = {k: [] for k in ("data", "teacher", "target", "student_fwd_bwd", "optimizer")}
+    inputs: dict = {}
+    for i in range(n_steps):
+        def data():
+            batch = batches[i]
+            lat = batch["latents"].to(device) * scaling
+            with autocast:
+                c = conditioner.conditioning(batch).to(device, dtype)
+                return lat, c, conditioner.unconditional(c)
+        (lat, c, u), t_data = timed(data, device)
+        d = draw_lcd_sample(lat, settings, solver, gen)
+        z = lcd.add_noise(lat, d.noise, d.t_start, alpha_bar_d)
+        with autocast:
+            z_prev, t_teacher = timed(lambda: teacher_solver_step(unet, z, d, c, u, settings, alpha_bar_d), device)
+            target, t_target = timed(lambda: consistency_target(unet, z_prev, d, c, settings, alpha_bar_d), device)
+
+            def student():
+                pred = student_prediction(unet, z, d, c, settings, alpha_bar_d)
+                loss = lcd.lcd_distance(pred, target, settings.loss_type, settings.huber_c)
+                loss.backward()
+            _, t_student = timed(student, device)
+
+        def opt():
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        _, t_opt = timed(opt, device)
+        if i >= args.warmup:
+            for k, v in zip(phases, (t_data, t_teacher, t_target, t_student, t_opt)):
+                phases[k].append(v)
+        inputs = {"z": z, "t": d.t_start, "c": c, "u": u}
+
+    # 3. Bare UNet passes on the same inputs: exactly the three calls a step makes, nothing around them.
+    z, t, c, u = inputs["z"].to(dtype), inputs["t"], inputs["c"], inputs["u"]
+    both, z2, t2 = c.cat(u), torch.cat([inputs["z"], inputs["z"]]).to(dtype), torch.cat([t, t])
+    bare: dict[str, list[float]] = {"teacher": [], "target": [], "student": []}
+    for i in range(n_steps):
+        with autocast:
+            def teacher():
+                with torch.no_grad(), adapters_disabled(unet):
+                    unet(z2, t2, **both.unet_kwargs())
+            def target_pass():
+                with torch.no_grad():
+                    unet(z, t, **c.unet_kwargs())
+            def student_pass():
+                unet(z, t, **c.unet_kwargs()).sample.float().square().mean().backward()
+            times = [timed(f, device)[1] for f in (teacher, target_pass, student_pass)]
+        unet.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            for k, v in zip(bare, times):
+                bare[k].append(v)
+
+    med = {k: statistics.median(v) for k, v in phases.items()}
+    bare_med = {k: statistics.median(v) for k, v in bare.items()}
+    bare_sum = sum(bare_med.values())
+    result = {
+        "base": desc, "family": family, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(), "batch": args.batch, "resolution": args.resolution,
+        "latent_shape": list(shape), "lora_rank": args.rank, "lora_params": n_lora, "bf16": args.bf16,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "loop_step_s": loop_step, "samples_per_s": args.batch / loop_step,
+        "breakdown_s": med, "instrumented_step_s": sum(med.values()),
+        "bare_passes_s": bare_med, "bare_sum_s": bare_sum, "overhead_ratio": loop_step / bare_sum,
+        "peak_memory_gib": peak,
+    }
+    print(f"base {desc} | {family} | {result['device_name']} | batch {args.batch} | latents {tuple(shape)} | "
+          f"LoRA rank {args.rank} ({n_lora:,} params) | {'bf16' if args.bf16 else 'fp32'}")
+    print("instrumented step (median s): " + ", ".join(f"{k} {v:.4f}" for k, v in med.items()) +
+          f" | sum {sum(med.values()):.4f}")
+    print("bare UNet passes (median s): " + ", ".join(f"{k} {v:.4f}" for k, v in bare_med.items()) +
+          f" | sum {bare_sum:.4f}")
+    print(f"training loop step: {loop_step:.4f} s -> {result['samples_per_s']:.2f} samples/s; "
+          f"overhead ratio loop / bare = {result['overhead_ratio']:.3f} (goal <= 1.15)")
+    if peak is not None:
+        print(f"peak memory: {peak:.2f} GiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
