@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from components.config import CurateConfig, Params
@@ -74,14 +73,17 @@ MANIFEST_SCHEMA = pa.schema([
 CANDIDATE_SCHEMA = pa.schema([f for f in MANIFEST_SCHEMA if f.name not in ("member", "image_sha256")])
 REJECTED_SCHEMA = pa.schema([
     ("key", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),  # the threshold or error that rejected it
+    ("reason", pa.dictionary(pa.int32(), pa.string())),
+    ("detail", pa.dictionary(pa.int32(), pa.string())),  # the threshold or error that rejected it
     ("value", pa.float64()),  # the offending value, where there is one
 ])
 
+# Keys are unique: trying to dictionary-encode them is wasted work (half the write time).
+REJECTED_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "use_dictionary": ["reason", "detail"]}
+
 # Metadata filters, in the order that picks a row's reason.
-METADATA_REASONS = ("not_downloaded", "missing_score", "low_aesthetic", "watermark", "unsafe",
-                    "undersized", "aspect_ratio", "caption_length")
+METADATA_REASONS = ("missing_score", "low_aesthetic", "watermark", "unsafe", "undersized", "aspect_ratio",
+                    "caption_length", "not_downloaded")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 BATCH_ROWS = 1 << 17  # metadata rows per record batch
 TAR_CACHE = 4  # tar member tables kept in memory (rows of one shard are contiguous)
@@ -188,12 +190,13 @@ def metadata_files(source: Storage, pattern: str) -> list[str]:
 
 def iter_metadata(source: Storage, files: list[str], filters: Filters, mapping: dict[str, str],
                   batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """Record batches with manifest column names (CANDIDATE_SCHEMA plus `status`), one file at a time."""
+    """Record batches renamed to manifest column names, in the source's own types, one file at
+    a time; `shard` (when the source has none: the file's stem + .tar) is dictionary-encoded."""
     for name in files:
         where = source.url(name)
         try:
-            fragment = next(ds.dataset(source.path(name), format="parquet", filesystem=source.fs).get_fragments())
-            schema = fragment.physical_schema
+            with source.fs.open(source.path(name), "rb") as fh:
+                schema = pq.read_schema(fh)
         except (OSError, pa.ArrowInvalid) as err:
             raise SourceError(f"{where}: unreadable parquet: {err}") from None
         cols = _resolve_columns(schema.names, mapping, where)
@@ -203,24 +206,30 @@ def iter_metadata(source: Storage, files: list[str], filters: Filters, mapping: 
             raise SourceError(f"{where}: missing column(s) {wanted}; has {schema.names}. "
                               "Map source columns to LAION names with curate.columns")
         _check_types(schema, cols, where)
-        shard_default = pa.scalar(Path(name).stem + ".tar", pa.string())
-        for batch in fragment.to_batches(columns=list(dict.fromkeys(cols.values())), batch_size=batch_rows,
-                                         use_threads=True):
-            n = batch.num_rows
-            arrays, names = [], []
-            for f in CANDIDATE_SCHEMA:
-                if f.name in cols:
-                    arr = batch.column(cols[f.name])
-                    arrays.append(arr if arr.type == f.type else pc.cast(arr, f.type, safe=False))
-                elif f.name == "shard":
-                    arrays.append(pa.array([shard_default.as_py()] * n, pa.string()) if n else pa.array([], pa.string()))
-                else:
-                    arrays.append(pa.nulls(n, f.type))
-                names.append(f.name)
-            if "status" in cols:
-                arrays.append(batch.column(cols["status"]))
-                names.append("status")
-            yield pa.RecordBatch.from_arrays(arrays, names=names)
+        shard_default = pa.array([Path(name).stem + ".tar"], pa.string())
+        physical = list(dict.fromkeys(cols.values()))
+        with source.fs.open(source.path(name), "rb") as fh:
+            # Low-cardinality strings stay dictionary-encoded: no per-row string decoding.
+            parquet = pq.ParquetFile(fh, pre_buffer=True,
+                                     read_dictionary=[cols[c] for c in ("shard", "status") if c in cols])
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=physical, use_threads=True):
+                arrays = {canon: batch.column(physical.index(col)) for canon, col in cols.items()}
+                if "shard" not in arrays:
+                    arrays["shard"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(batch.num_rows, np.int32)),
+                                                                     shard_default)
+                yield pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
+
+
+def _to_candidates(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Kept rows in CANDIDATE_SCHEMA (cast only the few survivors, not every source row)."""
+    arrays = []
+    for f in CANDIDATE_SCHEMA:
+        if f.name in batch.schema.names:
+            arr = batch.column(f.name)
+            arrays.append(arr if arr.type == f.type else pc.cast(arr, f.type, safe=False))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=CANDIDATE_SCHEMA)
 
 
 # --- pass 1: vectorized metadata filters ------------------------------------------------
@@ -230,96 +239,109 @@ def _nan_or_null(arr: pa.Array) -> pa.Array:
     return pc.fill_null(pc.is_nan(arr), True)
 
 
-def filter_batch(batch: pa.RecordBatch, filters: Filters) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """Vectorized filters over one batch: (keep mask, reason index per row, offending value).
+def _first_failure(fails: list[pa.Array], values: list[pa.Array], offset: int) -> tuple[pa.Array, pa.Array]:
+    """Per row: index (offset + i) of the first failing check, null if none; and its value."""
+    cond = pa.StructArray.from_arrays(fails, names=[str(i) for i in range(len(fails))])
+    reason = pc.case_when(cond, *[pa.scalar(offset + i, pa.int8()) for i in range(len(fails))])
+    value = pc.case_when(cond, *[pc.cast(v, pa.float64()) for v in values])
+    return reason, value
 
-    The reason index points into METADATA_REASONS (-1 where kept). All null handling is
-    explicit: a null score an enabled filter needs is `missing_score`, a null size is
-    `undersized`, a null caption has length 0.
+
+def numeric_checks(batch: pa.RecordBatch, filters: Filters) -> tuple[pa.Array, pa.Array]:
+    """Scores and geometry over a whole batch: (reason index or null, offending value).
+
+    Null handling is explicit: a null/NaN score an enabled filter needs is `missing_score`,
+    a null size is `undersized`.
     """
     n = batch.num_rows
     false = pa.array(np.zeros(n, dtype=bool))
+    none = pa.nulls(n, pa.float64())
     fails: list[pa.Array] = []
     values: list[pa.Array] = []
+    # 1. Scores: missing first, then each threshold.
+    missing = false
+    for column, threshold in (("aesthetic", filters.min_aesthetic), ("pwatermark", filters.max_watermark),
+                              ("punsafe", filters.max_unsafe)):
+        if threshold is not None:
+            missing = pc.or_(missing, _nan_or_null(batch.column(column)))
+    fails.append(missing)
+    values.append(none)
+    for column, threshold, op in (("aesthetic", filters.min_aesthetic, pc.less),
+                                  ("pwatermark", filters.max_watermark, pc.greater),
+                                  ("punsafe", filters.max_unsafe, pc.greater)):
+        fails.append(false if threshold is None else pc.fill_null(op(batch.column(column), threshold), False))
+        values.append(none if threshold is None else batch.column(column))
+    # 2. Geometry.
+    width, height = batch.column("width"), batch.column("height")
+    short, long = pc.min_element_wise(width, height), pc.max_element_wise(width, height)
+    fails.append(false if filters.min_side is None else pc.fill_null(pc.less(short, filters.min_side), True))
+    values.append(short)
+    aspect = pc.divide(pc.cast(long, pa.float64()), pc.cast(short, pa.float64()))
+    fails.append(false if filters.max_aspect is None else pc.fill_null(pc.greater(aspect, filters.max_aspect), True))
+    values.append(aspect)
+    return _first_failure(fails, values, offset=0)
 
-    # 1. img2dataset status.
+
+def string_checks(batch: pa.RecordBatch, filters: Filters) -> tuple[pa.Array, pa.Array]:
+    """Caption length (whitespace trimmed; null = 0) and img2dataset status, run only on the
+    rows the numeric checks kept: string kernels are the costly ones."""
+    n = batch.num_rows
+    length = pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(batch.column("caption"))), 0)
+    fails = [pc.or_(pc.less(length, filters.caption_min_chars), pc.greater(length, filters.caption_max_chars))]
+    values = [length]
     if "status" in batch.schema.names:
         fails.append(pc.fill_null(pc.not_equal(batch.column("status"), "success"), True))
     else:
-        fails.append(false)
+        fails.append(pa.array(np.zeros(n, dtype=bool)))
     values.append(pa.nulls(n, pa.float64()))
-    # 2. Scores: missing first, then each threshold.
-    scored = [(c, t) for c, t in (("aesthetic", filters.min_aesthetic), ("pwatermark", filters.max_watermark),
-                                  ("punsafe", filters.max_unsafe)) if t is not None]
-    missing = false
-    for column, _ in scored:
-        missing = pc.or_(missing, _nan_or_null(batch.column(column)))
-    fails.append(missing)
-    values.append(pa.nulls(n, pa.float64()))
-    for column, reason, op in (("aesthetic", filters.min_aesthetic, pc.less),
-                               ("pwatermark", filters.max_watermark, pc.greater),
-                               ("punsafe", filters.max_unsafe, pc.greater)):
-        if reason is None:
-            fails.append(false)
-            values.append(pa.nulls(n, pa.float64()))
-        else:
-            arr = batch.column(column)
-            fails.append(pc.fill_null(op(arr, reason), False))
-            values.append(arr)
-    # 3. Geometry.
-    width = pc.cast(batch.column("width"), pa.float64())
-    height = pc.cast(batch.column("height"), pa.float64())
-    short, long = pc.min_element_wise(width, height), pc.max_element_wise(width, height)
-    if filters.min_side is not None:
-        fails.append(pc.fill_null(pc.less(short, float(filters.min_side)), True))
-    else:
-        fails.append(false)
-    values.append(short)
-    aspect = pc.divide(long, short)
-    if filters.max_aspect is not None:
-        fails.append(pc.fill_null(pc.greater(aspect, float(filters.max_aspect)), True))
-    else:
-        fails.append(false)
-    values.append(aspect)
-    # 4. Caption length, whitespace trimmed.
-    length = pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(batch.column("caption"))), 0)
-    fails.append(pc.or_(pc.less(length, filters.caption_min_chars), pc.greater(length, filters.caption_max_chars)))
-    values.append(pc.cast(length, pa.float64()))
-
-    cond = pa.StructArray.from_arrays(fails, names=[str(i) for i in range(len(fails))])
-    reason = pc.case_when(cond, *[pa.scalar(i, pa.int8()) for i in range(len(fails))])
-    keep = pc.is_null(reason)
-    value = pc.case_when(cond, *[pc.cast(v, pa.float64()) for v in values])
-    return keep, reason, value
+    return _first_failure(fails, values, offset=METADATA_REASONS.index("caption_length"))
 
 
 def _rejected_batch(keys: pa.Array, reason_idx: pa.Array, value: pa.Array, filters: Filters) -> pa.RecordBatch:
-    """Rejection rows from reason indices; reason and detail as dictionary-shared strings."""
+    """Rejection rows from reason indices; reason and detail share one small dictionary each."""
     details = filters.describe()
-    reasons = pa.array(METADATA_REASONS, pa.string())
-    detail_dict = pa.array([details[r] for r in METADATA_REASONS], pa.string())
-    return pa.RecordBatch.from_arrays(
-        [keys, pc.take(reasons, reason_idx), pc.take(detail_dict, reason_idx), value], schema=REJECTED_SCHEMA)
+    idx = pc.cast(reason_idx, pa.int32())
+    reasons = pa.DictionaryArray.from_arrays(idx, pa.array(METADATA_REASONS, pa.string()))
+    detail = pa.DictionaryArray.from_arrays(idx, pa.array([details[r] for r in METADATA_REASONS], pa.string()))
+    return pa.RecordBatch.from_arrays([pc.cast(keys, pa.string()), reasons, detail, value], schema=REJECTED_SCHEMA)
 
 
 def filter_metadata(batches: Iterator[pa.RecordBatch], filters: Filters,
                     on_candidates: Callable[[pa.RecordBatch], None],
                     on_rejected: Callable[[pa.RecordBatch], None]) -> tuple[int, dict[str, int]]:
-    """Pass 1 over any stream of metadata batches; returns (rows seen, rejections per reason)."""
+    """Pass 1 over any stream of metadata batches; returns (rows seen, rejections per reason).
+
+    A row's reason is its first failing check in METADATA_REASONS order. Candidates go to
+    `on_candidates` in CANDIDATE_SCHEMA, rejections to `on_rejected` in REJECTED_SCHEMA.
+    """
     rows = 0
     counts = [0] * len(METADATA_REASONS)
+
+    def reject(keys: pa.Array, reason: pa.Array, value: pa.Array) -> None:
+        for entry in pc.value_counts(reason).to_pylist():
+            counts[entry["values"]] += entry["counts"]
+        on_rejected(_rejected_batch(keys, reason, value, filters))
+
     for batch in batches:
         rows += batch.num_rows
-        keep, reason, value = filter_batch(batch, filters)
-        kept = batch.filter(keep)
-        if kept.num_rows:
-            on_candidates(kept.select(CANDIDATE_SCHEMA.names))
-        if kept.num_rows < batch.num_rows:
+        # 1. Cheap numeric checks on every row.
+        reason, value = numeric_checks(batch, filters)
+        alive = pc.is_null(reason)
+        survivors = batch.filter(alive)
+        if survivors.num_rows < batch.num_rows:
+            drop = pc.invert(alive)
+            reject(batch.column("key").filter(drop), reason.filter(drop), value.filter(drop))
+        if not survivors.num_rows:
+            continue
+        # 2. String checks on the survivors only.
+        reason, value = string_checks(survivors, filters)
+        keep = pc.is_null(reason)
+        kept = survivors.filter(keep)
+        if kept.num_rows < survivors.num_rows:
             drop = pc.invert(keep)
-            reason_idx = reason.filter(drop)
-            for entry in pc.value_counts(reason_idx).to_pylist():
-                counts[entry["values"]] += entry["counts"]
-            on_rejected(_rejected_batch(batch.column("key").filter(drop), reason_idx, value.filter(drop), filters))
+            reject(survivors.column("key").filter(drop), reason.filter(drop), value.filter(drop))
+        if kept.num_rows:
+            on_candidates(_to_candidates(kept))
     return rows, {METADATA_REASONS[i]: c for i, c in enumerate(counts) if c}
 
 
@@ -406,8 +428,9 @@ def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: b
                 on_kept(b)
         if rej_keys:
             on_rejected(pa.RecordBatch.from_arrays(
-                [pa.array(rej_keys, pa.string()), pa.array(rej_reason, pa.string()),
-                 pa.array(rej_detail, pa.string()), pa.nulls(len(rej_keys), pa.float64())], schema=REJECTED_SCHEMA))
+                [pa.array(rej_keys, pa.string()), pa.array(rej_reason, pa.string()).dictionary_encode(),
+                 pa.array(rej_detail, pa.string()).dictionary_encode(), pa.nulls(len(rej_keys), pa.float64())],
+                schema=REJECTED_SCHEMA))
     return counts
 
 
@@ -444,7 +467,7 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
 
     with tempfile.TemporaryDirectory(prefix="lcmlora-curate-") as tmp:
         tmp_path = Path(tmp)
-        rejected_w = pq.ParquetWriter(tmp_path / "rejected.parquet", REJECTED_SCHEMA, compression="zstd")
+        rejected_w = pq.ParquetWriter(tmp_path / "rejected.parquet", REJECTED_SCHEMA, **REJECTED_WRITE_OPTIONS)
         candidates_w = pq.ParquetWriter(tmp_path / "candidates.parquet", CANDIDATE_SCHEMA, compression="zstd")
 
         # 1. Metadata filters, streaming.
