@@ -103,9 +103,12 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
-def to_model_input(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 BxHxWx3 -> float Bx3xHxW in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def to_model_input(pixels: np.ndarray, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 BxHxWx3 -> Bx3xHxW in [-1, 1] on `device`. The uint8 batch moves first (4x fewer
+    bytes than float32) and is converted there, off the host's critical path."""
+    x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2)
+    return x.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
 
 
 @torch.no_grad()
@@ -394,7 +397,7 @@ def encode_dataset(
             for prepared in _threaded(_prepared_batches(mine, source, resolution, batch_size, pool), QUEUE_DEPTH):
                 t0 = time.perf_counter()
                 if len(prepared.rows):
-                    x = to_model_input(prepared.pixels).to(device=device, dtype=torch_dtype)
+                    x = to_model_input(prepared.pixels, device, torch_dtype)
                     latents = encode_latent_mean(vae, x).float().cpu().numpy()
                     embeddings = text_embedder([r["caption"] for r in prepared.rows]) if text_embedder else {}
                 else:
