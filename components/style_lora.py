@@ -28,6 +28,7 @@ class StyleTraining:
     batch_size: int = 64  # images per step
     lr: float = 1e-3  # AdamW learning rate
     seed: int = 0  # data order, noise and LoRA init
+    caption_dropout: float = 0.1  # share of captions replaced by "" so the unconditional branch learns the style
 
 
 def toy_style_set(count: int = 1797, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
@@ -82,6 +83,7 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     latents, embeddings = encode_style_set(pipe, images, captions)
+    empty = encode_style_set(pipe, images[:1], [""])[1]  # the CFG unconditional embedding
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # 2. The LoRA: B starts at zero, so step 0 is the base.
     pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
@@ -96,7 +98,9 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     # 3. Plain diffusion fine-tuning over random mini-batches.
     for step in range(cfg.steps):
         index = torch.randint(0, latents.shape[0], (min(cfg.batch_size, latents.shape[0]),), generator=generator)
-        loss = diffusion_loss(pipe.unet, scheduler, latents[index], embeddings[index], generator)
+        drop = torch.rand(len(index), generator=generator) < cfg.caption_dropout
+        context = torch.where(drop[:, None, None], empty, embeddings[index])
+        loss = diffusion_loss(pipe.unet, scheduler, latents[index], context, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"style LoRA: loss became {loss.item()} at step {step}; lower merge.style_lr")
         optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 
-VOCAB = 258  # 256 byte symbols + <|startoftext|> + <|endoftext|>
+MAX_TOKENS = 32  # prompt length in tokens (one per character)
+VOCAB = 514  # 256 byte symbols, the same at word ends (</w>), <|startoftext|>, <|endoftext|>
 
 
 def byte_tokenizer(folder):
@@ -22,11 +23,11 @@ def byte_tokenizer(folder):
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = [s + "</w>" for s in bytes_to_unicode().values()]
+    symbols = list(bytes_to_unicode().values())
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(
-        [*symbols, "<|startoftext|>", "<|endoftext|>"])}, ensure_ascii=False))
+        [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"])}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8,
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS,
                          pad_token="<|endoftext|>")
 
 
@@ -35,7 +36,7 @@ def _text_encoder(width: int, seed: int, projection: bool = False):
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=8, projection_dim=16,
+                            num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=16,
                             bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
