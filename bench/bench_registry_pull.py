@@ -65,6 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-registry-"))
+    load_start = os.getloadavg()[0]
     server = None
     try:
         # 1. A SeaweedFS on loopback (the test fixture's launcher) unless an endpoint is given.
@@ -97,6 +98,7 @@ def main() -> None:
 
         def timed_pull(i: int) -> float:
             shutil.rmtree(work / "cache", ignore_errors=True)  # cold: nothing cached
+            os.sync()  # start clean: no writeback of the previous run's 400 MB during this one
             t0, c0 = time.perf_counter(), time.process_time()
             registry.pull(f"bench-lcm-lora:{manifest.version}", work / f"pull{i}")
             cpu["pull"].append(time.process_time() - c0)
@@ -104,6 +106,7 @@ def main() -> None:
 
         def timed_download(i: int) -> float:
             (work / f"dl{i}").mkdir()
+            os.sync()
             t0, c0 = time.perf_counter(), time.process_time()
             boto3_download(storage, keys, work / f"dl{i}")
             cpu["boto3"].append(time.process_time() - c0)
@@ -119,11 +122,15 @@ def main() -> None:
                 pulls.append(timed_pull(i))
             shutil.rmtree(work / f"pull{i}")
             shutil.rmtree(work / f"dl{i}")
+            shutil.rmtree(work / "cache", ignore_errors=True)
+        registry.pull(f"bench-lcm-lora:{manifest.version}", work / "warm0")  # fills the cache
         t0 = time.perf_counter()
         warm = registry.pull(f"bench-lcm-lora:{manifest.version}", work / "warm")
         warm_s = time.perf_counter() - t0
 
         pull_med, dl_med = statistics.median(pulls), statistics.median(downloads)
+        print(f"load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}, "
+              f"{os.cpu_count()} CPUs")
         print(f"version: {total_mb:.0f} MB in {len(manifest.files)} files at {endpoint} (publish {publish_s:.2f} s)")
         print(f"registry pull (cold cache, sha256-verified): median {pull_med:.2f} s "
               f"({total_mb / pull_med:.0f} MB/s)  runs {[round(x, 2) for x in pulls]}")

@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from components.model_card import ModelCardError, check_model_card, render_model_card
-from components.storage import AlreadyExists, NotFound, PreconditionFailed, Storage, check_rel
+from components.storage import (
+    PART_SIZE,
+    AlreadyExists,
+    NotFound,
+    PreconditionFailed,
+    Storage,
+    check_rel,
+)
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MAX_NAME_LENGTH = 128
@@ -115,8 +122,30 @@ def validate_version(value: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """sha256 and size of one file; files larger than one part also list the sha256 of every
+    `part_size`-byte part, so that `pull` verifies parts in parallel as they arrive instead
+    of hashing the whole file in one serial pass (each byte is still covered by a sha256
+    written in the manifest, and the whole-file sha256 was computed from the same bytes)."""
+
     sha256: str
     size: int
+    part_size: int | None = None
+    parts: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
+        if self.parts:
+            out.update(part_size=self.part_size, parts=list(self.parts))
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> FileEntry:
+        parts = tuple(str(p) for p in raw.get("parts") or ())
+        part_size = int(raw["part_size"]) if parts else None
+        size = int(raw["size"])
+        if parts and (part_size is None or part_size <= 0 or len(parts) != -(-size // part_size)):
+            raise ValueError(f"{len(parts)} part hashes do not cover {size} bytes in parts of {part_size}")
+        return cls(str(raw["sha256"]), size, part_size, parts)
 
 
 @dataclass(frozen=True)
@@ -136,7 +165,7 @@ class Manifest:
     def to_json(self) -> str:
         body = {
             "format": MANIFEST_FORMAT, "name": self.name, "version": self.version, "created_at": self.created_at,
-            "files": {k: {"sha256": v.sha256, "size": v.size} for k, v in sorted(self.files.items())},
+            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
             "base": self.base, "metrics": self.metrics, "gate": self.gate, "lineage": self.lineage,
         }
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
@@ -145,7 +174,7 @@ class Manifest:
     def from_json(cls, text: str | bytes, source: str) -> Manifest:
         try:
             raw = json.loads(text)
-            files = {check_rel(k): FileEntry(str(v["sha256"]), int(v["size"])) for k, v in raw["files"].items()}
+            files = {check_rel(k): FileEntry.from_dict(v) for k, v in raw["files"].items()}
             return cls(name=raw["name"], version=str(raw["version"]), files=files, base=raw.get("base"),
                        metrics=raw.get("metrics"), gate=raw.get("gate"), lineage=raw.get("lineage"),
                        created_at=raw.get("created_at", ""),
@@ -198,6 +227,36 @@ def _sha256_file(path: Path) -> str:
         while chunk := fh.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hash_file(path: Path, part_size: int = PART_SIZE) -> FileEntry:
+    """One pass over `path`: whole-file sha256, size, and per-part sha256s if over one part."""
+    whole, parts, size = hashlib.sha256(), [], 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(part_size):
+            whole.update(chunk)
+            parts.append(hashlib.sha256(chunk).hexdigest())
+            size += len(chunk)
+    if len(parts) <= 1:
+        return FileEntry(whole.hexdigest(), size)
+    return FileEntry(whole.hexdigest(), size, part_size, tuple(parts))
+
+
+def _file_matches(path: Path, entry: FileEntry) -> bool:
+    """Re-verify a local file: its parts in parallel threads if listed, else one sha256 pass."""
+    if not entry.parts:
+        return _sha256_file(path) == entry.sha256
+    part_size = entry.part_size or PART_SIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        def part_ok(index: int) -> bool:
+            data = os.pread(fd, part_size, index * part_size)
+            return hashlib.sha256(data).hexdigest() == entry.parts[index]
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            return all(pool.map(part_ok, range(len(entry.parts))))
+    finally:
+        os.close(fd)
 
 
 def _redact(value: Any) -> Any:
@@ -268,7 +327,7 @@ class Registry:
         metadata = json.dumps([base, metrics, gate, lineage], default=str).encode()
         self._refuse_credentials(name, {MANIFEST: metadata, **self._small_texts(src, files)})
         # 2. Hash every file before anything is uploaded.
-        entries = {rel: FileEntry(_sha256_file(src / rel), (src / rel).stat().st_size) for rel in files}
+        entries = {rel: hash_file(src / rel, PART_SIZE) for rel in files}
         if card is not None:
             entries[CARD] = FileEntry(hashlib.sha256(card).hexdigest(), len(card))
         # 3. Claim the next version id (create-only; a lost race moves on to the next id).
@@ -519,24 +578,38 @@ class Registry:
                 return False
         except FileNotFoundError:
             return False
-        if _sha256_file(blob) == entry.sha256:
+        if _file_matches(blob, entry):
             return True
         blob.unlink(missing_ok=True)  # corrupted in place (e.g. a hardlinked copy was edited)
         return False
 
     def _fetch_verified(self, key: str, entry: FileEntry, dest: Path, rel: str) -> None:
-        digest = hashlib.sha256()
+        def mismatch(detail: str) -> VerificationError:
+            return VerificationError(
+                f"{rel}: does not match the manifest ({self.storage.url(key)}: {detail}); the stored "
+                "version is tampered or truncated, nothing was written")
+
+        def check_part(start: int, data: bytes) -> None:
+            index = start // (entry.part_size or 1)
+            if index >= len(entry.parts) or hashlib.sha256(data).hexdigest() != entry.parts[index]:
+                raise mismatch(f"part {index} at byte {start} has the wrong sha256 or lies past the "
+                               f"{entry.size} bytes listed")
+
+        # Large files: every part checked by its download thread; small ones: one digest.
+        digest = None if entry.parts else hashlib.sha256()
         try:
-            self.storage.get_file(key, dest, digest=digest)
+            self.storage.get_file(key, dest, digest=digest, check_part=check_part if entry.parts else None,
+                                  part_size=entry.part_size)
         except NotFound:
             raise VerificationError(f"{rel}: listed in the manifest but missing from {self.storage.url(key)}") from None
-        size = dest.stat().st_size
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        except VerificationError:
             dest.unlink(missing_ok=True)
-            raise VerificationError(
-                f"{rel}: does not match the manifest ({self.storage.url(key)}: {size} bytes, sha256 "
-                f"{digest.hexdigest()[:16]}..., expected {entry.size} bytes, sha256 {entry.sha256[:16]}...); "
-                "the stored version is tampered or truncated, nothing was written")
+            raise
+        size = dest.stat().st_size
+        if size != entry.size or (digest is not None and digest.hexdigest() != entry.sha256):
+            dest.unlink(missing_ok=True)
+            found = f"sha256 {digest.hexdigest()[:16]}..., " if digest is not None else ""
+            raise mismatch(f"{size} bytes, {found}expected {entry.size} bytes, sha256 {entry.sha256[:16]}...")
 
     def _assemble(self, manifest: Manifest, target: Path, overwrite: bool) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -63,6 +63,9 @@ class PreconditionFailed(StorageError):
 
 class NotFound(StorageError, FileNotFoundError):
     """The object does not exist."""
+
+
+PartCheck = Callable[[int, bytes], None]  # (offset, bytes of one part); raises to abort
 
 
 class Digest(Protocol):
@@ -160,9 +163,15 @@ class Storage:
     def size(self, rel: str) -> int:
         return self._backend.size(check_rel(rel))
 
-    def get_file(self, rel: str, local: str | os.PathLike, *, digest: Digest | None = None) -> None:
-        """Download `rel` to a local file, feeding every byte in order to `digest` if given."""
-        self._backend.get_file(check_rel(rel), Path(local), digest)
+    def get_file(self, rel: str, local: str | os.PathLike, *, digest: Digest | None = None,
+                 check_part: PartCheck | None = None, part_size: int | None = None) -> None:
+        """Download `rel` to a local file.
+
+        `digest` gets every byte in order (one thread: a serial pass). `check_part(start, data)`
+        gets each consecutive `part_size`-byte part (default PART_SIZE) as soon as it arrives,
+        from several threads and in any order; it raises to abort the download.
+        """
+        self._backend.get_file(check_rel(rel), Path(local), digest, check_part, part_size or PART_SIZE)
 
     def ls(self, rel: str = "", *, recursive: bool = False) -> list[str]:
         """Sorted names directly below `rel` (files and folders), or all file paths below it
@@ -221,7 +230,8 @@ class _Backend(Protocol):
     def exists(self, rel: str) -> bool: ...
     def size(self, rel: str) -> int: ...
     def read_with_etag(self, rel: str) -> tuple[bytes, str]: ...
-    def get_file(self, rel: str, local: Path, digest: Digest | None) -> None: ...
+    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+                 part_size: int) -> None: ...
     def ls(self, rel: str, recursive: bool) -> list[str]: ...
     def open_read(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def open_write(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
@@ -229,13 +239,6 @@ class _Backend(Protocol):
     def put_file(self, local: Path, rel: str, create_only: bool) -> None: ...
     def write_if_match(self, rel: str, data: bytes, etag: str | None) -> str: ...
     def delete(self, rel: str, recursive: bool) -> None: ...
-
-
-def _copy_stream(src: IO[bytes], dst: IO[bytes], digest: Digest | None) -> None:
-    while chunk := src.read(CHUNK):
-        if digest is not None:
-            digest.update(chunk)
-        dst.write(chunk)
 
 
 def _is_hidden(name: str) -> bool:
@@ -271,13 +274,21 @@ class _LocalBackend:
             raise self._missing(rel) from None
         return data, hashlib.sha256(data).hexdigest()
 
-    def get_file(self, rel: str, local: Path, digest: Digest | None) -> None:
+    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+                 part_size: int) -> None:
         try:
             src = open(self._p(rel), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             raise self._missing(rel) from None
         with src, open(local, "wb") as dst:
-            _copy_stream(src, dst, digest)
+            start = 0
+            while chunk := src.read(part_size):
+                if check_part is not None:
+                    check_part(start, chunk)
+                if digest is not None:
+                    digest.update(chunk)
+                dst.write(chunk)
+                start += len(chunk)
 
     def ls(self, rel: str, recursive: bool) -> list[str]:
         base = self._p(rel)
@@ -476,32 +487,36 @@ class _S3Backend:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.store.key(rel))
             return resp["Body"].read(), resp["ETag"]
 
-    def get_file(self, rel: str, local: Path, digest: Digest | None) -> None:
-        # Ranged GETs in parallel, each part written at its offset by its own thread; this
-        # thread only hashes the parts in order, so verification adds no second pass and the
-        # serial path is the hash alone. At most WINDOW parts are held in memory. Every part
-        # asks for the ETag seen first, so a concurrent overwrite is an error, not a mix.
+    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+                 part_size: int) -> None:
+        # Ranged GETs in parallel; each download thread checks its part (`check_part`) and
+        # writes it at its offset. Only a whole-file `digest` needs this thread, which feeds it
+        # the parts in order: the hash is then the only serial work. At most WINDOW parts are
+        # in flight. Every part asks for the ETag seen first, so a concurrent overwrite is an
+        # error, not a mix of two objects.
         key = self.store.key(rel)
         with self._call(rel, "head"):
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         size, etag = int(head["ContentLength"]), head["ETag"]
 
-        def fetch(start: int, fd: int) -> bytes:
-            extra = {"Range": f"bytes={start}-{min(start + PART_SIZE, size) - 1}"} if size else {}
+        def fetch(start: int, fd: int) -> bytes | None:
+            extra = {"Range": f"bytes={start}-{min(start + part_size, size) - 1}"} if size else {}
             try:
                 with self._call(rel, "download"):
                     data = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **extra)["Body"].read()
             except PreconditionFailed:
                 raise StorageError(f"s3://{self.bucket}/{key}: changed while it was downloading; retry") from None
+            if check_part is not None:
+                check_part(start, data)
             os.pwrite(fd, data, start)
-            return data
+            return data if digest is not None else None
 
-        starts = list(range(0, size, PART_SIZE)) or [0]
+        starts = list(range(0, size, part_size)) or [0]
         with open(local, "wb") as fh:
             fd = fh.fileno()
             if len(starts) == 1:
                 data = fetch(0, fd)
-                if digest is not None:
+                if digest is not None and data is not None:
                     digest.update(data)
                 return
             with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
@@ -513,7 +528,7 @@ class _S3Backend:
                         nxt = next(queued, None)
                         if nxt is not None:
                             pending.append(pool.submit(fetch, nxt, fd))
-                        if digest is not None:
+                        if digest is not None and data is not None:
                             digest.update(data)
                 finally:
                     for future in pending:

@@ -6,6 +6,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -214,6 +215,38 @@ def test_tampered_or_truncated_file_fails_pull_and_writes_nothing(root: str, tmp
     reg.storage.write_bytes(key, original)  # restored: the pull verifies again and succeeds
     reg.pull("victim", tmp_path / "out-ok")
     assert (tmp_path / "out-ok" / "pytorch_lora_weights.safetensors").read_bytes() == original
+
+
+@BACKENDS
+def test_large_files_verified_part_by_part(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    part = 64 * 1024
+    monkeypatch.setattr(registry_module, "PART_SIZE", part)  # 300 KB file -> 5 parts
+    reg = registry_at(root, tmp_path)
+    src = make_lora_folder(tmp_path / "lora", big=300 * 1024)
+    entry = reg.publish(src, "parted").files["big.safetensors"]
+    assert entry.part_size == part and len(entry.parts) == 5
+    assert reg.show("parted").files["big.safetensors"] == entry
+    reg.pull("parted", tmp_path / "ok")
+    assert (tmp_path / "ok" / "big.safetensors").read_bytes() == (src / "big.safetensors").read_bytes()
+    # A pulled file is a hard link into the cache: editing it is caught by the part check.
+    with open(tmp_path / "ok" / "big.safetensors", "r+b") as fh:
+        fh.seek(3 * part + 5)
+        fh.write(b"X")
+    assert reg.pull("parted", tmp_path / "again").downloaded == ["big.safetensors"]
+
+    key = "parted/versions/1/big.safetensors"
+    original = reg.storage.read_bytes(key)
+    middle = bytearray(original)
+    middle[2 * part + 10] ^= 0xFF
+    cases = [("tampered", bytes(middle), "part 2"), ("truncated", original[: 2 * part], "bytes"),
+             ("extended", original + b"more", "part 4")]
+    for label, data, detail in cases:
+        reg.storage.write_bytes(key, data)
+        shutil.rmtree(tmp_path / "cache")
+        with pytest.raises(VerificationError, match="big.safetensors") as err:
+            reg.pull("parted", tmp_path / f"out-{label}")
+        assert detail in str(err.value) and "nothing was written" in str(err.value)
+        assert not (tmp_path / f"out-{label}").exists() and not (tmp_path / "cache" / "sha256").exists()
 
 
 def test_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
