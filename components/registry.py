@@ -259,6 +259,33 @@ def _file_matches(path: Path, entry: FileEntry) -> bool:
         os.close(fd)
 
 
+def _base_from_metadata(lineage: Any, card_path: Path) -> dict[str, Any] | None:
+    """The base a LoRA was made for: lineage `base` or `inputs.base` (distill's record), with
+    family and fingerprint filled from lineage `resolved.base` or the card's `lcm_lora` entry."""
+    lineage = lineage if isinstance(lineage, dict) else {}
+    raw = lineage.get("base")
+    if raw is None and isinstance(lineage.get("inputs"), dict):
+        raw = lineage["inputs"].get("base")
+    base: dict[str, Any] = dict(raw) if isinstance(raw, dict) else ({"reference": raw} if isinstance(raw, str) else {})
+    card: dict[str, Any] = {}
+    if card_path.is_file():
+        with contextlib.suppress(ModelCardError):
+            card = check_model_card(card_path.read_text(), str(card_path))
+    lcm = card.get("lcm_lora") if isinstance(card.get("lcm_lora"), dict) else {}
+    resolved = lineage.get("resolved", {}).get("base", {}) if isinstance(lineage.get("resolved"), dict) else {}
+    if "reference" not in base and (resolved.get("reference") or card.get("base_model")):
+        base["reference"] = resolved.get("reference") or card["base_model"]
+    if "family" not in base and (resolved.get("family") or lcm.get("family")):
+        base["family"] = resolved.get("family") or lcm["family"]
+    if "fingerprint" not in base:
+        fingerprint = (base.get("fingerprints") or {}).get("unet") if isinstance(base.get("fingerprints"), dict) \
+            else None
+        fingerprint = fingerprint or lineage.get("base_fingerprint") or lcm.get("base_fingerprint")
+        if fingerprint:
+            base["fingerprint"] = fingerprint
+    return base or None
+
+
 def _redact(value: Any) -> Any:
     """Drop credential-like keys from metadata (lineage often embeds resolved configs)."""
     if isinstance(value, dict):
@@ -389,14 +416,8 @@ class Registry:
             metrics = {k: v for k, v in metrics.items() if k != "gate"}
         if lineage is None and (src / "lineage.json").is_file():
             lineage = _read_json_file(src / "lineage.json")
-        if base is None and isinstance(lineage, dict):
-            raw = lineage.get("base")
-            if isinstance(raw, dict):
-                base = raw
-            elif isinstance(raw, str):
-                base = {"reference": raw}
-            if base is not None and "fingerprint" not in base and "base_fingerprint" in lineage:
-                base = {**base, "fingerprint": lineage["base_fingerprint"]}
+        if base is None:
+            base = _base_from_metadata(lineage, src / CARD)
         if gate is not None and gate.get("passed") is False:
             violations = gate.get("violations") or []
             raise RegistryError(f"{src}: its evaluation gate failed; a LoRA that failed its gate is never "

@@ -160,6 +160,22 @@ def test_model_card_generated_when_missing_and_checked_when_present(tmp_path: Pa
     assert reg.list() == ["gen-card"]
 
 
+def test_base_read_from_distill_lineage_and_card(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    folder = make_lora_folder(tmp_path / "lora")
+    (folder / "lineage.json").write_text(json.dumps({
+        "stage": "distill", "inputs": {"base": {"name": "toy", "reference": "data/toy/base",
+                                                "fingerprints": {"unet": "u" * 64, "vae": "v" * 64}}},
+        "resolved": {"base": {"reference": "data/toy/base", "family": "sd15"}}}))
+    base = reg.publish(folder, "from-lineage").base
+    assert base is not None
+    assert (base["name"], base["family"], base["fingerprint"]) == ("toy", "sd15", "u" * 64)
+    (folder / "lineage.json").unlink()  # only the card: base_model and its lcm_lora entry
+    (folder / "README.md").write_text(CARD.replace("tags:", "lcm_lora: {family: sdxl, base_fingerprint: abc}\ntags:"))
+    assert reg.publish(folder, "from-card").base == {"reference": "data/toy/base", "family": "sdxl",
+                                                     "fingerprint": "abc"}
+
+
 def test_pickle_weights_and_failed_gate_refused(tmp_path: Path) -> None:
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
     for suffix in (".ckpt", ".bin", ".pt", ".pth", ".pkl"):
