@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from components.model_card import ModelCardError, check_model_card, parse_model_card, render_model_card
+from components.model_card import (
+    ModelCardError,
+    check_model_card,
+    parse_model_card,
+    render_model_card,
+)
 
 
 def test_rendered_card_passes_its_own_check() -> None:
