@@ -30,7 +30,9 @@ from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
 from tasks.merge import merge_variants
 from tasks.publish import GateFailed, publish_folder, registry_name
-from tasks.storage import fetch_folder, store_folders
+from tasks.storage import copy_folder, fetch_folder, store_folders
+
+EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
 
 
 def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, timeout_s: int | None = None,
@@ -111,19 +113,27 @@ def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: di
 @flow(name="evaluate")
 def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                   lora: dict[str, Any]) -> dict[str, Any]:
-    """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged."""
+    """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged.
+
+    The evaluation writes its gate and report into the LoRA folder it judges, so it judges a
+    copy (`stages/evaluate/BASE/KEY/lora/`, the folder publish ships); the distill output
+    stays as distillation wrote it, whatever other evaluations of it conclude.
+    """
     key = stage_key("evaluate", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
                     evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})))
     storage = Storage.from_config(cfg.storage)
     out = output_rel("evaluate", key, base_name)
-    lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
+    local = work_dir(storage, out)
+    marker = f"{out}/{COMPLETE}"
+    if not storage.exists(marker):
+        lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
+        copy_folder(lora_dir, str(local / EVALUATED_LORA), [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"])
     task = evaluate_lora.with_options(cache_key_fn=lambda *_: key, persist_result=True)
-    result = _run_cached(cfg, task, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
-                         base_name=base_name, lora_folder=str(lora_dir),
-                         output=str(work_dir(storage, out)))
+    result = _run_cached(cfg, task, marker, key, cfg.orchestrate.evaluate_timeout_s,
+                         base_name=base_name, lora_folder=str(local / EVALUATED_LORA), output=str(local))
     if not result["skipped"]:
-        _storage_step(cfg, store_folders)(cfg, {str(work_dir(storage, out)): out, str(lora_dir): lora["output"]})
-    return {**result, "evaluation": out}
+        _storage_step(cfg, store_folders)(cfg, {str(local): out})
+    return {**result, "evaluation": out, "lora_folder": out, "lora_subdir": EVALUATED_LORA}
 
 
 # --- merge ------------------------------------------------------------------------------
@@ -173,7 +183,8 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
     key = stage_key("publish", lora=lora["weights_sha256"], evaluation=evaluation["key"], name=name,
                     alias=cfg.publish.alias, registry=registry)
     state = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
-        cfg=cfg, base_name=base_name, folder_rel=lora["output"], name=name, key=key, return_state=True)
+        cfg=cfg, base_name=base_name, folder_rel=evaluation["lora_folder"], subdir=evaluation["lora_subdir"],
+        name=name, key=key, return_state=True)
     published = {**state.result(), "skipped": state.name == "Cached", "key": key, "variants": []}
     # The best style variant, when the merge rule picked one: its own name, the merge rule as its gate.
     if merged and merged.get("best_folder"):

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from components.content_hash import canonical_digest
 from components.storage import Storage, StorageUnavailable
 
-KEY_VERSION = 1  # bump to invalidate every cached stage (e.g. when an output layout changes)
+KEY_VERSION = 2  # bump to invalidate every cached stage (e.g. when an output layout changes)
 
 
 def section_digest(section: BaseModel | dict[str, Any]) -> str:

@@ -49,15 +49,15 @@ def register_base(cfg: Params, base_name: str, base: BaseConfig, fingerprints: d
 
 
 @task(name="publish", cache_key_fn=key_parameter, persist_result=True, **storage_retries())
-def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key: str,
+def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key: str, subdir: str = "",
                    gate: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Publish a gated artifact folder as a new registry version and move `publish.alias` to it.
+    """Publish a gated artifact folder (`folder_rel/subdir`) as a new registry version; move `publish.alias`.
 
     `gate` and `metrics` default to the folder's metrics.json (the registry refuses a failed gate).
     """
     from components.registry import Registry
 
-    local = pull_folder(Storage.from_config(cfg.storage), folder_rel)
+    local = pull_folder(Storage.from_config(cfg.storage), folder_rel) / subdir
     registry = Registry.from_params(cfg)
     manifest = registry.publish(local, name, alias=cfg.publish.alias, gate=gate, metrics=metrics)
     alias = cfg.publish.alias

@@ -6,6 +6,8 @@ local storage root nothing is copied (the working copy is the stored folder).
 
 from __future__ import annotations
 
+import shutil
+
 from prefect import task
 
 from components.config import Params
@@ -27,3 +29,10 @@ def store_folders(cfg: Params, folders: dict[str, str]) -> list[str]:
     for local, rel in folders.items():
         push_folder(storage, local, rel)
     return list(folders.values())
+
+
+@task(name="copy-folder")
+def copy_folder(src: str, dest: str, exclude: list[str]) -> str:
+    """Copy a local folder (names matching `exclude` left out), e.g. the LoRA an evaluation writes into."""
+    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*exclude))
+    return dest
