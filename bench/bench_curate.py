@@ -89,16 +89,34 @@ def run_filter(path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cand = pq.ParquetWriter(Path(tmp) / "candidates.parquet", CANDIDATE_SCHEMA, compression="zstd")
         rej = pq.ParquetWriter(Path(tmp) / "rejected.parquet", REJECTED_SCHEMA, **REJECTED_WRITE_OPTIONS)
+        trace: dict[int, float] = {}  # rows read so far -> current RSS (MiB): flat means bounded
+        every = max(1, pq.ParquetFile(path).metadata.num_rows // 10)
+
+        def traced():
+            seen, mark = 0, every
+            for batch in iter_metadata(source, [path.name], filters, {}):
+                seen += batch.num_rows
+                if seen >= mark:
+                    trace[seen] = current_rss_mib()
+                    mark += every
+                yield batch
+
         start = time.perf_counter()
-        rows, counts = filter_metadata(iter_metadata(source, [path.name], filters, {}), filters,
-                                       cand.write_batch, rej.write_batch)
+        rows, counts = filter_metadata(traced(), filters, cand.write_batch, rej.write_batch)
         cand.close()
         rej.close()
         seconds = time.perf_counter() - start
     kept = rows - sum(counts.values())
     return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
             "kept": kept, "rejected": counts,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rss_mib_by_rows": {k: round(v) for k, v in trace.items()}}
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (not the peak), from /proc."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def baseline_rss() -> float:
@@ -142,6 +160,8 @@ def main() -> None:
         print(f"{rows:>11,} rows: {best['rows_per_s'] / 1e6:.2f} M rows/s (best of {args.repeat}: "
               f"{', '.join(f'{r / 1e6:.2f}' for r in best['all_rows_per_s'])}), peak RSS {best['peak_rss_mib']:.0f} MiB "
               f"(imports alone {base:.0f} MiB), kept {best['kept']:,}")
+        trace = ", ".join(f"{int(k) / 1e6:g}M: {v}" for k, v in best["rss_mib_by_rows"].items())
+        print(f"{'':13}RSS (MiB) after rows read: {trace}")
     print(json.dumps(results, indent=1))
 
 

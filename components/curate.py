@@ -21,9 +21,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import queue
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -44,7 +46,6 @@ from components.storage import Storage
 SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
     "key": ("key",),
     "caption": ("TEXT", "caption"),
-    "url": ("URL", "url"),
     "width": ("WIDTH", "width", "original_width"),
     "height": ("HEIGHT", "height", "original_height"),
     "aesthetic": ("AESTHETIC_SCORE", "aesthetic"),
@@ -61,7 +62,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("caption", pa.string()),
     ("shard", pa.string()),  # source tar, relative to the source root
     ("member", pa.string()),  # image member inside the tar (KEY.jpg)
-    ("url", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("aesthetic", pa.float64()),
@@ -78,14 +78,17 @@ REJECTED_SCHEMA = pa.schema([
     ("value", pa.float64()),  # the offending value, where there is one
 ])
 
-# Keys are unique: trying to dictionary-encode them is wasted work (half the write time).
-REJECTED_WRITE_OPTIONS: dict[str, Any] = {"compression": "zstd", "use_dictionary": ["reason", "detail"]}
+# Most source rows end up here, so it is written for speed: keys are unique (a dictionary
+# attempt is wasted work, half the write time), lz4 over zstd, no column statistics.
+REJECTED_WRITE_OPTIONS: dict[str, Any] = {"compression": "lz4", "use_dictionary": ["reason", "detail"],
+                                          "write_statistics": False}
 
 # Metadata filters, in the order that picks a row's reason.
 METADATA_REASONS = ("missing_score", "low_aesthetic", "watermark", "unsafe", "undersized", "aspect_ratio",
                     "caption_length", "not_downloaded")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 BATCH_ROWS = 1 << 17  # metadata rows per record batch
+READ_AHEAD = 2  # metadata batches decoded ahead of the filters
 TAR_CACHE = 4  # tar member tables kept in memory (rows of one shard are contiguous)
 
 
@@ -210,14 +213,51 @@ def iter_metadata(source: Storage, files: list[str], filters: Filters, mapping: 
         physical = list(dict.fromkeys(cols.values()))
         with source.fs.open(source.path(name), "rb") as fh:
             # Low-cardinality strings stay dictionary-encoded: no per-row string decoding.
-            parquet = pq.ParquetFile(fh, pre_buffer=True,
+            # pre_buffer stays off: it keeps the whole file's column chunks, so memory would grow
+            # with the file; reading ahead one batch in a thread (below) overlaps I/O instead.
+            parquet = pq.ParquetFile(fh, pre_buffer=False,
                                      read_dictionary=[cols[c] for c in ("shard", "status") if c in cols])
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=physical, use_threads=True):
+            batches = parquet.iter_batches(batch_size=batch_rows, columns=physical, use_threads=True)
+            for batch in _read_ahead(batches, READ_AHEAD):
                 arrays = {canon: batch.column(physical.index(col)) for canon, col in cols.items()}
                 if "shard" not in arrays:
                     arrays["shard"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(batch.num_rows, np.int32)),
                                                                      shard_default)
                 yield pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
+
+
+def _read_ahead(batches: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
+    """Decode the next `depth` batches in a thread while the caller filters and writes this one
+    (pyarrow releases the GIL while decoding, so both cores work)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put(err)
+
+    thread = threading.Thread(target=produce, daemon=True, name="lcmlora-curate-reader")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _to_candidates(batch: pa.RecordBatch) -> pa.RecordBatch:
