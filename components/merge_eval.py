@@ -8,7 +8,9 @@ For one base, one LCM-LoRA and one style LoRA:
   LCM steps from the same noise;
 - metrics per row: Frechet distance to the reference images (quality of the 4-step style),
   prompt adherence, style strength and its ratio to the reference's (`style_retention`),
-  and the largest pixel difference to variant 1 (variants 2 and 3 must agree with it);
+  and the largest pixel difference to variant 1 (variants 2 and 3 must agree with it). Style
+  strength comes from a style metric where one exists (the toy's); otherwise retention is
+  1 - FD(row) / FD(LCM-LoRA alone), both distances to the style reference images;
 - rule: among merged-LoRA rows with style_retention >= merge.min_style_retention and
   adherence >= merge.min_adherence, the best by merge.select_by. No passing row fails closed.
 """
@@ -170,6 +172,12 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
             rows[-1]["svd_relative_error"] = merge.overall_relative_error(merged, compressed)
             rows[-1]["rank"] = cfg.svd_rank
         say(f"grid ({l1:g}, {l2:g}) done")
+    # Without a style metric (real bases) retention is read off the Frechet distance to the style
+    # reference: 1 at the reference's own distribution, 0 as far from it as the LCM-LoRA without style.
+    if style_metric is None:
+        far = rows[1]["fd"]
+        for row in rows:
+            row["style_retention"] = 1.0 - row["fd"] / far if far > 0 else None
     # 4. The rule, then the fused checkpoint of the winner.
     best, violations = select_best(rows, cfg)
     if best is not None and cfg.save_fused == "best":
@@ -186,7 +194,8 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         "info": {"prompts": len(prompts), "samples_per_prompt": cfg.samples_per_prompt, "seeds": [seeds[0], seeds[-1]],
                  "resolution": resolution, "teacher_guidance_scale": teacher_guidance,
                  "feature_backbone": judges.backbone_name, "adherence": judges.adherence_name,
-                 "style_metric": "toy style strength (LDA over colour statistics)" if style_metric is not None else None,
+                 "style_metric": "toy style strength (LDA over colour statistics)" if style_metric is not None else
+                 "retention = 1 - FD(row) / FD(LCM-LoRA alone), FD to the style reference",
                  "reference_style_strength": ref_strength},
         "rows": rows,
         "selection": {"rule": {"min_style_retention": cfg.min_style_retention, "min_adherence": cfg.min_adherence,

@@ -107,7 +107,7 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if callback is not None:
             callback(step, losses[-1])
     pipe.unet.eval()

@@ -57,3 +57,23 @@ def test_merge_stage_on_a_tiny_pipeline(tmp_path):
     # fused weights were taken back out: the second pipeline is the base again
     base_state = tiny_sd15().unet.state_dict()
     assert max((fused.unet.state_dict()[k] - v).abs().max().item() for k, v in base_state.items()) < 1e-5
+
+
+def test_without_a_style_metric_retention_comes_from_frechet_distance(tmp_path):
+    pipe = tiny_sd15()
+    style_unet, _ = random_lora(pipe, rank=4, alpha=4.0, unet_modules=STYLE_UNET, seed=1)
+    style = write_peft(tmp_path / "style", style_unet, {}, rank=4, alpha=4.0)
+    lcm_unet, _ = random_lora(tiny_sd15(), rank=4, alpha=4.0, unet_modules=LCM_UNET, seed=2)
+    lcm = write_peft(tmp_path / "lcm", lcm_unet, {}, rank=4, alpha=4.0)
+    pipe, fused = tiny_sd15(tokenizer_dir=tmp_path / "tok"), tiny_sd15(tokenizer_dir=tmp_path / "tok")
+    judges = Judges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant", torch.zeros(2, 3, 16, 16))
+    cfg = MergeConfig(weights=[(1.0, 1.0)], samples_per_prompt=3, reference_steps=2, save_fused="none",
+                      min_style_retention=0.0)
+    result = evaluate_merge(pipe, fused, "sd15", style, lcm, cfg, judges, ["a", "b"], teacher_guidance=1.0,
+                            resolution=16, style_metric=None, output=tmp_path / "out", base_meta={"name": "tiny"})
+    rows = {r["label"]: r for r in result.doc["rows"]}
+    assert rows["lcm-alone lcm-4"]["style_retention"] == 0.0
+    merged = rows["merged LoRA (1, 1)"]
+    assert merged["style_strength"] is None
+    assert merged["style_retention"] == 1.0 - merged["fd"] / rows["lcm-alone lcm-4"]["fd"]
+    assert "FD" in result.doc["info"]["style_metric"]
