@@ -346,7 +346,13 @@ class _TrainerState:
 
 def _make_accelerator(opts: TrainOptions, run_dir: Path):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration
+
+    # One process may train several times (nightly over bases, tests) with different mixed
+    # precision; accelerate keeps that setting process-wide, so start each run from a fresh
+    # AcceleratorState. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
 
     # Without a GPU, say cpu=True so that N processes from `accelerate launch`/torchrun form a gloo group.
     cpu = opts.cpu or not torch.cuda.is_available()

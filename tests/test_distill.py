@@ -41,7 +41,7 @@ def memory_batches(family: str, batch: int = 4, n_batches: int = 3, nan_at: int 
 
 
 def train_tiny(tmp: Path, run: str, *, family: str = "sd15", max_steps: int = 6, resume: str | None = None,
-               checkpoint_every: int = 3, on_step=None, nan_at: int | None = None):
+               checkpoint_every: int = 3, on_step=None, nan_at: int | None = None, **options):
     pipe = tiny_pipeline(family, tmp / "pipe")
     torch.manual_seed(0)
     add_lora(pipe.unet, lora_config(4, 8, TARGETS))
@@ -49,8 +49,8 @@ def train_tiny(tmp: Path, run: str, *, family: str = "sd15", max_steps: int = 6,
     return train_lcd_lora(pipe.unet, TextConditioner.from_pipeline(pipe, family),
                           memory_batches(family, nan_at=nan_at), settings,
                           schedule_from_scheduler_config(dict(pipe.scheduler.config)),
-                          TrainOptions(max_steps=max_steps, lr=1e-3, checkpoint_every=checkpoint_every, seed=0),
-                          tmp / run, resume=resume, on_step=on_step)
+                          TrainOptions(max_steps=max_steps, lr=1e-3, checkpoint_every=checkpoint_every, seed=0, **options),
+                          tmp / run, resume=resume, on_step=on_step), pipe
 
 
 def test_dry_run_reproduces_table1_lora_sizes():
@@ -75,7 +75,7 @@ def test_dry_run_cli_json():
 
 
 def test_resume_latest_matches_uninterrupted_run(tmp_path):
-    full = train_tiny(tmp_path, "full")
+    full, _ = train_tiny(tmp_path, "full")
 
     class Killed(Exception):
         pass
@@ -87,7 +87,7 @@ def test_resume_latest_matches_uninterrupted_run(tmp_path):
     with pytest.raises(Killed):
         train_tiny(tmp_path, "killed", on_step=kill_after_5)
     assert latest_checkpoint(tmp_path / "killed").name == "checkpoint-3"
-    resumed = train_tiny(tmp_path, "killed", resume="latest")
+    resumed, _ = train_tiny(tmp_path, "killed", resume="latest")
     assert resumed.resumed_from.endswith("checkpoint-3")
     assert [s for s, _ in resumed.history] == list(range(1, 7))
     for (_, a), (_, b) in zip(full.history, resumed.history):
@@ -104,6 +104,17 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     assert "nan" in str(err.value)
     assert latest_checkpoint(tmp_path / "nan").name == "checkpoint-2"
     assert not (tmp_path / "nan" / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing(tmp_path):
+    """After an fp32 run in the same process: bf16 frozen base, fp32 LoRA, checkpointed UNet, finite losses."""
+    train_tiny(tmp_path, "fp32", max_steps=1, checkpoint_every=0)
+    result, pipe = train_tiny(tmp_path, "bf16", max_steps=2, checkpoint_every=0, mixed_precision="bf16",
+                              gradient_checkpointing=True)
+    assert result.mixed_precision == "bf16" and pipe.unet.is_gradient_checkpointing
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16  # frozen, no LoRA on conv_in
+    assert all(v.dtype == torch.float32 for v in result.lora_state_dict.values())
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.history)
 
 
 def test_ddp_two_cpu_processes_keep_identical_lora(tmp_path):
@@ -157,3 +168,4 @@ def test_sdxl_family_step_and_artifact_loads(tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
     pipe.load_lora_weights(str(folder))
     assert any("lora_A" in n for n, _ in pipe.unet.named_parameters())
+
