@@ -461,28 +461,34 @@ def train_lcd_lora(
             uncond = conditioner.unconditional(cond)
             loss = lcd_loss(student, unet, latents, cond, uncond, settings, alpha_bar, solver_timesteps,
                             state.generator)
-        finite = accelerator.gather(torch.isfinite(loss.detach()).reshape(1).float()).min().item() == 1.0
+        accelerator.backward(loss)
+        if opts.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+        else:
+            grad_norm = torch.zeros((), device=device)
+        # One host sync per step: loss (every rank), finiteness and grad norm, gathered together.
+        local = torch.stack([loss.detach().float(), torch.isfinite(loss.detach()).float(),
+                             torch.as_tensor(grad_norm, device=device).float()])
+        stats = accelerator.gather(local.reshape(1, 3)).reshape(-1, 3).cpu()
+        loss_value, finite, norm = stats[:, 0].mean().item(), bool(stats[:, 1].min() == 1.0), stats[0, 2].item()
         if not finite:
             raise NonFiniteLoss(
-                f"distill: LCD loss is {loss.item()} at step {state.step + 1}; stopped before updating the weights. "
-                f"Last good checkpoint: {last_good or 'none (no checkpoint written yet)'}. Lower distill.lr, "
-                "check the latent shards for NaNs, or set distill.mixed_precision=no; then "
+                f"distill: LCD loss is {stats[:, 0].tolist()} at step {state.step + 1} (per process); stopped before "
+                f"updating the weights. Last good checkpoint: {last_good or 'none (no checkpoint written yet)'}. "
+                "Lower distill.lr, check the latent shards for NaNs, or set distill.mixed_precision=no; then "
                 "`lcmlora distill --resume latest`."
             )
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm) if opts.max_grad_norm > 0 else torch.tensor(0.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         steps_run += 1
-        loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
         state.history.append((state.step, loss_value))
         n = latents.shape[0] * accelerator.num_processes
         samples_run += n
         if on_step is not None and accelerator.is_main_process:
             on_step(StepInfo(state.step, opts.max_steps, loss_value, scheduler.get_last_lr()[0],
-                             float(grad_norm), time.perf_counter() - t_step, n))
+                             norm, time.perf_counter() - t_step, n))
         if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
             last_good = str(_save_checkpoint(accelerator, state, run_dir, opts.checkpoints_keep))
             if on_checkpoint is not None and accelerator.is_main_process:
