@@ -31,8 +31,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CHUNK = 1_000_000  # rows generated (and written as one row group) at a time
-WORDS = ("a photo of the red old small city car dog cat on in at with blue sunset beach mountain house "
-         "portrait painting digital art landscape woman man street night vintage poster logo abstract").split()
+WORDS = ["a", "photo", "of", "the", "red", "old", "small", "city", "car", "dog", "cat", "on", "in", "at", "with", "blue", "sunset", "beach", "mountain", "house", "portrait", "painting", "digital", "art", "landscape", "woman", "man", "street", "night", "vintage", "poster", "logo", "abstract"]
 
 
 def _captions(rng: np.random.Generator, n: int) -> pa.Array:
@@ -80,8 +79,14 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
 def run_filter(path: Path) -> dict:
     """Pass 1 of curation over `path`, as the stage runs it; returns rows/s and peak RSS."""
     from components.config import CurateConfig
-    from components.curate import (CANDIDATE_SCHEMA, REJECTED_SCHEMA, REJECTED_WRITE_OPTIONS, Filters,
-                                   filter_metadata, iter_metadata)
+    from components.curate import (
+        CANDIDATE_SCHEMA,
+        REJECTED_SCHEMA,
+        REJECTED_WRITE_OPTIONS,
+        Filters,
+        filter_metadata,
+        iter_metadata,
+    )
     from components.storage import Storage
 
     filters = Filters.from_config(CurateConfig(), min_side=512)
@@ -121,8 +126,9 @@ def current_rss_mib() -> float:
 
 def baseline_rss() -> float:
     """Peak RSS of a process that only imports what the filter imports (subtracted for clarity)."""
-    code = ("import resource, sys; sys.path.insert(0, %r); import components.curate; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[1])
+    code = (f"import resource, sys; sys.path.insert(0, {repo!r}); import components.curate; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

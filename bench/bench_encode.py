@@ -39,7 +39,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.encode import (  # noqa: E402
+from components.encode import (
     DTYPES,
     decode_image,
     encode_dataset,
@@ -48,7 +48,7 @@ from components.encode import (  # noqa: E402
     resize_and_crop,
     to_model_input,
 )
-from components.storage import Storage  # noqa: E402
+from components.storage import Storage
 
 PER_TAR = 1000
 

@@ -39,7 +39,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import CurateConfig, Params
-from components.quality_gate import GateLimits, ManifestGateFailed, failure_message, run_manifest_gate
+from components.quality_gate import (
+    GateLimits,
+    ManifestGateFailed,
+    failure_message,
+    run_manifest_gate,
+)
 from components.storage import Storage
 
 # Manifest column -> source column names accepted for it (LAION first, img2dataset second).
@@ -503,7 +508,7 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
     start = time.perf_counter()
     filters = Filters.from_config(cfg, min_side)
     report = progress or (lambda stage, rows: None)
-    out = lambda name: f"{out_rel.strip('/')}/{name}" if out_rel.strip("/") else name  # noqa: E731
+    out = lambda name: f"{out_rel.strip('/')}/{name}" if out_rel.strip("/") else name
 
     with tempfile.TemporaryDirectory(prefix="lcmlora-curate-") as tmp:
         tmp_path = Path(tmp)

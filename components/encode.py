@@ -107,6 +107,7 @@ def to_model_input(pixels: np.ndarray, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 BxHxWx3 -> Bx3xHxW in [-1, 1] on `device`. The uint8 batch moves first (4x fewer
     bytes than float32) and is converted there, off the host's critical path."""
+    pixels = pixels if pixels.flags.writeable else pixels.copy()  # torch refuses read-only views
     x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2)
     return x.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
 
@@ -227,7 +228,8 @@ def _prepared_batches(shards: list[ShardPlan], source: Storage, resolution: int,
         starts = list(range(0, len(plan.rows), batch_size)) or [0]
         for n, s in enumerate(starts):
             rows = plan.rows[s:s + batch_size]
-            done = list(pool.map(lambda r: _prepare_one(r, *blobs[r["key"]], resolution), rows))
+            done = list(pool.map(_prepare_one, rows, *zip(*(blobs[r["key"]] for r in rows), strict=True),
+                                 [resolution] * len(rows))) if rows else []
             ok_rows = [r for r, (ok, _) in zip(rows, done, strict=True) if ok is not None]
             ok = [x for x, _ in done if x is not None]
             pixels = np.stack([p for p, _, _ in ok]) if ok else np.zeros((0, resolution, resolution, 3), np.uint8)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _json_value(v: Any) -> Any:
-    return None if isinstance(v, float) and v != v else v
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_SIZE) -> dict[str, Any]:

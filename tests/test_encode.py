@@ -72,7 +72,7 @@ def world(tmp_path_factory):
 
 
 def _encode(world, output: str, **kw):
-    args = dict(resolution=RES, output=output, batch_size=8, shard_size=9)
+    args = {"resolution": RES, "output": output, "batch_size": 8, "shard_size": 9}
     args.update(kw)
     return encode_dataset(world["storage"], "curated/manifest.parquet", world["source"], world["vae"], world["fp"],
                           **args)
@@ -262,7 +262,7 @@ def test_two_ranks_under_accelerate_encode_disjoint_shards(world, tmp_path):
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29613",
            "-m", "flows.cli", "encode", "--base", "tiny", "--params", str(params)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "encoded 2 new shard(s) of 4" in run.stdout  # rank 0 did half; rank 1 the rest
     pointer = json.loads((root / "encoded" / "tiny.json").read_text())

@@ -22,7 +22,7 @@ from components.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from tiny_models import tiny_pipeline  # noqa: E402
+from tiny_models import tiny_pipeline
 
 N, SHARD = 40, 5  # samples, samples per latent shard -> 8 shards
 
