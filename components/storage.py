@@ -181,7 +181,8 @@ class Storage:
     @contextlib.contextmanager
     def open(self, rel: str, mode: str = "rb") -> Iterator[IO[bytes]]:
         """Read ("rb") or atomically write ("wb") a file: a "wb" file appears only when the
-        block exits without an exception."""
+        block exits without an exception. An S3 "rb" stream is not seekable; libraries that
+        seek take `.fs.open(.path(rel))`."""
         rel = check_rel(rel)
         if mode == "rb":
             with self._backend.open_read(rel) as fh:

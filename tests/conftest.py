@@ -255,12 +255,4 @@ def s3_bucket(s3_env: S3Server) -> str:
     return f"s3://{s3_env.make_bucket()}"
 
 
-@pytest.fixture
-def s3_root_or_local(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Parametrize with indirect=True and "local" or "s3": a fresh storage root of that kind."""
-    if request.param == "s3":
-        return request.getfixturevalue("s3_bucket")
-    return str(tmp_path / "root")
-
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
