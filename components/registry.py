@@ -59,7 +59,10 @@ CAS_ATTEMPTS = 200  # alias moves retried this often under contention before giv
 CLAIM_ATTEMPTS = 1000  # version ids tried by one publisher before giving up
 STALE_CLAIM_S = 3600.0  # gc removes incomplete versions whose claim is older than this
 WORKERS = 4  # parallel file transfers per publish / pull
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|private_key)", re.IGNORECASE)
+# Metadata keys whose values are redacted: whole `_`/`-`/`.`-separated words, so that
+# `aws_secret_access_key` is caught and `tokenizer` or `max_tokens` are not.
+_SECRET_KEY = re.compile(r"(?:^|[_.-])(?:secret|password|passwd|token|credentials?|private_key|api_key|access_key)"
+                         r"(?:$|[_.-])", re.IGNORECASE)
 
 
 class RegistryError(RuntimeError):

@@ -202,9 +202,11 @@ def test_credentials_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(RegistryError, match="AWS_SECRET_ACCESS_KEY"):
         reg.publish(folder, "leaky")
     assert reg.list() == [] and not reg.storage.exists("leaky/claims/1.json")
-    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "s3": {"secret_key": "abc"}}))
+    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "s3": {"secret_key": "abc"},
+                                                     "text": {"tokenizer": "clip", "max_tokens": 77}}))
     m = reg.publish(folder, "redacted")
-    assert m.lineage == {"base": {"reference": "b"}, "s3": {"secret_key": "<redacted>"}}
+    assert m.lineage == {"base": {"reference": "b"}, "s3": {"secret_key": "<redacted>"},
+                         "text": {"tokenizer": "clip", "max_tokens": 77}}
 
 
 # --- tampering ------------------------------------------------------------------------------
