@@ -66,6 +66,26 @@ class ToyConfig(Section):
     image_size: int = 32  # pixel size of toy images
     train_steps: int = 3000  # toy base UNet training steps
     batch_size: int = 128  # toy base training batch
+    classifier_dir: str = "data/toy/classifier"  # where `lcmlora toy classifier` writes (committed)
+    classifier_epochs: int = 12  # digit classifier training epochs
+    copies: int = 4  # jittered renderings of each digit in the toy base training set
+    vae_steps: int = 1500  # toy VAE training steps
+    vae_batch_size: int = 64  # toy VAE training batch
+    vae_lr: float = 1.0e-3  # toy VAE peak learning rate (one-cycle)
+    kl_weight: float = 1.0e-4  # weight of the VAE's KL term (per latent element)
+    style_fraction: float = 0.25  # share of toy-style images in the VAE training set
+    lr: float = 1.0e-3  # toy UNet peak learning rate (warm-up, cosine to 10%)
+    warmup_steps: int = 100  # toy UNet learning-rate warm-up steps
+    caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
+    ema_decay: float = 0.999  # EMA of the UNet weights; the EMA is what gets evaluated and saved
+    eval_every: int = 250  # steps between DDIM-50 CFG accuracy checks of the EMA (best kept)
+    eval_samples: int = 200  # samples per accuracy check during training
+    final_eval_samples: int = 500  # samples per guidance scale in the final accuracy table
+    final_guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0])  # final table
+    min_accuracy: float = 0.8  # `toy base` fails if the prompted-digit accuracy at the toy guidance is lower
+    style_count: int = 500  # images in the toy style set
+    device: str = "cpu"  # torch device for toy training (cuda if you have one)
+    threads: int = 2  # torch CPU threads for toy training
 
 
 # --- stages -----------------------------------------------------------------------------

@@ -79,18 +79,85 @@ def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry
                f"{cfg.toy.source_dir} (seed {cfg.toy.seed}); defects: {defects}")
 
 
+def _toy_progress(bar):
+    """A ProgressFn drawing one rich bar per training phase (vae, unet, final, classifier)."""
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, step: int, total: int, metrics: dict) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, metrics="")
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        bar.update(tasks[phase], completed=step, metrics=shown)
+
+    return progress
+
+
+def _toy_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console)
+
+
+@toy_app.command("classifier")
+def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
+                   output: OutputOpt = None) -> None:
+    """Train the digit classifier (toy metrics: prompt adherence, Frechet features) and save it."""
+    cfg = resolve(params, set_, [f"toy.classifier_dir={output}"] if output else None)
+    if dry_run:
+        print_config(cfg)
+        return
+    import json
+    import time
+
+    import torch
+
+    from components.toy_world import build_digit_classifier
+
+    torch.set_num_threads(cfg.toy.threads)
+    start = time.time()
+    with _toy_bar() as bar:
+        report = build_digit_classifier(cfg.toy, _toy_progress(bar))
+    typer.echo(json.dumps({**report, "wall_s": round(time.time() - start, 1)}, indent=2))
+
+
 @toy_app.command("base")
 def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
              output: OutputOpt = None) -> None:
     """Train the tiny SD-1.5-family toy base and save it in diffusers layout."""
-    not_built("toy base")
+    cfg = resolve(params, set_, [f"toy.base_dir={output}"] if output else None)
+    if dry_run:
+        print_config(cfg)
+        return
+    import json
+
+    import torch
+
+    from components.toy_world import build_toy_base
+
+    torch.set_num_threads(cfg.toy.threads)
+    with _toy_bar() as bar:
+        report = build_toy_base(cfg, _toy_progress(bar))
+    typer.echo(json.dumps(report, indent=2))
+    guidance, accuracy = report["guidance_scale"], report["best_accuracy"]
+    if accuracy < cfg.toy.min_accuracy:
+        raise click.ClickException(f"toy base: prompted-digit accuracy {accuracy:.3f} at guidance {guidance} is below "
+                                   f"toy.min_accuracy {cfg.toy.min_accuracy}; train longer (toy.train_steps) "
+                                   f"or check {cfg.toy.base_dir}/training.json")
 
 
 @toy_app.command("style")
 def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
               output: OutputOpt = None) -> None:
     """Write the toy style set: the same digits in a visibly different style."""
-    not_built("toy style")
+    cfg = resolve(params, set_, [f"toy.style_dir={output}"] if output else None)
+    if dry_run:
+        print_config(cfg)
+        return
+    from components.toy_style import write_toy_style
+
+    folder = write_toy_style(cfg.toy.style_dir, cfg.toy.style_count, cfg.toy.seed)
+    typer.echo(f"wrote {cfg.toy.style_count} toy-style images (png + txt, metadata.jsonl) to {folder}")
 
 
 @toy_app.command("style-lora")
