@@ -268,3 +268,19 @@ def test_two_ranks_under_accelerate_encode_disjoint_shards(world, tmp_path):
     pointer = json.loads((root / "encoded" / "tiny.json").read_text())
     samples = _samples(Storage(str(root)), pointer["index"])
     assert sorted(samples) == sorted(world["clean"])
+
+
+def test_truncated_source_tar_is_a_counted_rejection(world, tmp_path):
+    """A source tar cut short after curation: its missing members are rejected, the rest encoded."""
+    import shutil
+
+    shutil.copytree(world["source"].url(), tmp_path / "source")
+    tar = tmp_path / "source" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[: 40 * 1024 + 100])  # about the first dozen samples
+    result = encode_dataset(world["storage"], "curated/manifest.parquet", Storage(str(tmp_path / "source")),
+                            world["vae"], world["fp"], resolution=RES, output="latents-truncated",
+                            batch_size=8, shard_size=9)
+    missing = [r for r in result.rejected if r["reason"] == "missing_image"]
+    assert missing and all("00000.tar: truncated or corrupt tar" in r["detail"] for r in missing)
+    assert result.samples + len(result.rejected) == CLEAN + CORRUPT
+    assert 0 < result.samples < CLEAN
