@@ -401,7 +401,12 @@ class Registry:
             raise RegistryError(f"{src}: refusing pickle-format weights {pickles}: they can run code when loaded; "
                                 "save them as .safetensors")
         if MANIFEST in files:
-            problems.append(f"{MANIFEST}: reserved for the registry; remove it from the folder")
+            # A folder pulled from a registry carries its old manifest: not content, replaced.
+            try:
+                Manifest.from_json((src / MANIFEST).read_bytes(), str(src / MANIFEST))
+                files.remove(MANIFEST)
+            except RegistryError:
+                problems.append(f"{MANIFEST}: reserved for the registry manifest; rename or remove it")
         if not any(f.endswith(".safetensors") for f in files):
             problems.append("no .safetensors weights file found")
         if problems:

@@ -133,6 +133,9 @@ def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
         reg.pull("toy-lcm-lora:2", tmp_path / "out")
     reg.pull("toy-lcm-lora:2", tmp_path / "out", overwrite=True)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == "2"
+    # A pulled folder publishes again as is (its old manifest is replaced, not content).
+    copy = reg.publish(tmp_path / "out", "toy-lcm-lora-copy")
+    assert "manifest.json" not in copy.files and copy.files == reg.show("toy-lcm-lora:2").files
     with pytest.raises(RegistryError, match="no such version"):
         reg.show("toy-lcm-lora:9")
     with pytest.raises(RegistryError, match="no alias 'production'"):
@@ -187,6 +190,10 @@ def test_pickle_weights_and_failed_gate_refused(tmp_path: Path) -> None:
     (no_weights / "pytorch_lora_weights.safetensors").unlink()
     with pytest.raises(RegistryError, match="no .safetensors"):
         reg.publish(no_weights, "empty")
+    (no_weights / "manifest.json").write_text("{}")
+    with pytest.raises(RegistryError, match="reserved") as err:
+        reg.publish(no_weights, "empty")
+    assert "no .safetensors" in str(err.value)  # every problem listed at once
     failed = make_lora_folder(tmp_path / "failed")
     (failed / "metrics.json").write_text(json.dumps({"gate": {"passed": False, "violations": ["FD too high"]}}))
     with pytest.raises(RegistryError, match="FD too high"):
