@@ -76,10 +76,17 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     writer.close()
 
 
-def run_filter(path: Path) -> dict:
+def run_filter(path: Path, batch_rows: int | None = None) -> dict:
     """Pass 1 of curation over `path`, as the stage runs it; returns rows/s and peak RSS."""
+    # Arrow sizes its thread pool by the host's CPUs, not the process's affinity: under
+    # `taskset -c 0,1` on a big host it would run 16 threads on 2 cores. Size it as a 2-core
+    # machine would.
+    cores = len(os.sched_getaffinity(0))
+    pa.set_cpu_count(cores)
+    pa.set_io_thread_count(cores)
     from components.config import CurateConfig
     from components.curate import (
+        BATCH_ROWS,
         CANDIDATE_SCHEMA,
         REJECTED_SCHEMA,
         REJECTED_WRITE_OPTIONS,
@@ -99,7 +106,7 @@ def run_filter(path: Path) -> dict:
 
         def traced():
             seen, mark = 0, every
-            for batch in iter_metadata(source, [path.name], filters, {}):
+            for batch in iter_metadata(source, [path.name], filters, {}, batch_rows=batch_rows or BATCH_ROWS):
                 seen += batch.num_rows
                 if seen >= mark:
                     trace[seen] = current_rss_mib()
@@ -112,7 +119,8 @@ def run_filter(path: Path) -> dict:
         rej.close()
         seconds = time.perf_counter() - start
     kept = rows - sum(counts.values())
-    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds),
+    return {"rows": rows, "seconds": round(seconds, 3), "rows_per_s": round(rows / seconds), "cores": cores,
+            "batch_rows": batch_rows or BATCH_ROWS,
             "kept": kept, "rejected": counts,
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "rss_mib_by_rows": {k: round(v) for k, v in trace.items()}}
@@ -137,10 +145,11 @@ def main() -> None:
     ap.add_argument("--rows", type=int, action="append", help="row counts to measure (repeatable)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lcmlora-bench-curate"))
     ap.add_argument("--repeat", type=int, default=3, help="runs per size; the best is reported")
+    ap.add_argument("--batch-rows", type=int, help="record batch size (default: curate's BATCH_ROWS)")
     ap.add_argument("--_run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._run:
-        print(json.dumps(run_filter(Path(args._run))))
+        print(json.dumps(run_filter(Path(args._run), args.batch_rows)))
         return
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -155,15 +164,17 @@ def main() -> None:
             print(f"generated {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f}s")
         runs = []
         for _ in range(args.repeat):
-            out = subprocess.run([sys.executable, __file__, "--_run", str(path)], capture_output=True, text=True,
-                                 check=True)
+            extra = ["--batch-rows", str(args.batch_rows)] if args.batch_rows else []
+            out = subprocess.run([sys.executable, __file__, "--_run", str(path), *extra], capture_output=True,
+                                 text=True, check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         best = max(runs, key=lambda r: r["rows_per_s"])
         best["file_mib"] = round(path.stat().st_size / 2**20, 1)
         best["import_rss_mib"] = round(base, 1)
         best["all_rows_per_s"] = [r["rows_per_s"] for r in runs]
         results.append(best)
-        print(f"{rows:>11,} rows: {best['rows_per_s'] / 1e6:.2f} M rows/s (best of {args.repeat}: "
+        print(f"{rows:>11,} rows, {best['cores']} cores, batches of {best['batch_rows']:,}: "
+              f"{best['rows_per_s'] / 1e6:.2f} M rows/s (best of {args.repeat}: "
               f"{', '.join(f'{r / 1e6:.2f}' for r in best['all_rows_per_s'])}), peak RSS {best['peak_rss_mib']:.0f} MiB "
               f"(imports alone {base:.0f} MiB), kept {best['kept']:,}")
         trace = ", ".join(f"{int(k) / 1e6:g}M: {v}" for k, v in best["rss_mib_by_rows"].items())
