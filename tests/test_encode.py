@@ -284,3 +284,42 @@ def test_truncated_source_tar_is_a_counted_rejection(world, tmp_path):
     assert missing and all("00000.tar: truncated or corrupt tar" in r["detail"] for r in missing)
     assert result.samples + len(result.rejected) == CLEAN + CORRUPT
     assert 0 < result.samples < CLEAN
+
+
+def test_cli_path_with_text_embeddings_loads_the_whole_base(world, tmp_path):
+    """`encode.text_embeddings: true` loads the base (load_base) and stores its prompt embeddings."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import tiny_pipeline
+
+    tiny_pipeline("sd15", tmp_path / "build").save_pretrained(tmp_path / "base", safe_serialization=True)
+    root = tmp_path / "root"
+    shutil.copytree(Path(world["storage"].url("curated")), root / "curated")
+    params = parse_params({
+        "storage": {"root": str(root)}, "curate": {"source": world["source"].url()},
+        "encode": {"batch_size": 8, "shard_size": 64, "text_embeddings": True},
+        "bases": {"tiny": {"reference": str(tmp_path / "base"), "family": "sd15", "resolution": RES}},
+    })
+    result, pointer = encode_from_params(params, "tiny")
+    assert pointer["text_encoder_fingerprint"] and result.index_rel.split("/")[-2].endswith(
+        f"-te{pointer['text_encoder_fingerprint']}")
+    sample = _samples(Storage(str(root)), result.index_rel)[world["clean"][0]]
+    assert np.load(io.BytesIO(sample["emb.npy"])).dtype == np.float16
+
+
+def test_shards_written_to_s3(world, s3_env):
+    """Source and storage on a real SeaweedFS: create-only shard writes, index last."""
+    bucket = s3_env.make_bucket()
+    source = s3_env.storage(bucket, "source")
+    for name in sorted(Path(world["source"].url()).glob("*.tar")):
+        source.put_file(name, name.name)
+    remote = s3_env.storage(bucket, "artifacts")
+    remote.write_bytes("curated/manifest.parquet", world["storage"].read_bytes("curated/manifest.parquet"))
+    result = encode_dataset(remote, "curated/manifest.parquet", source, world["vae"], world["fp"], resolution=RES,
+                            output="latents", batch_size=8, shard_size=9)
+    assert result.samples == CLEAN and remote.exists(result.index_rel)
+    assert encode_dataset(remote, "curated/manifest.parquet", source, world["vae"], world["fp"], resolution=RES,
+                          output="latents", batch_size=8, shard_size=9).reused
+    assert {r["key"] for r in pq.read_table(io.BytesIO(remote.read_bytes("curated/rejected.parquet")))
+            .to_pylist()} == set(world["corrupt"])
