@@ -247,6 +247,14 @@ def test_text_embeddings_per_text_encoder(world, tmp_path, family):
     assert ("pooled.npy" in sample) == (family == "sdxl")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_ranks_under_accelerate_encode_disjoint_shards(world, tmp_path):
     """`accelerate launch` with 2 CPU processes: each rank its own shards, rank 0 the index."""
     import shutil
@@ -259,7 +267,7 @@ def test_two_ranks_under_accelerate_encode_disjoint_shards(world, tmp_path):
     # On CPU-only machines accelerate's torchrun launcher (--multi_gpu) falls back to MULTI_CPU (gloo);
     # plain --cpu would start a single process.
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29613",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "flows.cli", "encode", "--base", "tiny", "--params", str(params)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
