@@ -105,6 +105,7 @@ class CurateConfig(Section):
     dedup: bool = True  # drop exact duplicate images (image hash)
     columns: dict[str, str] = Field(default_factory=dict)  # source column -> LAION column name
     min_rows: int = 100  # GX gate: minimum rows in the curated manifest
+    max_null_rate: float = 0.05  # GX gate: largest share of nulls in optional columns (similarity)
 
 
 class EncodeConfig(Section):

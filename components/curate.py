@@ -563,7 +563,7 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
                             min_aesthetic=filters.min_aesthetic, max_watermark=filters.max_watermark,
                             max_unsafe=filters.max_unsafe, min_side=filters.min_side,
                             caption_min_chars=filters.caption_min_chars, caption_max_chars=filters.caption_max_chars,
-                            unique_images=cfg.dedup)
+                            unique_images=cfg.dedup, max_null_rate=cfg.max_null_rate)
         gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context")
         del manifest
         for page in sorted(p for p in gate.docs_dir.rglob("*") if p.is_file()):

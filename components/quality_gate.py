@@ -36,6 +36,7 @@ class GateLimits:
     caption_min_chars: int
     caption_max_chars: int
     unique_images: bool  # image_sha256 must be unique (dedup was on)
+    max_null_rate: float = 0.05  # optional columns (similarity) may be null this often
 
 
 @dataclass
@@ -69,6 +70,9 @@ def _suite(limits: GateLimits) -> list[Any]:
                      gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0.0, max_value=high)]
     if limits.min_side is not None:
         exps += [gxe.ExpectColumnValuesToBeBetween(column=c, min_value=limits.min_side) for c in ("width", "height")]
+    # 4. Null rate of the optional CLIP similarity, and its range (a cosine).
+    exps += [gxe.ExpectColumnValuesToNotBeNull(column="similarity", mostly=1.0 - limits.max_null_rate),
+             gxe.ExpectColumnValuesToBeBetween(column="similarity", min_value=-1.0, max_value=1.0)]
     exps.append(gxe.ExpectColumnValueLengthsToBeBetween(
         column="caption", min_value=limits.caption_min_chars, max_value=limits.caption_max_chars))
     return exps

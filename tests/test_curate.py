@@ -195,3 +195,14 @@ def test_cli_curate_dry_run_and_run(toy, tmp_path):
     assert (tmp_path / "root" / "curated" / "manifest.parquet").exists()
     empty = CliRunner().invoke(app, [*args, "--set", "curate.min_aesthetic=11"])
     assert empty.exit_code != 0 and "no rows left" in str(empty.exception)
+
+
+def test_gate_checks_null_rate_of_optional_columns(toy, tmp_path):
+    folder = _copy_source(toy, tmp_path)
+    _rewrite_metadata(folder, lambda t: t.drop_columns(["similarity"]))
+    with pytest.raises(ManifestGateFailed, match=r'expect_column_values_to_not_be_null \{"column": "similarity", '
+                                                 r'"mostly": 0.95\}'):
+        curate(Storage(str(folder)), Storage(str(tmp_path / "out")), "", CurateConfig(), min_side=TOY_RESOLUTION)
+    result = curate(Storage(str(folder)), Storage(str(tmp_path / "out")), "", CurateConfig(max_null_rate=1.0),
+                    min_side=TOY_RESOLUTION)
+    assert result.kept == toy[1]["expected_curated"]
