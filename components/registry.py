@@ -618,16 +618,16 @@ class Registry:
                 f"{rel}: does not match the manifest ({self.storage.url(key)}: {detail}); the stored "
                 "version is tampered or truncated, nothing was written")
 
-        def check_part(start: int, data: bytes) -> None:
+        def check_part(start: int, sha256: str) -> None:
             index = start // (entry.part_size or 1)
-            if index >= len(entry.parts) or hashlib.sha256(data).hexdigest() != entry.parts[index]:
+            if index >= len(entry.parts) or sha256 != entry.parts[index]:
                 raise mismatch(f"part {index} at byte {start} has the wrong sha256 or lies past the "
                                f"{entry.size} bytes listed")
 
         # Large files: every part checked by its download thread; small ones: one digest.
         digest = None if entry.parts else hashlib.sha256()
         try:
-            self.storage.get_file(key, dest, digest=digest, check_part=check_part if entry.parts else None,
+            self.storage.get_file(key, dest, digest=digest, part_sha256=check_part if entry.parts else None,
                                   part_size=entry.part_size)
         except NotFound:
             raise VerificationError(f"{rel}: listed in the manifest but missing from {self.storage.url(key)}") from None

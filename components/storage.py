@@ -40,6 +40,7 @@ import fsspec
 CHUNK = 8 * 1024 * 1024  # bytes per read when copying or hashing
 PART_SIZE = 8 * 1024 * 1024  # bytes per ranged GET of a parallel S3 download
 DOWNLOAD_THREADS = 10  # parallel ranged GETs per file (as `aws s3 cp`)
+STREAM_CHUNK = 1024 * 1024  # bytes read from a response stream at a time
 WINDOW = 16  # parts fetched ahead of an in-order digest (bounds memory to WINDOW * PART_SIZE)
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; create-only uploads must fit in one
 _HIDDEN_SUFFIXES = (".tmp", ".lock")  # our temp and lock files, never listed
@@ -65,7 +66,7 @@ class NotFound(StorageError, FileNotFoundError):
     """The object does not exist."""
 
 
-PartCheck = Callable[[int, bytes], None]  # (offset, bytes of one part); raises to abort
+PartCheck = Callable[[int, str], None]  # (offset of a part, its sha256 hex); raises to abort
 
 
 class Digest(Protocol):
@@ -164,14 +165,15 @@ class Storage:
         return self._backend.size(check_rel(rel))
 
     def get_file(self, rel: str, local: str | os.PathLike, *, digest: Digest | None = None,
-                 check_part: PartCheck | None = None, part_size: int | None = None) -> None:
+                 part_sha256: PartCheck | None = None, part_size: int | None = None) -> None:
         """Download `rel` to a local file.
 
-        `digest` gets every byte in order (one thread: a serial pass). `check_part(start, data)`
-        gets each consecutive `part_size`-byte part (default PART_SIZE) as soon as it arrives,
-        from several threads and in any order; it raises to abort the download.
+        `digest` gets every byte in order (one thread: a serial pass). `part_sha256(start,
+        hexdigest)` gets the sha256 of each consecutive `part_size`-byte part (default
+        PART_SIZE) as soon as that part is written, from several threads and in any order;
+        it raises to abort the download.
         """
-        self._backend.get_file(check_rel(rel), Path(local), digest, check_part, part_size or PART_SIZE)
+        self._backend.get_file(check_rel(rel), Path(local), digest, part_sha256, part_size or PART_SIZE)
 
     def ls(self, rel: str = "", *, recursive: bool = False) -> list[str]:
         """Sorted names directly below `rel` (files and folders), or all file paths below it
@@ -231,7 +233,7 @@ class _Backend(Protocol):
     def exists(self, rel: str) -> bool: ...
     def size(self, rel: str) -> int: ...
     def read_with_etag(self, rel: str) -> tuple[bytes, str]: ...
-    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+    def get_file(self, rel: str, local: Path, digest: Digest | None, part_sha256: PartCheck | None,
                  part_size: int) -> None: ...
     def ls(self, rel: str, recursive: bool) -> list[str]: ...
     def open_read(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
@@ -275,7 +277,7 @@ class _LocalBackend:
             raise self._missing(rel) from None
         return data, hashlib.sha256(data).hexdigest()
 
-    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+    def get_file(self, rel: str, local: Path, digest: Digest | None, part_sha256: PartCheck | None,
                  part_size: int) -> None:
         try:
             src = open(self._p(rel), "rb")  # noqa: SIM115 - closed below
@@ -284,8 +286,8 @@ class _LocalBackend:
         with src, open(local, "wb") as dst:
             start = 0
             while chunk := src.read(part_size):
-                if check_part is not None:
-                    check_part(start, chunk)
+                if part_sha256 is not None:
+                    part_sha256(start, hashlib.sha256(chunk).hexdigest())
                 if digest is not None:
                     digest.update(chunk)
                 dst.write(chunk)
@@ -488,63 +490,80 @@ class _S3Backend:
             resp = self.client.get_object(Bucket=self.bucket, Key=self.store.key(rel))
             return resp["Body"].read(), resp["ETag"]
 
-    def get_file(self, rel: str, local: Path, digest: Digest | None, check_part: PartCheck | None,
+    def get_file(self, rel: str, local: Path, digest: Digest | None, part_sha256: PartCheck | None,
                  part_size: int) -> None:
-        # Ranged GETs in parallel; each download thread checks its part (`check_part`) and
-        # writes it at its offset. Only a whole-file `digest` needs this thread, which feeds it
-        # the parts in order: the hash is then the only serial work. At most WINDOW parts are
-        # in flight. Every part asks for the ETag seen first, so a concurrent overwrite is an
-        # error, not a mix of two objects.
+        # Ranged GETs in parallel, each streamed in STREAM_CHUNK pieces that its thread writes
+        # at their offset (and hashes, for `part_sha256`): no whole part is held in memory and
+        # verification needs no second pass. Only a whole-file `digest` needs the parts in
+        # order: then this thread feeds it, at most WINDOW parts behind. The object's ETag is
+        # read before and after: a concurrent overwrite is an error, not a mix of two objects.
+        # (Not `If-Match` on every part: SeaweedFS then serves ranges at half the speed.)
         key = self.store.key(rel)
         with self._call(rel, "head"):
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         size, etag = int(head["ContentLength"]), head["ETag"]
 
-        def fetch(start: int, fd: int) -> bytes | None:
-            extra = {"Range": f"bytes={start}-{min(start + part_size, size) - 1}"} if size else {}
-            try:
-                with self._call(rel, "download"):
-                    data = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **extra)["Body"].read()
-            except PreconditionFailed:
-                raise StorageError(f"s3://{self.bucket}/{key}: changed while it was downloading; retry") from None
-            if check_part is not None:
-                check_part(start, data)
-            os.pwrite(fd, data, start)
-            return data if digest is not None else None
+        def fetch(start: int, fd: int, keep: bool) -> bytes | None:
+            end = min(start + part_size, size)
+            extra = {"Range": f"bytes={start}-{end - 1}"} if size else {}
+            part = hashlib.sha256() if part_sha256 is not None else None
+            kept: list[bytes] = []
+            offset = start
+            with self._call(rel, "download"):
+                body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+                for chunk in body.iter_chunks(STREAM_CHUNK):
+                    if part is not None:
+                        part.update(chunk)
+                    os.pwrite(fd, chunk, offset)
+                    offset += len(chunk)
+                    if keep:
+                        kept.append(chunk)
+            if offset != end:
+                raise StorageError(f"s3://{self.bucket}/{key}: bytes {start}-{end - 1}: got {offset - start} "
+                                   f"bytes from {self.endpoint}; retry")
+            if part is not None and part_sha256 is not None:
+                part_sha256(start, part.hexdigest())
+            return b"".join(kept) if keep else None
 
         starts = list(range(0, size, part_size)) or [0]
+        keep = digest is not None
         with open(local, "wb") as fh:
             fd = fh.fileno()
             if len(starts) == 1:
-                data = fetch(0, fd)
+                data = fetch(0, fd, keep)
                 if digest is not None and data is not None:
                     digest.update(data)
+            else:
+                with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+                    self._run_parts(pool, [lambda s=s: fetch(s, fd, keep) for s in starts], digest)
+        with self._call(rel, "head"):
+            if self.client.head_object(Bucket=self.bucket, Key=key)["ETag"] != etag:
+                raise StorageError(f"s3://{self.bucket}/{key}: changed while it was downloading; retry")
+
+    @staticmethod
+    def _run_parts(pool: ThreadPoolExecutor, jobs: list[Callable[[], bytes | None]],
+                   digest: Digest | None) -> None:
+        """Run part downloads; feed `digest` their bytes in order if given (WINDOW ahead)."""
+        if digest is None:
+            # Nothing needs the parts in order: every thread takes the next part when free.
+            futures = [pool.submit(job) for job in jobs]
+        else:
+            futures = collections.deque(pool.submit(job) for job in jobs[:WINDOW])
+        try:
+            if digest is None:
+                for future in futures:
+                    future.result()
                 return
-            with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
-                if digest is None:
-                    # Nothing needs the parts in order: every thread takes the next part as
-                    # soon as it is free, and holds only the one it is fetching.
-                    futures = [pool.submit(fetch, s, fd) for s in starts]
-                    try:
-                        for future in futures:
-                            future.result()
-                    finally:
-                        for future in futures:
-                            future.cancel()
-                    return
-                pending = collections.deque(pool.submit(fetch, s, fd) for s in starts[:WINDOW])
-                queued = iter(starts[WINDOW:])
-                try:
-                    while pending:
-                        data = pending.popleft().result()
-                        nxt = next(queued, None)
-                        if nxt is not None:
-                            pending.append(pool.submit(fetch, nxt, fd))
-                        if digest is not None and data is not None:
-                            digest.update(data)
-                finally:
-                    for future in pending:
-                        future.cancel()
+            queued = iter(jobs[WINDOW:])
+            while futures:
+                data = futures.popleft().result()
+                nxt = next(queued, None)
+                if nxt is not None:
+                    futures.append(pool.submit(nxt))
+                digest.update(data or b"")
+        finally:
+            for future in futures:
+                future.cancel()
 
     def ls(self, rel: str, recursive: bool) -> list[str]:
         prefix = self.store.key(rel)

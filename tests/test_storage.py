@@ -122,6 +122,12 @@ def test_put_get_file_with_digest(root: str, tmp_path: Path, monkeypatch: pytest
     store.get_file("blobs/x.bin", tmp_path / "dst.bin", digest=digest)
     assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
     assert digest.hexdigest() == hashlib.sha256(src.read_bytes()).hexdigest()
+    # Per-part hashes arrive from the download threads, in any order, one per part.
+    parts: dict[int, str] = {}
+    store.get_file("blobs/x.bin", tmp_path / "dst2.bin", part_sha256=parts.__setitem__, part_size=1024 * 1024)
+    data = src.read_bytes()
+    assert parts == {s: hashlib.sha256(data[s:s + 1024 * 1024]).hexdigest() for s in range(0, len(data), 1024 * 1024)}
+    assert (tmp_path / "dst2.bin").read_bytes() == data
     with pytest.raises(AlreadyExists):
         store.put_file(src, "blobs/x.bin", create_only=True)
 
