@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -463,6 +463,17 @@ def _registry_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
 
 
+@contextlib.contextmanager
+def _bytes_bar(description: str, total: int) -> Iterator[Callable[[str, int], None]]:
+    """A rich bytes bar for publish/pull; yields the registry's per-file progress callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda rel, size: bar.update(task, advance=size)
+
+
 @registry_app.command("publish")
 def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help="registry name"),
                      alias: Optional[str] = typer.Option(None, "--alias", help="alias to move to the new version"),
@@ -474,7 +485,9 @@ def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help=
         return
     with _registry_errors():
         reg = _registry(params, set_)
-        manifest = reg.publish(folder, name, alias=alias)
+        total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        with _bytes_bar(f"publish {name}", total) as progress:
+            manifest = reg.publish(folder, name, alias=alias, progress=progress)
     extra = f", alias {alias}" if alias else ""
     typer.echo(f"published {manifest.name}:{manifest.version} ({len(manifest.files)} files, "
                f"{manifest.total_size / 1e6:.1f} MB{extra}) to {reg.storage.url()}")
@@ -520,7 +533,9 @@ def registry_pull(ref: str, to: Annotated[Path, typer.Option("--to", help="folde
                   params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Download and verify REF into a folder, atomically, through the local cache."""
     with _registry_errors():
-        result = _registry(params, set_).pull(ref, to, overwrite=overwrite)
+        reg = _registry(params, set_)
+        with _bytes_bar(f"pull {ref}", reg.show(ref).total_size) as progress:
+            result = reg.pull(ref, to, overwrite=overwrite, progress=progress)
     m = result.manifest
     typer.echo(f"pulled {m.name}:{m.version} to {result.path} ({len(result.downloaded)} files downloaded, "
                f"{len(result.cached)} from cache, all verified)")
