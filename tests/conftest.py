@@ -103,6 +103,7 @@ class S3Server:
     data_dir: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
+    ports: tuple[int, ...] = ()
 
     @property
     def env(self) -> dict[str, str]:
@@ -158,6 +159,10 @@ class S3Server:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        # A killed weed leaves its unix sockets (/tmp/seaweedfs-<service>-<port>.sock) behind.
+        for port in self.ports:
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def _identity_config(path: Path) -> None:
@@ -210,7 +215,9 @@ def start_seaweedfs(workdir: Path) -> S3Server:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             cwd=workdir, preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only
     log.close()
-    server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}", data_dir=data, process=proc, log_path=log_path)
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{s3}", data_dir=data, process=proc, log_path=log_path,
+                      ports=(master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin,
+                             admin_grpc))
     try:
         _wait_ready(server, time.monotonic() + STARTUP_TIMEOUT_S)
     except BaseException:
