@@ -96,7 +96,7 @@ class DigitClassifier:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def to(self, device: str | torch.device) -> "DigitClassifier":
+    def to(self, device: str | torch.device) -> DigitClassifier:
         self.net.to(device)
         return self
 
@@ -116,7 +116,7 @@ def digit_split(labels: np.ndarray, seed: int = 0, test_fraction: float = 0.2) -
     train, test = [], []
     for digit in range(10):
         idx = rng.permutation(np.flatnonzero(labels == digit))
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         test.extend(idx[:n_test])
         train.extend(idx[n_test:])
     return np.sort(np.array(train)), np.sort(np.array(test))

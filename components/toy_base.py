@@ -27,7 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from components.config import ToyConfig
@@ -295,7 +301,7 @@ def train_toy_base(images8: np.ndarray, labels: np.ndarray, classifier: DigitCla
     # 1. Render: jittered plain copies (VAE and UNet) plus styled ones (VAE only).
     plain = torch.cat([render_set(images8, rng) for _ in range(s.copies)])
     plain_labels = torch.from_numpy(np.tile(np.asarray(labels), s.copies)).long()
-    n_styled = int(round(len(plain) * s.style_fraction / (1.0 - s.style_fraction)))
+    n_styled = round(len(plain) * s.style_fraction / (1.0 - s.style_fraction))
     styled_pick = rng.integers(0, len(images8), n_styled)
     styled = render_set(images8[styled_pick], rng, styled=True) if n_styled else plain[:0]
     # 2. The VAE.

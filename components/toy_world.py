@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from components.config import Params, ToyConfig
-from components.digit_classifier import (accuracy, digit_split, load_digit_classifier, render_set,
-                                         save_digit_classifier, train_digit_classifier)
+from components.digit_classifier import (
+    accuracy,
+    digit_split,
+    load_digit_classifier,
+    render_set,
+    save_digit_classifier,
+    train_digit_classifier,
+)
 from components.toy_base import ProgressFn, save_toy_base, train_toy_base
 
 MIN_CLASSIFIER_ACCURACY = 0.97  # held-out accuracy the committed digit classifier must reach
@@ -59,7 +65,7 @@ def build_digit_classifier(cfg: ToyConfig, progress: ProgressFn | None = None) -
     if held_out["heldout_accuracy"] < MIN_CLASSIFIER_ACCURACY:
         raise ValueError(f"digit classifier: held-out accuracy {held_out['heldout_accuracy']:.4f} < "
                          f"{MIN_CLASSIFIER_ACCURACY}; raise toy.classifier_epochs")
-    report = {**held_out, "train_size": int(len(train_idx)), "heldout_size": int(len(test_idx)),
+    report = {**held_out, "train_size": len(train_idx), "heldout_size": len(test_idx),
               "seed": cfg.seed, "epochs": cfg.classifier_epochs, "train_s": round(time.time() - start, 1)}
     save_digit_classifier(classifier, cfg.classifier_dir, report)
     return report

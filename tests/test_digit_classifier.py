@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from components.digit_classifier import (DigitClassifier, accuracy, digit_split, load_digit_classifier, render_set,
-                                         to_classifier_input, train_digit_classifier)
+from components.digit_classifier import (
+    DigitClassifier,
+    accuracy,
+    digit_split,
+    load_digit_classifier,
+    render_set,
+    to_classifier_input,
+    train_digit_classifier,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,7 @@ def test_reads_the_toy_style_too(classifier, held_out):
 
 
 def test_any_size_and_grey_input_give_the_same_digits(classifier, held_out):
-    images8, labels = held_out
+    images8, _ = held_out
     x = render_set(images8[:100], None)
     big = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
     grey = x.mean(dim=1, keepdim=True)

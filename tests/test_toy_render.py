@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from components.toy_render import DIGIT_WORDS, TOY_SIZE, caption_for, render_digit, render_digit_styled
+from components.toy_render import (
+    DIGIT_WORDS,
+    TOY_SIZE,
+    caption_for,
+    render_digit,
+    render_digit_styled,
+)
 
 
 @pytest.fixture(scope="module")

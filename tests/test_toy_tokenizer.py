@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from components.toy_render import DIGIT_WORDS, caption_for
-from components.toy_tokenizer import BOS, EOS, TOY_WORDS, build_toy_tokenizer, byte_symbols, word_merges
+from components.toy_tokenizer import (
+    BOS,
+    EOS,
+    TOY_WORDS,
+    build_toy_tokenizer,
+    byte_symbols,
+    word_merges,
+)
 
 
 def test_byte_symbols_are_256_distinct_printable_characters():
