@@ -220,6 +220,7 @@ class OrchestrateConfig(Section):
     merge_timeout_s: int = 4 * 3600
     toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
     dvc_push: bool = False  # nightly ends with `dvc push` (serialized per repo) when the repo has a DVC remote
+    torch_threads: int | None = None  # intra-op CPU threads for the stage tasks; None: torch's default (one per core)
 
 
 # --- root -------------------------------------------------------------------------------
