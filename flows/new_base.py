@@ -19,6 +19,7 @@ from flows.nightly import verdict
 from flows.pipeline import base_pipeline
 from tasks.encode import fingerprint_base, fingerprint_vae
 from tasks.publish import register_base
+from tasks.runtime import set_torch_threads
 
 
 def register_config(cfg: Params, reference: str, name: str | None = None,
@@ -56,6 +57,7 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
     cfg = load_params(params_file, overrides)
 
     # 1. Name, family and fingerprints of the new base; its parent is the params base with its VAE.
+    set_torch_threads(cfg.orchestrate.torch_threads)
     base_name, base = register_config(cfg, reference, name or None, family or None)
     fingerprints = fingerprint_base(base)
     parents = {n: fingerprint_vae(b) for n, b in cfg.bases.items() if n != base_name}

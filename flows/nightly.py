@@ -19,6 +19,7 @@ from flows.pipeline import base_pipeline
 from tasks.caching import storage_retries
 from tasks.curate import ensure_toy_source
 from tasks.dvc import dvc_push
+from tasks.runtime import set_torch_threads
 
 
 class BasesFailed(RuntimeError):
@@ -90,7 +91,8 @@ def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None
     if not cfg.bases:
         raise ValueError(f"{params_file}: no bases to run (add one under `bases:`)")
 
-    # 1. The toy source, written on first use so a fresh clone runs end to end.
+    # 1. The process, then the toy source, written on first use so a fresh clone runs end to end.
+    set_torch_threads(cfg.orchestrate.torch_threads)
     if cfg.orchestrate.toy_source_if_missing:
         ensure_toy_source(cfg)
 

@@ -9,6 +9,7 @@ the resolved params written beside the run, and follows progress through the run
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -56,7 +57,8 @@ def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, on_pr
         cmd += ["--resume", resume]
     log = folder / "launch.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        threads = {"OMP_NUM_THREADS": str(cfg.orchestrate.torch_threads)} if cfg.orchestrate.torch_threads else {}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **threads})
         while proc.poll() is None:
             time.sleep(5)
             on_progress(_steps_logged(folder))

@@ -27,6 +27,7 @@ SHORT = [
     "evaluate.adherence_min_ratio=null", f"evaluate.lcm1_psnr_min={ALWAYS_MET_PSNR}",
     "merge.weights=[[0.8,1.0]]", "merge.samples_per_prompt=1", "merge.reference_steps=4", "merge.svd_rank=null",
     "merge.save_fused=none", "merge.min_style_retention=0.0", "merge.min_adherence=0.0",
+    "orchestrate.torch_threads=1",  # tests share the machine: one thread per process is much faster here
 ]
 
 
