@@ -95,7 +95,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectS
         "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": api_url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-        "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
     })
     prefect = str(Path(sys.executable).parent / "prefect")
     server = worker = None

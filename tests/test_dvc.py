@@ -49,7 +49,8 @@ def _env(clone: Path, tmp: Path) -> dict[str, str]:
     (shim / "lcmlora").chmod((shim / "lcmlora").stat().st_mode | stat.S_IEXEC)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PATH": f"{shim}:{Path(sys.executable).parent}:{env.get('PATH', '')}", "PYTHONPATH": str(clone),
-                "HF_HUB_OFFLINE": "1", "HOME": env.get("HOME", str(tmp))})
+                "HF_HUB_OFFLINE": "1", "HOME": env.get("HOME", str(tmp)),
+                "OMP_NUM_THREADS": "1"})  # the machine is shared: one thread per stage process
     return env
 
 

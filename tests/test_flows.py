@@ -23,10 +23,13 @@ STAGES = ["curate", "encode", "distill", "evaluate", "merge", "publish"]
 
 @pytest.fixture(scope="module")
 def harness():
+    import torch
     from prefect.testing.utilities import prefect_test_harness
 
+    threads = torch.get_num_threads()  # the flows set 1 (orchestrate.torch_threads); put it back after
     with prefect_test_harness(server_startup_timeout=120):
         yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
