@@ -4,9 +4,12 @@ The LCM-LoRA report (Section 3.2) treats a LoRA as a weight-space vector tau = B
 and combines an acceleration vector with a style vector by a weighted sum, without training.
 This module reads style LoRAs as people publish them and builds the variants of that sum:
 
-1. runtime adapters: diffusers `load_lora_weights(adapter_name=...)` + `set_adapters` (`load_adapter`);
-2. one exact merged LoRA: ranks concatenated, scales folded in (`concat_ranks`);
-3. the sum fused into the base weights (`fuse_into`);
+1. runtime adapters: diffusers `load_lora_weights(adapter_name=...)` + `set_adapters` (`load_adapter`,
+   `set_weights`);
+2. one exact merged LoRA: ranks concatenated, scales folded in (`concat_ranks`), written in the
+   diffusers/peft and kohya formats (`save_lora_folder`);
+3. the sum fused into the base weights (`fuse_into`), saved as a diffusers folder
+   (`save_pretrained`) and an original-layout single file (`save_single_file`);
 4. an SVD-compressed merged LoRA at a target rank, with its error (`svd_compress`).
 
 Every LoRA is read the way diffusers reads it: it is loaded as a peft adapter and its factors
