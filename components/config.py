@@ -161,6 +161,7 @@ class EvaluateConfig(Section):
     teacher_timestep_spacing: Literal["leading", "linspace", "trailing"] | None = "trailing"  # None: the base's own
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG scale with the LCM-LoRA (1.0: no CFG pass)
     tcd_gamma: float | None = None  # TCDScheduler gamma; None: no TCD rows
+    lcm_without_lora: bool = False  # also LCMScheduler on the teacher alone (rows lcm_base-N)
     prompts: str | None = None  # prompt file, one per line; None: data/prompts/toy.txt (toy) or sd.txt
     samples_per_prompt: int = 20  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
     seed: int = 0  # first noise seed; every method gets the same initial noise

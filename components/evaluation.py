@@ -169,7 +169,7 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
     image_prompts = [p for p in prompts for _ in range(spp)]
     seeds = [cfg.seed + i for i in range(len(image_prompts))]
     methods: list[Method] = build_matrix(cfg.steps, cfg.teacher_steps, list(cfg.teacher_samplers), teacher_guidance,
-                                         cfg.lcm_guidance_scale, cfg.tcd_gamma)
+                                         cfg.lcm_guidance_scale, cfg.tcd_gamma, cfg.lcm_without_lora)
     # 2. Sample every method from the same noise.
     t0 = time.perf_counter()
     runs = run_matrix(pipe, lora_folder, methods, image_prompts, seeds, height=resolution, width=resolution,

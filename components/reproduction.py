@@ -22,9 +22,10 @@ from components.config import Params
 from components.gate import GateResult, Rule, check_rules
 
 # The distillation recipe of the toy trial in the issue (rank 16, lr 5e-4, batch 64, 400 steps;
-# the toy's guidance 2.0 comes from bases.toy.guidance_scale). Applied under the user's --set.
+# the toy's guidance 2.0 comes from bases.toy.guidance_scale), plus LCMScheduler rows on the
+# teacher alone so the table shows what distillation adds. Applied under the user's --set.
 TOY_RECIPE = ["distill.lora_rank=16", "distill.lora_alpha=16", "distill.lr=5.0e-4", "distill.batch_size=64",
-              "distill.max_steps=400"]
+              "distill.max_steps=400", "evaluate.lcm_without_lora=true"]
 
 TEACHER_4 = ("ddim-4", "dpmpp-4")
 TEACHER_50 = ("ddim-50", "dpmpp-50")

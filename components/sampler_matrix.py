@@ -4,6 +4,8 @@ Rows (methods):
 - `lcm-N`: the LCM-LoRA with LCMScheduler at N steps (guidance 1.0 by default: one UNet pass
   per step; up to 2.0 with classifier-free guidance, as the report recommends);
 - `tcd-N`: optionally the same LoRA with TCDScheduler and its gamma;
+- `lcm_base-N`: optionally LCMScheduler on the teacher alone (no LoRA): what the sampler does
+  without distillation, so the LoRA's own contribution can be read off;
 - `ddim-N`, `dpmpp-N`: the teacher alone (adapters disabled, the same weights in memory) with
   DDIM and DPM-Solver++ (2M) at the LCM step counts and at 25 and 50 steps, with CFG at the
   base's own guidance scale.
@@ -24,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-Sampler = Literal["lcm", "tcd", "ddim", "dpmpp"]
+Sampler = Literal["lcm", "tcd", "lcm_base", "ddim", "dpmpp"]
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER = "lcm"
 
@@ -51,13 +53,17 @@ class MethodRun:
 
 
 def build_matrix(steps: list[int], teacher_steps: list[int], teacher_samplers: list[str],
-                 teacher_guidance: float, lcm_guidance: float = 1.0, tcd_gamma: float | None = None) -> list[Method]:
-    """The methods in report order: LCM rows, TCD rows, then each teacher sampler over all its step counts."""
+                 teacher_guidance: float, lcm_guidance: float = 1.0, tcd_gamma: float | None = None,
+                 lcm_without_lora: bool = False) -> list[Method]:
+    """The methods in report order: LCM rows, TCD rows, LCM-without-LoRA rows, then each teacher
+    sampler over all its step counts."""
     if not steps or any(s < 1 for s in steps):
         raise ValueError(f"evaluate.steps must be positive step counts, got {steps}")
     methods = [Method("lcm", s, lcm_guidance, True) for s in steps]
     if tcd_gamma is not None:
         methods += [Method("tcd", s, lcm_guidance, True, tcd_gamma) for s in steps]
+    if lcm_without_lora:
+        methods += [Method("lcm_base", s, lcm_guidance, False) for s in steps]
     all_teacher_steps = sorted(set(steps) | set(teacher_steps))
     for sampler in teacher_samplers:
         methods += [Method(sampler, s, teacher_guidance, False) for s in all_teacher_steps]  # type: ignore[arg-type]
@@ -80,7 +86,7 @@ def make_scheduler(method: Method, base_config: Any, timestep_spacing: str | Non
 def _make_scheduler(method: Method, base_config: Any, timestep_spacing: str | None):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler, TCDScheduler
 
-    if method.sampler == "lcm":
+    if method.sampler in ("lcm", "lcm_base"):
         return LCMScheduler.from_config(base_config)
     if method.sampler == "tcd":
         return TCDScheduler.from_config(base_config)
@@ -90,7 +96,7 @@ def _make_scheduler(method: Method, base_config: Any, timestep_spacing: str | No
     if method.sampler == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        **spacing)
-    raise ValueError(f"unknown sampler {method.sampler!r}; expected lcm, tcd, ddim or dpmpp")
+    raise ValueError(f"unknown sampler {method.sampler!r}; expected lcm, tcd, lcm_base, ddim or dpmpp")
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:

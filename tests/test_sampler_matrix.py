@@ -41,6 +41,9 @@ def test_build_matrix_rows():
     assert {m.gamma for m in methods if m.sampler == "tcd"} == {0.3}
     with pytest.raises(ValueError, match="evaluate.steps"):
         build_matrix([0], [], ["ddim"], 2.0)
+    base_rows = [m for m in build_matrix([1, 2], [], ["ddim"], 2.0, lcm_without_lora=True) if m.sampler == "lcm_base"]
+    assert [(m.label, m.lora, m.guidance_scale) for m in base_rows] == [("lcm_base-1", False, 1.0),
+                                                                       ("lcm_base-2", False, 1.0)]
 
 
 def test_initial_noise_rows_depend_only_on_their_seed():
