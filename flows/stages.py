@@ -192,7 +192,7 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
         vkey = stage_key("publish", merged=merged["key"], lora=lora["weights_sha256"], name=variant,
                          alias=cfg.publish.alias, registry=registry)
         vstate = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
-            cfg=cfg, base_name=base_name, folder_rel=merged["best_folder"], name=variant, key=vkey,
+            cfg=cfg, base_name=base_name, folder_rel=merged["output"], subdir=merged["best_folder"], name=variant, key=vkey,
             gate={"passed": True, "violations": [], "rule": "merge selection"}, metrics=merged["best_metrics"],
             return_state=True)
         published["variants"].append({**vstate.result(), "skipped": vstate.name == "Cached"})

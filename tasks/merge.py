@@ -42,6 +42,6 @@ def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: st
     best_folder = f"merged-{best['l1']:g}_{best['l2']:g}" if best else None
     best_row = next((r for r in result.doc["rows"] if best and r["label"] == best["label"]), None)
     return {"output": output_rel, "passed": selection["passed"], "violations": selection["violations"],
-            "best": best, "best_folder": f"{output_rel}/{best_folder}" if best_folder else None,
+            "best": best, "best_folder": best_folder,
             "best_metrics": {k: v for k, v in (best_row or {}).items() if not isinstance(v, (dict, list))},
             "style": style_slug(style_file)}
