@@ -63,7 +63,8 @@ def test_teacher_rows_are_the_base_without_the_lora_and_lora_rows_differ(pipe_an
     # Before any LoRA: the plain base.
     plain_teacher = run_method(pipe, ddim2, PROMPTS, noise, SEEDS, timestep_spacing="trailing", **kwargs)
     plain_lcm = run_method(pipe, lcm2, PROMPTS, noise, SEEDS, **kwargs)
-    runs = {r.method.label: r for r in run_matrix(pipe, lora, [lcm2, ddim2], PROMPTS, SEEDS,
+    tcd2 = Method("tcd", 2, 1.0, lora=True, gamma=0.3)
+    runs = {r.method.label: r for r in run_matrix(pipe, lora, [lcm2, tcd2, ddim2], PROMPTS, SEEDS,
                                                   timestep_spacing="trailing", **kwargs)}
     torch.testing.assert_close(runs["ddim-2"].images, plain_teacher.images, atol=1e-5, rtol=0)
     assert (runs["lcm-2"].images - plain_lcm.images).abs().max() > 1e-3  # the LoRA was active
@@ -72,6 +73,8 @@ def test_teacher_rows_are_the_base_without_the_lora_and_lora_rows_differ(pipe_an
     assert type(pipe.scheduler).__name__ == "PNDMScheduler"
     # Cost: LCM at guidance 1 is one UNet row per step, the teacher with CFG two.
     assert runs["lcm-2"].unet_evals_per_image == 2.0 and runs["ddim-2"].unet_evals_per_image == 4.0
+    assert runs["tcd-2"].unet_evals_per_image == 2.0
+    assert (runs["tcd-2"].images - runs["lcm-2"].images).abs().max() > 1e-4  # TCDScheduler ran, not LCM
     assert runs["lcm-2"].seconds_per_image > 0.0
 
 
