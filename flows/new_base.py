@@ -17,6 +17,7 @@ from components.base_model import resolve_base
 from components.config import BaseConfig, ConfigError, Params, load_params
 from flows.nightly import verdict
 from flows.pipeline import base_pipeline
+from tasks.curate import ensure_toy_source
 from tasks.encode import fingerprint_base, fingerprint_vae
 from tasks.publish import register_base
 from tasks.runtime import set_torch_threads
@@ -58,6 +59,8 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
 
     # 1. Name, family and fingerprints of the new base; its parent is the params base with its VAE.
     set_torch_threads(cfg.orchestrate.torch_threads)
+    if cfg.orchestrate.toy_source_if_missing:
+        ensure_toy_source(cfg)
     base_name, base = register_config(cfg, reference, name or None, family or None)
     fingerprints = fingerprint_base(base)
     parents = {n: fingerprint_vae(b) for n, b in cfg.bases.items() if n != base_name}
