@@ -417,7 +417,9 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
 @app.command("new-base")
 def new_base(ref: str, name: Annotated[Optional[str], typer.Option("--name", help="base name (default: from REF)")] = None,
              family: Annotated[Optional[str], typer.Option("--family", help="sd15 or sdxl (default: detected)")] = None,
-             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False) -> None:
+             params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
+             emit: Annotated[bool, typer.Option("--emit", help="only emit lcmlora.base.registered to the Prefect "
+                                                "server; its new-base deployment runs the base")] = False) -> None:
     """Register a fine-tuned base and run distill, evaluate, merge and publish for it."""
     cfg = resolve(params, set_)
     if dry_run:
@@ -426,8 +428,15 @@ def new_base(ref: str, name: Annotated[Optional[str], typer.Option("--name", hel
         base_name, base_cfg = register_config(cfg, ref, name, family)
         print_config(cfg.model_copy(update={"bases": {base_name: base_cfg}}))
         return
-    from flows.runtime import prefect_environment
+    from flows.runtime import has_configured_server, prefect_environment
 
+    if emit:
+        if not has_configured_server():
+            raise click.ClickException("--emit needs a Prefect server: set PREFECT_API_URL (docs/orchestration.md)")
+        from flows.events import BASE_REGISTERED, emit_base_registered
+
+        typer.echo(f"emitted {BASE_REGISTERED} for {ref} (event {emit_base_registered(ref, name)})")
+        return
     typer.echo(prefect_environment())
     from flows.new_base import new_base as new_base_flow
     from flows.nightly import summary_lines

@@ -9,7 +9,6 @@ pointed at a short-settings params file under tmp so that runs write nothing int
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -179,8 +178,10 @@ def test_event_starts_a_new_base_run(prefect_stack: PrefectStack, monkeypatch: p
         client.update_deployment(deployment.id, _deployment_update(prefect_stack))
         seen = {r.id for r in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))}
         payload = {"reference": str(REPO / "data/toy/base"), "name": "toy-event"}
-        prefect_stack.cli("event", "emit", "lcmlora.base.registered", "--resource-id", "lcmlora.base.toy-event",
-                          "--payload", json.dumps(payload))
+        emitted = subprocess.run([sys.executable, "-m", "flows.cli", "new-base", payload["reference"], "--name",
+                                  payload["name"], "--emit"], cwd=REPO, env=prefect_stack.env, capture_output=True,
+                                 text=True, timeout=120, check=False)
+        assert emitted.returncode == 0 and "emitted lcmlora.base.registered" in emitted.stdout, emitted.stderr
         deadline = time.monotonic() + 60
         new = []
         while time.monotonic() < deadline and not new:
