@@ -38,9 +38,9 @@ registry_app.add_typer(alias_app, name="alias")
 console = Console(stderr=True)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: section.key=value (repeatable)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", help="output folder")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", help="output folder")]
 BaseOpt = Annotated[str, typer.Option("--base", help="base name in params.yaml, or a path / hub id")]
 
 
@@ -172,7 +172,7 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     from components.style_lora import run_toy_style_lora
 
-    metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False))
+    metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -247,8 +247,8 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 @app.command()
 def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
             base: BaseOpt = "toy", output: OutputOpt = None,
-            max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
-            resume: Annotated[Optional[str], typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+            max_steps: Annotated[int | None, typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
+            resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False) -> None:
     """Latent Consistency Distillation with LoRA (Algorithm 1) for one base."""
     import json
@@ -265,7 +265,13 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
             typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
             typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from components.distill_run import run_distill
 
@@ -344,7 +350,7 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     from components.merge_eval import markdown_table, run_merge
 
     result, paths = run_merge(cfg, base, lcm or cfg.merge.lcm_folder, style or cfg.merge.style_file, output,
-                              say=lambda m: console.print(m, markup=False, highlight=False))
+                              say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     typer.echo(markdown_table(result.doc["rows"]))
     typer.echo(f"report: {paths['report.md']}")
     selection = result.doc["selection"]
@@ -415,8 +421,8 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
 
 
 @app.command("new-base")
-def new_base(ref: str, name: Annotated[Optional[str], typer.Option("--name", help="base name (default: from REF)")] = None,
-             family: Annotated[Optional[str], typer.Option("--family", help="sd15 or sdxl (default: detected)")] = None,
+def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="base name (default: from REF)")] = None,
+             family: Annotated[str | None, typer.Option("--family", help="sd15 or sdxl (default: detected)")] = None,
              params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
              emit: Annotated[bool, typer.Option("--emit", help="only emit lcmlora.base.registered to the Prefect "
                                                 "server; its new-base deployment runs the base")] = False) -> None:
@@ -485,7 +491,7 @@ def _bytes_bar(description: str, total: int) -> Iterator[Callable[[str, int], No
 
 @registry_app.command("publish")
 def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help="registry name"),
-                     alias: Optional[str] = typer.Option(None, "--alias", help="alias to move to the new version"),
+                     alias: str | None = typer.Option(None, "--alias", help="alias to move to the new version"),
                      params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                      dry_run: DryRunOpt = False) -> None:
     """Publish a LoRA folder as a new immutable version."""
@@ -503,7 +509,7 @@ def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help=
 
 
 @registry_app.command("list")
-def registry_list(name: Optional[str] = typer.Argument(None, help="list this name's versions"),
+def registry_list(name: str | None = typer.Argument(None, help="list this name's versions"),
                   params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Registered names, or the versions of NAME with their aliases."""
     with _registry_errors():
@@ -599,13 +605,13 @@ def main() -> None:
         console.print("lcmlora: aborted")
         sys.exit(130)
     except click.ClickException as exc:
-        console.print(f"lcmlora: {exc.format_message()}", markup=False, highlight=False)
+        console.print(f"lcmlora: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code or 1)
     except ConfigError as exc:
-        console.print(f"lcmlora: config error: {exc}", markup=False, highlight=False)
+        console.print(f"lcmlora: config error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, non-zero
-        console.print(f"lcmlora: {type(exc).__name__}: {exc}", markup=False, highlight=False)
+        console.print(f"lcmlora: {type(exc).__name__}: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
 
 
