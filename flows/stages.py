@@ -162,6 +162,9 @@ def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict
                          style_file=str(style), output=str(work_dir(storage, out)), output_rel=out, key=key)
     if not result["skipped"]:
         _storage_step(cfg, store_folders)(cfg, {str(work_dir(storage, out)): out})
+    if not result["passed"]:
+        result["note"] = ("skipped (unchanged)" if result["skipped"] else "ran") + ": no variant met the merge rule"
+        print(f"{base_name}: no style variant published: " + "; ".join(result["violations"]))
     return result
 
 
