@@ -21,12 +21,12 @@ STYLE_ADAPTER = "style"
 
 @dataclass(frozen=True)
 class StyleTraining:
-    rank: int = 8  # LoRA rank
+    rank: int = 16  # LoRA rank
     alpha: float = 8.0  # LoRA alpha (scale alpha / rank)
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2")
-    steps: int = 400  # optimizer steps
+    steps: int = 1500  # optimizer steps
     batch_size: int = 64  # images per step
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 2e-3  # AdamW learning rate
     seed: int = 0  # data order, noise and LoRA init
     caption_dropout: float = 0.1  # share of captions replaced by "" so the unconditional branch learns the style
 
