@@ -191,7 +191,7 @@ class MergeConfig(Section):
     svd_rank: int | None = None  # also evaluate an SVD-compressed merged LoRA at this rank; None: skip
     min_style_retention: float = 0.8  # rule: style strength >= this x the style LoRA's own (25-step)
     min_adherence: float = 0.8  # rule: digit accuracy (toy) / CLIP score (real) at least this
-    select_by: Literal["style_retention", "fd", "adherence"] = "style_retention"  # best passing (l1, l2) by
+    select_by: Literal["style_retention", "fd", "adherence"] = "fd"  # best passing (l1, l2) by (fd: closest to the style reference)
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
     style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
     lcm_folder: str = "runs/distill/toy"  # default --lcm
