@@ -211,7 +211,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
 def save_fused(pipe: Any, folder: Path, family: str, description: str) -> dict[str, str]:
     """Variant 3 on disk: a diffusers folder and an original-layout single file (`merge.save_single_file`)."""
     pipe.save_pretrained(folder, safe_serialization=True)
-    single = folder.with_suffix(".safetensors")
+    single = folder.parent / f"{folder.name}.safetensors"  # not with_suffix: "fused-0.8_1" has a dot
     merge.save_single_file(pipe, single, family, {"lcmlora.merge": json.dumps(description)})
     return {"diffusers": str(folder), "single_file": str(single)}
 

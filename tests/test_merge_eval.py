@@ -51,7 +51,7 @@ def test_merge_stage_on_a_tiny_pipeline(tmp_path):
         assert json.loads((folder / "metrics.json").read_text())["gate"]["passed"]
     best = result.doc["selection"]["best"]
     fused_folder = out / f"fused-{best['l1']:g}_{best['l2']:g}"
-    assert (fused_folder / "model_index.json").is_file() and fused_folder.with_suffix(".safetensors").is_file()
+    assert (fused_folder / "model_index.json").is_file() and (out / f"{fused_folder.name}.safetensors").is_file()
     assert "| merged LoRA (0.8, 1) |" in paths["report.md"].read_text()
     assert paths["grid.png"].stat().st_size > 0
     # fused weights were taken back out: the second pipeline is the base again
