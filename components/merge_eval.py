@@ -300,6 +300,7 @@ def write_merge_report(result: MergeResult, output: Path) -> dict[str, Path]:
     ]
     if sel["violations"]:
         lines += ["", "Violations:"] + [f"- {v}" for v in sel["violations"]]
+    lines += ["", "`grid.png` rows, top to bottom: " + "; ".join(result.images) + " (one image per prompt)."]
     paths = {"report.md": output / "report.md", "metrics.json": output / "metrics.json", "grid.png": output / "grid.png"}
     paths["report.md"].write_text("\n".join(lines) + "\n")
     paths["metrics.json"].write_text(json.dumps(doc, indent=2) + "\n")
