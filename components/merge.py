@@ -23,9 +23,10 @@ a `LoraIncompatible` error naming the module, instead of diffusers' silent skip 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def _raw_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open)
 
 
 def _needs_unet_prefix(keys: Iterable[str]) -> bool:
@@ -146,7 +147,11 @@ def _te_original_type(keys: Iterable[str]):
 
 def _component_peft_keys(component: str, state_dict: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """One component's keys in peft form (`<module>.lora_A.weight`), as diffusers converts them."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     own = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.split(".")[0] == component}
     if not own:

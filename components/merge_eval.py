@@ -159,7 +159,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         rows.append(_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
                          style_metric, ref_strength, s, v1))
         if cfg.svd_rank is not None:
-            compressed, errors = merge.svd_compress(merged, cfg.svd_rank)
+            compressed, _ = merge.svd_compress(merged, cfg.svd_rank)
             svd_folder = output / f"svd{cfg.svd_rank}-{tag}"
             merge.save_lora_folder(svd_folder, compressed, family=family, base_meta=base_meta,
                                    title=f"svd{cfg.svd_rank}-{tag}", description=description + f", SVD rank {cfg.svd_rank}")
@@ -288,14 +288,14 @@ def write_merge_report(result: MergeResult, output: Path) -> dict[str, Path]:
     lines = [
         "# Style-LoRA merge report", "",
         f"- style LoRA: `{doc['style']}`; LCM-LoRA: `{doc['lcm']}`",
-        f"- reference: the style LoRA alone, DPM-Solver++ {doc['config']['reference_steps']} steps, guidance "
-        f"{doc['info']['teacher_guidance_scale']}; variants: {doc['config']['lcm_steps']} LCM steps, guidance "
-        f"{doc['config']['lcm_guidance_scale']}",
-        f"- {doc['info']['prompts']} prompts x {doc['info']['samples_per_prompt']} samples, same noise for every row; "
-        f"FD over {doc['info']['feature_backbone']}, adherence = {doc['info']['adherence']}",
+        (f"- reference: the style LoRA alone, DPM-Solver++ {doc['config']['reference_steps']} steps, guidance "
+         f"{doc['info']['teacher_guidance_scale']}; variants: {doc['config']['lcm_steps']} LCM steps, guidance "
+         f"{doc['config']['lcm_guidance_scale']}"),
+        (f"- {doc['info']['prompts']} prompts x {doc['info']['samples_per_prompt']} samples, same noise for every row; "
+         f"FD over {doc['info']['feature_backbone']}, adherence = {doc['info']['adherence']}"),
         "", markdown_table(doc["rows"]), "",
-        f"Rule: merged-LoRA rows with style retention >= {sel['rule']['min_style_retention']} and adherence >= "
-        f"{sel['rule']['min_adherence']}, best by {sel['rule']['select_by']}.",
+        (f"Rule: merged-LoRA rows with style retention >= {sel['rule']['min_style_retention']} and adherence >= "
+         f"{sel['rule']['min_adherence']}, best by {sel['rule']['select_by']}."),
         f"**Selected: {best['label']}**" if best else "**No (l1, l2) passes the rule.**",
     ]
     if sel["violations"]:
@@ -314,8 +314,15 @@ def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, out
               say: Callable[[str], None] = lambda _m: None) -> tuple[MergeResult, dict[str, Path]]:
     """`lcmlora merge`: load the base twice, evaluate every variant over the grid, write the report."""
     from components.base_model import load_base, resolve_base
+    from components.evaluation import (
+        SD_PROMPTS,
+        TOY_PROMPTS,
+        is_toy_base,
+        load_prompts,
+        project_path,
+        resolve_judges,
+    )
     from components.lineage import utc_now
-    from components.evaluation import SD_PROMPTS, TOY_PROMPTS, is_toy_base, load_prompts, project_path, resolve_judges
 
     cfg = params.merge
     name, base_cfg = resolve_base(params, base)

@@ -162,7 +162,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     noise = initial_noise(seeds, latent_shape(pipe, params.toy.image_size, params.toy.image_size))
     pipe.set_progress_bar_config(disable=True)
     method = Method("dpmpp", 25, base_cfg.guidance_scale if base_cfg else 2.0, True)
-    kw = dict(height=params.toy.image_size, width=params.toy.image_size, batch_size=50)
+    kw = {"height": params.toy.image_size, "width": params.toy.image_size, "batch_size": 50}
     with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
     pipe.disable_lora()
     without = run_method(pipe, method, prompts, noise, seeds, **kw).images

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-
 MAX_TOKENS = 32  # prompt length in tokens (one per character)
 VOCAB = 514  # 256 byte symbols, the same at word ends (</w>), <|startoftext|>, <|endoftext|>
 
