@@ -32,6 +32,8 @@ from tasks.merge import merge_variants
 from tasks.publish import GateFailed, publish_folder, registry_name
 from tasks.storage import copy_folder, fetch_folder, store_folders
 
+# distill keys that do not change the trained LoRA: where it goes, how often it is checkpointed
+DISTILL_OPERATIONAL = {"output", "latents_index", "checkpoint_every", "checkpoints_keep"}
 EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
 
 
@@ -101,7 +103,7 @@ def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: di
     """LCD-LoRA for this base; skipped when base, latent shards and distill params are unchanged."""
     accelerate = cfg.orchestrate.accelerate_config
     key = stage_key("distill", base=base_identity(base_name, base, fingerprints), shards=shards["index_hash"],
-                    distill=section_digest(cfg.distill.model_dump(mode="json", exclude={"output", "latents_index"})),
+                    distill=section_digest(cfg.distill.model_dump(mode="json", exclude=DISTILL_OPERATIONAL)),
                     accelerate=file_sha256(accelerate) if accelerate else None)
     return _run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
                        cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
