@@ -61,6 +61,9 @@ def cast_lora_to_fp32(unet: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def adapters_disabled(unet: Any) -> Iterator[Any]:
     """Context in which `unet` runs as the teacher: the base weights alone, LoRA branches off."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):  # no adapter: it is the base already
+        yield unet
+        return
     unet.disable_adapters()
     try:
         yield unet
