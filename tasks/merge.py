@@ -19,7 +19,7 @@ def style_slug(style_file: str) -> str:
     """A registry-safe name for a style LoRA: its folder name (or file stem), lowercase."""
     path = Path(style_file)
     stem = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
-    return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "style"
+    return re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "style"
 
 
 @task(name="merge", cache_key_fn=key_parameter, persist_result=True)
