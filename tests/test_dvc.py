@@ -68,7 +68,8 @@ def test_repro_in_a_clean_clone_then_status_clean_and_push_pull(s3_env, tmp_path
     assert "runs/evaluate/toy/metrics.json" in shown and "runs/merge/toy/metrics.json" in shown
     _sh([dvc, "plots", "show", "-o", str(tmp_path / "plots")], clone, env)
     page = (tmp_path / "plots" / "index.html").read_text()
-    assert "loss_curve.csv" in page and "metrics_vs_steps.png" in page
+    assert "LCD loss (toy)" in page and '"step"' in page, "the loss curve (vega spec over loss_curve.csv)"
+    assert (tmp_path / "plots" / "static" / "workspace_runs_evaluate_toy_metrics_vs_steps.png").is_file()
     lineage = json.loads((clone / "runs/distill/toy/lineage.json").read_text())
     head = _sh(["git", "rev-parse", "HEAD"], clone, env).strip()
     assert lineage["git"]["commit"] == head and lineage["dvc"]["dvc_version"]
