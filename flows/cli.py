@@ -440,6 +440,10 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
 
         base_name, base_cfg = register_config(cfg, ref, name, family)
         print_config(cfg.model_copy(update={"bases": {base_name: base_cfg}}))
+        if base_name not in cfg.bases:
+            console.print(f"note: {base_name} takes resolution, guidance and prediction type from the params base "
+                          "that shares its VAE (found when the run fingerprints it); the values above apply otherwise",
+                          markup=False, highlight=False)
         return
     from flows.runtime import has_configured_server, prefect_environment
 
