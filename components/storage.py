@@ -402,7 +402,6 @@ class _S3Backend:
     """S3-compatible object store through boto3, conditional headers for create-only/CAS."""
 
     def __init__(self, store: Storage, connect_timeout: float, read_timeout: float):
-        import boto3
         from botocore.config import Config
 
         self.store = store
@@ -418,12 +417,26 @@ class _S3Backend:
             max_pool_connections=32,
             s3={"addressing_style": "path"},
         )
-        session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=store.endpoint_url, region_name=store.region or "us-east-1",
-                                     config=config)
+        self._client_config = config
+        self._client_obj: Any = None
+        self._client_pid: int | None = None
         self._fs: fsspec.AbstractFileSystem | None = None
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+
+    @property
+    def client(self) -> Any:
+        """This process's boto3 client. A forked process (a DataLoader worker) gets its own:
+        sharing the parent's pooled keep-alive sockets interleaves responses between processes
+        and silently truncates streamed objects."""
+        if self._client_obj is None or self._client_pid != os.getpid():
+            import boto3
+
+            self._client_obj = boto3.session.Session().client(
+                "s3", endpoint_url=self.store.endpoint_url, region_name=self.store.region or "us-east-1",
+                config=self._client_config)
+            self._client_pid = os.getpid()
+        return self._client_obj
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

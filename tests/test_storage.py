@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
 import multiprocessing as mp
 import os
 import socket
@@ -255,3 +257,29 @@ def test_endpoint_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Storage("s3://b/p").endpoint_url == "http://127.0.0.1:9"
     assert Storage("s3://b/p", endpoint_url="http://e:1").endpoint_url == "http://e:1"
     assert Storage("s3://b/p").url("x/y") == "s3://b/p/x/y"
+
+
+def _forked_reader(store: Storage, inherited_client, rel: str, results) -> None:
+    with store.open(rel) as fh:
+        data = fh.read()
+    results.put((store._backend.client is inherited_client, hashlib.sha256(data).hexdigest()))
+
+
+def test_forked_processes_get_their_own_s3_connections(s3_bucket: str) -> None:
+    """DataLoader workers are forked: sharing the parent's pooled sockets truncated streams."""
+    store = Storage(s3_bucket + "/fork")
+    payload = os.urandom(3 << 20)
+    store.write_bytes("blob", payload)
+    assert store.read_bytes("blob") == payload  # the parent now holds a pooled connection
+    inherited = store._backend.client
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_forked_reader, args=(store, inherited, "blob", results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert [shared for shared, _ in got] == [False] * 3
+    assert {digest for _, digest in got} == {hashlib.sha256(payload).hexdigest()}
+    assert store._backend.client is inherited  # the parent keeps its own
