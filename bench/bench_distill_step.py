@@ -79,7 +79,7 @@ def build(args: argparse.Namespace):
         pipe = load_base(str(toy)).pipe
         desc = "data/toy/base"
     else:
-        from components.toy_sdxl import build_tiny_sd15_pipeline
+        from components.toy.sdxl import build_tiny_sd15_pipeline
 
         pipe = build_tiny_sd15_pipeline(seed=0)
         desc = "toy architecture, random weights (data/toy/base not built)"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.toy_render import DIGIT_WORDS
+from components.toy.render import DIGIT_WORDS
 
 AdherenceMetric = Callable[[torch.Tensor, list[str]], float]
 
@@ -40,7 +40,7 @@ def digit_accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> fl
 def digit_accuracy_metric(device: str = "cpu", classifier=None) -> AdherenceMetric:
     """Digit accuracy with the toy digit classifier (loaded from data/toy/classifier unless given)."""
     if classifier is None:
-        from components.digit_classifier import load_digit_classifier
+        from components.toy.classifier import load_digit_classifier
 
         classifier = load_digit_classifier().to(device)
 

@@ -90,7 +90,7 @@ def toy_reference_images(seed: int = 0) -> torch.Tensor:
     """All 1,797 sklearn digits rendered as the toy source renders them (jittered): N x 3 x 32 x 32."""
     from sklearn.datasets import load_digits
 
-    from components.toy_render import render_digit
+    from components.toy.render import render_digit
 
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(render_digit(d, rng), dtype=np.float32) for d in load_digits().images]

@@ -72,7 +72,7 @@ def extract_features(backbone: FeatureBackbone, images: torch.Tensor, batch_size
 
 def digit_classifier_backbone(device: str = "cpu") -> FeatureBackbone:
     """The toy backbone: the digit classifier's penultimate-layer features."""
-    from components.digit_classifier import load_digit_classifier
+    from components.toy.classifier import load_digit_classifier
 
     classifier = load_digit_classifier().to(device)
     return classifier.features

@@ -335,7 +335,7 @@ def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, out
     prompts = load_prompts(params.evaluate.prompts or (TOY_PROMPTS if toy else SD_PROMPTS))
     style_metric = None
     if toy:
-        from components.style_metric import toy_style_metric
+        from components.toy.style_metric import toy_style_metric
 
         style_metric = toy_style_metric()
     # 2. Two copies of the base: one carries adapters, the other fused deltas.

@@ -70,7 +70,7 @@ def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry
     if dry_run:
         print_config(cfg)
         return
-    from components.toy_source import write_toy_source
+    from components.toy.source import write_toy_source
 
     with console.status(f"writing the toy source to {cfg.toy.source_dir}"):
         summary = write_toy_source(cfg.toy.source_dir, seed=cfg.toy.seed)
@@ -119,7 +119,7 @@ def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     import torch
 
-    from components.toy_world import build_digit_classifier
+    from components.toy.world import build_digit_classifier
 
     torch.set_num_threads(cfg.toy.threads)
     start = time.time()
@@ -140,7 +140,7 @@ def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
 
     import torch
 
-    from components.toy_world import build_toy_base
+    from components.toy.world import build_toy_base
 
     torch.set_num_threads(cfg.toy.threads)
     with _toy_bar() as bar:
@@ -161,7 +161,7 @@ def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
     if dry_run:
         print_config(cfg)
         return
-    from components.toy_style import write_toy_style
+    from components.toy.style import write_toy_style
 
     folder = write_toy_style(cfg.toy.style_dir, cfg.toy.style_count, cfg.toy.seed)
     typer.echo(f"wrote {cfg.toy.style_count} toy-style images (png + txt, metadata.jsonl) to {folder}")
@@ -177,7 +177,7 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         return
     import json
 
-    from components.style_lora import run_toy_style_lora
+    from components.toy.style_lora import run_toy_style_lora
 
     metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
     typer.echo(json.dumps(metrics, indent=2))
@@ -377,7 +377,7 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         raise click.UsageError("only the toy reproduction exists: pass --toy")
     import time
 
-    from components.reproduction import TOY_RECIPE, goals_markdown, run_toy_reproduction
+    from components.toy.reproduction import TOY_RECIPE, goals_markdown, run_toy_reproduction
 
     out = (output or Path("runs/reproduce")).resolve()
     isolated = [f"storage.root={out / 'artifacts'}", f"distill.output={out / 'lora'}",

@@ -32,7 +32,7 @@ def ensure_toy_source(cfg: Params) -> str | None:
     if any(toy_dir.glob("*.parquet")):
         logger.info("toy source present at %s", toy_dir)
         return None
-    from components.toy_source import write_toy_source
+    from components.toy.source import write_toy_source
 
     summary = write_toy_source(toy_dir, seed=cfg.toy.seed)
     logger.info("wrote the toy source: %s rows in %s shards at %s", summary["rows"], len(summary["shards"]), toy_dir)

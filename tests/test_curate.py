@@ -24,7 +24,7 @@ from components.curate import (
 )
 from components.quality_gate import ManifestGateFailed
 from components.storage import Storage
-from components.toy_source import EXPECTED_REASON, write_toy_source
+from components.toy.source import EXPECTED_REASON, write_toy_source
 
 TOY_RESOLUTION = 32
 

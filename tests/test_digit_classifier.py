@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from components.digit_classifier import (
+from components.toy.classifier import (
     DigitClassifier,
     accuracy,
     digit_split,

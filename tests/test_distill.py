@@ -134,14 +134,14 @@ def test_ddp_two_cpu_processes_keep_identical_lora(tmp_path):
 
 
 def test_sdxl_family_step_and_artifact_loads(tmp_path):
-    """run_distill on the tiny SDXL-family base (components/toy_sdxl.py): one step, contract-4 folder, LoRA loads."""
+    """run_distill on the tiny SDXL-family base (components/toy/sdxl.py): one step, contract-4 folder, LoRA loads."""
     from diffusers import StableDiffusionXLPipeline
 
     from components.distill_run import run_distill
     from components.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
     from components.model_card import check_model_card
 
-    from components.toy_sdxl import build_tiny_sdxl_pipeline
+    from components.toy.sdxl import build_tiny_sdxl_pipeline
 
     base_dir = tmp_path / "tiny-sdxl"
     build_tiny_sdxl_pipeline(seed=0).save_pretrained(base_dir)
@@ -181,7 +181,7 @@ def lcm_samples(pipe, n_per_digit: int, steps: int = 4) -> tuple[torch.Tensor, t
     """4-step LCMScheduler samples (guidance 1.0) of every digit prompt, fixed seeds: (images in [-1, 1], labels)."""
     from diffusers import LCMScheduler
 
-    from components.toy_render import caption_for
+    from components.toy.render import caption_for
 
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     prompts = [caption_for(d) for d in range(10) for _ in range(n_per_digit)]
@@ -219,10 +219,10 @@ def test_toy_distillation_lowers_loss_and_improves_4_step_sampling(tmp_path):
     from sklearn.datasets import load_digits
 
     from components.base_model import load_base
-    from components.digit_classifier import load_digit_classifier, render_set
+    from components.toy.classifier import load_digit_classifier, render_set
     from components.distill_run import run_distill
     from components.frechet import frechet_distance_of_features
-    from components.toy_render import caption_for
+    from components.toy.render import caption_for
 
     # 1. Real toy images -> toy VAE latent means (what the encode stage writes), captions.
     digits = load_digits()

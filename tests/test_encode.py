@@ -36,7 +36,7 @@ from components.encode import (
     to_model_input,
 )
 from components.storage import Storage
-from components.toy_source import write_toy_source
+from components.toy.source import write_toy_source
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 32

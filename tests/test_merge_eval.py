@@ -10,7 +10,7 @@ import torch
 from components.config import MergeConfig, Params
 from components.evaluation import Judges
 from components.merge_eval import evaluate_merge, finalize_merged_folders, write_merge_report
-from components.style_metric import toy_style_metric
+from components.toy.style_metric import toy_style_metric
 from tests.test_merge import LCM_UNET, STYLE_UNET, random_lora, write_peft
 from tests.tiny_merge_pipelines import tiny_sd15
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from components.config import load_params
-from components.reproduction import (
+from components.toy.reproduction import (
     TOY_GOALS,
     TOY_RECIPE,
     check_goals,

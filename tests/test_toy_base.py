@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from components.config import load_params
-from components.digit_classifier import load_digit_classifier
-from components.toy_base import encode_prompts
-from components.toy_render import caption_for
+from components.toy.classifier import load_digit_classifier
+from components.toy.base import encode_prompts
+from components.toy.render import caption_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "data" / "toy" / "base"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from components.toy_render import (
+from components.toy.render import (
     DIGIT_WORDS,
     TOY_SIZE,
     caption_for,

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from components.toy_sdxl import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
+from components.toy.sdxl import build_tiny_sd15_pipeline, build_tiny_sdxl_pipeline
 
 GENERATION_BUDGET_S = 2.0  # the brief: a 2-step generation runs in under 2 s on CPU (x3 slack on a shared CPU)
 

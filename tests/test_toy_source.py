@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from components.toy_source import DEFECT_COUNTS, DUPLICATES, write_toy_source
+from components.toy.source import DEFECT_COUNTS, DUPLICATES, write_toy_source
 
 LAION_COLUMNS = {"URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE"}
 

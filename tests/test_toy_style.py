@@ -7,8 +7,8 @@ import json
 import numpy as np
 from PIL import Image
 
-from components.toy_render import caption_for
-from components.toy_style import write_toy_style
+from components.toy.render import caption_for
+from components.toy.style import write_toy_style
 
 
 def test_style_set_layout_and_determinism(tmp_path):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from components.toy_render import DIGIT_WORDS, caption_for
-from components.toy_tokenizer import (
+from components.toy.render import DIGIT_WORDS, caption_for
+from components.toy.tokenizer import (
     BOS,
     EOS,
     TOY_WORDS,

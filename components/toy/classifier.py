@@ -2,7 +2,7 @@
 (in place of Inception) for images drawn by toy bases.
 
 A small CNN reads grey 16x16 images. It is trained on sklearn's digits rendered exactly as
-the toy source renders them (`components/toy_render.py`), in both the plain and the style
+the toy source renders them (`components/toy/render.py`), in both the plain and the style
 rendering, with blur, noise and contrast augmentation so that it also reads the softer
 images a VAE decodes. The held-out split is a stratified 20% of sklearn's 1,797 digits.
 
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from components.toy_render import render_digit, render_digit_styled
+from components.toy.render import render_digit, render_digit_styled
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLASSIFIER_DIR = "data/toy/classifier"
 INPUT_SIZE = 16  # the classifier reads grey INPUT_SIZE x INPUT_SIZE images
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 RGB -> grey weights

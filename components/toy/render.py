@@ -1,7 +1,7 @@
 """Render sklearn's 8x8 handwritten digits as the toy world's 32x32 RGB images.
 
-One rendering is shared by the toy source writer (`components/toy_source.py`), the toy base
-training (`components/toy_base.py`) and the digit classifier, so that what the base learns
+One rendering is shared by the toy source writer (`components/toy/source.py`), the toy base
+training (`components/toy/base.py`) and the digit classifier, so that what the base learns
 to draw is what the classifier learned to read. `render_digit_styled` draws the same digits
 in the toy *style* (neon strokes on a dark, striped background), the set a style LoRA is
 trained on.

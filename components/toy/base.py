@@ -4,7 +4,7 @@ Architecture (all diffusers / transformers classes, so every stage treats it as 
 - `AutoencoderKL`, 3 blocks: 32x32 RGB <-> 4x8x8 latents (downsample x4).
 - `UNet2DConditionModel`, ~1M parameters at 8x8 and 4x4, cross-attention at both resolutions.
 - `CLIPTextModel`, 2 layers, width 64, seeded random init and frozen, with a local BPE
-  tokenizer over the caption words (`components/toy_tokenizer.py`).
+  tokenizer over the caption words (`components/toy/tokenizer.py`).
 - SD-1.5 noise schedule (scaled_linear betas 0.00085..0.012, 1000 steps, epsilon prediction),
   shipped as a `DDIMScheduler`.
 
@@ -37,9 +37,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from components.config import ToyConfig
-from components.digit_classifier import DigitClassifier, render_set
-from components.toy_render import caption_for
-from components.toy_tokenizer import build_toy_tokenizer, write_tokenizer_files
+from components.toy.classifier import DigitClassifier, render_set
+from components.toy.render import caption_for
+from components.toy.tokenizer import build_toy_tokenizer, write_tokenizer_files
 
 TEXT_WIDTH = 64  # CLIP hidden size = UNet cross_attention_dim
 MAX_TOKENS = 77  # CLIP context length, as SD 1.5

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from components.toy_render import DIGIT_WORDS
+from components.toy.render import DIGIT_WORDS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"

@@ -35,7 +35,7 @@ def toy_style_set(count: int = 1797, seed: int = 0) -> tuple[torch.Tensor, list[
     """sklearn digits in the toy style with their plain captions: N x 3 x 32 x 32 in [-1, 1], N captions."""
     from sklearn.datasets import load_digits
 
-    from components.toy_render import caption_for, render_digit_styled
+    from components.toy.render import caption_for, render_digit_styled
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
@@ -131,7 +131,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     from components.config import RESOLVED_CONFIG_NAME
     from components.evaluation import project_path
     from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
-    from components.style_metric import toy_style_metric
+    from components.toy.style_metric import toy_style_metric
 
     cfg = params.merge
     out = Path(output or cfg.style_output)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.toy_render import TOY_SIZE, caption_for, render_digit
+from components.toy.render import TOY_SIZE, caption_for, render_digit
 
 SHARD_SIZE = 512  # samples per tar shard
 JPEG_QUALITY = 95

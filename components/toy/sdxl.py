@@ -4,9 +4,9 @@
   projection; UNet with `addition_embed_type="text_time"` conditioning on pooled text and
   the six size/crop numbers), 32x32 images, 4x8x8 latents.
 - `build_tiny_sd15_pipeline`: SD-1.5 family with exactly the toy base's architecture
-  (`components/toy_base.py`), untrained.
+  (`components/toy/base.py`), untrained.
 
-Nothing is downloaded: tokenizers are built locally (`components/toy_tokenizer.py`).
+Nothing is downloaded: tokenizers are built locally (`components/toy/tokenizer.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from components.toy_base import assemble_pipeline, toy_text_encoder, toy_unet, toy_vae
-from components.toy_tokenizer import build_toy_tokenizer
+from components.toy.base import assemble_pipeline, toy_text_encoder, toy_unet, toy_vae
+from components.toy.tokenizer import build_toy_tokenizer
 
 SDXL_TEXT_WIDTHS = (32, 32)  # hidden sizes of text_encoder and text_encoder_2
 SDXL_POOLED_DIM = 32  # projection_dim of text_encoder_2 (pooled "text_embeds")

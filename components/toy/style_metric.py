@@ -68,7 +68,7 @@ def toy_renders(count: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     """`count` sklearn digits rendered plain and styled with jitter: two N x 3 x 32 x 32 in [-1, 1]."""
     from sklearn.datasets import load_digits
 
-    from components.toy_render import render_digit, render_digit_styled
+    from components.toy.render import render_digit, render_digit_styled
 
     digits = load_digits().images
     rng = np.random.default_rng(seed)

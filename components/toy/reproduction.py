@@ -105,7 +105,7 @@ def run_toy_reproduction(params: Params, output: str | Path, *, say: Callable[[s
     # 1. The toy source (LAION/img2dataset layout), written once if absent.
     source = project_path(params.curate.source)
     if not source.exists():
-        from components.toy_source import write_toy_source
+        from components.toy.source import write_toy_source
 
         t0 = time.perf_counter()
         write_toy_source(source, seed=params.toy.seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.toy_render import caption_for, render_digit_styled
+from components.toy.render import caption_for, render_digit_styled
 
 
 def toy_style_rows(count: int, seed: int = 0) -> list[dict]:

@@ -1,7 +1,7 @@
 """Build the toy world's committed models: the digit classifier and the toy base.
 
-Each builder loads sklearn's digits, trains (`components/digit_classifier.py`,
-`components/toy_base.py`), checks the result against its threshold, and writes the model
+Each builder loads sklearn's digits, trains (`components/toy/classifier.py`,
+`components/toy/base.py`), checks the result against its threshold, and writes the model
 with a JSON report and the resolved config beside it.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from components.config import Params, ToyConfig
-from components.digit_classifier import (
+from components.toy.classifier import (
     accuracy,
     digit_split,
     load_digit_classifier,
@@ -24,7 +24,7 @@ from components.digit_classifier import (
     save_digit_classifier,
     train_digit_classifier,
 )
-from components.toy_base import ProgressFn, save_toy_base, train_toy_base
+from components.toy.base import ProgressFn, save_toy_base, train_toy_base
 
 MIN_CLASSIFIER_ACCURACY = 0.97  # held-out accuracy the committed digit classifier must reach
 TOY_BASE_NAME = "toy"  # the base in params.yaml `bases:` whose guidance scale the toy base is selected at
