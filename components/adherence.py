@@ -1,55 +1,21 @@
 """Prompt adherence: how well images follow their prompts, with a pluggable judge.
 
-- Toy bases: digit accuracy, the share of images whose digit (read by the toy digit
-  classifier) is the digit their prompt names ("a handwritten digit seven" -> 7).
-- Real bases: CLIP score (Hessel et al. 2021, as in torchmetrics): 100 * max(cos(E_I, E_T), 0)
-  averaged over images, with a CLIP checkpoint from a local folder.
+Real bases: CLIP score (Hessel et al. 2021, as in torchmetrics): 100 * max(cos(E_I, E_T), 0)
+averaged over images, with a CLIP checkpoint from a local folder. Other judges (the toy
+world's digit accuracy) plug in through `components/judges.py`.
 
 An adherence metric is any callable `(images Bx3xHxW in [-1, 1], prompts: list[str]) -> float`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from components.toy.render import DIGIT_WORDS
-
 AdherenceMetric = Callable[[torch.Tensor, list[str]], float]
-
-
-def digit_label(prompt: str) -> int:
-    """The digit a toy prompt names: "a handwritten digit seven" -> 7 (the last digit word wins)."""
-    words = re.findall(r"[a-z]+", prompt.lower())
-    found = [DIGIT_WORDS.index(w) for w in words if w in DIGIT_WORDS]
-    if not found:
-        raise ValueError(f"prompt {prompt!r} names no digit ({', '.join(DIGIT_WORDS)}); "
-                         "digit accuracy needs toy prompts such as 'a handwritten digit seven'")
-    return found[-1]
-
-
-def digit_accuracy_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of rows whose arg-max class equals the label (B x 10 logits, B labels)."""
-    return float((logits.argmax(dim=1).cpu() == labels.cpu()).double().mean())
-
-
-def digit_accuracy_metric(device: str = "cpu", classifier=None) -> AdherenceMetric:
-    """Digit accuracy with the toy digit classifier (loaded from data/toy/classifier unless given)."""
-    if classifier is None:
-        from components.toy.classifier import load_digit_classifier
-
-        classifier = load_digit_classifier().to(device)
-
-    def metric(images: torch.Tensor, prompts: list[str]) -> float:
-        labels = torch.tensor([digit_label(p) for p in prompts])
-        logits = torch.cat([classifier.logits(images[i:i + 256]) for i in range(0, images.shape[0], 256)])
-        return digit_accuracy_from_logits(logits, labels)
-
-    return metric
 
 
 def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:

@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
 RESOLVED_CONFIG_NAME = "params.resolved.yaml"  # written beside every artifact
 
 
@@ -53,39 +52,7 @@ class BaseConfig(Section):
     resolution: int = 512  # training and sampling resolution in pixels
     guidance_scale: float = 7.5  # the base's own CFG scale (7.5 for real SD bases)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
-
-
-# --- toy world --------------------------------------------------------------------------
-
-
-class ToyConfig(Section):
-    seed: int = 0  # seeds the toy source defects and the toy base training
-    source_dir: str = "data/toy/source"  # where `lcmlora toy source` writes
-    base_dir: str = "data/toy/base"  # where `lcmlora toy base` writes (committed)
-    style_dir: str = "data/toy/style"  # where the toy style set is written
-    image_size: int = 32  # pixel size of toy images
-    train_steps: int = 3000  # toy base UNet training steps
-    batch_size: int = 128  # toy base training batch
-    classifier_dir: str = "data/toy/classifier"  # where `lcmlora toy classifier` writes (committed)
-    classifier_epochs: int = 12  # digit classifier training epochs
-    copies: int = 4  # jittered renderings of each digit in the toy base training set
-    vae_steps: int = 1500  # toy VAE training steps
-    vae_batch_size: int = 64  # toy VAE training batch
-    vae_lr: float = 1.0e-3  # toy VAE peak learning rate (one-cycle)
-    kl_weight: float = 1.0e-4  # weight of the VAE's KL term (per latent element)
-    style_fraction: float = 0.25  # share of toy-style images in the VAE training set
-    lr: float = 1.0e-3  # toy UNet peak learning rate (warm-up, cosine to 10%)
-    warmup_steps: int = 100  # toy UNet learning-rate warm-up steps
-    caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
-    ema_decay: float = 0.999  # EMA of the UNet weights; the EMA is what gets evaluated and saved
-    eval_every: int = 250  # steps between DDIM-50 CFG accuracy checks of the EMA (best kept)
-    eval_samples: int = 200  # samples per accuracy check during training
-    final_eval_samples: int = 500  # samples per guidance scale in the final accuracy table
-    final_guidance_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0])  # final table
-    min_accuracy: float = 0.8  # `toy base` fails if the prompted-digit accuracy at the toy guidance is lower
-    style_count: int = 500  # images in the toy style set
-    device: str = "cpu"  # torch device for toy training (cuda if you have one)
-    threads: int = 2  # torch CPU threads for toy training
+    judges: str = "real"  # judges provider evaluating it (entry point in group lcmlora.judges)
 
 
 # --- stages -----------------------------------------------------------------------------
@@ -162,16 +129,14 @@ class EvaluateConfig(Section):
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG scale with the LCM-LoRA (1.0: no CFG pass)
     tcd_gamma: float | None = None  # TCDScheduler gamma; None: no TCD rows
     lcm_without_lora: bool = False  # also LCMScheduler on the teacher alone (rows lcm_base-N)
-    prompts: str | None = None  # prompt file, one per line; None: data/prompts/toy.txt (toy) or sd.txt
+    prompts: str | None = None  # prompt file, one per line; None: the base's judges' own prompt file
     samples_per_prompt: int = 20  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
     seed: int = 0  # first noise seed; every method gets the same initial noise
     batch_size: int = 50  # images per pipeline call
     device: str = "cpu"  # torch device for sampling and metrics
     agreement_reference: str = "ddim-50"  # teacher run whose images PSNR/SSIM compare against
-    feature_backbone: Literal["auto", "digit_classifier", "torchscript"] = "auto"  # auto: digits for the toy
     feature_extractor: str | None = None  # local TorchScript Inception (FID) file, needed for real bases
-    reference_images: str | None = None  # folder of reference images for FD; None: toy digits (toy only)
-    adherence: Literal["auto", "digit_accuracy", "clip_score"] = "auto"  # auto: digit accuracy for the toy
+    reference_images: str | None = None  # FD reference image folder; None: the judges' own (real: needed)
     clip_model: str | None = None  # local CLIP folder (CLIPModel + processor), needed for real bases
     # gate: thresholds; None switches one off (it is then listed as skipped, never as passed)
     lcm4_fd_max_ratio_to_teacher50: float | None = 1.3  # FD(lcm-4) <= ratio * best teacher FD at 50 steps
@@ -195,14 +160,6 @@ class MergeConfig(Section):
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
     style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
     lcm_folder: str = "runs/distill/toy"  # default --lcm
-    # toy style LoRA (`lcmlora toy style-lora`): plain diffusion LoRA fine-tuning of the toy base
-    style_output: str = "data/toy/style_lora"  # where the toy style LoRA is written
-    style_rank: int = 16  # LoRA rank (8 kept the style but lost digit shapes: accuracy 0.31)
-    style_alpha: float = 8.0  # LoRA alpha (alpha != rank: exercises alpha scaling downstream)
-    style_steps: int = 1500  # optimizer steps
-    style_batch_size: int = 64  # images per step
-    style_lr: float = 2e-3  # AdamW learning rate
-    style_seed: int = 0  # data order, noise, init
 
 
 class PublishConfig(Section):
@@ -231,7 +188,7 @@ class Params(Section):
     storage: StorageConfig = StorageConfig()
     registry: RegistryConfig = RegistryConfig()
     bases: dict[str, BaseConfig] = Field(default_factory=dict)
-    toy: ToyConfig = ToyConfig()
+    toy: dict[str, Any] = Field(default_factory=dict)  # opaque here; components/toy/config.py checks it
     curate: CurateConfig = CurateConfig()
     encode: EncodeConfig = EncodeConfig()
     distill: DistillConfig = DistillConfig()

@@ -1,13 +1,12 @@
 """Frechet distance between two image sets over a pluggable feature backbone.
 
 FD(N(mu1, S1), N(mu2, S2)) = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))   (Dowson & Landau
-1982; FID, Heusel et al. 2017, eq. 6). With Inception features it is the FID; in the toy world
-the backbone is the digit classifier's penultimate layer.
+1982; FID, Heusel et al. 2017, eq. 6). With Inception features it is the FID; other backbones
+(the toy world's digit classifier) plug in through `components/judges.py`.
 
 A backbone is any callable `images (Bx3xHxW float in [-1, 1]) -> B x D features`:
-`digit_classifier_backbone()` for the toy, `torchscript_backbone(path)` for a local Inception
-(the TorchScript FID Inception used by StyleGAN2-ADA and clean-fid takes uint8-range NCHW
-images of any size and `return_features=True`).
+`torchscript_backbone(path)` for a local Inception (the TorchScript FID Inception used by
+StyleGAN2-ADA and clean-fid takes uint8-range NCHW images of any size and `return_features=True`).
 """
 
 from __future__ import annotations
@@ -68,14 +67,6 @@ def extract_features(backbone: FeatureBackbone, images: torch.Tensor, batch_size
         raise ValueError(f"feature backbone returned shape {tuple(feats.shape)} for {images.shape[0]} images; "
                          "a backbone must return one feature vector per image (B x D)")
     return feats
-
-
-def digit_classifier_backbone(device: str = "cpu") -> FeatureBackbone:
-    """The toy backbone: the digit classifier's penultimate-layer features."""
-    from components.toy.classifier import load_digit_classifier
-
-    classifier = load_digit_classifier().to(device)
-    return classifier.features
 
 
 def torchscript_backbone(path: str | Path | None, device: str = "cpu",

@@ -36,8 +36,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from components.config import ToyConfig
 from components.toy.classifier import DigitClassifier, render_set
+from components.toy.config import ToyConfig
 from components.toy.render import caption_for
 from components.toy.tokenizer import build_toy_tokenizer, write_tokenizer_files
 

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from components.paths import project_path
 from components.toy.render import render_digit, render_digit_styled
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLASSIFIER_DIR = "data/toy/classifier"
 INPUT_SIZE = 16  # the classifier reads grey INPUT_SIZE x INPUT_SIZE images
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 RGB -> grey weights
@@ -202,17 +202,10 @@ def save_digit_classifier(classifier: DigitClassifier, path: str | Path, meta: d
     return path
 
 
-def _resolve_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
-        return PROJECT_ROOT / path
-    return path
-
-
 def load_digit_classifier(path: str | Path = DEFAULT_CLASSIFIER_DIR, device: str | torch.device = "cpu"
                           ) -> DigitClassifier:
     """Load the classifier from `path` (relative paths fall back to the project root)."""
-    folder = _resolve_dir(path)
+    folder = project_path(path)
     weights, config_file = folder / "model.safetensors", folder / "config.json"
     if not weights.exists() or not config_file.exists():
         raise FileNotFoundError(f"{folder}: no digit classifier (model.safetensors + config.json); "

@@ -102,7 +102,7 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
         context = torch.where(drop[:, None, None], empty, embeddings[index])
         loss = diffusion_loss(pipe.unet, scheduler, latents[index], context, generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"style LoRA: loss became {loss.item()} at step {step}; lower merge.style_lr")
+            raise FloatingPointError(f"style LoRA: loss became {loss.item()} at step {step}; lower toy.style_lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -129,14 +129,15 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     from components import merge
     from components.base_model import load_base, resolve_base
     from components.config import RESOLVED_CONFIG_NAME
-    from components.evaluation import project_path
+    from components.paths import project_path
     from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.toy.config import toy_config
     from components.toy.style_metric import toy_style_metric
 
-    cfg = params.merge
+    cfg = toy_config(params)
     out = Path(output or cfg.style_output)
     name, base_cfg = resolve_base(params, "toy") if "toy" in params.bases else ("toy", None)
-    reference = str(project_path(base_cfg.reference if base_cfg else params.toy.base_dir))
+    reference = str(project_path(base_cfg.reference if base_cfg else cfg.base_dir))
     loaded = load_base(reference, family="sd15")
     pipe = loaded.pipe
     # 1. Style set and training.
@@ -149,7 +150,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept (alpha != rank by default).
     factors = merge.adapter_factors(pipe, STYLE_ADAPTER)
-    base_meta = {"name": name, "family": "sd15", "resolution": params.toy.image_size, "reference": reference,
+    base_meta = {"name": name, "family": "sd15", "resolution": cfg.image_size, "reference": reference,
                  "fingerprint": loaded.fingerprint}
     paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title="toy-style-lora",
                                    description="toy style LoRA (neon digits), plain diffusion LoRA fine-tuning")
@@ -159,10 +160,10 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     prompts = [f"a handwritten digit {w}" for w in
                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine") for _ in range(5)]
     seeds = list(range(len(prompts)))
-    noise = initial_noise(seeds, latent_shape(pipe, params.toy.image_size, params.toy.image_size))
+    noise = initial_noise(seeds, latent_shape(pipe, cfg.image_size, cfg.image_size))
     pipe.set_progress_bar_config(disable=True)
     method = Method("dpmpp", 25, base_cfg.guidance_scale if base_cfg else 2.0, True)
-    kw = {"height": params.toy.image_size, "width": params.toy.image_size, "batch_size": 50}
+    kw = {"height": cfg.image_size, "width": cfg.image_size, "batch_size": 50}
     with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
     pipe.disable_lora()
     without = run_method(pipe, method, prompts, noise, seeds, **kw).images

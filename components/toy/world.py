@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.config import Params, ToyConfig
+from components.config import Params
+from components.toy.base import ProgressFn, save_toy_base, train_toy_base
 from components.toy.classifier import (
     accuracy,
     digit_split,
@@ -24,7 +25,7 @@ from components.toy.classifier import (
     save_digit_classifier,
     train_digit_classifier,
 )
-from components.toy.base import ProgressFn, save_toy_base, train_toy_base
+from components.toy.config import ToyConfig, toy_config
 
 MIN_CLASSIFIER_ACCURACY = 0.97  # held-out accuracy the committed digit classifier must reach
 TOY_BASE_NAME = "toy"  # the base in params.yaml `bases:` whose guidance scale the toy base is selected at
@@ -73,7 +74,7 @@ def build_digit_classifier(cfg: ToyConfig, progress: ProgressFn | None = None) -
 
 def build_toy_base(params: Params, progress: ProgressFn | None = None) -> dict:
     """Train the toy base, save it to params.toy.base_dir with `training.json` (report + resolved params)."""
-    cfg = params.toy
+    cfg = toy_config(params)
     guidance = params.base(TOY_BASE_NAME).guidance_scale
     classifier = load_digit_classifier(cfg.classifier_dir)
     images8, labels = load_sklearn_digits()

@@ -1,0 +1,96 @@
+"""The judges evaluation and merging use: Frechet features, prompt adherence, FD reference
+images, an optional style scorer, and the prompt file they expect.
+
+A judges provider is `fn(cfg: EvaluateConfig, resolution: int) -> Judges`, found by name among
+the Python entry points of group `lcmlora.judges` (pyproject.toml). `bases.NAME.judges` names
+the provider a base gets: `real` (below: a local TorchScript Inception, a local CLIP, a folder
+of reference images) or any installed one, such as the toy world's digit judges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from components.adherence import AdherenceMetric, clip_score_metric
+from components.config import BaseConfig, ConfigError, EvaluateConfig
+from components.frechet import FeatureBackbone, torchscript_backbone
+from components.paths import project_path
+
+JUDGES_GROUP = "lcmlora.judges"  # entry-point group of judges providers
+SD_PROMPTS = "data/prompts/sd.txt"  # the real judges' prompt file when evaluate.prompts is unset
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class StyleScorer(Protocol):
+    """How strongly images show a style: 0 = the base's look, 1 = the style set's look."""
+
+    def mean_strength(self, images: torch.Tensor) -> float: ...
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The pluggable parts of an evaluation (images are B x 3 x H x W in [-1, 1])."""
+
+    backbone: FeatureBackbone  # images -> B x D features for Frechet distance
+    backbone_name: str  # shown in metrics.json and the report
+    adherence: AdherenceMetric  # (images, prompts) -> float, higher is better
+    adherence_name: str
+    reference_images: torch.Tensor  # M x 3 x H x W in [-1, 1], the FD reference set
+    style: StyleScorer | None = None  # style strength for merged variants; None: no style column
+    style_name: str = ""
+    default_prompts: str | None = None  # prompt file used when evaluate.prompts is unset
+
+
+def load_reference_images(folder: str | Path, resolution: int,
+                          params_key: str = "evaluate.reference_images") -> torch.Tensor:
+    """Every image in a folder, centre-cropped and resized to resolution: N x 3 x R x R in [-1, 1]."""
+    from PIL import Image, ImageOps
+
+    folder = project_path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if len(files) < 2:
+        raise FileNotFoundError(f"{params_key}={folder}: needs a folder with at least 2 images "
+                                f"({', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for f in files:
+        with Image.open(f) as im:
+            fitted = ImageOps.fit(im.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(fitted, dtype=np.float32))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def real_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
+    """Inception features (local TorchScript file), CLIP score (local folder), a reference folder.
+
+    Each missing file is an error naming its params key: a real base never skips a judge.
+    """
+    backbone = torchscript_backbone(cfg.feature_extractor, cfg.device)
+    adherence = clip_score_metric(cfg.clip_model, cfg.device)
+    if not cfg.reference_images:
+        raise ConfigError("evaluate.reference_images is not set: Frechet distance for a real base needs a folder "
+                          "of reference images; set evaluate.reference_images=/path/to/images")
+    reference = load_reference_images(cfg.reference_images, resolution)
+    return Judges(backbone, f"TorchScript {Path(cfg.feature_extractor or '').name}", adherence, "CLIP score",
+                  reference, default_prompts=SD_PROMPTS)
+
+
+def installed_providers() -> dict[str, object]:
+    """Name -> entry point of every installed judges provider (group `lcmlora.judges`)."""
+    return {ep.name: ep for ep in entry_points(group=JUDGES_GROUP)}
+
+
+def load_judges(cfg: EvaluateConfig, base: BaseConfig, base_name: str) -> Judges:
+    """The judges of the provider `bases.NAME.judges` names, built for the base's resolution."""
+    providers = installed_providers()
+    if base.judges not in providers:
+        installed = ", ".join(sorted(providers)) or "none; reinstall the project (pip install -e .)"
+        raise ConfigError(f"bases.{base_name}.judges={base.judges!r}: no judges provider of that name in "
+                          f"entry-point group {JUDGES_GROUP} (installed: {installed})")
+    provider = providers[base.judges].load()
+    return provider(cfg, base.resolution)
