@@ -73,10 +73,17 @@ def test_short_reproduction_lcm2_beats_ddim2_on_fd(tmp_path, one_thread):
     cfg = load_params(REPO / "params.yaml", TOY_RECIPE + SHORT_RECIPE + [
         f"storage.root={tmp_path / 'artifacts'}", f"curate.source={tmp_path / 'source'}",
         f"toy.source_dir={tmp_path / 'source'}"])
-    result = run_toy_reproduction(cfg, tmp_path / "out", say=lambda _msg: None)
+    reports = []
+    result = run_toy_reproduction(cfg, tmp_path / "out", progress=reports.append)
     rows = {row["label"]: row for row in result.evaluation_doc["methods"]}
     assert set(rows) == {"lcm-2", "lcm_base-2", "ddim-2"}
     assert rows["lcm-2"]["fd"] < rows["ddim-2"]["fd"], rows
     assert rows["lcm-2"]["unet_evals_per_image"] == 2 and rows["ddim-2"]["unet_evals_per_image"] == 4
     assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "reproduction.json").read_text())["goals"]["checks"]
+    # One progress channel: each stage's own reports, then one `reproduce` report per stage.
+    finished = [r.note.split(":")[0] for r in reports if r.stage == "reproduce"]
+    assert finished == ["toy_source", "curate", "encode", "distill", "evaluate"], finished
+    evaluated = [(r.step, r.total, r.note) for r in reports if r.stage == "evaluate"]
+    assert [(step, total) for step, total, _ in evaluated] == [(1, 3), (2, 3), (3, 3)], evaluated
+    assert {note for _, _, note in evaluated} == set(rows)

@@ -1,9 +1,10 @@
 """The toy reproduction of the LCM-LoRA report's central claim: a few LCM steps do the work of
 many teacher steps (`lcmlora reproduce --toy`).
 
-It runs the real stages on the toy world, in order: toy source (if missing) -> curate -> encode
--> distill -> evaluate, then checks the goals below against the evaluation's metric rows. On
-this easy toy the teacher is already decent at 4 steps, so the claim shows at 1 and 2 steps.
+It runs the stage runners (components/stages/) on the toy world, in order: toy source (if
+missing) -> curate -> encode -> distill -> evaluate, then checks the goals below against the
+evaluation's metric rows. On this easy toy the teacher is already decent at 4 steps, so the
+claim shows at 1 and 2 steps.
 Every cell is reported whatever it shows; a goal that is not met is reported as such.
 """
 
@@ -13,13 +14,20 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from components.config import Params
 from components.gate import GateResult, Rule, check_rules
+from components.paths import project_path
+from components.progress import Progress, ProgressFn, no_progress
+from components.storage import Storage
+from components.toy.config import toy_config
+from components.toy.source import write_toy_source
+
+TOY_BASE = "toy"  # the params base the reproduction runs on
+STAGES = ("curate", "encode", "distill", "evaluate")
 
 # The distillation recipe of the toy trial in the issue (rank 16, lr 5e-4, batch 64, 400 steps;
 # the toy's guidance 2.0 comes from bases.toy.guidance_scale), plus LCMScheduler rows on the
@@ -82,62 +90,80 @@ def goals_markdown(goals: GateResult) -> str:
     return "\n".join(lines)
 
 
-def run_toy_reproduction(params: Params, output: str | Path, *, say: Callable[[str], None] = print,
-                         distill_progress: Callable[[Any], None] | None = None) -> Reproduction:
+def run_toy_reproduction(params: Params, output: str | Path, *,
+                         progress: ProgressFn | None = None) -> Reproduction:
     """toy source -> curate -> encode -> distill -> evaluate -> goals, all under `output`.
 
-    `params` should already point storage.root, distill.output and evaluate.output under `output`
-    (the CLI does so), so a reproduction never reuses or overwrites another run's artifacts.
+    Only the stage runners (components/stages/) do the work. `params` should already point
+    storage.root, distill.output and evaluate.output under `output` (the CLI does so), so a
+    reproduction never reuses or overwrites another run's artifacts. `progress` gets each
+    stage's own reports and one `reproduce` report per finished stage (its note says what it did).
     """
-    from components.curate import curate_from_params
-    from components.distill_run import run_distill
-    from components.encode import encode_from_params
-    from components.evaluation import project_path, run_evaluation
+    from components.stages.curate import run_curate
+    from components.stages.distill import run_distill
+    from components.stages.encode import run_encode
+    from components.stages.evaluate import run_evaluate
 
+    report = progress or no_progress
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
-    base = params.base("toy")
+    base = params.base(TOY_BASE)
     if not (project_path(base.reference) / "model_index.json").is_file():
         raise FileNotFoundError(f"{base.reference}: the toy base is missing; build it with `lcmlora toy base`")
 
+    def done(step: int, stage: str, note: str) -> None:
+        report(Progress(stage="reproduce", step=step, total=len(STAGES), note=f"{stage}: {note}",
+                        metrics={"seconds": round(seconds[stage], 1)}))
+
     # 1. The toy source (LAION/img2dataset layout), written once if absent.
-    source = project_path(params.curate.source)
-    if not source.exists():
-        from components.toy.source import write_toy_source
-
+    source_dir = project_path(params.curate.source)
+    if not source_dir.exists():
         t0 = time.perf_counter()
-        write_toy_source(source, seed=params.toy.seed)
+        write_toy_source(source_dir, seed=toy_config(params).seed)
         seconds["toy_source"] = time.perf_counter() - t0
-        say(f"toy source written to {source} in {seconds['toy_source']:.1f}s")
-    params = params.model_copy(update={"curate": params.curate.model_copy(update={"source": str(source)})})
+        done(0, "toy_source", f"written to {source_dir}")
+    params = params.model_copy(update={"curate": params.curate.model_copy(update={"source": str(source_dir)})})
+    source = Storage(str(source_dir), endpoint_url=params.storage.endpoint_url, region=params.storage.region)
+    storage = Storage.from_config(params.storage)
+    resolved_yaml = params.to_yaml()
 
-    # 2. Curate, 3. encode, 4. distill, 5. evaluate: the stages' own components.
+    # 2. Curate.
     t0 = time.perf_counter()
-    curated, _, _ = curate_from_params(params, "toy")
+    curated = run_curate(params.curate, source=source, storage=storage, output=params.curate.output,
+                         min_side=base.resolution, resolved_yaml=resolved_yaml, progress=progress)
     seconds["curate"] = time.perf_counter() - t0
-    say(f"curate: kept {curated.kept} of {curated.rows_in} rows in {seconds['curate']:.1f}s")
+    done(1, "curate", f"kept {curated.kept} of {curated.rows_in} rows")
+    # 3. Encode.
     t0 = time.perf_counter()
-    encoded, _ = encode_from_params(params, "toy")
+    manifest_rel = f"{params.curate.output.strip('/')}/manifest.parquet"
+    encoded = run_encode(params.encode, TOY_BASE, base, storage, manifest_rel, source, progress=progress)
     seconds["encode"] = time.perf_counter() - t0
-    say(f"encode: {encoded.samples} latents in {seconds['encode']:.1f}s")
+    done(2, "encode", f"{encoded.samples} latents")
+    # 4. Distill.
     t0 = time.perf_counter()
     lora_folder = output / "lora"
-    outcome = run_distill(params, "toy", output=lora_folder, on_step=distill_progress)
+    distilled = run_distill(params.distill, base_name=TOY_BASE, base=base, storage=storage,
+                            latents_index=encoded.index_rel, output=lora_folder, resolved_yaml=resolved_yaml,
+                            params_digest=params.digest(), progress=progress)
     seconds["distill"] = time.perf_counter() - t0
-    say(f"distill: {outcome.result.steps} steps in {seconds['distill']:.1f}s -> {lora_folder}")
+    done(3, "distill", f"{distilled.result.steps} steps -> {lora_folder}")
+    # 5. Evaluate.
     t0 = time.perf_counter()
-    evaluation, paths = run_evaluation(params, "toy", lora_folder, output / "evaluation", callback=say)
+    evaluated = run_evaluate(params.evaluate, base_name=TOY_BASE, base=base, lora_folder=lora_folder,
+                             output=output / "evaluation", progress=progress)
     seconds["evaluate"] = time.perf_counter() - t0
+    done(4, "evaluate", "gate " + ("passed" if evaluated.passed else "FAILED"))
     seconds["total"] = time.perf_counter() - t_all
 
     # 6. Goals, and the record of what ran where.
-    goals = check_goals(evaluation.doc)
-    result = Reproduction(evaluation.doc, goals, {k: round(v, 1) for k, v in seconds.items()}, machine_info(), paths)
+    goals = check_goals(evaluated.doc)
+    result = Reproduction(evaluated.doc, goals, {k: round(v, 1) for k, v in seconds.items()}, machine_info(),
+                          dict(evaluated.paths))
     record = {"goals": goals.to_dict(), "seconds": result.seconds, "machine": result.machine,
               "distill": {k: v for k, v in params.distill.model_dump(mode="json").items()},
-              "evaluation": evaluation.doc}
+              "evaluation": evaluated.doc}
     (output / "reproduction.json").write_text(json.dumps(record, indent=2) + "\n")
     result.paths["reproduction.json"] = output / "reproduction.json"
     return result
