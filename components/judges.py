@@ -10,7 +10,6 @@ of reference images) or any installed one, such as the toy world's digit judges.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +20,7 @@ from components.adherence import AdherenceMetric, clip_score_metric
 from components.config import BaseConfig, ConfigError, EvaluateConfig
 from components.frechet import FeatureBackbone, torchscript_backbone
 from components.paths import project_path
+from components.plugins import load_plugin
 
 JUDGES_GROUP = "lcmlora.judges"  # entry-point group of judges providers
 SD_PROMPTS = "data/prompts/sd.txt"  # the real judges' prompt file when evaluate.prompts is unset
@@ -80,17 +80,7 @@ def real_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
                   reference, default_prompts=SD_PROMPTS)
 
 
-def installed_providers() -> dict[str, object]:
-    """Name -> entry point of every installed judges provider (group `lcmlora.judges`)."""
-    return {ep.name: ep for ep in entry_points(group=JUDGES_GROUP)}
-
-
 def load_judges(cfg: EvaluateConfig, base: BaseConfig, base_name: str) -> Judges:
     """The judges of the provider `bases.NAME.judges` names, built for the base's resolution."""
-    providers = installed_providers()
-    if base.judges not in providers:
-        installed = ", ".join(sorted(providers)) or "none; reinstall the project (pip install -e .)"
-        raise ConfigError(f"bases.{base_name}.judges={base.judges!r}: no judges provider of that name in "
-                          f"entry-point group {JUDGES_GROUP} (installed: {installed})")
-    provider = providers[base.judges].load()
+    provider = load_plugin(JUDGES_GROUP, base.judges, f"bases.{base_name}.judges")
     return provider(cfg, base.resolution)

@@ -13,7 +13,8 @@ import yaml
 from PIL import Image
 
 from components.config import ConfigError, EvaluateConfig
-from components.evaluation import Judges, evaluate_lora, resolve_judges, write_evaluation
+from components.evaluation import evaluate_lora, write_evaluation
+from components.judges import Judges, real_judges
 from tests.tiny_pipeline import (
     random_lora_folder,
     single_thread,
@@ -89,14 +90,13 @@ def test_files_in_output_and_lora_folder(evaluated):
 
 def test_real_base_without_backbones_names_the_params_keys(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluate.feature_extractor is not set"):
-        resolve_judges(EvaluateConfig(), toy=False, resolution=32)
+        real_judges(EvaluateConfig(), resolution=32)
     extractor = str(torchscript_extractor(tmp_path / "features.pt"))
     with pytest.raises(FileNotFoundError, match="evaluate.clip_model is not set"):
-        resolve_judges(EvaluateConfig(feature_extractor=extractor), toy=False, resolution=32)
+        real_judges(EvaluateConfig(feature_extractor=extractor), resolution=32)
     tiny_clip_folder(tmp_path / "clip")
     with pytest.raises(ConfigError, match="evaluate.reference_images is not set"):
-        resolve_judges(EvaluateConfig(feature_extractor=extractor, clip_model=str(tmp_path / "clip")), toy=False,
-                       resolution=32)
+        real_judges(EvaluateConfig(feature_extractor=extractor, clip_model=str(tmp_path / "clip")), resolution=32)
 
 
 # --- the CLI on a real-base configuration -----------------------------------------------------

@@ -257,3 +257,16 @@ def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_
     }
     (output / "toy_summary.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
     return summary
+
+
+def ensure_toy_source(params) -> dict[str, Any] | None:
+    """Write the toy source when `curate.source` is the toy folder (toy.source_dir) and holds no
+    metadata yet (entry point `toy` of group `lcmlora.sources`). Returns the summary, or None when
+    nothing was written."""
+    from components.toy.config import toy_config
+
+    toy = toy_config(params)
+    toy_dir = Path(toy.source_dir)
+    if Path(params.curate.source).resolve() != toy_dir.resolve() or any(toy_dir.glob("*.parquet")):
+        return None
+    return {**write_toy_source(toy_dir, seed=toy.seed), "output": str(toy_dir)}
