@@ -7,7 +7,9 @@ tokenizer for tests that sample from prompts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -177,3 +179,31 @@ def runtime_pipe(style: Path, lcm: Path, weights=WEIGHTS):
     lora_io.load_adapter(pipe, "sd15", lcm, "lcm")
     lora_io.set_weights(pipe, {"style": weights[0], "lcm": weights[1]})
     return pipe
+
+
+# --- judges ----------------------------------------------------------------------------
+
+
+def pooled_colours(images: torch.Tensor) -> torch.Tensor:
+    """A small feature backbone: 4x4 average-pooled colours (the toy uses the digit classifier's)."""
+    return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+
+
+@dataclass(frozen=True)
+class TinyJudges:
+    """The fields of the evaluation's Judges that the merge stage reads: FD backbone, adherence
+    scorer, reference images and an optional style scorer (`mean_strength(images) -> float`)."""
+
+    backbone: Any
+    backbone_name: str
+    adherence: Any
+    adherence_name: str
+    reference_images: torch.Tensor
+    style: Any = None
+    style_name: str | None = None
+
+
+def tiny_judges(style: Any = None, style_name: str | None = None) -> TinyJudges:
+    """Pooled-colour features, constant adherence 1.0, and the given style scorer."""
+    return TinyJudges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant",
+                      torch.zeros(2, 3, 16, 16), style, style_name)
