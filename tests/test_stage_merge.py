@@ -66,10 +66,13 @@ def test_run_merge_writes_contract4_folders_and_reports_progress(tmp_path: Path)
     assert not list(out.output.glob("fused-*")), "save_fused=none writes no fused checkpoint"
 
 
-def test_default_output_is_keyed_by_base_and_style_folder() -> None:
+def test_default_output_is_keyed_by_base_and_style_folder(tmp_path: Path) -> None:
     cfg = MergeConfig(output="runs/merge")
-    style = Path("data/toy/style_lora/pytorch_lora_weights.safetensors")
-    assert default_output(cfg, "toy", style) == Path("runs/merge/toy/style_lora")
+    style = tmp_path / "neon" / "pytorch_lora_weights.safetensors"
+    style.parent.mkdir()
+    style.write_bytes(b"")
+    assert default_output(cfg, "toy", style) == Path("runs/merge/toy/neon")
+    assert default_output(cfg, "toy", style.parent) == Path("runs/merge/toy/neon")  # the folder: the same
 
 
 def test_evaluate_section_device_is_used(tmp_path: Path) -> None:

@@ -54,8 +54,11 @@ class MergeOutput:
 
 
 def default_output(cfg: MergeConfig, base_name: str, style_file: str | Path) -> Path:
-    """`merge.output/BASE/STYLE`, STYLE the name of the style LoRA's folder."""
-    return Path(cfg.output) / base_name / Path(style_file).parent.name
+    """`merge.output/BASE/STYLE`, STYLE the name of the folder holding the style LoRA's weights
+    (`style_file` may be the weights file or its contract-4 folder)."""
+    from components.evaluation import project_path
+
+    return Path(cfg.output) / base_name / lora_file(project_path(style_file)).parent.name
 
 
 def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str, base: BaseConfig,
