@@ -21,7 +21,7 @@ from components.config import BaseConfig, ConfigError, Params
 
 Family = Literal["sd15", "sdxl"]
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib")  # never loaded, never published
 DEFAULT_RESOLUTION = {"sd15": 512, "sdxl": 1024}
 # Config keys that name where a model came from rather than what it is.
 _VOLATILE_CONFIG_KEYS = {

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from components.config import CurateConfig, Params
+from components.content_hash import file_sha256
 from components.quality_gate import (
     GateLimits,
     ManifestGateFailed,
@@ -480,14 +481,6 @@ def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: b
 
 
 # --- the whole stage ---------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _empty_message(source: str, rows: int, counts: dict[str, int], filters: Filters) -> str:

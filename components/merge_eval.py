@@ -9,25 +9,26 @@ For one base, one LCM-LoRA and one style LoRA:
 - metrics per row: Frechet distance to the reference images (quality of the 4-step style),
   prompt adherence, style strength and its ratio to the reference's (`style_retention`),
   and the largest pixel difference to variant 1 (variants 2 and 3 must agree with it). Style
-  strength comes from a style metric where one exists (the toy's); otherwise retention is
-  1 - FD(row) / FD(LCM-LoRA alone), both distances to the style reference images;
+  strength comes from the judges' style scorer where one exists (the toy world has one); otherwise
+  retention is 1 - FD(row) / FD(LCM-LoRA alone), both distances to the style reference images;
 - rule: among merged-LoRA rows with style_retention >= merge.min_style_retention and
   adherence >= merge.min_adherence, the best by merge.select_by. No passing row fails closed.
+
+The stage runner (`components/stages/merge.py`) loads the base and writes the contract-4 folders.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from components import merge
-from components.config import MergeConfig, Params
+from components import lora_io, merge
+from components.config import MergeConfig
+from components.progress import Progress, ProgressFn
 
 VARIANTS = ("adapters", "merged", "fused", "svd")
 STYLE, LCM, MERGED, SVD = "style", "lcm", "merged", "svd"
@@ -82,59 +83,69 @@ def _row(label: str, variant: str, weights: tuple[float, float] | None, images: 
 
 def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lcm_path: Path, cfg: MergeConfig,
                    judges: Any, prompts: list[str], *, teacher_guidance: float, resolution: int,
-                   style_metric: Any = None, output: Path, base_meta: dict[str, Any],
-                   say: Callable[[str], None] = lambda _m: None) -> MergeResult:
+                   output: Path, base_meta: dict[str, Any], progress: ProgressFn | None = None) -> MergeResult:
     """Sample and measure every variant; write the merged LoRAs (and fused checkpoints) under `output`.
 
     `pipe` and `fused_pipe` are two loaded copies of the base: adapters go into `pipe`, deltas
-    are added to (and taken back out of) `fused_pipe`'s weights.
+    are added to (and taken back out of) `fused_pipe`'s weights. `judges` gives the FD backbone,
+    the adherence scorer and, where one exists, the style scorer (`judges.style`, with
+    `mean_strength(images) -> float`, named `judges.style_name`). `progress` hears of every row
+    as it is measured: `Progress(stage="merge", step=rows done, total=rows, note=row label)`.
     """
     from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
 
     # 1. Inputs as diffusers reads them; same noise for every row.
-    style_path, lcm_path = merge.lora_file(style_path), merge.lora_file(lcm_path)
-    merge.load_adapter(pipe, family, style_path, STYLE)
-    merge.load_adapter(pipe, family, lcm_path, LCM)
-    style_f, lcm_f = merge.adapter_factors(pipe, STYLE), merge.adapter_factors(pipe, LCM)
+    style_path, lcm_path = lora_io.lora_file(style_path), lora_io.lora_file(lcm_path)
+    lora_io.load_adapter(pipe, family, style_path, STYLE)
+    lora_io.load_adapter(pipe, family, lcm_path, LCM)
+    style_f, lcm_f = lora_io.adapter_factors(pipe, STYLE), lora_io.adapter_factors(pipe, LCM)
     image_prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(image_prompts))]
     noise = initial_noise(seeds, latent_shape(pipe, resolution, resolution))
     pipe.set_progress_bar_config(disable=True)
     fused_pipe.set_progress_bar_config(disable=True)
     lcm_method = Method("lcm", cfg.lcm_steps, cfg.lcm_guidance_scale, True)
+    style_metric = judges.style
+    rows: list[dict[str, Any]] = []
+    total = 3 + len(cfg.weights) * (3 if cfg.svd_rank is None else 4)
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if progress is not None:
+            metrics = {k: row[k] for k in ("fd", "adherence", "style_strength") if row[k] is not None}
+            progress(Progress(stage="merge", step=len(rows), total=total, note=row["label"], metrics=metrics))
 
     def sample(p, method) -> tuple[torch.Tensor, float]:
         run = run_method(p, method, image_prompts, noise, seeds, height=resolution, width=resolution, batch_size=50)
         return run.images, run.seconds_per_image
 
     # 2. The reference: the style LoRA alone, DPM-Solver++ with CFG.
-    merge.set_weights(pipe, {STYLE: 1.0})
+    lora_io.set_weights(pipe, {STYLE: 1.0})
     ref_images, ref_seconds = sample(pipe, Method("dpmpp", cfg.reference_steps, teacher_guidance, True))
     from components.frechet import extract_features
 
     reference_features = extract_features(judges.backbone, ref_images)
     ref_strength = style_metric.mean_strength(ref_images) if style_metric is not None else None
-    say(f"reference dpmpp-{cfg.reference_steps}: style strength {ref_strength}")
-    rows = [_row(f"style-alone dpmpp-{cfg.reference_steps}", "reference", (1.0, 0.0), ref_images, image_prompts,
-                 judges, reference_features, style_metric, ref_strength, ref_seconds, None)]
+    add(_row(f"style-alone dpmpp-{cfg.reference_steps}", "reference", (1.0, 0.0), ref_images, image_prompts,
+         judges, reference_features, style_metric, ref_strength, ref_seconds, None))
     images = {rows[0]["label"]: ref_images[::cfg.samples_per_prompt]}
     # context rows: the LCM-LoRA alone, and the style alone at the same few steps without LCM
-    merge.set_weights(pipe, {LCM: 1.0})
+    lora_io.set_weights(pipe, {LCM: 1.0})
     lcm_only, s = sample(pipe, lcm_method)
-    rows.append(_row(f"lcm-alone lcm-{cfg.lcm_steps}", "context", (0.0, 1.0), lcm_only, image_prompts, judges,
-                     reference_features, style_metric, ref_strength, s, None))
-    merge.set_weights(pipe, {STYLE: 1.0})
+    add(_row(f"lcm-alone lcm-{cfg.lcm_steps}", "context", (0.0, 1.0), lcm_only, image_prompts, judges,
+             reference_features, style_metric, ref_strength, s, None))
+    lora_io.set_weights(pipe, {STYLE: 1.0})
     style_few, s = sample(pipe, Method("dpmpp", cfg.lcm_steps, teacher_guidance, True))
-    rows.append(_row(f"style-alone dpmpp-{cfg.lcm_steps}", "context", (1.0, 0.0), style_few, image_prompts, judges,
-                     reference_features, style_metric, ref_strength, s, None))
+    add(_row(f"style-alone dpmpp-{cfg.lcm_steps}", "context", (1.0, 0.0), style_few, image_prompts, judges,
+             reference_features, style_metric, ref_strength, s, None))
     files: dict[str, Any] = {}
     # 3. The grid.
     for l1, l2 in cfg.weights:
         tag = f"{l1:g}_{l2:g}"
-        merge.set_weights(pipe, {STYLE: l1, LCM: l2})
+        lora_io.set_weights(pipe, {STYLE: l1, LCM: l2})
         v1, s = sample(pipe, lcm_method)
-        rows.append(_row(f"adapters ({l1:g}, {l2:g})", "adapters", (l1, l2), v1, image_prompts, judges,
-                         reference_features, style_metric, ref_strength, s, None))
+        add(_row(f"adapters ({l1:g}, {l2:g})", "adapters", (l1, l2), v1, image_prompts, judges,
+                 reference_features, style_metric, ref_strength, s, None))
         images[rows[-1]["label"]] = v1[::cfg.samples_per_prompt]
         merged = merge.concat_ranks([(l1, style_f), (l2, lcm_f)])
         description = (f"style LoRA {style_path.name} x {l1:g} + LCM-LoRA x {l2:g} (exact rank concatenation); "
@@ -142,12 +153,12 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         folder = output / f"merged-{tag}"
         files[f"merged-{tag}"] = {k: str(v) for k, v in merge.save_lora_folder(
             folder, merged, family=family, base_meta=base_meta, title=f"merged-{tag}", description=description).items()}
-        merge.load_adapter(pipe, family, folder, MERGED)
-        merge.set_weights(pipe, {MERGED: 1.0})
+        lora_io.load_adapter(pipe, family, folder, MERGED)
+        lora_io.set_weights(pipe, {MERGED: 1.0})
         v2, s = sample(pipe, lcm_method)
         pipe.delete_adapters(MERGED)
-        rows.append(_row(f"merged LoRA ({l1:g}, {l2:g})", "merged", (l1, l2), v2, image_prompts, judges,
-                         reference_features, style_metric, ref_strength, s, v1))
+        add(_row(f"merged LoRA ({l1:g}, {l2:g})", "merged", (l1, l2), v2, image_prompts, judges,
+                 reference_features, style_metric, ref_strength, s, v1))
         rows[-1]["rank"] = max(f.rank for mods in merged.values() for f in mods.values())
         merge.fuse_into(fused_pipe, merged)
         try:
@@ -156,22 +167,21 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
                 files[f"fused-{tag}"] = save_fused(fused_pipe, output / f"fused-{tag}", family, description)
         finally:
             merge.fuse_into(fused_pipe, merge.scaled(merged, -1.0))  # back to the base
-        rows.append(_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
-                         style_metric, ref_strength, s, v1))
+        add(_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
+                 style_metric, ref_strength, s, v1))
         if cfg.svd_rank is not None:
             compressed, _ = merge.svd_compress(merged, cfg.svd_rank)
             svd_folder = output / f"svd{cfg.svd_rank}-{tag}"
             merge.save_lora_folder(svd_folder, compressed, family=family, base_meta=base_meta,
                                    title=f"svd{cfg.svd_rank}-{tag}", description=description + f", SVD rank {cfg.svd_rank}")
-            merge.load_adapter(pipe, family, svd_folder, SVD)
-            merge.set_weights(pipe, {SVD: 1.0})
+            lora_io.load_adapter(pipe, family, svd_folder, SVD)
+            lora_io.set_weights(pipe, {SVD: 1.0})
             v4, s = sample(pipe, lcm_method)
             pipe.delete_adapters(SVD)
-            rows.append(_row(f"svd-{cfg.svd_rank} ({l1:g}, {l2:g})", "svd", (l1, l2), v4, image_prompts, judges,
-                             reference_features, style_metric, ref_strength, s, v1))
+            add(_row(f"svd-{cfg.svd_rank} ({l1:g}, {l2:g})", "svd", (l1, l2), v4, image_prompts, judges,
+                     reference_features, style_metric, ref_strength, s, v1))
             rows[-1]["svd_relative_error"] = merge.overall_relative_error(merged, compressed)
             rows[-1]["rank"] = cfg.svd_rank
-        say(f"grid ({l1:g}, {l2:g}) done")
     # Without a style metric (real bases) retention is read off the Frechet distance to the style
     # reference: 1 at the reference's own distribution, 0 as far from it as the LCM-LoRA without style.
     if style_metric is None:
@@ -194,7 +204,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         "info": {"prompts": len(prompts), "samples_per_prompt": cfg.samples_per_prompt, "seeds": [seeds[0], seeds[-1]],
                  "resolution": resolution, "teacher_guidance_scale": teacher_guidance,
                  "feature_backbone": judges.backbone_name, "adherence": judges.adherence_name,
-                 "style_metric": "toy style strength (LDA over colour statistics)" if style_metric is not None else
+                 "style_metric": judges.style_name if style_metric is not None else
                  "retention = 1 - FD(row) / FD(LCM-LoRA alone), FD to the style reference",
                  "reference_style_strength": ref_strength},
         "rows": rows,
@@ -214,44 +224,6 @@ def save_fused(pipe: Any, folder: Path, family: str, description: str) -> dict[s
     single = folder.parent / f"{folder.name}.safetensors"  # not with_suffix: "fused-0.8_1" has a dot
     merge.save_single_file(pipe, single, family, {"lcmlora.merge": json.dumps(description)})
     return {"diffusers": str(folder), "single_file": str(single)}
-
-
-def finalize_merged_folders(result: MergeResult, output: Path, params: Params, base_reference: str,
-                            started_at: str) -> None:
-    """Complete each `merged-L1_L2` folder as a contract-4 LoRA folder: README.md model card,
-    metrics.json (its rows and a `gate` from the selection rule), lineage.json, resolved params."""
-    from components.config import RESOLVED_CONFIG_NAME
-    from components.content_hash import file_sha256
-    from components.lineage import collect, write_lineage
-    from components.model_card import render_model_card
-
-    doc, cfg = result.doc, params.merge
-    for name in [n for n in doc["files"] if n.startswith("merged-")]:
-        folder = output / name
-        rows = [r for r in doc["rows"] if r["variant"] != "reference" and r["variant"] != "context"
-                and f"merged-{r['l1']:g}_{r['l2']:g}" == name]
-        merged_row = next(r for r in rows if r["variant"] == "merged")
-        violations = [v for v in doc["selection"]["violations"] if v.startswith(merged_row["label"] + ":")]
-        gate = {"passed": not violations, "violations": violations, "rule": doc["selection"]["rule"],
-                "selected": doc["selection"]["best"] is not None and doc["selection"]["best"]["label"] == merged_row["label"]}
-        metrics = {"rows": rows, "reference": doc["rows"][0], "info": doc["info"], "gate": gate}
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        body = (f"\nStyle LoRA `{Path(doc['style']).name}` x {merged_row['l1']:g} + LCM-LoRA x {merged_row['l2']:g}, "
-                "merged exactly (ranks concatenated; theta' = theta_pre + l1 tau_style + l2 tau_LCM, LCM-LoRA report "
-                "Section 3.2).\n\n" + markdown_table(rows) + "\n")
-        card = render_model_card(base_model=base_reference, title=name, tags=(
-            "lora", "lcm", "lcm-lora", "style", "text-to-image", "stable-diffusion", "diffusers"),
-            num_inference_steps=cfg.lcm_steps, guidance_scale=cfg.lcm_guidance_scale, body=body,
-            extra={"merge": {"l1": merged_row["l1"], "l2": merged_row["l2"]}})
-        (folder / "README.md").write_text(card)
-        (folder / RESOLVED_CONFIG_NAME).write_text(params.to_yaml())
-        write_lineage(folder, collect(
-            stage="merge", params_digest=params.digest(), started_at=started_at,
-            inputs={"style": {"path": doc["style"], "sha256": file_sha256(doc["style"])},
-                    "lcm": {"path": doc["lcm"], "sha256": file_sha256(doc["lcm"])}},
-            extra={"base": {"name": doc.get("base"), "reference": base_reference,
-                            "fingerprint": doc.get("base_fingerprint")},
-                   "weights": {"l1": merged_row["l1"], "l2": merged_row["l2"]}}))
 
 
 # --- report -----------------------------------------------------------------------------
@@ -308,50 +280,3 @@ def write_merge_report(result: MergeResult, output: Path) -> dict[str, Path]:
     grid = ((torch.cat(tiles, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(grid)).save(paths["grid.png"])
     return paths
-
-
-def run_merge(params: Params, base: str, lcm: str | Path, style: str | Path, output: str | Path | None = None,
-              say: Callable[[str], None] = lambda _m: None) -> tuple[MergeResult, dict[str, Path]]:
-    """`lcmlora merge`: load the base twice, evaluate every variant over the grid, write the report."""
-    from components.base_model import load_base, resolve_base
-    from components.evaluation import (
-        SD_PROMPTS,
-        TOY_PROMPTS,
-        is_toy_base,
-        load_prompts,
-        project_path,
-        resolve_judges,
-    )
-    from components.lineage import utc_now
-
-    cfg = params.merge
-    name, base_cfg = resolve_base(params, base)
-    style_path, lcm_path = merge.lora_file(project_path(style)), merge.lora_file(project_path(lcm))
-    toy = is_toy_base(params, base_cfg)
-    t0 = time.perf_counter()
-    started_at = utc_now()
-    # 1. Judges and prompts first: a missing backbone fails before any sampling.
-    judges = resolve_judges(params.evaluate, toy, base_cfg.resolution)
-    prompts = load_prompts(params.evaluate.prompts or (TOY_PROMPTS if toy else SD_PROMPTS))
-    style_metric = None
-    if toy:
-        from components.toy.style_metric import toy_style_metric
-
-        style_metric = toy_style_metric()
-    # 2. Two copies of the base: one carries adapters, the other fused deltas.
-    reference = str(project_path(base_cfg.reference))
-    loaded = load_base(reference, family=base_cfg.family)
-    fused = load_base(reference, family=base_cfg.family)
-    device = params.evaluate.device
-    base_meta = {"name": name, "family": base_cfg.family, "resolution": base_cfg.resolution,
-                 "reference": base_cfg.reference, "fingerprint": loaded.fingerprint}
-    out = Path(output) if output is not None else Path(cfg.output) / name / style_path.parent.name
-    result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), base_cfg.family, style_path, lcm_path,
-                            cfg, judges, prompts, teacher_guidance=base_cfg.guidance_scale,
-                            resolution=base_cfg.resolution, style_metric=style_metric, output=out,
-                            base_meta=base_meta, say=say)
-    result.doc["base"] = name
-    result.doc["base_fingerprint"] = loaded.fingerprint
-    result.doc["seconds"] = round(time.perf_counter() - t0, 1)
-    finalize_merged_folders(result, out, params, base_cfg.reference, started_at)
-    return result, write_merge_report(result, out)

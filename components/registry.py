@@ -14,7 +14,9 @@ succeed with different ids and never write into each other's folder. Claims are 
 deleted, so ids are never reused, not even after `gc`.
 
 References: `NAME@ALIAS`, `NAME:VERSION`, `NAME` (the `latest` alias, which every publish
-moves forward). Names, aliases and versions match `[a-z0-9][a-z0-9._-]*`.
+moves forward). Names, references and the manifest format live in
+`components/registry_manifest.py`; loading a pulled LoRA into a pipeline in
+`components/pipeline_loader.py`.
 """
 
 from __future__ import annotations
@@ -30,31 +32,32 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from components.base_model import PICKLE_SUFFIXES
+from components.content_hash import file_sha256
 from components.model_card import ModelCardError, check_model_card, render_model_card
-from components.storage import (
-    PART_SIZE,
-    AlreadyExists,
-    NotFound,
-    PreconditionFailed,
-    Storage,
-    check_rel,
+from components.registry_manifest import (
+    LATEST,
+    NAME_PATTERN,
+    FileEntry,
+    Manifest,
+    Reference,
+    RegistryError,
+    hash_file,
+    parse_reference,
+    validate_name,
+    validate_version,
 )
+from components.storage import PART_SIZE, AlreadyExists, NotFound, PreconditionFailed, Storage
 
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
-MAX_NAME_LENGTH = 128
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib")  # never published
 MANIFEST = "manifest.json"
 CARD = "README.md"
-LATEST = "latest"
-MANIFEST_FORMAT = 1
-CHUNK = 8 * 1024 * 1024
 CAS_ATTEMPTS = 200  # alias moves retried this often under contention before giving up
 CLAIM_ATTEMPTS = 1000  # version ids tried by one publisher before giving up
 STALE_CLAIM_S = 3600.0  # gc removes incomplete versions whose claim is older than this
@@ -65,129 +68,8 @@ _SECRET_KEY = re.compile(r"(?:^|[_.-])(?:secret|password|passwd|token|credential
                          r"(?:$|[_.-])", re.IGNORECASE)
 
 
-class RegistryError(RuntimeError):
-    """A registry operation failed; the message names the reference or file."""
-
-
 class VerificationError(RegistryError):
     """A pulled file does not match its manifest entry (tampered or truncated)."""
-
-
-# --- names and references --------------------------------------------------------------
-
-
-def validate_name(value: str, what: str = "name") -> str:
-    """Return `value` if it is a valid name/alias/version, else raise RegistryError."""
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or len(value) > MAX_NAME_LENGTH \
-            or value in (".", ".."):
-        raise RegistryError(f"invalid {what} {value!r}: use lowercase letters, digits, '.', '_', '-', "
-                            f"starting with a letter or digit (pattern [a-z0-9][a-z0-9._-]*)")
-    return value
-
-
-@dataclass(frozen=True)
-class Reference:
-    """A parsed `NAME@ALIAS`, `NAME:VERSION` or `NAME` (alias `latest`)."""
-
-    name: str
-    version: str | None = None
-    alias: str | None = None
-
-    def __str__(self) -> str:
-        if self.version is not None:
-            return f"{self.name}:{self.version}"
-        return f"{self.name}@{self.alias or LATEST}"
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse a reference; every part is validated like a name."""
-    if "@" in text and ":" in text:
-        raise RegistryError(f"invalid reference {text!r}: use NAME@ALIAS or NAME:VERSION, not both")
-    if "@" in text:
-        name, alias = text.split("@", 1)
-        return Reference(validate_name(name), alias=validate_name(alias, "alias"))
-    if ":" in text:
-        name, version = text.split(":", 1)
-        return Reference(validate_name(name), version=validate_version(version))
-    return Reference(validate_name(text), alias=LATEST)
-
-
-def validate_version(value: str) -> str:
-    """Version ids are positive integers without leading zeros."""
-    validate_name(value, "version")
-    if not value.isdigit() or value.startswith("0"):
-        raise RegistryError(f"invalid version {value!r}: versions are positive integers (1, 2, ...)")
-    return value
-
-
-# --- manifest ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """sha256 and size of one file; files larger than one part also list the sha256 of every
-    `part_size`-byte part, so that `pull` verifies parts in parallel as they arrive instead
-    of hashing the whole file in one serial pass (each byte is still covered by a sha256
-    written in the manifest, and the whole-file sha256 was computed from the same bytes)."""
-
-    sha256: str
-    size: int
-    part_size: int | None = None
-    parts: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
-        if self.parts:
-            out.update(part_size=self.part_size, parts=list(self.parts))
-        return out
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> FileEntry:
-        parts = tuple(str(p) for p in raw.get("parts") or ())
-        part_size = int(raw["part_size"]) if parts else None
-        size = int(raw["size"])
-        if parts and (part_size is None or part_size <= 0 or len(parts) != -(-size // part_size)):
-            raise ValueError(f"{len(parts)} part hashes do not cover {size} bytes in parts of {part_size}")
-        return cls(str(raw["sha256"]), size, part_size, parts)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a version contains and where it came from (contract 5)."""
-
-    name: str
-    version: str
-    files: dict[str, FileEntry]
-    base: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
-    gate: dict[str, Any] | None = None
-    lineage: dict[str, Any] | None = None
-    created_at: str = ""
-    raw: bytes = field(default=b"", repr=False, compare=False)  # the stored bytes, when read
-
-    def to_json(self) -> str:
-        body = {
-            "format": MANIFEST_FORMAT, "name": self.name, "version": self.version, "created_at": self.created_at,
-            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
-            "base": self.base, "metrics": self.metrics, "gate": self.gate, "lineage": self.lineage,
-        }
-        return json.dumps(body, indent=2, sort_keys=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str | bytes, source: str) -> Manifest:
-        try:
-            raw = json.loads(text)
-            files = {check_rel(k): FileEntry.from_dict(v) for k, v in raw["files"].items()}
-            return cls(name=raw["name"], version=str(raw["version"]), files=files, base=raw.get("base"),
-                       metrics=raw.get("metrics"), gate=raw.get("gate"), lineage=raw.get("lineage"),
-                       created_at=raw.get("created_at", ""),
-                       raw=text.encode() if isinstance(text, str) else bytes(text))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RegistryError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files.values())
 
 
 @dataclass(frozen=True)
@@ -224,31 +106,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_file(path: Path, part_size: int = PART_SIZE) -> FileEntry:
-    """One pass over `path`: whole-file sha256, size, and per-part sha256s if over one part."""
-    whole, parts, size = hashlib.sha256(), [], 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(part_size):
-            whole.update(chunk)
-            parts.append(hashlib.sha256(chunk).hexdigest())
-            size += len(chunk)
-    if len(parts) <= 1:
-        return FileEntry(whole.hexdigest(), size)
-    return FileEntry(whole.hexdigest(), size, part_size, tuple(parts))
-
-
 def _file_matches(path: Path, entry: FileEntry) -> bool:
     """Re-verify a local file: its parts in parallel threads if listed, else one sha256 pass."""
     if not entry.parts:
-        return _sha256_file(path) == entry.sha256
+        return file_sha256(path) == entry.sha256
     part_size = entry.part_size or PART_SIZE
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -763,50 +624,3 @@ class Registry:
             if time.time() - claimed_at > STALE_CLAIM_S:
                 stale.append(version)
         return sorted(stale, key=int)
-
-
-# --- consumers --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _temporary_dir(parent: Path) -> Iterator[Path]:
-    parent.mkdir(parents=True, exist_ok=True)
-    path = parent / f".load-{uuid.uuid4().hex[:12]}"
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def load_lcm_pipeline(ref: str, base: Any, registry: Registry, *, adapter_name: str = "lcm") -> Any:
-    """A diffusers pipeline with the LoRA `ref` loaded and LCMScheduler set, for 4-step use.
-
-    `base` is a base reference (folder, hub id, .safetensors; loaded with
-    components.base_model.load_base) or an already-built diffusers pipeline.
-
-        pipe = load_lcm_pipeline("toy-lcm-lora@production", "data/toy/base", Registry.from_params(params))
-        image = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=1.0).images[0]
-    """
-    from diffusers import LCMScheduler
-
-    if isinstance(base, str | os.PathLike):
-        from components.base_model import load_base
-
-        loaded = load_base(str(base))
-        pipe, family = loaded.pipe, loaded.family
-    else:
-        pipe, family = base, None
-    with _temporary_dir(registry.cache_dir / "checkouts") as folder:
-        result = registry.pull(ref, folder)
-        lora_family = (result.manifest.base or {}).get("family")
-        if family and lora_family and family != lora_family:
-            raise RegistryError(f"{ref}: a LoRA for the {lora_family} family cannot load into a {family} base")
-        weights = "pytorch_lora_weights.safetensors"
-        if not (folder / weights).is_file():
-            candidates = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not candidates:
-                raise RegistryError(f"{ref}: no .safetensors weights in the version")
-            weights = candidates[0]
-        pipe.load_lora_weights(str(folder), weight_name=weights, adapter_name=adapter_name)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    return pipe

@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 import torch
 
+from components.lora_formats import LORA_WEIGHT_NAME
+
 Sampler = Literal["lcm", "tcd", "lcm_base", "ddim", "dpmpp"]
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_ADAPTER = "lcm"
 
 

@@ -1,6 +1,5 @@
 """Base loading (contract 1): family detection, fingerprints, and pickle refusal."""
 
-import json
 import pickle
 
 import pytest
@@ -44,7 +43,7 @@ class _Boom:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth"])
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth", ".pkl", ".joblib"])
 def test_pickle_checkpoints_are_refused_unopened(tmp_path, suffix):
     marker = tmp_path / "unpickled"
     path = tmp_path / f"model{suffix}"

@@ -48,3 +48,14 @@ def test_empty_tree_is_an_error(tmp_path: Path) -> None:
 def test_canonical_digest_ignores_key_order() -> None:
     assert canonical_digest({"a": 1, "b": [1, 2]}) == canonical_digest({"b": [1, 2], "a": 1})
     assert canonical_digest({"a": 1}) != canonical_digest({"a": 2})
+
+
+def test_file_sha256_streams_a_file_larger_than_one_chunk(tmp_path) -> None:
+    import hashlib
+
+    from components.content_hash import CHUNK, file_sha256
+
+    data = bytes(range(256)) * (CHUNK // 256 * 2 + 3)  # two chunks and a partial third
+    (tmp_path / "blob").write_bytes(data)
+    assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(str(tmp_path / "blob")) == hashlib.sha256(data).hexdigest()

@@ -38,7 +38,7 @@ def unet_out(unet, inputs) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_peft_and_kohya_files_load_with_trained_alpha(family, tmp_path):
-    pipe, unet = trained_lora_unet(family, tmp_path)
+    _pipe, unet = trained_lora_unet(family, tmp_path)
     inputs = unet_inputs(unet)
     expected = unet_out(unet, inputs)
     with lora_mod.adapters_disabled(unet):
@@ -75,7 +75,7 @@ def test_kohya_file_keys_alpha_and_metadata(tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     with safe_open(str(paths["diffusers"]), framework="pt") as f:
         packed = json.loads(f.metadata()[lf.METADATA_KEY])
-        assert all(k.startswith("unet.") for k in f.keys())
+        assert all(k.startswith("unet.") for k in f.keys())  # noqa: SIM118 (safe_open)
     assert packed["unet.r"] == RANK and packed["unet.lora_alpha"] == ALPHA
 
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from components.config import MergeConfig, Params
-from components.evaluation import Judges
-from components.merge_eval import evaluate_merge, finalize_merged_folders, write_merge_report
+from components.merge_eval import evaluate_merge, select_best, write_merge_report
+from components.stages.merge import finalize_merged_folders
 from components.toy.style_metric import toy_style_metric
-from tests.test_merge import LCM_UNET, STYLE_UNET, random_lora, write_peft
-from tests.tiny_merge_pipelines import tiny_sd15
+from tests.tiny_merge_pipelines import (
+    LCM_UNET,
+    STYLE_UNET,
+    random_lora,
+    tiny_judges,
+    tiny_sd15,
+    write_peft,
+)
 
-
-def pooled_colours(images: torch.Tensor) -> torch.Tensor:
-    """A small feature backbone: 4x4 average-pooled colours (the toy uses the digit classifier's)."""
-    return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+TOY_STYLE_NAME = "toy style strength (LDA over colour statistics)"
 
 
 def test_merge_stage_on_a_tiny_pipeline(tmp_path):
@@ -27,13 +28,14 @@ def test_merge_stage_on_a_tiny_pipeline(tmp_path):
     lcm_unet, _ = random_lora(tiny_sd15(), rank=8, alpha=8.0, unet_modules=LCM_UNET, seed=2)
     lcm = write_peft(tmp_path / "lcm", lcm_unet, {}, rank=8, alpha=8.0)
     pipe, fused = tiny_sd15(tokenizer_dir=tmp_path / "tok"), tiny_sd15(tokenizer_dir=tmp_path / "tok")
-    judges = Judges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant", torch.zeros(2, 3, 16, 16))
+    judges = tiny_judges(toy_style_metric(count=60), TOY_STYLE_NAME)
     cfg = MergeConfig(weights=[(0.8, 1.0)], samples_per_prompt=2, reference_steps=3, svd_rank=4,
                       min_style_retention=0.0, min_adherence=0.5, save_fused="best")
     out = tmp_path / "out"
+    reports = []
     result = evaluate_merge(pipe, fused, "sd15", style, lcm.parent, cfg, judges, ["a", "b"], teacher_guidance=1.0,
-                            resolution=16, style_metric=toy_style_metric(count=60), output=out,
-                            base_meta={"name": "tiny", "family": "sd15"})
+                            resolution=16, output=out, base_meta={"name": "tiny", "family": "sd15"},
+                            progress=reports.append)
     rows = {r["label"]: r for r in result.doc["rows"]}
     for weights in ("0.8, 1",):
         assert rows[f"merged LoRA ({weights})"]["max_abs_diff_vs_adapters"] < 1e-4
@@ -41,7 +43,14 @@ def test_merge_stage_on_a_tiny_pipeline(tmp_path):
         assert rows[f"svd-4 ({weights})"]["svd_relative_error"] > 0  # rank 4 < 4 + 8: lossy
     assert rows["merged LoRA (0.8, 1)"]["rank"] == 12
     assert result.doc["selection"]["passed"]
-    finalize_merged_folders(result, out, Params(), "tiny-base", "2026-01-01T00:00:00Z")
+    assert result.doc["info"]["style_metric"] == TOY_STYLE_NAME
+    # one progress report per measured row, in order, on the one channel
+    assert [(r.stage, r.step, r.total) for r in reports] == [("merge", i, 7) for i in range(1, 8)]
+    assert [r.note for r in reports] == [row["label"] for row in result.doc["rows"]]
+    assert reports[0].metrics["style_strength"] == rows["style-alone dpmpp-3"]["style_strength"]
+    params = Params()
+    finalize_merged_folders(result, out, params.merge, base_reference="tiny-base", started_at="2026-01-01T00:00:00Z",
+                            resolved_yaml=params.to_yaml(), params_digest=params.digest())
     paths = write_merge_report(result, out)
     for name in ("merged-0.8_1",):
         folder = out / name
@@ -66,14 +75,28 @@ def test_without_a_style_metric_retention_comes_from_frechet_distance(tmp_path):
     lcm_unet, _ = random_lora(tiny_sd15(), rank=4, alpha=4.0, unet_modules=LCM_UNET, seed=2)
     lcm = write_peft(tmp_path / "lcm", lcm_unet, {}, rank=4, alpha=4.0)
     pipe, fused = tiny_sd15(tokenizer_dir=tmp_path / "tok"), tiny_sd15(tokenizer_dir=tmp_path / "tok")
-    judges = Judges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant", torch.zeros(2, 3, 16, 16))
+    judges = tiny_judges()
     cfg = MergeConfig(weights=[(1.0, 1.0)], samples_per_prompt=3, reference_steps=2, save_fused="none",
                       min_style_retention=0.0)
     result = evaluate_merge(pipe, fused, "sd15", style, lcm, cfg, judges, ["a", "b"], teacher_guidance=1.0,
-                            resolution=16, style_metric=None, output=tmp_path / "out", base_meta={"name": "tiny"})
+                            resolution=16, output=tmp_path / "out", base_meta={"name": "tiny"})
     rows = {r["label"]: r for r in result.doc["rows"]}
     assert rows["lcm-alone lcm-4"]["style_retention"] == 0.0
     merged = rows["merged LoRA (1, 1)"]
     assert merged["style_strength"] is None
     assert merged["style_retention"] == 1.0 - merged["fd"] / rows["lcm-alone lcm-4"]["fd"]
     assert "FD" in result.doc["info"]["style_metric"]
+
+
+def test_selection_rule_fails_closed_and_lists_every_violation():
+    def row(l1, retention, adherence, fd):
+        return {"label": f"merged LoRA ({l1}, 1)", "variant": "merged", "l1": l1, "l2": 1.0,
+                "style_retention": retention, "adherence": adherence, "fd": fd}
+
+    rows = [row(0.6, 0.7, 0.95, 1.0), row(0.8, 0.85, 0.9, 2.0), row(1.0, 0.95, 0.7, 0.5),
+            {**row(0.8, 0.99, 0.99, 0.1), "variant": "adapters"}]  # only merged rows compete
+    best, violations = select_best(rows, MergeConfig(min_style_retention=0.8, min_adherence=0.8))
+    assert best["l1"] == 0.8
+    assert len(violations) == 2 and any("(0.6, 1)" in v and "retention" in v for v in violations)
+    none, violations = select_best(rows, MergeConfig(min_style_retention=0.99, min_adherence=0.8))
+    assert none is None and len(violations) == 4  # 3 retention + 1 adherence

@@ -1,4 +1,5 @@
-"""components/registry.py and `lcmlora registry` on local disk and on a real SeaweedFS."""
+"""components/registry.py (+ registry_manifest.py) and `lcmlora registry` on local disk and on a real
+SeaweedFS."""
 
 from __future__ import annotations
 
@@ -21,15 +22,8 @@ from typer.testing import CliRunner
 
 from components import registry as registry_module
 from components.model_card import check_model_card
-from components.registry import (
-    Reference,
-    Registry,
-    RegistryError,
-    VerificationError,
-    load_lcm_pipeline,
-    parse_reference,
-    validate_name,
-)
+from components.registry import Registry, VerificationError
+from components.registry_manifest import Reference, RegistryError, parse_reference, validate_name
 from components.storage import Storage, StorageUnavailable
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
@@ -479,74 +473,3 @@ def test_cli_registry_commands_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     assert "deleted 1" in run("registry", "gc", "cli-lora", "--keep", "1", "--yes")
     bad = runner.invoke(app, ["registry", "show", "cli-lora:7", "--params", str(params)])
     assert bad.exit_code != 0 and "no such version" in str(bad.exception)
-
-
-# --- consumer helper ----------------------------------------------------------------------
-
-
-def _tiny_sd_pipeline(tmp: Path):
-    """A random-init StableDiffusionPipeline (32x32 images, 4x8x8 latents) built from config."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8, sample_size=32)
-    words = ["a", "digit", "seven"]
-    vocab = {w: i for i, w in enumerate([*words, *(w + "</w>" for w in words), "<|startoftext|>", "<|endoftext|>"])}
-    (tmp / "tok").mkdir(parents=True, exist_ok=True)
-    (tmp / "tok" / "vocab.json").write_text(json.dumps(vocab))
-    (tmp / "tok" / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp / "tok" / "vocab.json"), str(tmp / "tok" / "merges.txt"),
-                              model_max_length=16, pad_token="<|endoftext|>")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"]))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def test_load_lcm_pipeline_loads_lora_and_sets_lcm_scheduler(tmp_path: Path) -> None:
-    import torch
-    from diffusers import LCMScheduler, StableDiffusionPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    pipe = _tiny_sd_pipeline(tmp_path)
-    # A tiny LoRA saved the diffusers way (random B so that it changes the output).
-    unet = _tiny_sd_pipeline(tmp_path).unet
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    folder = tmp_path / "lora"
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
-    (folder / "README.md").write_text(CARD)
-    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "tiny", "family": "sd15"}}))
-    reg = registry_at(str(tmp_path / "reg"), tmp_path)
-    reg.publish(folder, "tiny-lcm-lora", alias="production")
-
-    def sample(p) -> torch.Tensor:
-        return p("a digit seven", num_inference_steps=4, guidance_scale=1.0, height=32, width=32, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
-
-    plain = sample(pipe)
-    pipe = load_lcm_pipeline("tiny-lcm-lora@production", pipe, reg)
-    assert isinstance(pipe.scheduler, LCMScheduler)
-    assert pipe.get_active_adapters() == ["lcm"]
-    with_lora = sample(pipe)
-    assert with_lora.shape == (1, 3, 32, 32)
-    assert not torch.allclose(plain, with_lora)  # the LoRA is really applied
-    assert not list((tmp_path / "cache" / "checkouts").iterdir())  # temporary checkout removed

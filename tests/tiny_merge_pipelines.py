@@ -1,12 +1,21 @@
-"""Tiny random-init pipelines of both families for the merge and single-file tests.
+"""Tiny random-init pipelines of both families, and random LoRAs for them, for the LoRA reading,
+merge and single-file tests.
 
-Self-contained so that these tests depend only on diffusers and transformers. Tests that compare
+Self-contained so that these tests depend only on diffusers, transformers and peft. Tests that compare
 module outputs feed token ids directly; `tiny_sd15(tokenizer_dir=...)` adds a byte-level CLIP
 tokenizer for tests that sample from prompts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+from safetensors.torch import save_file
+
+from components import lora_io
+from components.lora_formats import LORA_WEIGHT_NAME
 
 MAX_TOKENS = 32  # prompt length in tokens (one per character)
 VOCAB = 514  # 256 byte symbols, the same at word ends (</w>), <|startoftext|>, <|endoftext|>
@@ -80,3 +89,121 @@ def tiny_sdxl(seed: int = 0, widths: tuple[int, int] = (16, 24)):
                                      text_encoder_2=_text_encoder(widths[1], seed + 3, projection=True),
                                      tokenizer=None, tokenizer_2=None, unet=unet,
                                      scheduler=EulerDiscreteScheduler(steps_offset=1))
+
+
+# --- random LoRAs ---------------------------------------------------------------------
+
+
+WEIGHTS = (0.8, 1.0)  # (l1, l2), the report's choice
+STYLE_UNET = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]
+LCM_UNET = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "ff.net.2"]
+
+
+def random_lora(pipe, *, rank: int, alpha: float, unet_modules: list[str], te_modules: list[str] | None = None,
+                seed: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Random non-zero peft LoRA state dicts (unet, text encoder) with the given rank and alpha."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    out = []
+    for model, modules in ((pipe.unet, unet_modules), (pipe.text_encoder, te_modules)):
+        if not modules:
+            out.append({})
+            continue
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, init_lora_weights=False)
+        inject_adapter_in_model(config, model, adapter_name="rand")
+        state = {k: 0.2 * v for k, v in get_peft_model_state_dict(model, adapter_name="rand").items()}
+        out.append(state)
+    return out[0], out[1]
+
+
+def write_peft(path: Path, unet_sd: dict, te_sd: dict, rank: int, alpha: float) -> Path:
+    """A diffusers/peft-format file with lora_alpha in its metadata (as save_lora_weights writes it)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    def meta(sd):
+        modules = sorted({k.split(".lora_")[0] for k in sd})
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules).to_dict()
+
+    path.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(path), unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd or None,
+        unet_lora_adapter_metadata=meta(unet_sd), text_encoder_lora_adapter_metadata=meta(te_sd) if te_sd else None)
+    return path / LORA_WEIGHT_NAME
+
+
+def write_kohya(path: Path, unet_sd: dict, te_sd: dict, alpha: float) -> Path:
+    """A kohya-format file (lora_unet_* / lora_te_*, per-module alpha), as A1111 and ComfyUI read it."""
+    out = {}
+    for prefix, sd in (("lora_unet_", unet_sd), ("lora_te_", te_sd)):
+        for key, value in sd.items():
+            module, kind = key.split(".lora_")
+            if prefix == "lora_te_" and not module.startswith("text_model."):
+                module = f"text_model.{module}"
+            name = prefix + module.replace(".", "_")
+            out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, str(path))
+    return path
+
+
+def outputs(pipe, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder hidden states and the UNet's prediction from them (fixed inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (2, 8), generator=g)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        eps = pipe.unet(latents, torch.tensor([999, 499]), encoder_hidden_states=hidden).sample
+    return hidden, eps
+
+
+def make_loras(root: Path) -> dict[str, Path]:
+    """A style LoRA (UNet + text encoder, alpha != rank) in peft and kohya format and an LCM-LoRA folder."""
+    pipe = tiny_sd15()
+    style_unet, style_te = random_lora(pipe, rank=4, alpha=2.0, unet_modules=STYLE_UNET,
+                                       te_modules=["q_proj", "v_proj", "fc1"], seed=1)
+    lcm_unet, _ = random_lora(tiny_sd15(), rank=8, alpha=16.0, unet_modules=LCM_UNET, seed=2)
+    return {
+        "style_peft": write_peft(root / "style", style_unet, style_te, rank=4, alpha=2.0),
+        "style_kohya": write_kohya(root / "style_kohya.safetensors", style_unet, style_te, alpha=2.0),
+        "lcm": write_peft(root / "lcm", lcm_unet, {}, rank=8, alpha=16.0).parent,
+    }
+
+
+def runtime_pipe(style: Path, lcm: Path, weights=WEIGHTS):
+    """Variant 1: both LoRAs loaded as diffusers runtime adapters at (l1, l2) = weights."""
+    pipe = tiny_sd15()
+    lora_io.load_adapter(pipe, "sd15", style, "style")
+    lora_io.load_adapter(pipe, "sd15", lcm, "lcm")
+    lora_io.set_weights(pipe, {"style": weights[0], "lcm": weights[1]})
+    return pipe
+
+
+# --- judges ----------------------------------------------------------------------------
+
+
+def pooled_colours(images: torch.Tensor) -> torch.Tensor:
+    """A small feature backbone: 4x4 average-pooled colours (the toy uses the digit classifier's)."""
+    return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
+
+
+@dataclass(frozen=True)
+class TinyJudges:
+    """The fields of the evaluation's Judges that the merge stage reads: FD backbone, adherence
+    scorer, reference images and an optional style scorer (`mean_strength(images) -> float`)."""
+
+    backbone: Any
+    backbone_name: str
+    adherence: Any
+    adherence_name: str
+    reference_images: torch.Tensor
+    style: Any = None
+    style_name: str | None = None
+
+
+def tiny_judges(style: Any = None, style_name: str | None = None) -> TinyJudges:
+    """Pooled-colour features, constant adherence 1.0, and the given style scorer."""
+    return TinyJudges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant",
+                      torch.zeros(2, 3, 16, 16), style, style_name)
