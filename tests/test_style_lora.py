@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components import merge
+from components import lora_io
 from components.toy.style_lora import STYLE_ADAPTER, StyleTraining, toy_style_set, train_style_lora
 from tests.tiny_merge_pipelines import tiny_sd15
 
@@ -16,7 +16,7 @@ def test_short_training_lowers_the_loss_and_keeps_the_base_frozen(tmp_path):
                                                                     lr=3e-3, seed=0))
     assert len(losses) == 40
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
-    factors = merge.adapter_factors(pipe, STYLE_ADAPTER)
+    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
     assert factors["unet"] and all(f.scale == 0.5 for f in factors["unet"].values())
     after = pipe.unet.state_dict()
     for key, value in before.items():  # peft renames wrapped weights to base_layer.*

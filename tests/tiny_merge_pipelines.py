@@ -7,7 +7,6 @@ tokenizer for tests that sample from prompts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from components import lora_io
+from components.judges import Judges
 from components.lora_formats import LORA_WEIGHT_NAME
 
 MAX_TOKENS = 32  # prompt length in tokens (one per character)
@@ -189,21 +189,7 @@ def pooled_colours(images: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1)
 
 
-@dataclass(frozen=True)
-class TinyJudges:
-    """The fields of the evaluation's Judges that the merge stage reads: FD backbone, adherence
-    scorer, reference images and an optional style scorer (`mean_strength(images) -> float`)."""
-
-    backbone: Any
-    backbone_name: str
-    adherence: Any
-    adherence_name: str
-    reference_images: torch.Tensor
-    style: Any = None
-    style_name: str | None = None
-
-
-def tiny_judges(style: Any = None, style_name: str | None = None) -> TinyJudges:
+def tiny_judges(style: Any = None, style_name: str = "") -> Judges:
     """Pooled-colour features, constant adherence 1.0, and the given style scorer."""
-    return TinyJudges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant",
-                      torch.zeros(2, 3, 16, 16), style, style_name)
+    return Judges(pooled_colours, "pooled colours", lambda images, prompts: 1.0, "constant",
+                  torch.zeros(2, 3, 16, 16), style, style_name)

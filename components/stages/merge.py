@@ -56,7 +56,7 @@ class MergeOutput:
 def default_output(cfg: MergeConfig, base_name: str, style_file: str | Path) -> Path:
     """`merge.output/BASE/STYLE`, STYLE the name of the folder holding the style LoRA's weights
     (`style_file` may be the weights file or its contract-4 folder)."""
-    from components.evaluation import project_path
+    from components.paths import project_path
 
     return Path(cfg.output) / base_name / lora_file(project_path(style_file)).parent.name
 
@@ -71,7 +71,7 @@ def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str,
     `params_digest` are the resolved params, recorded in every merged folder.
     """
     from components.base_model import load_base
-    from components.evaluation import project_path
+    from components.paths import project_path
 
     t0 = time.perf_counter()
     started_at = utc_now()

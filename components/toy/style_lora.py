@@ -73,7 +73,7 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     """Add a LoRA adapter named `style` to `pipe.unet` and fit it to the style set; returns the losses.
 
     The base weights stay frozen; the adapter stays loaded in `pipe` for the caller to save
-    (`merge.adapter_factors(pipe, STYLE_ADAPTER)`).
+    (`lora_io.adapter_factors(pipe, STYLE_ADAPTER)`).
     """
     from diffusers import DDPMScheduler
     from peft import LoraConfig
@@ -126,7 +126,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     import time
     from pathlib import Path
 
-    from components import merge
+    from components import lora_io, merge
     from components.base_model import load_base, resolve_base
     from components.config import RESOLVED_CONFIG_NAME
     from components.paths import project_path
@@ -149,7 +149,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
                               callback=lambda s, l: say(f"step {s}: loss {l:.4f}") if s % 100 == 0 else None)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept (alpha != rank by default).
-    factors = merge.adapter_factors(pipe, STYLE_ADAPTER)
+    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
     base_meta = {"name": name, "family": "sd15", "resolution": cfg.image_size, "reference": reference,
                  "fingerprint": loaded.fingerprint}
     paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title="toy-style-lora",
