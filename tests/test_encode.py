@@ -157,7 +157,7 @@ from components.storage import Storage
 vae = tiny_vae()
 encode_dataset(Storage({root!r}), "curated/manifest.parquet", Storage({source!r}), vae, module_fingerprint(vae),
                resolution={res}, output="latents-kill", batch_size=8, shard_size=9,
-               progress=lambda n, total: time.sleep(0.4))
+               progress=lambda _p: time.sleep(0.4))
 """
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.evaluate import artifact_key, publish_report_artifacts
+from tasks.artifacts import artifact_key
+from tasks.evaluate import publish_report_artifacts
 from tests.test_report import synthetic_doc
 
 
