@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import BaseConfig, EncodeConfig
+from components.config import BaseConfig, EncodeConfig, Params
 from components.encode import (
     DTYPES,
     encode_dataset,
@@ -99,3 +99,16 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
     index_hash = hashlib.sha256(storage.read_bytes(result.index_rel)).hexdigest()
     return EncodeOutput(result.index_rel, index_hash, pointer_rel, result.samples, result.shards,
                         result.encoded_shards, len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
+
+
+def encode_for_base(params: Params, base_name: str, *, rank: int = 0, world_size: int = 1,
+                    barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
+    """The stage for one base of params, from the manifest at `curate.output`: the CLI's inputs."""
+    from components.base_model import resolve_base
+    from components.stages.curate import manifest_rel, source_storage
+
+    name, base = resolve_base(params, base_name)
+    return run_encode(params.encode, base_name=name, base=base, storage=Storage.from_config(params.storage),
+                      manifest_rel=manifest_rel(params.curate.output),
+                      source=source_storage(params.curate.source, params.storage), rank=rank,
+                      world_size=world_size, barrier=barrier, progress=progress)
