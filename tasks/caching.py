@@ -114,18 +114,18 @@ def publish_key(cfg: Params, name: str, **content: Any) -> str:
     return stage_key("publish", **content, name=name, alias=cfg.publish.alias, registry=Storage(cfg.registry.root).url())
 
 
-def run_cached(cfg: Params, task: Task, marker_rel: str, key: str, timeout_s: int | None = None,
+def run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, timeout_s: int | None = None,
                **kwargs: Any) -> dict[str, Any]:
     """Run a stage task with results under the storage root; report whether the cache served it.
 
     `marker_rel` is the file whose presence proves the stored output is complete: without it
-    the cache is refreshed (the task runs again) even when `key` is known.
+    the cache is refreshed (the task runs again) even when `cache_key` is known.
     """
     storage = Storage.from_config(cfg.storage)
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
     state = task.with_options(result_storage=results, timeout_seconds=timeout_s,
                               **cached_unless_missing(storage, marker_rel))(cfg=cfg, **kwargs, return_state=True)
-    return {**state.result(), "skipped": state.name == "Cached", "key": key}
+    return {**state.result(), "skipped": state.name == "Cached", "key": cache_key}
 
 
 def retrying(cfg: Params, task: Task) -> Task:
