@@ -38,8 +38,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from components.config import CurateConfig, Params
+from components.config import CurateConfig
 from components.content_hash import file_sha256
+from components.progress import Progress, ProgressFn
 from components.quality_gate import (
     GateLimits,
     ManifestGateFailed,
@@ -492,15 +493,21 @@ def _empty_message(source: str, rows: int, counts: dict[str, int], filters: Filt
 
 
 def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *, min_side: int | None,
-           resolved_config: str | None = None, progress: Callable[[str, int], None] | None = None) -> CurationResult:
+           resolved_config: str | None = None, progress: ProgressFn | None = None) -> CurationResult:
     """Run curation end to end; write the manifest folder `out_rel` under `storage`.
 
-    `min_side` is the base resolution, used when `cfg.min_side` is None. `progress(stage, rows)`
-    is called after each batch. Raises SourceError, CurationEmpty or ManifestGateFailed.
+    `min_side` is the base resolution, used when `cfg.min_side` is None. `progress` gets the
+    rows done so far after each batch (total unknown: 0), noted "metadata" or "images".
+    Raises SourceError, CurationEmpty or ManifestGateFailed.
     """
     start = time.perf_counter()
     filters = Filters.from_config(cfg, min_side)
-    report = progress or (lambda stage, rows: None)
+    done = {"metadata": 0, "images": 0}
+
+    def report(phase: str, rows: int) -> None:
+        done[phase] += rows
+        if progress is not None:
+            progress(Progress(stage="curate", step=done[phase], total=0, note=phase))
     out = lambda name: f"{out_rel.strip('/')}/{name}" if out_rel.strip("/") else name
 
     with tempfile.TemporaryDirectory(prefix="lcmlora-curate-") as tmp:
@@ -584,23 +591,3 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
         shutil.rmtree(tmp_path / "gx-context", ignore_errors=True)
     return CurationResult(rows_in=rows_in, kept=kept, rejected=dict(sorted(counts.items())),
                           manifest_hash=manifest_hash, elapsed_s=time.perf_counter() - start, files=files_written)
-
-
-def curate_from_params(params: Params, base_name: str = "toy", output: str | None = None,
-                       progress: Callable[[str, int], None] | None = None) -> tuple[CurationResult, Storage, str]:
-    """`lcmlora curate`: the source, storage and thresholds from params; min side from the base.
-
-    `output` (a folder or s3:// URL) replaces `storage.root/curate.output`. Returns the
-    result, the storage written to and the manifest folder relative to it.
-    """
-    from components.base_model import resolve_base
-
-    _, base = resolve_base(params, base_name)
-    source = Storage(params.curate.source, endpoint_url=params.storage.endpoint_url, region=params.storage.region)
-    if output is not None:
-        storage, out_rel = Storage(output, endpoint_url=params.storage.endpoint_url, region=params.storage.region), ""
-    else:
-        storage, out_rel = Storage.from_config(params.storage), params.curate.output
-    result = curate(source, storage, out_rel, params.curate, min_side=base.resolution,
-                    resolved_config=params.to_yaml(), progress=progress)
-    return result, storage, out_rel

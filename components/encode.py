@@ -4,13 +4,8 @@ For one VAE: decode each kept image (undecodable ones are rejected with the deco
 resize the shorter side to the base resolution and centre-crop (recording SDXL
 micro-conditioning: original_size (h, w) and crop_top_left (top, left)), VAE-encode in
 batches, and write shards of `KEY.latent.npy` (fp16 C x h x w, latent *mean*, not scaled),
-`KEY.txt`, `KEY.json` and optionally `KEY.emb.npy` (+ `KEY.pooled.npy` for SDXL).
-
-Layout, under the storage root:
-
-    latents/<vae_fp>/<resolution>px-<manifest_hash[:16]>[-te<te_fp>]/
-        00000.tar  00000.json  ...   shard and its sidecar (count, sha256, rejections)
-        index.json                   written last; its presence means complete
+`KEY.txt`, `KEY.json` and optionally `KEY.emb.npy` (+ `KEY.pooled.npy` for SDXL). The layout,
+the index schema and the sample members are contract 3, in components/shards.py.
 
 The directory is a pure function of (VAE, resolution, manifest, text encoder), so a base that
 shares a VAE finds the index and encodes nothing, and shards are never overwritten.
@@ -45,9 +40,17 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from components.progress import Progress, ProgressFn
+from components.shards import (
+    INDEX_FORMAT,
+    ResolutionMismatch,
+    index_path,
+    latent_dir,
+    read_index,
+    sample_members,
+)
 from components.storage import AlreadyExists, Storage
 
-INDEX_FORMAT = "lcmlora-latents/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 QUEUE_DEPTH = 4  # prepared batches waiting for the VAE, and encoded batches waiting to be written
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,10 +60,6 @@ TextEmbedder = Callable[[list[str]], dict[str, np.ndarray]]  # captions -> {"emb
 
 class EncodeError(RuntimeError):
     """Encoding cannot proceed; the message says what to fix."""
-
-
-class ResolutionMismatch(EncodeError, ValueError):
-    """The base resolution does not fit the VAE (or an index was made for another one)."""
 
 
 # --- pure pieces ------------------------------------------------------------------------
@@ -116,18 +115,6 @@ def to_model_input(pixels: np.ndarray, device: str | torch.device = "cpu",
 def encode_latent_mean(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE posterior mean E[z|x] (not sampled, not scaled): Bx3xHxW -> BxCxhxw."""
     return vae.encode(pixels).latent_dist.mean
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def latent_dir(output: str, vae_fp: str, resolution: int, manifest_hash: str, te_fp: str | None = None) -> str:
-    """Where the shards of (VAE, resolution, manifest[, text encoder]) live, relative to the root."""
-    name = f"{resolution}px-{manifest_hash[:16]}" + (f"-te{te_fp[:16]}" if te_fp else "")
-    return f"{output.strip('/')}/{vae_fp}/{name}"
 
 
 @dataclass(frozen=True)
@@ -319,11 +306,7 @@ class _ShardWriter:
                 meta = {"key": key, "source_key": key, "source_shard": row["shard"],
                         "original_size": list(original), "crop_top_left": list(crop),
                         "target_size": [self.resolution, self.resolution]}
-                members = [(f"{key}.latent.npy", npy_bytes(latent.astype(np.float16))),
-                           (f"{key}.txt", row["caption"].encode()),
-                           (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
-                members += [(f"{key}.{name}.npy", npy_bytes(v.astype(np.float16))) for name, v in sorted(embs.items())]
-                for name, data in members:
+                for name, data in sample_members(key, latent, row["caption"], meta, embs):
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
@@ -357,12 +340,12 @@ def encode_dataset(
     barrier: Callable[[], None] | None = None,
     text_embedder: TextEmbedder | None = None,
     text_encoder_fingerprint: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
 ) -> EncodeResult:
     """Encode the manifest at `manifest_rel` (on `storage`) with `vae`; return where the index is.
 
-    `progress(advance, total)` is called once with advance 0 and after each batch with its
-    number of samples; total is what this process has to encode in this run.
+    `progress` is called once at step 0 and after each batch with the samples handled so far
+    (encoded or rejected); total is what this process has to encode in this run.
     """
     start = time.perf_counter()
     check_resolution(vae, resolution)
@@ -375,7 +358,7 @@ def encode_dataset(
         raise EncodeError(f"{storage.url(manifest_rel)}: no curated manifest; run `lcmlora curate` first") from None
     manifest_hash = hashlib.sha256(manifest_bytes).hexdigest()
     out_rel = latent_dir(output, vae_fingerprint, resolution, manifest_hash, text_encoder_fingerprint)
-    index_rel = f"{out_rel}/index.json"
+    index_rel = index_path(out_rel)
     if storage.exists(index_rel):
         index = read_index(storage, index_rel, vae_fingerprint=vae_fingerprint, resolution=resolution)
         return EncodeResult(index_rel, index["count"], len(index["shards"]), 0, True,
@@ -384,8 +367,8 @@ def encode_dataset(
     plan = plan_shards(manifest, shard_size)
     mine = [p for p in shards_for_rank(plan, rank, world_size) if not storage.exists(f"{out_rel}/{p.name}")]
     total = sum(len(p.rows) for p in mine)
-    if progress is not None:
-        progress(0, total)
+    report = progress or (lambda _p: None)
+    report(Progress(stage="encode", step=0, total=total, note=f"{len(mine)} shard(s)"))
 
     # 2. Encode this rank's missing shards: reader thread -> VAE here -> writer thread.
     torch_dtype = DTYPES[dtype]
@@ -393,7 +376,7 @@ def encode_dataset(
         vae = vae.to(device=device, dtype=torch_dtype)
     vae.eval()
     writer = _ShardWriter(storage, out_rel, resolution)
-    vae_seconds, encoded = 0.0, 0
+    vae_seconds, encoded, handled = 0.0, 0, 0
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lcmlora-decode") as pool:
         try:
             for prepared in _threaded(_prepared_batches(mine, source, resolution, batch_size, pool), QUEUE_DEPTH):
@@ -407,8 +390,10 @@ def encode_dataset(
                 vae_seconds += time.perf_counter() - t0
                 encoded += len(prepared.rows)
                 writer.add(prepared, latents, embeddings)
-                if progress is not None:
-                    progress(len(prepared.rows) + len(prepared.rejected), total)
+                handled += len(prepared.rows) + len(prepared.rejected)
+                elapsed = time.perf_counter() - start
+                report(Progress(stage="encode", step=handled, total=total, note=f"shard {prepared.shard.index}",
+                                metrics={"images/s": handled / elapsed if elapsed > 0 else 0.0}))
         finally:
             writer.close()
 
@@ -464,24 +449,6 @@ def _build_index(storage: Storage, out_rel: str, plan: list[ShardPlan], vae: Any
     }
 
 
-def read_index(storage: Storage, index_rel: str, *, vae_fingerprint: str | None = None,
-               resolution: int | None = None) -> dict[str, Any]:
-    """Read and check an index; a VAE or resolution other than expected is a clear error."""
-    try:
-        index = json.loads(storage.read_text(index_rel))
-    except FileNotFoundError:
-        raise EncodeError(f"{storage.url(index_rel)}: no latent index; run `lcmlora encode` first") from None
-    if index.get("format") != INDEX_FORMAT:
-        raise EncodeError(f"{storage.url(index_rel)}: not a {INDEX_FORMAT} index (format {index.get('format')!r})")
-    if vae_fingerprint is not None and index["vae_fingerprint"] != vae_fingerprint:
-        raise ResolutionMismatch(f"{storage.url(index_rel)}: made with VAE {index['vae_fingerprint']}, "
-                                 f"not this base's VAE {vae_fingerprint}; encode for this base")
-    if resolution is not None and index["resolution"] != resolution:
-        raise ResolutionMismatch(f"{storage.url(index_rel)}: latents are for resolution {index['resolution']}, "
-                                 f"the base wants {resolution}; encode at this resolution")
-    return index
-
-
 def append_rejections(storage: Storage, manifest_rel: str, rejected: list[dict[str, str]]) -> int:
     """Add encode's rejections to `rejected.parquet` beside the manifest (contract 2), once each."""
     if not rejected:
@@ -527,41 +494,3 @@ def text_encoder_fingerprint(fingerprints: dict[str, str]) -> str:
     """One fingerprint for the text encoder(s) of a base (both of them for SDXL)."""
     parts = [fingerprints["text_encoder"]] + ([fingerprints["text_encoder_2"]] if "text_encoder_2" in fingerprints else [])
     return parts[0] if len(parts) == 1 else hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def encode_from_params(params: Any, base_name: str = "toy", *, rank: int = 0, world_size: int = 1,
-                       barrier: Callable[[], None] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> tuple[EncodeResult, dict[str, Any]]:
-    """`lcmlora encode --base NAME`: the VAE (and text encoders) of the base, storage and
-    manifest from params. Rank 0 also writes `encoded/<name>.json`, the fixed-path pointer
-    to this base's index that DVC and the distill stage read. Returns (result, pointer)."""
-    from components.base_model import load_base, load_vae, resolve_base
-
-    name, base = resolve_base(params, base_name)
-    cfg = params.encode
-    storage = Storage.from_config(params.storage)
-    source = Storage(params.curate.source, endpoint_url=params.storage.endpoint_url, region=params.storage.region)
-    dtype = DTYPES[cfg.dtype]
-    embedder, te_fp = None, None
-    if cfg.text_embeddings:
-        loaded = load_base(base.reference, base.family, dtype=dtype)
-        vae, vae_fp = loaded.pipe.vae, loaded.fingerprints["vae"]
-        loaded.pipe.to(cfg.device)
-        embedder = pipeline_text_embedder(loaded.pipe, loaded.family, cfg.device)
-        te_fp = text_encoder_fingerprint(loaded.fingerprints)
-    else:
-        vae, vae_fp = load_vae(base.reference, dtype=dtype)
-    result = encode_dataset(
-        storage, f"{params.curate.output.strip('/')}/manifest.parquet", source, vae, vae_fp,
-        resolution=base.resolution, output=cfg.output, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
-        device=cfg.device, dtype=cfg.dtype, workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier,
-        text_embedder=embedder, text_encoder_fingerprint=te_fp, progress=progress)
-    pointer = {"base": name, "index": result.index_rel, "vae_fingerprint": vae_fp, "resolution": base.resolution,
-               "text_encoder_fingerprint": te_fp, "count": result.samples, "shards": result.shards,
-               "params": {"base": base.model_dump(mode="json"), "encode": cfg.model_dump(mode="json")}}
-    if rank == 0:
-        text = json.dumps(pointer, indent=1, sort_keys=True) + "\n"
-        rel = f"{cfg.pointers.strip('/')}/{name}.json"
-        if not storage.exists(rel) or storage.read_text(rel) != text:
-            storage.write_text(rel, text)
-    return result, pointer

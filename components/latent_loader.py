@@ -1,4 +1,4 @@
-"""Loader of latent shards (DESIGN contract 3) for distillation: a webdataset pipeline.
+"""Loader of latent shards (DESIGN contract 3, components/shards.py) for distillation: a webdataset pipeline.
 
     loader = make_loader(storage, "latents/<vae_fp>/.../index.json", batch_size=8)
     for batch in loader:  # dict of tensors and lists
@@ -21,8 +21,6 @@ every rank). Shards are read through `Storage`, so local and `s3://` roots both 
 
 from __future__ import annotations
 
-import io
-import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -34,44 +32,15 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys, tar_file_expander
 from webdataset.utils import pytorch_worker_info
 
-from components.encode import read_index
-
-__all__ = ["LatentDataset", "collate", "index_shards", "make_loader", "read_index"]
+from components.shards import decode_sample, index_shards
 from components.storage import Storage
 
 SHUFFLE_BUFFER = 1000  # samples held for shuffling inside each worker
 
 
-def index_shards(storage: Storage, index_rel: str) -> list[str]:
-    """Shard paths (relative to the storage root) listed by an index."""
-    folder = index_rel.rsplit("/", 1)[0] if "/" in index_rel else ""
-    index = read_index(storage, index_rel)
-    return [f"{folder}/{s['name']}" if folder else s["name"] for s in index["shards"]]
-
-
 def _seed(*parts: int) -> int:
     """A reproducible seed from integers (Python's hash() of str is salted per process)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _decode(sample: dict[str, Any]) -> dict[str, Any]:
-    key = sample["__key__"]
-    if "latent.npy" not in sample:
-        raise ValueError(f"{sample.get('__url__')}: sample {key} has no .latent.npy; not a latent shard")
-    meta = json.loads(sample["json"])
-    out = {
-        "key": key,
-        "latent": np.load(io.BytesIO(sample["latent.npy"])),
-        "caption": sample["txt"].decode() if "txt" in sample else "",
-        "original_size": meta["original_size"],
-        "crop_top_left": meta["crop_top_left"],
-        "target_size": meta["target_size"],
-    }
-    if "emb.npy" in sample:
-        out["emb"] = np.load(io.BytesIO(sample["emb.npy"]))
-    if "pooled.npy" in sample:
-        out["pooled"] = np.load(io.BytesIO(sample["pooled.npy"]))
-    return out
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -133,7 +102,7 @@ class LatentDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, _, worker, _ = self._worker()
         samples: Iterator[dict[str, Any]] = group_by_keys(tar_file_expander(self._open(self._shard_stream())))
-        samples = map(_decode, samples)
+        samples = map(decode_sample, samples)
         if self.shuffle:
             rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 1))
             samples = wds.filters.shuffle(bufsize=SHUFFLE_BUFFER, initial=min(100, SHUFFLE_BUFFER), rng=rng)(samples)

@@ -194,21 +194,12 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
     if dry_run:
         print_config(cfg)
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from components.stages.curate import curate_for_base
+    from flows.progress_view import ProgressView
 
-    from components.curate import curate_from_params
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} rows"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, rows: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"curate: {stage}", total=None)
-            bar.advance(tasks[stage], rows)
-
-        result, storage, out_rel = curate_from_params(cfg, base, str(output) if output else None, progress)
-    where = storage.url(out_rel)
+    with ProgressView(console) as view:
+        result, storage = curate_for_base(cfg, base, str(output) if output else None, view)
+    where = storage.url(result.folder)
     reasons = ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "none"
     typer.echo(f"curated {result.kept} of {result.rows_in} rows -> {where}/manifest.parquet "
                f"(sha256 {result.manifest_hash[:16]}); rejected: {reasons}; GX data docs: {where}/gx/index.html")
@@ -224,15 +215,8 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
         return
     import os
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from components.encode import encode_from_params
+    from components.stages.encode import encode_for_base
+    from flows.progress_view import ProgressView
 
     rank, world, barrier = 0, 1, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
@@ -240,15 +224,13 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 
         state = PartialState(cpu=cfg.encode.device == "cpu")
         rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, disable=rank != 0) as bar:
-        task = bar.add_task(f"encode --base {base}", total=None)
-        result, pointer = encode_from_params(cfg, base, rank=rank, world_size=world, barrier=barrier,
-                                             progress=lambda n, total: bar.update(task, advance=n, total=total))
+    with ProgressView(console, live=None if rank == 0 else False) as view:
+        result = encode_for_base(cfg, base, rank=rank, world_size=world, barrier=barrier,
+                                 progress=view if rank == 0 else None)
     if rank == 0:
         what = "reused" if result.reused else f"encoded {result.encoded_shards} new shard(s) of {result.shards}"
-        typer.echo(f"encode --base {pointer['base']}: {result.samples} samples, {what}, "
-                   f"{len(result.rejected)} rejected -> {cfg.storage.root}/{result.index_rel}")
+        typer.echo(f"encode --base {base}: {result.samples} samples, {what}, "
+                   f"{result.rejected} rejected -> {cfg.storage.root}/{result.index}")
 
 
 @app.command()
@@ -272,25 +254,17 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
             typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
             typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from components.distill_run import run_distill
+    from components.progress import Progress
+    from flows.progress_view import ProgressView
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeRemainingColumn(), console=console) as progress:
-        bar = progress.add_task(f"distill {base}", total=cfg.distill.max_steps, loss="-")
+    with ProgressView(console) as view:
 
-        def on_step(info) -> None:
-            progress.update(bar, completed=info.step, loss=f"{info.loss:.5f}")
+        def on_step(info) -> None:  # the training loop's per-step report, in the one progress shape
+            view(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
 
         def on_checkpoint(step: int, path: Path) -> None:
-            progress.console.print(f"checkpoint {step}: {path}")
+            console.print(f"checkpoint {step}: {path}", markup=False, highlight=False)
 
         outcome = run_distill(cfg, base, output=output, resume=resume, on_step=on_step, on_checkpoint=on_checkpoint)
     if outcome.result.is_main_process:
@@ -389,11 +363,16 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         return
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
-    def on_step(info) -> None:
-        if info.step % 50 == 0 or info.step == cfg.distill.max_steps:
-            console.print(f"distill step {info.step}/{cfg.distill.max_steps}: loss {info.loss:.5f}", markup=False)
+    from components.progress import Progress
+    from flows.progress_view import ProgressView
 
-    result = run_toy_reproduction(cfg, out, say=lambda msg: console.print(msg, markup=False), distill_progress=on_step)
+    with ProgressView(console) as view:
+
+        def on_step(info) -> None:  # the training loop's per-step report, in the one progress shape
+            view(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
+
+        result = run_toy_reproduction(cfg, out, say=lambda msg: console.print(msg, markup=False),
+                                      distill_progress=on_step)
     echo_evaluation(result.evaluation_doc)
     typer.echo("reproduction goals:")
     typer.echo(goals_markdown(result.goals))
@@ -415,10 +394,14 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     from flows.runtime import prefect_environment
 
     typer.echo(prefect_environment())
-    from flows.nightly import BasesFailed, summary_lines
+    from components.run_summary import summary_lines
+    from flows.nightly import BasesFailed
     from flows.nightly import nightly as nightly_flow
+    from flows.progress_view import ProgressView
+    from tasks.progress import showing
 
-    state = nightly_flow(str(params), list(set_ or []), return_state=True)
+    with ProgressView(console) as view, showing(view):  # the flow runs here: its tasks report to the view
+        state = nightly_flow(str(params), list(set_ or []), return_state=True)
     result = state.result(raise_on_failure=False)
     summary = result.summary if isinstance(result, BasesFailed) else result if isinstance(result, dict) else None
     if summary is not None:
@@ -455,11 +438,14 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
         typer.echo(f"emitted {BASE_REGISTERED} for {ref} (event {emit_base_registered(ref, name)})")
         return
     typer.echo(prefect_environment())
+    from components.run_summary import summary_lines
     from flows.new_base import new_base as new_base_flow
-    from flows.nightly import summary_lines
+    from flows.progress_view import ProgressView
+    from tasks.progress import showing
 
-    state = new_base_flow(ref, name=name, family=family, params_file=str(params), overrides=list(set_ or []),
-                          return_state=True)
+    with ProgressView(console) as view, showing(view):
+        state = new_base_flow(ref, name=name, family=family, params_file=str(params), overrides=list(set_ or []),
+                              return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         typer.echo("\n".join(summary_lines(result)))

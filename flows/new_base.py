@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.logging import get_run_logger
 
 from components.base_model import resolve_base
 from components.config import BaseConfig, ConfigError, Params, load_params
-from flows.nightly import verdict
+from components.run_summary import verdict
 from flows.pipeline import base_pipeline
 from tasks.curate import ensure_toy_source
 from tasks.encode import fingerprint_base, fingerprint_vae
@@ -51,7 +52,7 @@ def inherit_from_parent(cfg: Params, base_name: str, base: BaseConfig, fingerpri
     return base, None
 
 
-@flow(name="new-base", log_prints=True)
+@flow(name="new-base")
 def new_base(reference: str, name: str | None = None, family: str | None = None,
              params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Register the base at `reference` and run its pipeline; gate failure publishes nothing."""
@@ -66,7 +67,8 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
     parents = {n: fingerprint_vae(b) for n, b in cfg.bases.items() if n != base_name}
     base, parent = inherit_from_parent(cfg, base_name, base, fingerprints, parents)
     if parent:
-        print(f"{base_name}: shares the VAE of {parent} ({fingerprints['vae']}): its latent shards are reused")
+        get_run_logger().info("%s: shares the VAE of %s (%s): its latent shards are reused",
+                              base_name, parent, fingerprints["vae"])
     record = register_base(cfg, base_name, base, fingerprints, parent)
     cfg = cfg.model_copy(update={"bases": {**cfg.bases, base_name: base}})  # the stages look bases up by name
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 
 from components.config import Params, load_params
+from components.run_summary import summary_markdown, verdict
 from flows.pipeline import base_pipeline
 from tasks.caching import storage_retries
 from tasks.curate import ensure_toy_source
@@ -30,61 +32,7 @@ class BasesFailed(RuntimeError):
         self.summary = summary
 
 
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The nightly's report: one row per base and stage, then what was published."""
-    lines = ["# lcmlora nightly", "", "| base | stage | result | key |", "|---|---|---|---|"]
-    for name, base in summary["bases"].items():
-        if base["status"] == "failed":
-            lines.append(f"| {name} | - | **failed**: {base['error']} | |")
-        for stage in base.get("stages", []):
-            verdict = stage.get("note") or ("skipped (unchanged)" if stage["skipped"] else "ran")
-            lines.append(f"| {name} | {stage['stage']} | {verdict} | `{stage['key']}` |")
-    lines.append("")
-    for name, base in summary["bases"].items():
-        published = base.get("published")
-        for p in [published, *published.get("variants", [])] if published else []:
-            lines.append(f"- **{name}**: {p['reference']} (alias `{p['alias']}`); pull with `{p['pull']}`")
-    lines.append("")
-    lines.append(summary["verdict"])
-    return "\n".join(lines) + "\n"
-
-
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """The same report as plain lines for the terminal, ending with how to pull what was published."""
-    lines = []
-    for name, base in summary["bases"].items():
-        if base["status"] == "failed":
-            lines.append(f"base {name}: FAILED: {base['error']}")
-            continue
-        lines.append(f"base {name}: completed")
-        for stage in base.get("stages", []):
-            verdict_ = stage.get("note") or ("skipped (unchanged)" if stage["skipped"] else "ran")
-            lines.append(f"  {stage['stage']:<9} {verdict_:<20} {stage['key']}")
-        published = base.get("published")
-        for p in [published, *published.get("variants", [])] if published else []:
-            again = " (already published: unchanged)" if p["skipped"] else ""
-            lines.append(f"  published {p['reference']} to {p['registry']} (alias {p['alias']}){again}")
-            lines.append(f"  pull it:  {p['pull']}")
-    lines.append(summary["verdict"])
-    return lines
-
-
-def verdict(summary: dict[str, Any]) -> str:
-    """One sentence: what this run trained, or that nothing changed; failed bases first."""
-    failed = [n for n, b in summary["bases"].items() if b["status"] == "failed"]
-    ran = [f"{n}/{s['stage']}" for n, b in summary["bases"].items() for s in b.get("stages", []) if not s["skipped"]]
-    trained = [r.split("/")[0] for r in ran if r.endswith("/distill")]
-    prefix = f"FAILED: {', '.join(failed)}. " if failed else ""
-    if not ran:
-        if failed:
-            return f"{prefix}No other stage ran and no training was done."
-        return "Nothing changed since the last run: every stage was skipped, no training was done."
-    if not trained:
-        return f"{prefix}No training was done (distillation unchanged); ran: {', '.join(ran)}."
-    return f"{prefix}Trained: {', '.join(trained)}; ran: {', '.join(ran)}."
-
-
-@flow(name="nightly", log_prints=True)
+@flow(name="nightly")
 def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Every base in params.yaml: curate, encode, distill, evaluate (gate), merge, publish."""
     cfg: Params = load_params(params_file, overrides)
@@ -114,7 +62,7 @@ def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None
     summary["verdict"] = verdict(summary)
     create_markdown_artifact(key="nightly-summary", markdown=summary_markdown(summary),
                              description="What the nightly ran, skipped and published")
-    print(summary["verdict"])
+    get_run_logger().info(summary["verdict"])
     failed = [n for n, b in summary["bases"].items() if b["status"] == "failed"]
     if failed:
         raise BasesFailed(f"{len(failed)} of {len(cfg.bases)} bases failed: {', '.join(failed)}", summary)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
+from components.run_summary import stage_row
 from flows.stages import (
     curate_flow,
     distill_flow,
@@ -19,14 +21,11 @@ from tasks.encode import fingerprint_base
 from tasks.publish import enforce_gate
 
 
-def _stage(name: str, outcome: dict[str, Any]) -> dict[str, Any]:
-    return {"stage": name, "skipped": outcome["skipped"], "key": outcome["key"], "note": outcome.get("note")}
-
-
-@flow(name="base-pipeline", log_prints=True)
+@flow(name="base-pipeline")
 def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
                   fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base."""
+    logger = get_run_logger()
     stages: list[dict[str, Any]] = []
 
     # 1. Fingerprints of the base's modules: they key every later stage.
@@ -34,26 +33,25 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
 
     # 2. Data: curated manifest at this base's resolution, latent shards for its VAE.
     curated = curate_flow(cfg, min_side=base.resolution)
-    stages.append(_stage("curate", curated))
+    stages.append(stage_row("curate", curated))
     shards = encode_flow(cfg, base_name, base, curated, fingerprints)
-    stages.append(_stage("encode", shards))
+    stages.append(stage_row("encode", shards))
     if shards["reused"] and not shards["skipped"]:
-        print(f"{base_name}: reused the latent shards of VAE {fingerprints['vae']}")
+        logger.info("%s: reused the latent shards of VAE %s", base_name, fingerprints["vae"])
 
     # 3. The LCM-LoRA, then its evaluation; a failed gate stops here: nothing merged or published.
     lora = distill_flow(cfg, base_name, base, fingerprints, shards)
-    stages.append(_stage("distill", lora))
+    stages.append(stage_row("distill", lora))
     evaluation = evaluate_flow(cfg, base_name, base, fingerprints, lora)
-    stages.append(_stage("evaluate", evaluation))
-    print(f"{base_name}: gate {'passed' if evaluation['passed'] else 'FAILED'}"
-          + "".join(f"\n  - {v}" for v in evaluation["violations"]))
-
-    enforce_gate(base_name, evaluation)
+    stages.append(stage_row("evaluate", evaluation))
+    logger.info("%s: gate %s%s", base_name, "passed" if evaluation["passed"] else "FAILED",
+                "".join(f"\n  - {v}" for v in evaluation["violations"]))
+    enforce_gate(base_name, evaluation)  # the one gate check: raises GateFailed listing every violation
 
     # 4. Style variants of the gated LoRA, then publish.
     merged = merge_flow(cfg, base_name, base, fingerprints, lora)
-    stages.append(_stage("merge", merged))
+    stages.append(stage_row("merge", merged))
     published = publish_flow(cfg, base_name, lora, evaluation, merged)
-    stages.append(_stage("publish", published))
+    stages.append(stage_row("publish", published))
     return {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
             "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}

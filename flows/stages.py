@@ -1,115 +1,76 @@
 """One Prefect flow per stage (curate, encode, distill, evaluate, merge, publish).
 
-Each stage flow computes its cache key from content fingerprints and its own params section,
-runs its task (or finds it cached), and returns the task's result plus `skipped` (True when
-Prefect served the result from the cache: the inputs did not change) and `key`. The nightly
-and new-base flows call these in order, one base at a time.
+Each stage flow wires its tasks: the cache key (tasks/caching.py, from content fingerprints
+and the stage's own params section), the stage task (served from the cache when the key and
+the stored output are there), and the storage steps around it. It returns the task's result
+plus `skipped` (True when Prefect served it from the cache) and `key`. The nightly and
+new-base flows call these in order, one base at a time.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import Task, flow
+from prefect import flow
 
 from components.config import BaseConfig, Params
 from components.content_hash import file_sha256
-from components.folder_sync import COMPLETE, work_dir
-from components.storage import Storage
+from components.folder_sync import COMPLETE
+from components.stages.publish import registry_name
 from tasks.caching import (
-    cached_unless_missing,
+    curate_key,
+    distill_key,
+    encode_key,
+    encode_marker,
+    evaluate_key,
+    merge_key,
     output_rel,
+    publish_key,
     result_storage_block,
-    section_digest,
-    stage_key,
-    storage_retries,
+    retrying,
+    run_cached,
 )
 from tasks.curate import curate_manifest, fingerprint_source
 from tasks.distill import distill_lora
 from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
-from tasks.merge import merge_variants
-from tasks.publish import GateFailed, publish_folder, registry_name
-from tasks.storage import copy_folder, fetch_folder, store_folders
-
-# distill keys that do not change the trained LoRA: where it goes, how often it is checkpointed
-DISTILL_OPERATIONAL = {"output", "latents_index", "checkpoint_every", "checkpoints_keep"}
-EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
-
-
-def _run_cached(cfg: Params, task: Task, marker_rel: str, cache_key: str, timeout_s: int | None = None,
-                **kwargs: Any) -> dict[str, Any]:
-    """Run a stage task with results under the storage root; report whether the cache served it.
-
-    `marker_rel` is the file whose presence proves the stored output is complete: without it
-    the cache is refreshed (the task runs again) even when `cache_key` is known.
-    """
-    storage = Storage.from_config(cfg.storage)
-    results = result_storage_block(cfg.storage, cfg.orchestrate.results)
-    state = task.with_options(result_storage=results, timeout_seconds=timeout_s,
-                              **cached_unless_missing(storage, marker_rel))(cfg=cfg, **kwargs, return_state=True)
-    return {**state.result(), "skipped": state.name == "Cached", "key": cache_key}
-
-
-def _storage_step(cfg: Params, task: Task) -> Task:
-    """A storage or network task with the retry policy from `orchestrate` (exponential backoff)."""
-    return task.with_options(**storage_retries(cfg.orchestrate.retries, cfg.orchestrate.retry_delay_s))
-
-
-# --- curate -----------------------------------------------------------------------------
+from tasks.merge import find_style_lora, merge_variants
+from tasks.publish import publish_folder
+from tasks.storage import EVALUATED_LORA, evaluation_copy, fetch_folder, store_folders, work_folder
 
 
 @flow(name="curate")
 def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     """Curate the source into a manifest; skipped when the source bytes and curate params are unchanged."""
-    source_digest = _storage_step(cfg, fingerprint_source)(cfg)
-    key = stage_key("curate", source=source_digest, curate=section_digest(cfg.curate), min_side=min_side)
-    return _run_cached(cfg, curate_manifest, f"{output_rel('curate', key)}/manifest.parquet", key,
-                       min_side=min_side, key=key)
-
-
-# --- encode -----------------------------------------------------------------------------
+    # 1. The key: source bytes, curate section, minimum side.
+    key = curate_key(cfg, retrying(cfg, fingerprint_source)(cfg), min_side)
+    # 2. The manifest (cached while stages/curate/KEY/manifest.parquet is stored).
+    return run_cached(cfg, curate_manifest, f"{output_rel('curate', key)}/manifest.parquet", key,
+                      min_side=min_side, key=key)
 
 
 @flow(name="encode")
 def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str, Any],
                 fingerprints: dict[str, str]) -> dict[str, Any]:
     """Latent shards for this base's VAE; skipped (and shared) when another base has the same VAE."""
-    from components.encode import latent_dir, text_encoder_fingerprint
-
-    te_fp = text_encoder_fingerprint(fingerprints) if cfg.encode.text_embeddings else None
-    key = stage_key("encode", manifest=curated["manifest_hash"], vae=fingerprints["vae"], text_encoder=te_fp,
-                    resolution=base.resolution, encode=section_digest(cfg.encode))
-    index_rel = f"{latent_dir(cfg.encode.output, fingerprints['vae'], base.resolution, curated['manifest_hash'], te_fp)}/index.json"
-    return _run_cached(cfg, encode_latents, index_rel, key, cfg.orchestrate.encode_timeout_s, base_name=base_name, base=base,
-                       manifest_rel=curated["manifest"],
-                       fingerprints=fingerprints, key=key)
-
-
-# --- distill ----------------------------------------------------------------------------
-
-
-def base_identity(base_name: str, base: BaseConfig, fingerprints: dict[str, str]) -> dict[str, Any]:
-    """What makes a base the same base for caching: its name, settings and module fingerprints.
-
-    The reference (path or hub id) is left out: a moved folder with the same weights is the same base.
-    """
-    return {"name": base_name, **base.model_dump(mode="json", exclude={"reference"}), "fingerprints": fingerprints}
+    # 1. The key: manifest, VAE (and text encoders), resolution, encode section.
+    key = encode_key(cfg, base, curated["manifest_hash"], fingerprints)
+    # 2. The shards (cached while their index.json is stored).
+    return run_cached(cfg, encode_latents, encode_marker(cfg, base, curated["manifest_hash"], fingerprints), key,
+                      cfg.orchestrate.encode_timeout_s, base_name=base_name, base=base,
+                      manifest_rel=curated["manifest"], fingerprints=fingerprints, key=key)
 
 
 @flow(name="distill")
 def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                  shards: dict[str, Any]) -> dict[str, Any]:
     """LCD-LoRA for this base; skipped when base, latent shards and distill params are unchanged."""
-    accelerate = cfg.orchestrate.accelerate_config
-    key = stage_key("distill", base=base_identity(base_name, base, fingerprints), shards=shards["index_hash"],
-                    distill=section_digest(cfg.distill.model_dump(mode="json", exclude=DISTILL_OPERATIONAL)),
-                    accelerate=file_sha256(accelerate) if accelerate else None)
-    return _run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
-                       cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
-
-
-# --- evaluate ---------------------------------------------------------------------------
+    # 1. The key: base identity, shard index, distill section (operational keys aside).
+    key = distill_key(cfg, base_name, base, fingerprints, shards["index_hash"])
+    # 2. The LoRA folder (cached while stages/distill/BASE/KEY is stored complete).
+    return run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
+                      cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
 
 
 @flow(name="evaluate")
@@ -117,60 +78,49 @@ def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: d
                   lora: dict[str, Any]) -> dict[str, Any]:
     """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged.
 
-    The evaluation writes its gate and report into the LoRA folder it judges, so it judges a
-    copy (`stages/evaluate/BASE/KEY/lora/`, the folder publish ships); the distill output
-    stays as distillation wrote it, whatever other evaluations of it conclude.
+    It judges a copy of the LoRA (`stages/evaluate/BASE/KEY/lora/`, the folder publish ships).
     """
-    key = stage_key("evaluate", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
-                    evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})))
-    storage = Storage.from_config(cfg.storage)
+    # 1. The key and the evaluation's folder, with the copy of the LoRA it judges.
+    key = evaluate_key(cfg, base_name, base, fingerprints, lora["weights_sha256"])
     out = output_rel("evaluate", key, base_name)
-    local = work_dir(storage, out)
-    marker = f"{out}/{COMPLETE}"
-    if not storage.exists(marker):
-        lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
-        copy_folder(lora_dir, str(local / EVALUATED_LORA), [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"])
+    lora_copy = retrying(cfg, evaluation_copy)(cfg, lora["output"], out)
+    # 2. The evaluation (cached while the stored folder is complete), then the folder stored.
     task = evaluate_lora.with_options(cache_key_fn=lambda *_: key, persist_result=True)
-    result = _run_cached(cfg, task, marker, key, cfg.orchestrate.evaluate_timeout_s,
-                         base_name=base_name, lora_folder=str(local / EVALUATED_LORA), output=str(local))
+    result = run_cached(cfg, task, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
+                        base_name=base_name, lora_folder=lora_copy, output=result_dir(lora_copy))
     if not result["skipped"]:
-        _storage_step(cfg, store_folders)(cfg, {str(local): out})
+        retrying(cfg, store_folders)(cfg, {result_dir(lora_copy): out})
     return {**result, "evaluation": out, "lora_folder": out, "lora_subdir": EVALUATED_LORA}
 
 
-# --- merge ------------------------------------------------------------------------------
+def result_dir(lora_copy: str) -> str:
+    """The evaluation's folder: the one holding the judged LoRA copy."""
+    return str(Path(lora_copy).parent)
 
 
 @flow(name="merge")
 def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                lora: dict[str, Any]) -> dict[str, Any]:
     """Style-LoRA variants of the gated LoRA; skipped when LoRA, style LoRA, base and params are unchanged."""
-    from components.evaluation import project_path
-
-    style = project_path(cfg.merge.style_file)
-    if not style.is_file():
-        print(f"{base_name}: merge not run: no style LoRA at {style} (merge.style_file); "
-              "train the toy one with `lcmlora toy style-lora`")
+    # 1. The style LoRA to merge with; without one the stage does not run.
+    style = find_style_lora(cfg, base_name)
+    if style is None:
         return {"skipped": True, "key": "-", "passed": None, "best_folder": None,
                 "note": "not run: no style LoRA (merge.style_file)"}
-    key = stage_key("merge", base=base_identity(base_name, base, fingerprints), lora=lora["weights_sha256"],
-                    style=file_sha256(style), evaluate=section_digest(cfg.evaluate.model_dump(mode="json", exclude={"output"})),
-                    merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"output", "lcm_folder", "style_file"})))
-    storage = Storage.from_config(cfg.storage)
+    # 2. The key, the LoRA's local copy and the variants' working folder.
+    key = merge_key(cfg, base_name, base, fingerprints, lora["weights_sha256"], file_sha256(style))
     out = output_rel("merge", key, base_name)
-    lora_dir = _storage_step(cfg, fetch_folder)(cfg, lora["output"])
-    result = _run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, cfg.orchestrate.merge_timeout_s,
-                         base_name=base_name, lora_folder=lora_dir,
-                         style_file=str(style), output=str(work_dir(storage, out)), output_rel=out, key=key)
+    lora_dir = retrying(cfg, fetch_folder)(cfg, lora["output"])
+    local = work_folder(cfg, out)
+    # 3. The variants, each evaluated (cached while stored complete), then the folder stored.
+    result = run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, cfg.orchestrate.merge_timeout_s,
+                        base_name=base_name, lora_folder=lora_dir, style_file=style, output=local, output_rel=out,
+                        key=key)
     if not result["skipped"]:
-        _storage_step(cfg, store_folders)(cfg, {str(work_dir(storage, out)): out})
+        retrying(cfg, store_folders)(cfg, {local: out})
     if not result["passed"]:
         result["note"] = ("skipped (unchanged)" if result["skipped"] else "ran") + ": no variant met the merge rule"
-        print(f"{base_name}: no style variant published: " + "; ".join(result["violations"]))
     return result
-
-
-# --- publish ----------------------------------------------------------------------------
 
 
 @flow(name="publish")
@@ -178,27 +128,23 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
                  merged: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish the gated LoRA (and the best style variant) as new registry versions.
 
-    Skipped when that exact LoRA was already published under that name and alias.
+    The caller has enforced the gate. Skipped when that exact LoRA was already published
+    under that name and alias.
     """
-    if not evaluation["passed"]:
-        raise GateFailed(base_name, evaluation["violations"])
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
-    registry = Storage(cfg.registry.root).url()
-    name = registry_name(cfg, base_name)
-    key = stage_key("publish", lora=lora["weights_sha256"], evaluation=evaluation["key"], name=name,
-                    alias=cfg.publish.alias, registry=registry)
-    state = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
-        cfg=cfg, base_name=base_name, folder_rel=evaluation["lora_folder"], subdir=evaluation["lora_subdir"],
-        name=name, key=key, return_state=True)
+    publish = retrying(cfg, publish_folder).with_options(result_storage=results)
+    # 1. The evaluated LoRA.
+    name = registry_name(cfg.publish, base_name)
+    key = publish_key(cfg, name, lora=lora["weights_sha256"], evaluation=evaluation["key"])
+    state = publish(cfg=cfg, base_name=base_name, folder_rel=evaluation["lora_folder"],
+                    subdir=evaluation["lora_subdir"], name=name, key=key, return_state=True)
     published = {**state.result(), "skipped": state.name == "Cached", "key": key, "variants": []}
-    # The best style variant, when the merge rule picked one: its own name, the merge rule as its gate.
+    # 2. The best style variant, when the merge rule picked one: its own name, the merge rule as its gate.
     if merged and merged.get("best_folder"):
         variant = f"{name}-{merged['style']}"
-        vkey = stage_key("publish", merged=merged["key"], lora=lora["weights_sha256"], name=variant,
-                         alias=cfg.publish.alias, registry=registry)
-        vstate = _storage_step(cfg, publish_folder).with_options(result_storage=results)(
-            cfg=cfg, base_name=base_name, folder_rel=merged["output"], subdir=merged["best_folder"], name=variant, key=vkey,
-            gate={"passed": True, "violations": [], "rule": "merge selection"}, metrics=merged["best_metrics"],
-            return_state=True)
+        vkey = publish_key(cfg, variant, merged=merged["key"], lora=lora["weights_sha256"])
+        vstate = publish(cfg=cfg, base_name=base_name, folder_rel=merged["output"], subdir=merged["best_folder"],
+                         name=variant, key=vkey, gate={"passed": True, "violations": [], "rule": "merge selection"},
+                         metrics=merged["best_metrics"], return_state=True)
         published["variants"].append({**vstate.result(), "skipped": vstate.name == "Cached"})
     return published

@@ -12,14 +12,10 @@ from prefect.logging import get_run_logger
 
 from components.config import Params
 from components.content_hash import tree_digest
+from components.stages.curate import run_curate, source_storage
 from components.storage import Storage
 from tasks.caching import key_parameter, output_rel, storage_retries
-
-
-def source_storage(cfg: Params) -> Storage:
-    """The curation source (local folder or s3://) on the storage endpoint."""
-    return Storage(cfg.curate.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
-                   retries=cfg.storage.retries)
+from tasks.progress import task_progress
 
 
 @task(name="toy-source")
@@ -42,26 +38,27 @@ def ensure_toy_source(cfg: Params) -> str | None:
 @task(name="fingerprint-source", **storage_retries())
 def fingerprint_source(cfg: Params) -> str:
     """Content digest of the whole source tree (metadata and shards)."""
-    return tree_digest(source_storage(cfg))
+    return tree_digest(source_storage(cfg.curate.source, cfg.storage))
 
 
 @task(name="curate", cache_key_fn=key_parameter, persist_result=True)
 def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
-    """Curate the source into `curated/KEY/` (manifest, rejections, GX data docs)."""
-    from components.curate import curate
-
+    """Curate the source into `stages/curate/KEY/` (manifest, rejections, GX data docs)."""
     storage = Storage.from_config(cfg.storage)
-    out = output_rel("curate", key)
-    result = curate(source_storage(cfg), storage, out, cfg.curate, min_side=min_side, resolved_config=cfg.to_yaml())
+    progress = task_progress("curate", str(min_side), f"curation of {cfg.curate.source}")
+    result = run_curate(cfg.curate, source=source_storage(cfg.curate.source, cfg.storage), storage=storage,
+                        output=output_rel("curate", key), min_side=min_side, resolved_yaml=cfg.to_yaml(),
+                        progress=progress)
+    progress.finish()
     summary = result.as_dict()
     create_table_artifact(
         key="curate-rejections",
-        table=[{"reason": r, "rows": n} for r, n in sorted(summary["rejected"].items())] + [{"reason": "kept", "rows": result.kept}],
+        table=[{"reason": r, "rows": n} for r, n in sorted(result.rejected.items())] + [{"reason": "kept", "rows": result.kept}],
         description=f"Curation of {cfg.curate.source}: {result.kept} of {result.rows_in} rows kept",
     )
     create_markdown_artifact(
         key="curate-summary",
-        markdown=f"# Curated manifest\n\n`{storage.url(out)}/manifest.parquet`, hash `{result.manifest_hash[:16]}`\n\n"
+        markdown=f"# Curated manifest\n\n`{storage.url(result.manifest)}`, hash `{result.manifest_hash[:16]}`\n\n"
         f"```json\n{json.dumps(summary, indent=1)}\n```\n",
     )
-    return {"output": out, "manifest": f"{out}/manifest.parquet", **summary}
+    return summary

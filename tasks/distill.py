@@ -17,22 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import (
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
 from components.content_hash import file_sha256
 from components.folder_sync import push_folder, work_dir
+from components.progress import Progress, ProgressFn
 from components.storage import Storage
+from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter, output_rel
-from tasks.evaluate import artifact_key
+from tasks.progress import task_progress
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
-PROGRESS_UPDATES = 100  # progress artifact updates per run, at most
 
 
 def accelerate_processes(config_file: str | None) -> int:
@@ -46,8 +43,8 @@ def accelerate_processes(config_file: str | None) -> int:
     return int(load_config_from_file(config_file).num_processes or 1)
 
 
-def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, on_progress: Any) -> None:
-    """Distill under `accelerate launch`; rank 0's progress file drives `on_progress(step)`."""
+def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, progress: ProgressFn) -> None:
+    """Distill under `accelerate launch`; the newest checkpoint's step drives `progress`."""
     folder.mkdir(parents=True, exist_ok=True)
     params_file = folder / "params.launch.yaml"
     params_file.write_text(cfg.to_yaml())
@@ -61,7 +58,8 @@ def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, on_pr
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **threads})
         while proc.poll() is None:
             time.sleep(5)
-            on_progress(_steps_logged(folder))
+            progress(Progress(stage="distill", step=_steps_logged(folder), total=cfg.distill.max_steps,
+                              note="accelerate launch"))
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"accelerate launch exited with {proc.returncode} ({log}):\n{tail}")
@@ -75,40 +73,38 @@ def _steps_logged(folder: Path) -> int:
     return int(latest.name.split("-")[1]) if latest else 0
 
 
-@task(name="distill", cache_key_fn=key_parameter, persist_result=True)
-def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[str, Any]:
-    """Distill the LCM-LoRA of one base into `distill/BASE/KEY/` (contract 4 folder)."""
+def distill_for_task(cfg: Params, base_name: str, folder: Path, progress: ProgressFn) -> None:
+    """The one call of the distill stage from a task: in-process, or under `accelerate launch`.
+
+    A killed earlier attempt left checkpoints in the same keyed folder: the run continues from them.
+    """
+    from components.distill import latest_checkpoint
     from components.distill_run import run_distill
 
-    logger = get_run_logger()
+    resume = "latest" if latest_checkpoint(folder) else None
+    if resume:
+        get_run_logger().info("resuming the distillation of %s from %s", base_name, folder / "checkpoints")
+    if accelerate_processes(cfg.orchestrate.accelerate_config) > 1:
+        _launch(cfg, base_name, folder, resume, progress)
+        return
+
+    def on_step(info: Any) -> None:  # the training loop's per-step report, in the one progress shape
+        progress(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
+
+    run_distill(cfg, base_name, output=folder, resume=resume, on_step=on_step)
+
+
+@task(name="distill", cache_key_fn=key_parameter, persist_result=True)
+def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[str, Any]:
+    """Distill the LCM-LoRA of one base into `stages/distill/BASE/KEY/` (contract 4 folder)."""
     storage = Storage.from_config(cfg.storage)
     out = output_rel("distill", key, base_name)
     folder = work_dir(storage, out)
     cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"latents_index": index_rel})})
-    total = cfg.distill.max_steps
-    every = max(1, total // PROGRESS_UPDATES)
-    progress_id = create_progress_artifact(progress=0.0, key=artifact_key("distill-progress", base_name),
-                                           description=f"LCD-LoRA distillation of {base_name}: {total} steps")
-    losses: list[float] = []
-
-    def on_step(info: Any) -> None:  # called by the training loop after every optimizer step
-        losses.append(float(info.loss))
-        if info.step % every == 0 or info.step == info.max_steps:
-            update_progress_artifact(progress_id, progress=100.0 * info.step / info.max_steps,
-                                     description=f"{base_name}: step {info.step}/{info.max_steps}, loss {info.loss:.5f}")
-
-    # A killed earlier attempt left checkpoints in the same keyed folder: continue from them.
-    from components.distill import latest_checkpoint
-
-    resume = "latest" if latest_checkpoint(folder) else None
-    if resume:
-        logger.info("resuming the distillation of %s from %s", base_name, folder / "checkpoints")
-    if accelerate_processes(cfg.orchestrate.accelerate_config) > 1:
-        _launch(cfg, base_name, folder, resume,
-                lambda step: update_progress_artifact(progress_id, progress=100.0 * step / total))
-    else:
-        run_distill(cfg, base_name, output=folder, resume=resume, on_step=on_step)
-    update_progress_artifact(progress_id, progress=100.0)
+    progress = task_progress("distill", base_name,
+                             f"LCD-LoRA distillation of {base_name}: {cfg.distill.max_steps} steps")
+    distill_for_task(cfg, base_name, folder, progress)
+    progress.finish()
 
     metrics = json.loads((folder / "metrics.json").read_text())["distill"]
     push_folder(storage, folder, out)

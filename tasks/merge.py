@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
+from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
-from tasks.evaluate import artifact_key
 
 
 def style_slug(style_file: str) -> str:
@@ -20,6 +20,19 @@ def style_slug(style_file: str) -> str:
     path = Path(style_file)
     stem = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
     return re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "style"
+
+
+@task(name="style-lora")
+def find_style_lora(cfg: Params, base_name: str) -> str | None:
+    """The style LoRA file of `merge.style_file`, or None (logged) when there is none to merge."""
+    from components.evaluation import project_path
+
+    style = project_path(cfg.merge.style_file)
+    if style.is_file():
+        return str(style)
+    get_run_logger().warning("%s: merge not run: no style LoRA at %s (merge.style_file); "
+                             "train the toy one with `lcmlora toy style-lora`", base_name, style)
+    return None
 
 
 @task(name="merge", cache_key_fn=key_parameter, persist_result=True)
@@ -41,6 +54,8 @@ def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: st
     best = selection["best"]
     best_folder = f"merged-{best['l1']:g}_{best['l2']:g}" if best else None
     best_row = next((r for r in result.doc["rows"] if best and r["label"] == best["label"]), None)
+    if not selection["passed"]:
+        logger.warning("%s: no style variant published: %s", base_name, "; ".join(selection["violations"]))
     return {"output": output_rel, "passed": selection["passed"], "violations": selection["violations"],
             "best": best, "best_folder": best_folder,
             "best_metrics": {k: v for k, v in (best_row or {}).items() if not isinstance(v, (dict, list))},

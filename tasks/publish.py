@@ -8,10 +8,13 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from components.config import BaseConfig, Params, RegistryConfig
+from components.config import BaseConfig, Params
 from components.folder_sync import pull_folder
 from components.lineage import utc_now
+from components.registry import Registry
+from components.stages.publish import run_publish
 from components.storage import Storage
+from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter, storage_retries
 
 
@@ -22,11 +25,6 @@ class GateFailed(RuntimeError):
         listed = "; ".join(violations) or "no violations recorded"
         super().__init__(f"{base_name}: evaluation gate failed, nothing published ({len(violations)} violations: {listed})")
         self.violations = violations
-
-
-def registry_name(cfg: Params, base_name: str) -> str:
-    """`publish.name`, or `<base>-lcm-lora`."""
-    return cfg.publish.name or f"{base_name}-lcm-lora"
 
 
 @task(name="gate")
@@ -55,21 +53,12 @@ def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key:
 
     `gate` and `metrics` default to the folder's metrics.json (the registry refuses a failed gate).
     """
-    from components.registry import Registry
-
     local = pull_folder(Storage.from_config(cfg.storage), folder_rel) / subdir
-    registry = Registry.from_params(cfg)
-    manifest = registry.publish(local, name, alias=cfg.publish.alias, gate=gate, metrics=metrics)
-    alias = cfg.publish.alias
-    published = {
-        "name": name, "version": manifest.version, "alias": alias, "registry": registry.storage.url(),
-        "reference": f"{name}:{manifest.version}",
-        "pull": f"lcmlora registry pull {name}@{alias} --to DIR" + (
-            f" --set registry.root={cfg.registry.root}" if cfg.registry.root != RegistryConfig().root else ""),
-    }
+    published = run_publish(cfg.publish, registry=Registry.from_params(cfg), folder=local, name=name,
+                            registry_root=cfg.registry.root, gate=gate, metrics=metrics)
     create_markdown_artifact(
-        key=f"publish-{name}".replace(".", "-").replace("_", "-"),
-        markdown=f"# Published {name}:{manifest.version}\n\nRegistry `{published['registry']}`, alias "
-        f"`{alias}`, base `{base_name}`.\n\n```bash\n{published['pull']}\n```\n",
+        key=artifact_key("publish", name),
+        markdown=f"# Published {published.reference}\n\nRegistry `{published.registry}`, alias "
+        f"`{published.alias}`, base `{base_name}`.\n\n```bash\n{published.pull}\n```\n",
     )
-    return published
+    return published.as_dict()

@@ -11,15 +11,24 @@ import shutil
 from prefect import task
 
 from components.config import Params
-from components.folder_sync import pull_folder, push_folder
+from components.folder_sync import COMPLETE, is_complete, pull_folder, push_folder, work_dir
 from components.storage import Storage
 from tasks.caching import storage_retries
+
+EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
+NOT_EVALUATED = [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"]  # left out of that copy
 
 
 @task(name="fetch-folder", **storage_retries())
 def fetch_folder(cfg: Params, rel: str) -> str:
     """A local copy of the stored folder `rel` (complete, verified by its marker)."""
     return str(pull_folder(Storage.from_config(cfg.storage), rel))
+
+
+@task(name="work-folder")
+def work_folder(cfg: Params, rel: str) -> str:
+    """The local folder a stage writes before its output is stored at `rel`."""
+    return str(work_dir(Storage.from_config(cfg.storage), rel))
 
 
 @task(name="store-folders", **storage_retries())
@@ -31,8 +40,17 @@ def store_folders(cfg: Params, folders: dict[str, str]) -> list[str]:
     return list(folders.values())
 
 
-@task(name="copy-folder")
-def copy_folder(src: str, dest: str, exclude: list[str]) -> str:
-    """Copy a local folder (names matching `exclude` left out), e.g. the LoRA an evaluation writes into."""
-    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*exclude))
-    return dest
+@task(name="evaluation-copy", **storage_retries())
+def evaluation_copy(cfg: Params, lora_rel: str, evaluation_rel: str) -> str:
+    """The local copy of the LoRA that the evaluation at `evaluation_rel` judges (and writes into).
+
+    The evaluation writes its gate and report into the LoRA folder it judges, so it judges a
+    copy (`EVALUATION/lora/`, the folder publish ships); the distill output stays as
+    distillation wrote it. A complete stored evaluation needs no copy.
+    """
+    storage = Storage.from_config(cfg.storage)
+    local = work_dir(storage, evaluation_rel) / EVALUATED_LORA
+    if not is_complete(storage, evaluation_rel):
+        shutil.copytree(pull_folder(storage, lora_rel), local, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(*NOT_EVALUATED))
+    return str(local)

@@ -261,3 +261,21 @@ def s3_bucket(s3_env: S3Server) -> str:
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop Prefect's temporary API servers while pytest's output streams are still open.
+
+    A flow run without a configured API starts a `SubprocessASGIServer` that stops itself
+    through `atexit`, and logs "Stopping temporary server" as it does. At interpreter exit
+    pytest has already closed the captured stream Prefect's console handler writes to, so
+    that line ended every test run as a "Logging error ... I/O operation on closed file"
+    traceback. Stopped here, the server is gone before then (its atexit call does nothing).
+    """
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        server.stop()

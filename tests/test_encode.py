@@ -26,15 +26,14 @@ from components.config import CurateConfig, parse_params
 from components.curate import curate
 from components.encode import (
     EncodeError,
-    ResolutionMismatch,
     encode_dataset,
-    encode_from_params,
     pipeline_text_embedder,
-    read_index,
     resize_and_crop,
     text_encoder_fingerprint,
     to_model_input,
 )
+from components.shards import ResolutionMismatch, read_index
+from components.stages.encode import encode_for_base
 from components.storage import Storage
 from components.toy.source import write_toy_source
 
@@ -157,7 +156,7 @@ from components.storage import Storage
 vae = tiny_vae()
 encode_dataset(Storage({root!r}), "curated/manifest.parquet", Storage({source!r}), vae, module_fingerprint(vae),
                resolution={res}, output="latents-kill", batch_size=8, shard_size=9,
-               progress=lambda n, total: time.sleep(0.4))
+               progress=lambda _p: time.sleep(0.4))
 """
 
 
@@ -216,13 +215,14 @@ def test_bases_sharing_a_vae_share_shards(world, tmp_path):
     shutil.copytree(tmp_path / "a" / "vae", tmp_path / "b" / "vae")  # a fine-tune with the same VAE
     tiny_vae(seed=1).save_pretrained(tmp_path / "c" / "vae")  # another VAE
     params = _params(world, root, {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"})
-    first, pointer_a = encode_from_params(params, "a")
-    second, pointer_b = encode_from_params(params, "b")
-    third, _ = encode_from_params(params, "c")
-    assert not first.reused and second.reused and second.index_rel == first.index_rel
-    assert not third.reused and third.index_rel != first.index_rel
-    stored = json.loads((root / "encoded" / "b.json").read_text())
-    assert stored["index"] == pointer_b["index"] == pointer_a["index"] and stored["count"] == CLEAN
+    first = encode_for_base(params, "a")
+    second = encode_for_base(params, "b")
+    third = encode_for_base(params, "c")
+    assert not first.reused and second.reused and second.index == first.index
+    assert not third.reused and third.index != first.index
+    stored = json.loads((root / second.pointer).read_text())
+    assert second.pointer == "encoded/b.json"
+    assert stored["index"] == second.index == first.index and stored["count"] == CLEAN
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
@@ -309,10 +309,10 @@ def test_cli_path_with_text_embeddings_loads_the_whole_base(world, tmp_path):
         "encode": {"batch_size": 8, "shard_size": 64, "text_embeddings": True},
         "bases": {"tiny": {"reference": str(tmp_path / "base"), "family": "sd15", "resolution": RES}},
     })
-    result, pointer = encode_from_params(params, "tiny")
-    assert pointer["text_encoder_fingerprint"] and result.index_rel.split("/")[-2].endswith(
-        f"-te{pointer['text_encoder_fingerprint']}")
-    sample = _samples(Storage(str(root)), result.index_rel)[world["clean"][0]]
+    result = encode_for_base(params, "tiny")
+    assert result.text_encoder_fingerprint and result.index.split("/")[-2].endswith(
+        f"-te{result.text_encoder_fingerprint}")
+    sample = _samples(Storage(str(root)), result.index)[world["clean"][0]]
     assert np.load(io.BytesIO(sample["emb.npy"])).dtype == np.float16
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.evaluate import artifact_key, publish_report_artifacts
+from tasks.artifacts import artifact_key
+from tasks.evaluate import publish_report_artifacts
 from tests.test_report import synthetic_doc
 
 
@@ -25,7 +26,7 @@ def test_report_artifacts_are_published_in_a_flow_run():
     def publish() -> None:
         publish_report_artifacts(doc, "# LCM-LoRA evaluation: toy\n", "toy")
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # a loaded 2-core machine needs more than 30 s
         publish()
         with get_client(sync_client=True) as client:
             found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(

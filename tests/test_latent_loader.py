@@ -17,7 +17,8 @@ from PIL import Image
 
 from components.base_model import fingerprints_of, module_fingerprint
 from components.encode import encode_dataset, pipeline_text_embedder, text_encoder_fingerprint
-from components.latent_loader import index_shards, make_loader
+from components.latent_loader import make_loader
+from components.shards import index_shards
 from components.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]

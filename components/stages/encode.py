@@ -1,0 +1,114 @@
+"""The encode stage: curated manifest -> latent shards for one base's VAE (contract 3).
+
+    output = run_encode(params.encode, base_name="toy", base=params.bases["toy"], storage=storage,
+                        manifest_rel="stages/curate/KEY/manifest.parquet", source=source)
+
+The VAE (and, with `encode.text_embeddings`, the text encoders) run in `encode.dtype` on
+`encode.device` with `encode.workers` decode threads. Shards are keyed by the base's module
+fingerprints, which are always those of the float32 weights (contract 1), so the distill
+stage finds the shards whatever dtype encoded them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from components.config import BaseConfig, EncodeConfig, Params
+from components.encode import (
+    DTYPES,
+    encode_dataset,
+    pipeline_text_embedder,
+    text_encoder_fingerprint,
+)
+from components.progress import ProgressFn
+from components.storage import Storage
+
+
+@dataclass(frozen=True)
+class EncodeOutput:
+    """Where the shard index is and what this run did."""
+
+    index: str  # index.json, relative to the storage root
+    index_hash: str  # sha256 of index.json ("" on ranks other than 0)
+    pointer: str  # <encode.pointers>/<base>.json: the fixed-path pointer to the index ("" off rank 0)
+    samples: int
+    shards: int
+    encoded_shards: int  # encoded by this process in this run
+    rejected: int  # samples encoding rejected (appended to rejected.parquet)
+    reused: bool  # the index already existed (same VAE, resolution, manifest): nothing was encoded
+    vae_fingerprint: str
+    text_encoder_fingerprint: str | None
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON-able summary (what tasks return and artifacts show)."""
+        return {"index": self.index, "index_hash": self.index_hash, "pointer": self.pointer,
+                "samples": self.samples, "shards": self.shards, "encoded_shards": self.encoded_shards,
+                "rejected": self.rejected, "reused": self.reused, "vae_fingerprint": self.vae_fingerprint,
+                "text_encoder_fingerprint": self.text_encoder_fingerprint, "seconds": round(self.seconds, 1)}
+
+
+def _models(cfg: EncodeConfig, base: BaseConfig, fingerprints: dict[str, str] | None):
+    """VAE, its fingerprint, the text embedder and its fingerprint (None without text embeddings)."""
+    from components.base_model import load_base, load_vae
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.text_embeddings:
+        loaded = load_base(base.reference, base.family)  # float32: the fingerprints of contract 1
+        fingerprints = fingerprints or dict(loaded.fingerprints)
+        loaded.pipe.to(device=cfg.device, dtype=dtype)
+        embedder = pipeline_text_embedder(loaded.pipe, loaded.family, cfg.device)
+        return loaded.pipe.vae, fingerprints["vae"], embedder, text_encoder_fingerprint(fingerprints)
+    vae, vae_fp = load_vae(base.reference)
+    return vae.to(cfg.device, dtype), (fingerprints or {}).get("vae", vae_fp), None, None
+
+
+def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: Storage, manifest_rel: str,
+               source: Storage, fingerprints: dict[str, str] | None = None, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
+    """Encode the manifest for `base`'s VAE; rank 0 writes the index and `<encode.pointers>/<base>.json`.
+
+    `fingerprints` (from `load_base(...).fingerprints`) saves fingerprinting the VAE again.
+    """
+    # 1. The models, in the configured dtype and device.
+    vae, vae_fp, embedder, te_fp = _models(cfg, base, fingerprints)
+
+    # 2. The shards (resumable, shared by every base with this VAE).
+    result = encode_dataset(
+        storage, manifest_rel, source, vae, vae_fp, resolution=base.resolution, output=cfg.output,
+        batch_size=cfg.batch_size, shard_size=cfg.shard_size, device=cfg.device, dtype=cfg.dtype,
+        workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier, text_embedder=embedder,
+        text_encoder_fingerprint=te_fp, progress=progress)
+    if rank != 0:
+        return EncodeOutput(result.index_rel, "", "", result.samples, result.shards, result.encoded_shards,
+                            len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
+
+    # 3. The fixed-path pointer to this base's index (what DVC tracks), rewritten only when it changes.
+    pointer = {"base": base_name, "index": result.index_rel, "vae_fingerprint": vae_fp,
+               "resolution": base.resolution, "text_encoder_fingerprint": te_fp, "count": result.samples,
+               "shards": result.shards,
+               "params": {"base": base.model_dump(mode="json"), "encode": cfg.model_dump(mode="json")}}
+    text = json.dumps(pointer, indent=1, sort_keys=True) + "\n"
+    pointer_rel = f"{cfg.pointers.strip('/')}/{base_name}.json"
+    if not storage.exists(pointer_rel) or storage.read_text(pointer_rel) != text:
+        storage.write_text(pointer_rel, text)
+    index_hash = hashlib.sha256(storage.read_bytes(result.index_rel)).hexdigest()
+    return EncodeOutput(result.index_rel, index_hash, pointer_rel, result.samples, result.shards,
+                        result.encoded_shards, len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
+
+
+def encode_for_base(params: Params, base_name: str, *, rank: int = 0, world_size: int = 1,
+                    barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
+    """The stage for one base of params, from the manifest at `curate.output`: the CLI's inputs."""
+    from components.base_model import resolve_base
+    from components.stages.curate import manifest_rel, source_storage
+
+    name, base = resolve_base(params, base_name)
+    return run_encode(params.encode, base_name=name, base=base, storage=Storage.from_config(params.storage),
+                      manifest_rel=manifest_rel(params.curate.output),
+                      source=source_storage(params.curate.source, params.storage), rank=rank,
+                      world_size=world_size, barrier=barrier, progress=progress)

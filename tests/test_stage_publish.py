@@ -1,0 +1,28 @@
+"""The publish runner: a gated folder becomes a version, the alias moves, the pull command is right."""
+
+from __future__ import annotations
+
+from components.config import PublishConfig
+from components.registry import Registry
+from components.stages.publish import pull_command, registry_name, run_publish
+from components.storage import Storage
+from tests.test_registry import make_lora_folder
+
+
+def test_run_publish_creates_a_version_and_moves_the_alias(tmp_path):
+    registry = Registry(Storage(str(tmp_path / "reg")), cache_dir=tmp_path / "cache")
+    folder = make_lora_folder(tmp_path / "lora")
+    cfg = PublishConfig(alias="candidate")
+    first = run_publish(cfg, registry=registry, folder=folder, name="toy-lcm-lora", registry_root=str(tmp_path / "reg"))
+    second = run_publish(cfg, registry=registry, folder=folder, name="toy-lcm-lora", registry_root="registry")
+    assert (first.version, second.version) == ("1", "2") or int(second.version) == int(first.version) + 1
+    assert second.reference == f"toy-lcm-lora:{second.version}"
+    assert registry.aliases("toy-lcm-lora")["candidate"] == second.version
+    assert first.pull.endswith(f"--set registry.root={tmp_path / 'reg'}")
+    assert second.pull == "lcmlora registry pull toy-lcm-lora@candidate --to DIR"
+
+
+def test_names_and_pull_commands():
+    assert registry_name(PublishConfig(), "toy") == "toy-lcm-lora"
+    assert registry_name(PublishConfig(name="mine"), "toy") == "mine"
+    assert pull_command("n", "prod", "s3://b/r") == "lcmlora registry pull n@prod --to DIR --set registry.root=s3://b/r"
