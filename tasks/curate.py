@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -12,6 +11,7 @@ from prefect.logging import get_run_logger
 
 from components.config import Params
 from components.content_hash import tree_digest
+from components.plugins import load_plugin
 from components.stages.curate import run_curate, source_storage
 from components.storage import Storage
 from tasks.caching import key_parameter, output_rel, storage_retries
@@ -20,19 +20,17 @@ from tasks.progress import task_progress
 
 @task(name="toy-source")
 def ensure_toy_source(cfg: Params) -> str | None:
-    """Write the toy source when `curate.source` is the toy folder and it is empty; say what happened."""
-    logger = get_run_logger()
-    toy_dir = Path(cfg.toy.source_dir)
-    if Path(cfg.curate.source).resolve() != toy_dir.resolve():
-        return None
-    if any(toy_dir.glob("*.parquet")):
-        logger.info("toy source present at %s", toy_dir)
-        return None
-    from components.toy.source import write_toy_source
+    """Write the toy source when `curate.source` is the toy folder and it is empty; say what happened.
 
-    summary = write_toy_source(toy_dir, seed=cfg.toy.seed)
-    logger.info("wrote the toy source: %s rows in %s shards at %s", summary["rows"], len(summary["shards"]), toy_dir)
-    return str(toy_dir)
+    The toy world plugs in through the `lcmlora.sources` entry point: production never imports it.
+    """
+    writer = load_plugin("lcmlora.sources", "toy", "orchestrate.toy_source_if_missing")
+    summary = writer(cfg)
+    if summary is None:
+        return None
+    get_run_logger().info("wrote the toy source: %s rows in %s shards at %s", summary["rows"],
+                          len(summary["shards"]), summary["output"])
+    return summary["output"]
 
 
 @task(name="fingerprint-source", **storage_retries())

@@ -11,6 +11,7 @@ from prefect.logging import get_run_logger
 
 from components.config import Params
 from tasks.artifacts import artifact_key
+from tasks.progress import task_progress
 
 
 def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str) -> None:
@@ -29,14 +30,18 @@ def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str)
 def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str | None = None) -> dict[str, Any]:
     """Evaluate one LoRA folder against its base; metrics.json and report land in `output` and the
     LoRA folder. Returns the gate, so the calling flow can stop before publishing a failed LoRA."""
-    from components.evaluation import run_evaluation
+    from components.base_model import resolve_base
+    from components.stages.evaluate import default_output, run_evaluate
 
     logger = get_run_logger()
-    evaluation, paths = run_evaluation(cfg, base_name, lora_folder, output, callback=logger.info)
-    publish_report_artifacts(evaluation.doc, Path(paths["report.md"]).read_text(), base_name)
-    gate = evaluation.doc["gate"]
-    for violation in gate["violations"]:
+    name, base = resolve_base(cfg, base_name)
+    progress = task_progress("evaluate", name, f"evaluation of {name}")
+    out = run_evaluate(cfg.evaluate, base_name=name, base=base, lora_folder=Path(lora_folder),
+                       output=Path(output) if output else default_output(cfg.evaluate, name), progress=progress)
+    progress.finish()
+    publish_report_artifacts(out.doc, Path(out.paths["report.md"]).read_text(), name)
+    for violation in out.violations:
         logger.warning("gate violation: %s", violation)
-    return {"passed": gate["passed"], "violations": list(gate["violations"]), "metrics": str(paths["metrics.json"]),
-            "report": str(paths["report.html"]), "output": str(Path(paths["metrics.json"]).parent),
+    return {"passed": out.passed, "violations": list(out.violations), "metrics": str(out.paths["metrics.json"]),
+            "report": str(out.paths["report.html"]), "output": str(Path(out.paths["metrics.json"]).parent),
             "lora": str(lora_folder)}

@@ -11,22 +11,23 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
+from components.lora_formats import LORA_WEIGHT_NAME
+from components.paths import project_path
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
+from tasks.progress import task_progress
 
 
 def style_slug(style_file: str) -> str:
     """A registry-safe name for a style LoRA: its folder name (or file stem), lowercase."""
     path = Path(style_file)
-    stem = path.parent.name if path.name == "pytorch_lora_weights.safetensors" else path.stem
+    stem = path.parent.name if path.name == LORA_WEIGHT_NAME else path.stem
     return re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "style"
 
 
 @task(name="style-lora")
 def find_style_lora(cfg: Params, base_name: str) -> str | None:
     """The style LoRA file of `merge.style_file`, or None (logged) when there is none to merge."""
-    from components.evaluation import project_path
-
     style = project_path(cfg.merge.style_file)
     if style.is_file():
         return str(style)
@@ -39,10 +40,21 @@ def find_style_lora(cfg: Params, base_name: str) -> str | None:
 def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: str, output: str, output_rel: str,
                    key: str) -> dict[str, Any]:
     """Runtime-adapter, exact merged, fused (and SVD) variants, evaluated; the best by the rule in params."""
-    from components.merge_eval import run_merge
+    from components.base_model import resolve_base
+    from components.judges import load_judges
+    from components.stages.evaluate import prompts_for
+    from components.stages.merge import run_merge
 
     logger = get_run_logger()
-    result, paths = run_merge(cfg, base_name, lora_folder, style_file, output, say=logger.info)
+    name, base = resolve_base(cfg, base_name)
+    judges = load_judges(cfg.evaluate, base, name)
+    progress = task_progress("merge", name, f"style merge variants of {name}")
+    result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base, lcm_folder=Path(lora_folder),
+                       style_file=Path(style_file), output=Path(output), judges=judges,
+                       prompts=prompts_for(cfg.evaluate, judges, name, base), resolved_yaml=cfg.to_yaml(),
+                       params_digest=cfg.digest(), progress=progress)
+    progress.finish()
+    paths = result.paths
     selection = result.doc["selection"]
     create_markdown_artifact(key=artifact_key("merge-report", base_name), markdown=Path(paths["report.md"]).read_text(),
                              description=f"style merge variants for {base_name}: "

@@ -32,6 +32,15 @@ def default_output(cfg: EvaluateConfig, base_name: str) -> Path:
     return Path(cfg.output) / base_name
 
 
+def prompts_for(cfg: EvaluateConfig, judges: Judges, base_name: str, base: BaseConfig) -> list[str]:
+    """The evaluation prompts: `evaluate.prompts`, else the prompt file the base's judges name."""
+    prompt_file = cfg.prompts or judges.default_prompts
+    if not prompt_file:
+        raise ConfigError(f"evaluate.prompts is not set and the judges of bases.{base_name} "
+                          f"({base.judges}) name no prompt file; set evaluate.prompts=/path/to/prompts.txt")
+    return load_prompts(prompt_file)
+
+
 def run_evaluate(cfg: EvaluateConfig, *, base_name: str, base: BaseConfig, lora_folder: Path, output: Path,
                  judges: Judges | None = None, progress: ProgressFn | None = None) -> EvaluateOutput:
     """Evaluate the LoRA in `lora_folder` on `base`; judges default to the base's provider."""
@@ -43,11 +52,7 @@ def run_evaluate(cfg: EvaluateConfig, *, base_name: str, base: BaseConfig, lora_
                                 "`lcmlora distill`")
     # 1. Judges and prompts first: a missing backbone fails before any sampling.
     judges = judges if judges is not None else load_judges(cfg, base, base_name)
-    prompt_file = cfg.prompts or judges.default_prompts
-    if not prompt_file:
-        raise ConfigError(f"evaluate.prompts is not set and the judges of bases.{base_name} "
-                          f"({base.judges}) name no prompt file; set evaluate.prompts=/path/to/prompts.txt")
-    prompts = load_prompts(prompt_file)
+    prompts = prompts_for(cfg, judges, base_name, base)
     # 2. The base, once; the teacher is the same weights with the LoRA disabled.
     loaded = load_base(str(project_path(base.reference)), family=base.family)
     pipe = loaded.pipe.to(cfg.device)

@@ -138,14 +138,15 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
     # 3. Encode.
     t0 = time.perf_counter()
     manifest_rel = f"{params.curate.output.strip('/')}/manifest.parquet"
-    encoded = run_encode(params.encode, TOY_BASE, base, storage, manifest_rel, source, progress=progress)
+    encoded = run_encode(params.encode, base_name=TOY_BASE, base=base, storage=storage, manifest_rel=manifest_rel,
+                         source=source, progress=progress)
     seconds["encode"] = time.perf_counter() - t0
     done(2, "encode", f"{encoded.samples} latents")
     # 4. Distill.
     t0 = time.perf_counter()
     lora_folder = output / "lora"
     distilled = run_distill(params.distill, base_name=TOY_BASE, base=base, storage=storage,
-                            latents_index=encoded.index_rel, output=lora_folder, resolved_yaml=resolved_yaml,
+                            latents_index=encoded.index, output=lora_folder, resolved_yaml=resolved_yaml,
                             params_digest=params.digest(), progress=progress)
     seconds["distill"] = time.perf_counter() - t0
     done(3, "distill", f"{distilled.result.steps} steps -> {lora_folder}")
