@@ -33,11 +33,24 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from components import lcd  # noqa: E402
-from components.config import DistillConfig  # noqa: E402
-from components.distill import (Conditioning, LCDSettings, TextConditioner, TrainOptions, consistency_target,  # noqa: E402
-                                draw_lcd_sample, student_prediction, teacher_solver_step, train_lcd_lora)
-from components.lora import adapters_disabled, add_lora, lora_config, lora_parameters, trainable_parameters  # noqa: E402
+from components import lcd
+from components.conditioning import TextConditioner
+from components.config import DistillConfig
+from components.lcd import (
+    LCDSettings,
+    consistency_target,
+    draw_lcd_sample,
+    student_prediction,
+    teacher_solver_step,
+)
+from components.lora import (
+    adapters_disabled,
+    add_lora,
+    lora_config,
+    lora_parameters,
+    trainable_parameters,
+)
+from components.trainer import TrainOptions, train_lcd_lora
 
 
 def sync(device: torch.device) -> None:

@@ -1,20 +1,32 @@
-"""Latent Consistency Distillation math (LCM-LoRA report, arXiv 2311.05556, Algorithm 1).
+"""Latent Consistency Distillation (LCM-LoRA report, arXiv 2311.05556, Algorithm 1), whole.
 
-Small pure functions, each named after the paper's quantity. Shapes: B batch, C latent
+First the primitives, small pure functions each named after the paper's quantity; then the
+composed step (`lcd_loss`), numbered by Algorithm 1's lines. Shapes: B batch, C latent
 channels, h x w latent size, T training timesteps (1000), N solver timesteps (50).
 
 Timesteps are the teacher's discrete DDPM timesteps 0..T-1. The DDIM solver Psi runs on the
 N "trailing" timesteps t_n = (n + 1) k - 1 (k = T / N), so one solver step goes from t_n
 to t_{n-1} = t_n - k (and from t_0 = k - 1 to timestep 0). Guidance follows the LCM form:
 with w = (CFG scale - 1), guided = cond + w (cond - uncond) (Algorithm 1, line 5).
+
+One UNet serves three roles: the student f_theta (LoRA on), the target f_theta- (the same
+LoRA student under no_grad: LoRA LCD keeps no EMA network, so line 8's EMA is the identity),
+and the teacher (adapters disabled: the frozen base).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from components.conditioning import Conditioning
+from components.lora import adapters_disabled
+
+# --- primitives ---------------------------------------------------------------------------
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -178,3 +190,110 @@ def guidance_scale_embedding(w: Tensor, embedding_dim: int = 512) -> Tensor:
     args = (w.float() * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if embedding_dim % 2 else emb
+
+
+# --- the composed step (Algorithm 1, lines 3-6) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class LCDSettings:
+    """Everything the step needs besides the networks, resolved from DistillConfig and BaseConfig."""
+
+    family: str  # sd15 | sdxl
+    prediction_type: str  # epsilon | v_prediction (from the base's scheduler unless params say)
+    scaling_factor: float  # VAE latent scaling (latents in shards are unscaled)
+    guidance_min: float  # CFG scale (w + 1); equal bounds: fixed guidance
+    guidance_max: float
+    num_train_timesteps: int = 1000
+    num_ddim_timesteps: int = 50
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    loss_type: str = "huber"
+    huber_c: float = 0.001
+
+    @property
+    def skip(self) -> int:
+        """k = T / N, the skipping interval of the DDIM solver."""
+        return self.num_train_timesteps // self.num_ddim_timesteps
+
+
+@dataclass
+class LCDSample:
+    """The random draws of one step: solver index n, noise, guidance w, and the two timesteps."""
+
+    t_start: Tensor  # t_{n+k} [B] (student timestep)
+    t_prev: Tensor  # t_n [B] (one solver step earlier; target timestep)
+    noise: Tensor  # [B, C, h, w]
+    w: Tensor  # [B] guidance in LCM form (CFG scale - 1)
+
+
+def draw_lcd_sample(latents: Tensor, s: LCDSettings, solver_timesteps: Tensor,
+                    generator: torch.Generator) -> LCDSample:
+    """n ~ U{0..N-1}, noise, omega ~ [w_min, w_max] (Algorithm 1, line 3), drawn in this order on the CPU generator."""
+    b = latents.shape[0]
+    index = torch.randint(0, len(solver_timesteps), (b,), generator=generator)
+    t_start = solver_timesteps[index]
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    w = sample_guidance_w(b, s.guidance_min, s.guidance_max, generator)
+    dev = latents.device
+    return LCDSample(t_start.to(dev), previous_solver_timestep(t_start, s.skip).to(dev),
+                     noise.to(dev, latents.dtype), w.to(dev))
+
+
+def teacher_solver_step(unet: Any, z_start: Tensor, d: LCDSample, cond: Conditioning, uncond: Conditioning,
+                        s: LCDSettings, alpha_bar: Tensor) -> Tensor:
+    """z_hat_{t_n} = Psi with guidance (Algorithm 1, line 5); z_start [B, C, h, w] -> [B, C, h, w].
+
+    cond and uncond teacher passes run as one batched forward. `unet` is the unwrapped LoRA
+    UNet; adapters are disabled here, so it is the frozen base.
+    """
+    with torch.no_grad(), adapters_disabled(unet):
+        both = cond.cat(uncond)
+        z_in = torch.cat([z_start, z_start]).to(both.embeds.dtype)
+        out = unet(z_in, torch.cat([d.t_start, d.t_start]), **both.unet_kwargs()).sample
+    out = out.float()
+    z2, t2 = torch.cat([z_start, z_start]).float(), torch.cat([d.t_start, d.t_start])
+    x0_c, x0_u = predicted_x0(out, z2, t2, alpha_bar, s.prediction_type).chunk(2)
+    eps_c, eps_u = predicted_epsilon(out, z2, t2, alpha_bar, s.prediction_type).chunk(2)
+    x0 = guided(x0_c, x0_u, d.w)
+    eps = guided(eps_c, eps_u, d.w)
+    return ddim_step(x0, eps, d.t_prev, alpha_bar)
+
+
+def consistency_target(unet: Any, z_prev: Tensor, d: LCDSample, cond: Conditioning, s: LCDSettings,
+                       alpha_bar: Tensor) -> Tensor:
+    """f_theta-(z_hat_{t_n}, t_n) (Algorithm 1, line 6, right): the LoRA student under no_grad; [B, C, h, w]."""
+    with torch.no_grad():
+        out = unet(z_prev.to(cond.embeds.dtype), d.t_prev, **cond.unet_kwargs()).sample.float()
+    x0 = predicted_x0(out, z_prev, d.t_prev, alpha_bar, s.prediction_type)
+    c_skip, c_out = scalings_for_boundary_conditions(d.t_prev, s.sigma_data, s.timestep_scaling)
+    return consistency_function(z_prev, x0, c_skip.to(z_prev.device), c_out.to(z_prev.device))
+
+
+def student_prediction(unet: Any, z_start: Tensor, d: LCDSample, cond: Conditioning, s: LCDSettings,
+                       alpha_bar: Tensor) -> Tensor:
+    """f_theta(z_{t_{n+k}}, t_{n+k}) (Algorithm 1, line 6, left), gradients into the LoRA; [B, C, h, w]."""
+    out = unet(z_start.to(cond.embeds.dtype), d.t_start, **cond.unet_kwargs()).sample.float()
+    x0 = predicted_x0(out, z_start, d.t_start, alpha_bar, s.prediction_type)
+    c_skip, c_out = scalings_for_boundary_conditions(d.t_start, s.sigma_data, s.timestep_scaling)
+    return consistency_function(z_start, x0, c_skip.to(z_start.device), c_out.to(z_start.device))
+
+
+def lcd_loss(student: Any, unet: Any, latents: Tensor, cond: Conditioning, uncond: Conditioning, s: LCDSettings,
+             alpha_bar: Tensor, solver_timesteps: Tensor, generator: torch.Generator) -> Tensor:
+    """L(theta, theta-; Psi) of Algorithm 1 for one batch of scaled latents [B, C, h, w]; scalar.
+
+    `student` is the (possibly DDP-wrapped) UNet used for the gradient pass; `unet` the same
+    module unwrapped, used for the no-grad teacher and target passes.
+    """
+    # 1. Draws: n, noise, w; forward process to z_{t_{n+k}} (lines 3-4).
+    d = draw_lcd_sample(latents, s, solver_timesteps, generator)
+    z_start = add_noise(latents, d.noise, d.t_start, alpha_bar)
+    # 2. Teacher: one guided DDIM step back to t_n (line 5), no gradients, adapters off.
+    z_prev = teacher_solver_step(unet, z_start, d, cond, uncond, s, alpha_bar)
+    # 3. Target from the same LoRA student under no_grad (line 6, right; no EMA for LoRA).
+    target = consistency_target(unet, z_prev, d, cond, s, alpha_bar)
+    # 4. Student with gradients last, so no activations are held during the no-grad passes (line 6, left).
+    pred = student_prediction(student, z_start, d, cond, s, alpha_bar)
+    # 5. The distance d(f_theta, f_theta-) (line 6); the trainer takes the gradient step (line 7).
+    return lcd_distance(pred, target, s.loss_type, s.huber_c)

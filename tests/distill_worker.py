@@ -15,11 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.distill import TextConditioner, TrainOptions, train_lcd_lora  # noqa: E402
-from components.lcd import schedule_from_scheduler_config  # noqa: E402
-from components.lora import add_lora, lora_config  # noqa: E402
-from tests.test_distill import SETTINGS_SD15, TARGETS, memory_batches  # noqa: E402
-from tests.tiny_models import tiny_pipeline  # noqa: E402
+from components.conditioning import TextConditioner
+from components.lcd import schedule_from_scheduler_config
+from components.lora import add_lora, lora_config
+from components.trainer import TrainOptions, train_lcd_lora
+from tests.test_trainer import SETTINGS_SD15, TARGETS, memory_batches
+from tests.tiny_models import tiny_pipeline
 
 
 def main(out: Path) -> None:

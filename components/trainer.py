@@ -1,0 +1,320 @@
+"""The accelerate training loop of LCD with LoRA: steps, checkpoints, resume, NaN stop, progress.
+
+Algorithm 1's step itself is `components.lcd.lcd_loss`; this loop draws its batches, takes the
+gradient step (line 7), saves accelerate checkpoints into `run_dir/checkpoints` and reports
+every optimizer step through one callback, `progress(Progress(stage="distill", ...))`, on rank 0
+only. Checkpoint notices go through the same callback with `note="checkpoint-STEP"`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from components.conditioning import TextConditioner
+from components.lcd import LCDSettings, ddim_solver_timesteps, lcd_loss
+from components.lora import lora_parameters, unet_lora_state_dict
+from components.progress import Progress, ProgressFn
+
+STAGE = "distill"  # the stage name in every Progress report of the loop
+CHECKPOINT_DIR = "checkpoints"
+_TRAINER_STATE = "trainer_state_rank{rank}.json"
+_LORA_CHECKPOINT = "lora.safetensors"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The LCD loss became NaN or inf; the weights were not updated and no checkpoint was written."""
+
+
+@dataclass
+class TrainResult:
+    """What one invocation of `train_lcd_lora` returns (every rank; the LoRA is the same on all)."""
+
+    steps: int  # optimizer steps done in total (including before a resume)
+    history: list[tuple[int, float]]  # (step, loss) for every step of the run, resumed part included
+    lora_state_dict: dict[str, Tensor]  # peft keys, fp32 CPU
+    seconds: float  # wall time of this invocation
+    resumed_from: str | None
+    world_size: int
+    is_main_process: bool
+    mixed_precision: str
+    device: str
+    samples_per_second: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Loop settings (from DistillConfig)."""
+
+    max_steps: int
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0
+    checkpoints_keep: int = 2
+    seed: int = 0
+    cpu: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrainOptions:
+        """The loop settings of a DistillConfig (fields of the same names)."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
+def _endless(batches: Callable[[], Iterable[dict]]) -> Iterator[dict]:
+    """Batches forever: a finite loader is restarted (next epoch) when exhausted."""
+    while True:
+        empty = True
+        for batch in batches():
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the latent loader yielded no batch; check the shard index and distill.batch_size")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (trainer state written last) of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    done = [p for p in root.glob("checkpoint-*") if (p / _TRAINER_STATE.format(rank=0)).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+class _TrainerState:
+    """Step, CPU generator state and loss history: what accelerate's save_state does not keep."""
+
+    def __init__(self, seed: int, rank: int):
+        self.step = 0
+        self.history: list[tuple[int, float]] = []
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+
+    def save(self, folder: Path, rank: int) -> None:
+        state = {"step": self.step, "history": self.history, "generator": self.generator.get_state().numpy().tobytes().hex()}
+        tmp = folder / (_TRAINER_STATE.format(rank=rank) + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(folder / _TRAINER_STATE.format(rank=rank))
+
+    def load(self, folder: Path, rank: int) -> None:
+        path = folder / _TRAINER_STATE.format(rank=rank)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: checkpoint has no trainer state for rank {rank}; "
+                                    "resume with the same number of processes it was written with")
+        state = json.loads(path.read_text())
+        self.step, self.history = int(state["step"]), [tuple(x) for x in state["history"]]
+        self.generator.set_state(torch.frombuffer(bytearray(bytes.fromhex(state["generator"])), dtype=torch.uint8))
+
+
+def _make_accelerator(opts: TrainOptions, run_dir: Path) -> Any:
+    """A fresh Accelerator for one run (mixed precision, CPU or not, checkpoints under run_dir)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    # One process may train several times (nightly over bases, tests) with different mixed
+    # precision; accelerate keeps that setting process-wide, so start each run from a fresh
+    # AcceleratorState. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+    # Without a GPU, say cpu=True so that N processes from `accelerate launch`/torchrun form a gloo group.
+    cpu = opts.cpu or not torch.cuda.is_available()
+    return Accelerator(mixed_precision=opts.mixed_precision, cpu=cpu,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir)))
+
+
+def _register_lora_checkpoint_hooks(accelerator: Any, unet: Any) -> None:
+    """accelerate checkpoints hold the LoRA weights only, never the frozen base (GBs for SDXL)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+            save_file(state, str(Path(output_dir) / _LORA_CHECKPOINT))
+        while weights:
+            weights.pop()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            models.pop()
+        result = set_peft_model_state_dict(unet, load_file(str(Path(input_dir) / _LORA_CHECKPOINT)))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{input_dir}: checkpoint LoRA keys do not fit this UNet: {unexpected[:3]}...")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def train_lcd_lora(
+    unet: Any,
+    conditioner: TextConditioner,
+    batches: Callable[[int, int], Iterable[dict]],
+    settings: LCDSettings,
+    alpha_bar: Tensor,
+    opts: TrainOptions,
+    run_dir: str | Path,
+    *,
+    resume: str | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Algorithm 1 with LoRA under accelerate until `opts.max_steps`; the UNet must carry the LoRA adapter.
+
+    `batches(rank, world_size)` returns a fresh iterable of this process's dict batches (the
+    contract 3 loader format, e.g. `latent_loader.make_loader`); on resume the
+    batches already consumed are skipped, so a resumed run sees the same data as an
+    uninterrupted one. `resume`: None, "latest", or a checkpoint folder.
+
+    `progress` (rank 0 only) gets `Progress(stage="distill", step, total=max_steps, metrics=
+    {"loss", "lr", "grad_norm", "samples_per_s", "step_seconds"})` after every optimizer step, and
+    `Progress(..., note="checkpoint-STEP")` after every checkpoint is complete.
+    """
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    # 1. Accelerator, dtypes, memory savers.
+    accelerator = _make_accelerator(opts, run_dir)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    unet.to(device)
+    if weight_dtype != torch.float32:
+        unet.to(dtype=weight_dtype)  # frozen base in half precision; LoRA recast to fp32 below
+    for p in lora_parameters(unet):  # trainable LoRA stays fp32 under autocast
+        p.data = p.data.float()
+    conditioner.to(device)
+    for enc in conditioner.text_encoders:
+        if weight_dtype != torch.float32:
+            enc.to(dtype=weight_dtype)
+    if opts.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    alpha_bar = alpha_bar.to(device)
+    solver_timesteps = ddim_solver_timesteps(settings.num_train_timesteps, settings.num_ddim_timesteps)
+
+    # 2. Optimizer over the LoRA parameters only; warm-up then constant learning rate.
+    params = lora_parameters(unet)
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(opts.adam_beta1, opts.adam_beta2),
+                                  weight_decay=opts.weight_decay, eps=opts.adam_eps)
+    warmup = max(0, opts.lr_warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    student, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    _register_lora_checkpoint_hooks(accelerator, unet)
+
+    # 3. Resume: LoRA, optimizer, scheduler, RNG states, generator, history; skip consumed batches.
+    state = _TrainerState(opts.seed, accelerator.process_index)
+    resumed_from = None
+    if resume:
+        ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / CHECKPOINT_DIR}; "
+                                    "start without --resume or point --output at the interrupted run")
+        accelerator.load_state(str(ckpt))
+        state.load(ckpt, accelerator.process_index)
+        resumed_from = str(ckpt)
+    data = _endless(lambda: batches(accelerator.process_index, accelerator.num_processes))
+    if state.step:
+        data = itertools.islice(data, state.step, None)
+    last_good = resumed_from
+
+    # 4. Steps.
+    steps_run, samples_run = 0, 0
+    while state.step < opts.max_steps:
+        t_step = time.perf_counter()
+        batch = next(data)
+        latents = torch.as_tensor(batch["latents"]).float().to(device) * settings.scaling_factor
+        with accelerator.autocast():
+            cond = conditioner.conditioning(batch).to(device, weight_dtype)
+            uncond = conditioner.unconditional(cond)
+            loss = lcd_loss(student, unet, latents, cond, uncond, settings, alpha_bar, solver_timesteps,
+                            state.generator)
+        accelerator.backward(loss)
+        if opts.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+        else:
+            grad_norm = torch.zeros((), device=device)
+        # One host sync per step: loss (every rank), finiteness and grad norm, gathered together.
+        local = torch.stack([loss.detach().float(), torch.isfinite(loss.detach()).float(),
+                             torch.as_tensor(grad_norm, device=device).float()])
+        stats = accelerator.gather(local.reshape(1, 3)).reshape(-1, 3).cpu()
+        loss_value, finite, norm = stats[:, 0].mean().item(), bool(stats[:, 1].min() == 1.0), stats[0, 2].item()
+        if not finite:
+            raise NonFiniteLoss(
+                f"distill: LCD loss is {stats[:, 0].tolist()} at step {state.step + 1} (per process); stopped before "
+                f"updating the weights. Last good checkpoint: {last_good or 'none (no checkpoint written yet)'}. "
+                "Lower distill.lr, check the latent shards for NaNs, or set distill.mixed_precision=no; then "
+                "`lcmlora distill --resume latest`."
+            )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        steps_run += 1
+        state.history.append((state.step, loss_value))
+        n = latents.shape[0] * accelerator.num_processes
+        samples_run += n
+        report = progress if progress is not None and accelerator.is_main_process else None
+        if report is not None:
+            seconds_step = time.perf_counter() - t_step
+            report(Progress(stage=STAGE, step=state.step, total=opts.max_steps, metrics={
+                "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
+                "samples_per_s": n / seconds_step if seconds_step > 0 else 0.0, "step_seconds": seconds_step}))
+        if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
+            last_good = str(_save_checkpoint(accelerator, state, run_dir, opts.checkpoints_keep))
+            if report is not None:
+                report(Progress(stage=STAGE, step=state.step, total=opts.max_steps,
+                                note=Path(last_good).name))
+
+    accelerator.wait_for_everyone()
+    lora_sd = unet_lora_state_dict(accelerator.unwrap_model(student))
+    seconds = time.perf_counter() - t0
+    return TrainResult(
+        steps=state.step, history=list(state.history), lora_state_dict=lora_sd, seconds=seconds,
+        resumed_from=resumed_from, world_size=accelerator.num_processes, is_main_process=accelerator.is_main_process,
+        mixed_precision=accelerator.mixed_precision, device=str(device),
+        samples_per_second=samples_run / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _save_checkpoint(accelerator: Any, state: _TrainerState, run_dir: Path, keep: int) -> Path:
+    """save_state into checkpoints/checkpoint-STEP; the trainer state is written last (marks it complete)."""
+    folder = run_dir / CHECKPOINT_DIR / f"checkpoint-{state.step}"
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.process_index != 0:
+        state.save(folder, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state.save(folder, 0)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def loss_curve_rows(history: list[tuple[int, float]]) -> list[dict[str, float]]:
+    """(step, loss) history -> rows with a trailing mean over 20 steps, for the CSV and the plot."""
+    rows, window = [], []
+    for step, loss in history:
+        window = (window + [loss])[-20:]
+        rows.append({"step": step, "loss": loss, "loss_mean20": sum(window) / len(window)})
+    return rows
+
