@@ -9,10 +9,10 @@
 One LCD step holds three UNet passes: the teacher (adapters off, cond + uncond batched, 2B,
 no grad), the target (LoRA on, B, no grad) and the student (LoRA on, B, forward + backward).
 In the same run this script times
-  1. the real training loop (`components.distill.train_lcd_lora`): median step time,
+  1. the real training loop (`components.trainer.train_lcd_lora`): median step time,
   2. an instrumented step split into data, teacher, target, student fwd+bwd and optimizer,
   3. the bare UNet passes alone on the same inputs,
-interleaved in time (2 and 3 run in the loop's on_step callback, outside its timed step), and
+interleaved in time (2 and 3 run in the loop's progress callback, outside its timed step), and
 prints overhead = loop step time / sum of bare passes (median of per-step ratios; goal <= 1.15),
 samples/s and, on CUDA, peak memory. Needs only torch, diffusers, peft, accelerate and this repository.
 """
@@ -210,12 +210,14 @@ def main() -> None:
 
     def on_step(info) -> None:
         """1. The real loop's step time; then, outside it, one instrumented step and the bare passes."""
+        if info.note:  # a checkpoint notice, not a step
+            return
         i = info.step - 1
         phase_times = instrumented_step(i)
         bare_times = bare_passes()
         unet.zero_grad(set_to_none=True)  # leave no gradient behind for the loop's next backward
         if i >= args.warmup:
-            step_times.append(info.seconds)
+            step_times.append(info.metrics["step_seconds"])
             for k, v in zip(phases, phase_times):
                 phases[k].append(v)
             for k, v in zip(bare, bare_times):
@@ -226,7 +228,7 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        train_lcd_lora(unet, conditioner, lambda r, w: batches, settings, alpha_bar, opts, tmp, on_step=on_step)
+        train_lcd_lora(unet, conditioner, lambda r, w: batches, settings, alpha_bar, opts, tmp, progress=on_step)
     loop_step = statistics.median(step_times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     ratios = [s_ / (a + b + c) for s_, a, b, c in zip(step_times, bare["teacher"], bare["target"], bare["student"])]

@@ -17,9 +17,19 @@ from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
 
-from components.config import ConfigError, Params, load_params
+from components.config import ConfigError
+from flows.cli_common import (
+    BaseOpt,
+    DryRunOpt,
+    OutputOpt,
+    ParamsOpt,
+    SetOpt,
+    console,
+    print_config,
+    resolve,
+)
+from flows.toy_cli import toy_app
 
 app = typer.Typer(
     name="lcmlora",
@@ -28,160 +38,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)
 registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.", no_args_is_help=True)
 alias_app = typer.Typer(help="Move and inspect aliases.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 app.add_typer(registry_app, name="registry")
 registry_app.add_typer(alias_app, name="alias")
-
-console = Console(stderr=True)
-
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
-OutputOpt = Annotated[Path | None, typer.Option("--output", help="output folder")]
-BaseOpt = Annotated[str, typer.Option("--base", help="base name in params.yaml, or a path / hub id")]
-
-
-def resolve(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Params:
-    """Load params.yaml with the command's `--set` overrides, then its own flags on top."""
-    return load_params(params, list(overrides or []) + list(extra or []))
-
-
-def print_config(cfg: Params, *, as_json: bool = False) -> None:
-    """`--dry-run`: the resolved config on stdout."""
-    typer.echo(cfg.to_json() if as_json else cfg.to_yaml())
-
-
-def not_built(stage: str) -> None:
-    """A stage that is not built yet says so and fails."""
-    raise click.ClickException(f"`lcmlora {stage}` is not built yet")
-
-
-# --- toy world --------------------------------------------------------------------------
-
-
-@toy_app.command("source")
-def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-               output: OutputOpt = None) -> None:
-    """Write the LAION/img2dataset-format toy source from sklearn's digits."""
-    cfg = resolve(params, set_, [f"toy.source_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
-        return
-    from components.toy.source import write_toy_source
-
-    with console.status(f"writing the toy source to {cfg.toy.source_dir}"):
-        summary = write_toy_source(cfg.toy.source_dir, seed=cfg.toy.seed)
-    defects = ", ".join(f"{k} {v}" for k, v in summary["defects"].items())
-    typer.echo(f"toy source: {summary['rows']} rows in {len(summary['shards'])} shards at "
-               f"{cfg.toy.source_dir} (seed {cfg.toy.seed}); defects: {defects}")
-
-
-def _toy_progress(bar):
-    """A ProgressFn drawing one rich bar per training phase (vae, unet, final, classifier)."""
-    tasks: dict[str, int] = {}
-
-    def progress(phase: str, step: int, total: int, metrics: dict) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total, metrics="")
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        bar.update(tasks[phase], completed=step, metrics=shown)
-
-    return progress
-
-
-def _toy_bar():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console)
-
-
-@toy_app.command("classifier")
-def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-                   output: OutputOpt = None) -> None:
-    """Train the digit classifier (toy metrics: prompt adherence, Frechet features) and save it."""
-    cfg = resolve(params, set_, [f"toy.classifier_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
-        return
-    import json
-    import time
-
-    import torch
-
-    from components.toy.world import build_digit_classifier
-
-    torch.set_num_threads(cfg.toy.threads)
-    start = time.time()
-    with _toy_bar() as bar:
-        report = build_digit_classifier(cfg.toy, _toy_progress(bar))
-    typer.echo(json.dumps({**report, "wall_s": round(time.time() - start, 1)}, indent=2))
-
-
-@toy_app.command("base")
-def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-             output: OutputOpt = None) -> None:
-    """Train the tiny SD-1.5-family toy base and save it in diffusers layout."""
-    cfg = resolve(params, set_, [f"toy.base_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
-        return
-    import json
-
-    import torch
-
-    from components.toy.world import build_toy_base
-
-    torch.set_num_threads(cfg.toy.threads)
-    with _toy_bar() as bar:
-        report = build_toy_base(cfg, _toy_progress(bar))
-    typer.echo(json.dumps(report, indent=2))
-    guidance, accuracy = report["guidance_scale"], report["best_accuracy"]
-    if accuracy < cfg.toy.min_accuracy:
-        raise click.ClickException(f"toy base: prompted-digit accuracy {accuracy:.3f} at guidance {guidance} is below "
-                                   f"toy.min_accuracy {cfg.toy.min_accuracy}; train longer (toy.train_steps) "
-                                   f"or check {cfg.toy.base_dir}/training.json")
-
-
-@toy_app.command("style")
-def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-              output: OutputOpt = None) -> None:
-    """Write the toy style set: the same digits in a visibly different style."""
-    cfg = resolve(params, set_, [f"toy.style_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
-        return
-    from components.toy.style import write_toy_style
-
-    folder = write_toy_style(cfg.toy.style_dir, cfg.toy.style_count, cfg.toy.seed)
-    typer.echo(f"wrote {cfg.toy.style_count} toy-style images (png + txt, metadata.jsonl) to {folder}")
-
-
-@toy_app.command("style-lora")
-def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-                   output: OutputOpt = None) -> None:
-    """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base)."""
-    cfg = resolve(params, set_)
-    if dry_run:
-        print_config(cfg)
-        return
-    import json
-
-    from components.toy.style_lora import run_toy_style_lora
-
-    metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
-    typer.echo(json.dumps(metrics, indent=2))
-
 
 # --- stages -----------------------------------------------------------------------------
 
@@ -243,10 +104,13 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     import json
 
     cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
-    if dry_run:
-        from components.distill_run import dry_run as distill_dry_run
+    from components.base_model import resolve_base
 
-        summary = distill_dry_run(cfg, base)
+    base_name, base_cfg = resolve_base(cfg, base)
+    if dry_run:
+        from components.stages.distill import dry_run as distill_dry_run
+
+        summary = distill_dry_run(cfg.distill, base_name=base_name, base=base_cfg)
         if as_json:
             typer.echo(json.dumps({"config": json.loads(cfg.to_json()), **summary}, indent=2))
         else:
@@ -254,21 +118,18 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
             typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
             typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
         return
-    from components.distill_run import run_distill
-    from components.progress import Progress
+    from components.stages.distill import run_distill, run_folder
+    from components.storage import Storage
     from flows.progress_view import ProgressView
 
+    folder = output or run_folder(cfg.distill, base_name)
     with ProgressView(console) as view:
-
-        def on_step(info) -> None:  # the training loop's per-step report, in the one progress shape
-            view(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
-
-        def on_checkpoint(step: int, path: Path) -> None:
-            console.print(f"checkpoint {step}: {path}", markup=False, highlight=False)
-
-        outcome = run_distill(cfg, base, output=output, resume=resume, on_step=on_step, on_checkpoint=on_checkpoint)
+        outcome = run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=Storage.from_config(cfg.storage),
+                              latents_index=cfg.distill.latents_index, output=folder, resolved_yaml=cfg.to_yaml(),
+                              params_digest=cfg.digest(), encode_output=cfg.encode.output, resume=resume,
+                              progress=view)
     if outcome.result.is_main_process:
-        m = json.loads(outcome.paths["metrics"].read_text())["distill"]
+        m = outcome.metrics
         typer.echo(f"distilled {outcome.result.steps} steps in {outcome.result.seconds:.0f}s, final loss "
                    f"{m['final_loss_mean20']:.5f}; LoRA ({outcome.lora_trainable_params:,} params) in {outcome.folder}")
 
@@ -299,15 +160,19 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
         return
     if lora is None:
         raise click.UsageError("--lora FOLDER is required: the LoRA artifact folder written by `lcmlora distill`")
-    from components.evaluation import run_evaluation
+    from components.base_model import resolve_base
+    from components.stages.evaluate import default_output, run_evaluate
+    from flows.progress_view import ProgressView
 
-    evaluation, paths = run_evaluation(cfg, base, lora, output, callback=lambda msg: console.print(msg, markup=False))
-    echo_evaluation(evaluation.doc)
-    typer.echo(f"report: {paths['report.html']}  metrics: {paths['metrics.json']}")
-    gate = evaluation.doc["gate"]
-    if not gate["passed"]:
-        raise click.ClickException(f"evaluation gate failed with {len(gate['violations'])} violation(s): "
-                                   + "; ".join(gate["violations"]))
+    name, base_cfg = resolve_base(cfg, base)
+    with ProgressView(console) as view:
+        out = run_evaluate(cfg.evaluate, base_name=name, base=base_cfg, lora_folder=lora,
+                           output=output or default_output(cfg.evaluate, name), progress=view)
+    echo_evaluation(out.doc)
+    typer.echo(f"report: {out.paths['report.html']}  metrics: {out.paths['metrics.json']}")
+    if not out.passed:
+        raise click.ClickException(f"evaluation gate failed with {len(out.violations)} violation(s): "
+                                   + "; ".join(out.violations))
 
 
 @app.command()
@@ -328,13 +193,26 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     if dry_run:
         print_config(cfg)
         return
-    from components.merge_eval import markdown_table, run_merge
+    from components.base_model import resolve_base
+    from components.judges import load_judges
+    from components.merge_eval import markdown_table
+    from components.stages.evaluate import prompts_for
+    from components.stages.merge import default_output, run_merge
+    from flows.progress_view import ProgressView
 
-    result, paths = run_merge(cfg, base, lcm or cfg.merge.lcm_folder, style or cfg.merge.style_file, output,
-                              say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    name, base_cfg = resolve_base(cfg, base)
+    style_file = Path(style or cfg.merge.style_file)
+    # Judges and prompts first: a missing backbone fails before any sampling.
+    judges = load_judges(cfg.evaluate, base_cfg, name)
+    prompts = prompts_for(cfg.evaluate, judges, name, base_cfg)
+    with ProgressView(console) as view:
+        result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base_cfg,
+                           lcm_folder=Path(lcm or cfg.merge.lcm_folder), style_file=style_file,
+                           output=output or default_output(cfg.merge, name, style_file), judges=judges,
+                           prompts=prompts, resolved_yaml=cfg.to_yaml(), params_digest=cfg.digest(), progress=view)
     typer.echo(markdown_table(result.doc["rows"]))
-    typer.echo(f"report: {paths['report.md']}")
-    selection = result.doc["selection"]
+    typer.echo(f"report: {result.paths['report.md']}")
+    selection = result.selection
     if not selection["passed"]:
         raise click.ClickException(f"no (l1, l2) passes the merge rule: {'; '.join(selection['violations'])}")
     typer.echo(f"selected: {selection['best']['label']}")
@@ -363,16 +241,10 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         return
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
-    from components.progress import Progress
     from flows.progress_view import ProgressView
 
     with ProgressView(console) as view:
-
-        def on_step(info) -> None:  # the training loop's per-step report, in the one progress shape
-            view(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
-
-        result = run_toy_reproduction(cfg, out, say=lambda msg: console.print(msg, markup=False),
-                                      distill_progress=on_step)
+        result = run_toy_reproduction(cfg, out, progress=view)
     echo_evaluation(result.evaluation_doc)
     typer.echo("reproduction goals:")
     typer.echo(goals_markdown(result.goals))
@@ -466,7 +338,7 @@ def _registry(params: Path, set_: list[str] | None):
 @contextlib.contextmanager
 def _registry_errors() -> Iterator[None]:
     """Registry and storage failures become one-line CLI errors."""
-    from components.registry import RegistryError
+    from components.registry_manifest import RegistryError
     from components.storage import StorageError
 
     try:

@@ -29,7 +29,7 @@ def register_config(cfg: Params, reference: str, name: str | None = None,
     """The base's name and config: from params.yaml when REF names a base there, else detected."""
     base_name, base = resolve_base(cfg, reference)
     if name:
-        from components.registry import validate_name
+        from components.registry_manifest import validate_name
 
         base_name = validate_name(name, "base name")
     if family:
@@ -48,7 +48,7 @@ def inherit_from_parent(cfg: Params, base_name: str, base: BaseConfig, fingerpri
         if vae_fp == fingerprints["vae"]:
             p = cfg.bases[parent]
             return base.model_copy(update={"resolution": p.resolution, "guidance_scale": p.guidance_scale,
-                                           "prediction_type": p.prediction_type}), parent
+                                           "prediction_type": p.prediction_type, "judges": p.judges}), parent
     return base, None
 
 

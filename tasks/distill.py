@@ -23,13 +23,12 @@ from prefect.logging import get_run_logger
 from components.config import Params
 from components.content_hash import file_sha256
 from components.folder_sync import push_folder, work_dir
+from components.lora_formats import LORA_WEIGHT_NAME
 from components.progress import Progress, ProgressFn
 from components.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter, output_rel
 from tasks.progress import task_progress
-
-WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def accelerate_processes(config_file: str | None) -> int:
@@ -67,7 +66,7 @@ def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, progr
 
 def _steps_logged(folder: Path) -> int:
     """Newest complete checkpoint's step (the progress a separate process leaves on disk)."""
-    from components.distill import latest_checkpoint
+    from components.trainer import latest_checkpoint
 
     latest = latest_checkpoint(folder)
     return int(latest.name.split("-")[1]) if latest else 0
@@ -78,8 +77,9 @@ def distill_for_task(cfg: Params, base_name: str, folder: Path, progress: Progre
 
     A killed earlier attempt left checkpoints in the same keyed folder: the run continues from them.
     """
-    from components.distill import latest_checkpoint
-    from components.distill_run import run_distill
+    from components.base_model import resolve_base
+    from components.stages.distill import run_distill
+    from components.trainer import latest_checkpoint
 
     resume = "latest" if latest_checkpoint(folder) else None
     if resume:
@@ -87,11 +87,10 @@ def distill_for_task(cfg: Params, base_name: str, folder: Path, progress: Progre
     if accelerate_processes(cfg.orchestrate.accelerate_config) > 1:
         _launch(cfg, base_name, folder, resume, progress)
         return
-
-    def on_step(info: Any) -> None:  # the training loop's per-step report, in the one progress shape
-        progress(Progress(stage="distill", step=info.step, total=info.max_steps, metrics={"loss": float(info.loss)}))
-
-    run_distill(cfg, base_name, output=folder, resume=resume, on_step=on_step)
+    name, base = resolve_base(cfg, base_name)
+    run_distill(cfg.distill, base_name=name, base=base, storage=Storage.from_config(cfg.storage),
+                latents_index=cfg.distill.latents_index, output=folder, resolved_yaml=cfg.to_yaml(),
+                params_digest=cfg.digest(), encode_output=cfg.encode.output, resume=resume, progress=progress)
 
 
 @task(name="distill", cache_key_fn=key_parameter, persist_result=True)
@@ -111,4 +110,4 @@ def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[
     create_table_artifact(key=artifact_key("distill", base_name),
                           table=[{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}],
                           description=f"LCD-LoRA distillation of {base_name}")
-    return {"output": out, "weights_sha256": file_sha256(folder / WEIGHTS), "metrics": metrics}
+    return {"output": out, "weights_sha256": file_sha256(folder / LORA_WEIGHT_NAME), "metrics": metrics}

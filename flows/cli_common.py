@@ -1,0 +1,30 @@
+"""What every `lcmlora` command shares: the options of DESIGN.md's CLI conventions, the resolved
+params (`--params` + `--set`), `--dry-run` printing, and the stderr console progress is drawn on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from components.config import Params, load_params
+
+console = Console(stderr=True)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", help="output folder")]
+BaseOpt = Annotated[str, typer.Option("--base", help="base name in params.yaml, or a path / hub id")]
+
+
+def resolve(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Params:
+    """Load params.yaml with the command's `--set` overrides, then its own flags on top."""
+    return load_params(params, list(overrides or []) + list(extra or []))
+
+
+def print_config(cfg: Params, *, as_json: bool = False) -> None:
+    """`--dry-run`: the resolved config on stdout."""
+    typer.echo(cfg.to_json() if as_json else cfg.to_yaml())
