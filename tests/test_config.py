@@ -1,6 +1,7 @@
 """params.yaml validation: unknown keys and wrong types name the key; overrides are checked."""
 
 import pytest
+from pydantic import ValidationError
 
 from components.config import ConfigError, Params, apply_override, load_params, parse_params
 
@@ -44,7 +45,7 @@ def test_override_wins_and_is_validated():
 
 def test_sections_are_frozen():
     params = Params()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         params.distill.max_steps = 3  # type: ignore[misc]
 
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _setup_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.S)[:2]
+    return re.findall(r"```bash\n(.*?)\n```", text, flags=re.DOTALL)[:2]
 
 
 def test_readme_opens_with_main_job_and_test_command():

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.toy.style_metric import fit_style_metric, style_features, toy_renders, toy_style_metric
+from components.toy.style_metric import (
+    fit_style_metric,
+    style_features,
+    toy_renders,
+    toy_style_metric,
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from components.config import load_params
-from components.toy.classifier import load_digit_classifier
 from components.toy.base import encode_prompts
+from components.toy.classifier import load_digit_classifier
 from components.toy.render import caption_for
 
 ROOT = Path(__file__).resolve().parents[1]

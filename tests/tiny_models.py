@@ -38,8 +38,8 @@ def tiny_text_encoder(hidden: int, projection: bool, vocab_size: int):
 
 
 def tiny_unet_config(family: str) -> dict:
-    base = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-                norm_num_groups=8, attention_head_dim=4)
+    base = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (16, 32),
+                "norm_num_groups": 8, "attention_head_dim": 4}
     if family == "sd15":
         return dict(base, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
@@ -51,8 +51,14 @@ def tiny_unet_config(family: str) -> dict:
 
 def tiny_pipeline(family: str, folder: Path, seed: int = 0):
     """A tiny pipeline of the family with random weights; latents 4x8x8 for 32x32 images."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     torch.manual_seed(seed)
     tok = tiny_tokenizer(folder / "tokenizer")
@@ -60,8 +66,8 @@ def tiny_pipeline(family: str, folder: Path, seed: int = 0):
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         norm_num_groups=4, layers_per_block=1, sample_size=32)
-    sched = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                 steps_offset=1)
+    sched = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False,
+                 "steps_offset": 1}
     if family == "sd15":
         return StableDiffusionPipeline(vae=vae, text_encoder=tiny_text_encoder(16, False, len(tok)), tokenizer=tok,
                                        unet=unet, scheduler=PNDMScheduler(**sched, skip_prk_steps=True),
@@ -77,7 +83,7 @@ def unet_inputs(unet, batch: int = 2, seed: int = 0) -> dict:
     cfg = unet.config
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
     states = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
-    kwargs = dict(sample=x, timestep=torch.tensor([500] * batch), encoder_hidden_states=states)
+    kwargs = {"sample": x, "timestep": torch.tensor([500] * batch), "encoder_hidden_states": states}
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, generator=g),
