@@ -99,8 +99,8 @@ def test_reference_parsing() -> None:
 def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
     reg = registry_at(root, tmp_path)
     src = make_lora_folder(tmp_path / "lora")
-    m1 = reg.publish(src, "toy-lcm-lora", alias="candidate")
-    m2 = reg.publish(make_lora_folder(tmp_path / "lora2", seed=1), "toy-lcm-lora")
+    m1 = reg.publish(src, "toy-lcm-lora", alias="candidate").manifest
+    m2 = reg.publish(make_lora_folder(tmp_path / "lora2", seed=1), "toy-lcm-lora").manifest
     assert (m1.version, m2.version) == ("1", "2")
     assert reg.list() == ["toy-lcm-lora"]
     assert reg.list("toy-lcm-lora") == ["1", "2"]
@@ -126,9 +126,9 @@ def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not empty"):
         reg.pull("toy-lcm-lora:2", tmp_path / "out")
     reg.pull("toy-lcm-lora:2", tmp_path / "out", overwrite=True)
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == "2"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == 2
     # A pulled folder publishes again as is (its old manifest is replaced, not content).
-    copy = reg.publish(tmp_path / "out", "toy-lcm-lora-copy")
+    copy = reg.publish(tmp_path / "out", "toy-lcm-lora-copy").manifest
     assert "manifest.json" not in copy.files and copy.files == reg.show("toy-lcm-lora:2").files
     with pytest.raises(RegistryError, match="no such version"):
         reg.show("toy-lcm-lora:9")
@@ -138,7 +138,7 @@ def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
 
 def test_model_card_generated_when_missing_and_checked_when_present(tmp_path: Path) -> None:
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
-    m = reg.publish(make_lora_folder(tmp_path / "nocard", card=False), "gen-card")
+    m = reg.publish(make_lora_folder(tmp_path / "nocard", card=False), "gen-card").manifest
     assert "README.md" in m.files
     front = check_model_card(reg.storage.read_text("gen-card/versions/1/README.md"))
     assert front["base_model"] == "data/toy/base" and front["library_name"] == "diffusers"
@@ -164,12 +164,12 @@ def test_base_read_from_distill_lineage_and_card(tmp_path: Path) -> None:
         "stage": "distill", "inputs": {"base": {"name": "toy", "reference": "data/toy/base",
                                                 "fingerprints": {"unet": "u" * 64, "vae": "v" * 64}}},
         "resolved": {"base": {"reference": "data/toy/base", "family": "sd15"}}}))
-    base = reg.publish(folder, "from-lineage").base
+    base = reg.publish(folder, "from-lineage").manifest.base
     assert base is not None
     assert (base["name"], base["family"], base["fingerprint"]) == ("toy", "sd15", "u" * 64)
     (folder / "lineage.json").unlink()  # only the card: base_model and its lcm_lora entry
     (folder / "README.md").write_text(CARD.replace("tags:", "lcm_lora: {family: sdxl, base_fingerprint: abc}\ntags:"))
-    assert reg.publish(folder, "from-card").base == {"reference": "data/toy/base", "family": "sdxl",
+    assert reg.publish(folder, "from-card").manifest.base == {"reference": "data/toy/base", "family": "sdxl",
                                                      "fingerprint": "abc"}
 
 
@@ -205,7 +205,7 @@ def test_credentials_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert reg.list() == [] and not reg.storage.exists("leaky/claims/1.json")
     (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "s3": {"secret_key": "abc"},
                                                      "text": {"tokenizer": "clip", "max_tokens": 77}}))
-    m = reg.publish(folder, "redacted")
+    m = reg.publish(folder, "redacted").manifest
     assert m.lineage == {"base": {"reference": "b"}, "s3": {"secret_key": "<redacted>"},
                          "text": {"tokenizer": "clip", "max_tokens": 77}}
 
@@ -242,16 +242,19 @@ def test_large_files_verified_part_by_part(root: str, tmp_path: Path, monkeypatc
     monkeypatch.setattr(registry_module, "PART_SIZE", part)  # 300 KB file -> 5 parts
     reg = registry_at(root, tmp_path)
     src = make_lora_folder(tmp_path / "lora", big=300 * 1024)
-    entry = reg.publish(src, "parted").files["big.safetensors"]
+    entry = reg.publish(src, "parted").manifest.files["big.safetensors"]
     assert entry.part_size == part and len(entry.parts) == 5
     assert reg.show("parted").files["big.safetensors"] == entry
     reg.pull("parted", tmp_path / "ok")
     assert (tmp_path / "ok" / "big.safetensors").read_bytes() == (src / "big.safetensors").read_bytes()
-    # A pulled file is a hard link into the cache: editing it is caught by the part check.
-    with open(tmp_path / "ok" / "big.safetensors", "r+b") as fh:
+    # A cache entry edited in place (here: its part 3) is caught by the part check and refetched.
+    blob = next((tmp_path / "cache" / "sha256").rglob(entry.sha256))
+    blob.chmod(0o644)
+    with open(blob, "r+b") as fh:
         fh.seek(3 * part + 5)
         fh.write(b"X")
     assert reg.pull("parted", tmp_path / "again").downloaded == ["big.safetensors"]
+    assert (tmp_path / "again" / "big.safetensors").read_bytes() == (src / "big.safetensors").read_bytes()
 
     key = "parted/versions/1/big.safetensors"
     original = reg.storage.read_bytes(key)
@@ -268,15 +271,28 @@ def test_large_files_verified_part_by_part(root: str, tmp_path: Path, monkeypatc
         assert not (tmp_path / f"out-{label}").exists() and not (tmp_path / "cache" / "sha256").exists()
 
 
-def test_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
+def test_pulled_files_are_copies_and_a_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
     reg.publish(make_lora_folder(tmp_path / "lora"), "cached")
     reg.pull("cached", tmp_path / "a")
-    # The pulled file is a hard link into the cache: editing it must not poison the next pull.
+    reg.pull("cached", tmp_path / "b")
+    # Editing one pulled folder changes neither the other nor the cache (issue 16 item 6).
     (tmp_path / "a" / "metrics.json").write_text("{}")
-    result = reg.pull("cached", tmp_path / "b")
-    assert result.downloaded == ["metrics.json"]
+    for rel in folder_files(tmp_path / "b"):
+        assert (tmp_path / "a" / rel).stat().st_ino != (tmp_path / "b" / rel).stat().st_ino
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["fd_4_steps"] == 1.5
+    assert reg.pull("cached", tmp_path / "c").downloaded == []
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["fd_4_steps"] == 1.5
+    blobs = [p for p in (tmp_path / "cache" / "sha256").rglob("*") if p.is_file()]
+    assert blobs and all(p.stat().st_mode & 0o222 == 0 for p in blobs)  # cache entries are read-only
+    # A cache entry corrupted anyway is re-verified before use and fetched again.
+    metrics_sha = reg.show("cached").files["metrics.json"].sha256
+    blob = next(p for p in blobs if p.name == metrics_sha)
+    blob.chmod(0o644)
+    blob.write_text("{}")
+    result = reg.pull("cached", tmp_path / "d")
+    assert result.downloaded == ["metrics.json"]
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["fd_4_steps"] == 1.5
 
 
 # --- aliases and gc ---------------------------------------------------------------------------
@@ -308,7 +324,7 @@ def test_alias_moves_history_and_gc(root: str, tmp_path: Path) -> None:
     assert reg.storage.ls("lcm/versions/1", recursive=True) == []
     assert reg.show("lcm@production").version == "2"
     # Ids are never reused after gc.
-    assert reg.publish(make_lora_folder(tmp_path / "lora9", seed=9), "lcm").version == "5"
+    assert reg.publish(make_lora_folder(tmp_path / "lora9", seed=9), "lcm").manifest.version == "5"
 
 
 def test_latest_only_moves_forward(tmp_path: Path) -> None:
@@ -326,7 +342,7 @@ def _publish_then_move(root: str, env: dict[str, str], folder: str, cache: str, 
     os.environ.update(env)
     reg = Registry(Storage(root), cache_dir=cache)
     start.wait()
-    manifest = reg.publish(folder, "racy")
+    manifest = reg.publish(folder, "racy").manifest
     barrier.wait()  # every publisher done: now all move one alias at the same moment
     move = reg.alias_set("racy", "production", manifest.version)
     results.put((manifest.version, move.previous))
@@ -398,7 +414,7 @@ def test_killed_publisher_leaves_no_version(root: str, tmp_path: Path, monkeypat
     assert reg.list("killed") == [] and reg.list() == []
     with pytest.raises(RegistryError, match="no versions"):
         reg.show("killed")
-    manifest = reg.publish(folder, "killed")
+    manifest = reg.publish(folder, "killed").manifest
     assert manifest.version == "2" and reg.list("killed") == ["2"]
     reg.pull("killed", tmp_path / "out")
     # gc clears the leftovers of the dead publisher once its claim is stale.
