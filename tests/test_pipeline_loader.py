@@ -71,6 +71,7 @@ def test_load_lcm_pipeline_loads_lora_and_sets_lcm_scheduler(tmp_path: Path) -> 
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     (folder / "README.md").write_text(CARD)
     (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "tiny", "family": "sd15"}}))
+    (folder / "metrics.json").write_text(json.dumps({"gate": {"passed": True, "violations": []}}))
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
     reg.publish(folder, "tiny-lcm-lora", alias="production")
 
