@@ -120,7 +120,7 @@ class LoraSwapper:
                 return False
             try:
                 served = self.load(version)
-            except Exception as exc:  # noqa: BLE001 - any load failure keeps the old version serving
+            except Exception as exc:
                 self.failure = Failure(version, f"{type(exc).__name__}: {exc}", _now(), time.monotonic())
                 if self.active is None:
                     raise
@@ -189,7 +189,7 @@ def create_app(swapper: LoraSwapper) -> Any:
     from fastapi.responses import Response
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+    async def lifespan(app: FastAPI):
         if swapper.active is None:
             await run_in_threadpool(swapper.start)
         try:
