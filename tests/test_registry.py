@@ -3,6 +3,7 @@ SeaweedFS."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -22,7 +23,7 @@ from typer.testing import CliRunner
 
 from components import registry as registry_module
 from components.model_card import check_model_card
-from components.registry import Registry, VerificationError
+from components.registry import GateRefused, Registry, VerificationError
 from components.registry_manifest import Reference, RegistryError, parse_reference, validate_name
 from components.storage import Storage, StorageUnavailable
 
@@ -489,3 +490,183 @@ def test_cli_registry_commands_on_s3(s3_bucket: str, tmp_path: Path) -> None:
     assert "deleted 1" in run("registry", "gc", "cli-lora", "--keep", "1", "--yes")
     bad = runner.invoke(app, ["registry", "show", "cli-lora:7", "--params", str(params)])
     assert bad.exit_code != 0 and "no such version" in str(bad.exception)
+
+
+# --- digests, idempotent publish, protected manifests (issue 15 items 1-2, issue 16 items 4-5, 8) ---
+
+
+@BACKENDS
+def test_digest_references_and_identical_content_returns_the_existing_version(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    first = reg.publish(make_lora_folder(tmp_path / "a"), "dig")
+    assert not first.existing and first.manifest.digest.startswith("sha256:")
+    stored = json.loads(reg.storage.read_bytes("dig/versions/1/manifest.json"))
+    assert stored["digest"] == first.manifest.digest and stored["version"] == 1 and stored["format"] == 2
+    # The digest is the sha256 of the canonical content JSON, reproducible with json + hashlib alone.
+    content = {k: stored[k] for k in ("format", "files", "base", "metrics", "gate", "lineage")}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    assert "sha256:" + hashlib.sha256(canonical).hexdigest() == stored["digest"]
+    # Same bytes again (a copy of the folder): the existing version, nothing uploaded, no new id.
+    again = reg.publish(shutil.copytree(tmp_path / "a", tmp_path / "a-copy"), "dig", alias="candidate")
+    assert again.existing and again.manifest.version == "1" and reg.list("dig") == ["1"]
+    assert reg.aliases("dig") == {"latest": "1", "candidate": "1"}
+    other = reg.publish(make_lora_folder(tmp_path / "b", seed=1), "dig").manifest
+    assert other.version == "2" and other.digest != first.manifest.digest
+    hexdigest = other.digest.removeprefix("sha256:")
+    for ref in (f"dig@sha256:{hexdigest}", f"dig@sha256:{hexdigest[:12]}"):
+        assert reg.resolve(ref) == ("dig", "2") and reg.show(ref).version == "2"
+        assert reg.pull(ref, tmp_path / f"out-{len(ref)}").manifest.version == "2"
+    with pytest.raises(RegistryError, match="12 to 64"):
+        reg.resolve(f"dig@sha256:{hexdigest[:11]}")
+    with pytest.raises(RegistryError, match="no version of dig has this digest"):
+        reg.resolve("dig@sha256:" + "0" * 12)
+
+
+def _publish_same(root: str, env: dict[str, str], folder: str, start, results) -> None:
+    os.environ.update(env)
+    start.wait()
+    result = Registry(Storage(root)).publish(folder, "same")
+    results.put((result.manifest.version, result.existing))
+
+
+@BACKENDS
+def test_racing_identical_publishers_end_with_one_version(root: str, tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    folder = make_lora_folder(tmp_path / "lora", big=256 * 1024)
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_publish_same, args=(root, _aws_env(), str(folder), start, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    outcomes = [results.get(timeout=10) for _ in range(4)]
+    reg = registry_at(root, tmp_path)
+    assert reg.list("same") == ["1"] or len(reg.list("same")) == 1
+    (version,) = reg.list("same")
+    assert {v for v, _ in outcomes} == {version}
+    assert sorted(existing for _, existing in outcomes) == [False, True, True, True]
+
+
+@BACKENDS
+def test_an_edited_manifest_is_refused_and_list_marks_it(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    for seed in range(3):
+        reg.publish(make_lora_folder(tmp_path / f"l{seed}", seed=seed), "edit")
+    key = "edit/versions/2/manifest.json"
+    original = reg.storage.read_bytes(key)
+    body = json.loads(original)
+    body["metrics"]["fd_4_steps"] = 0.01  # a better number, typed in by hand
+    reg.storage.write_bytes(key, json.dumps(body, indent=2).encode())
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.show("edit:2")
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.pull("edit:2", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Swapping a file together with its sha256 and size in the manifest (and its digest field): refused.
+    body = json.loads(original)
+    weights = b"evil weights"
+    body["files"]["pytorch_lora_weights.safetensors"] = {"sha256": hashlib.sha256(weights).hexdigest(),
+                                                         "size": len(weights)}
+    from components.registry_manifest import content_digest
+    body["digest"] = "sha256:" + content_digest({k: body[k] for k in ("format", "files", "base", "metrics",
+                                                                       "gate", "lineage")})
+    reg.storage.write_bytes("edit/versions/2/pytorch_lora_weights.safetensors", weights)
+    reg.storage.write_bytes(key, json.dumps(body).encode())
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.pull("edit:2", tmp_path / "out")
+    reg.storage.write_bytes("edit/versions/3/manifest.json", b"{not json")
+    statuses = reg.versions("edit")
+    assert [s.version for s in statuses] == ["1", "2", "3"]
+    assert statuses[0].manifest is not None and statuses[0].error is None
+    assert statuses[1].manifest is None and "edited after publish" in (statuses[1].error or "")
+    assert statuses[2].manifest is None and "malformed manifest" in (statuses[2].error or "")
+
+
+def test_eleven_versions_order_numerically(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    for seed in range(11):
+        reg.publish(make_lora_folder(tmp_path / f"l{seed}", seed=seed), "many")
+    expected = [str(i) for i in range(1, 12)]
+    assert reg.list("many") == expected and [s.version for s in reg.versions("many")] == expected
+    assert reg.show("many").version == "11" and reg.aliases("many")["latest"] == "11"
+    assert json.loads(reg.storage.read_bytes("many/aliases/latest.json"))["version"] == 11  # a JSON integer
+    plan = reg.gc("many", keep=3)
+    assert plan.keep == ["9", "10", "11"] and plan.delete == expected[:8]
+
+
+# --- gated promotion, rollback (issue 15 item 3, issue 16 item 9) --------------------------
+
+
+@BACKENDS
+def test_gated_promotion_force_with_reason_and_rollback(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    passed = [reg.publish(make_lora_folder(tmp_path / f"p{s}", seed=s), "gated").manifest for s in range(3)]
+    never = make_lora_folder(tmp_path / "never", seed=7)
+    (never / "metrics.json").unlink()
+    with pytest.raises(GateRefused, match="never evaluated"):
+        reg.publish(never, "gated", alias="candidate")  # refused before anything is written
+    assert reg.list("gated") == ["1", "2", "3"]
+    unevaluated = reg.publish(never, "gated").manifest  # without an alias it publishes, gate missing
+    assert unevaluated.gate is None and unevaluated.gate_status == "missing"
+    failed = make_lora_folder(tmp_path / "failed", seed=8)
+    (failed / "metrics.json").write_text(json.dumps({"gate": {"passed": False, "violations": ["fd_4 > 3.0",
+                                                                                            "psnr < 20"]}}))
+    with pytest.raises(RegistryError, match="fd_4 > 3.0"):
+        reg.publish(failed, "gated")
+    bad = reg.publish(failed, "gated", force_reason="keep the failed run for the post-mortem").manifest
+    assert bad.gate_status == "failed"
+
+    reg.alias_set("gated", "production", passed[0].version)
+    reg.alias_set("gated", "production", passed[1].version)
+    with pytest.raises(GateRefused, match=r"gate failed: fd_4 > 3.0; psnr < 20"):
+        reg.alias_set("gated", "production", bad.version)
+    with pytest.raises(GateRefused, match="never evaluated"):
+        reg.alias_set("gated", "production", unevaluated.version)
+    assert reg.show("gated@production").version == passed[1].version
+    move = reg.alias_set("gated", "production", unevaluated.version, force_reason="hotfix, evaluated by hand")
+    assert (move.kind, move.reason) == ("force", "hotfix, evaluated by hand")
+    history = reg.alias_history("gated", "production")
+    assert [(h.version, h.kind, h.reason) for h in history][-1] == (unevaluated.version, "force",
+                                                                      "hotfix, evaluated by hand")
+    assert history[-1].digest == unevaluated.digest
+    # Rollback walks back the moves: 1 -> 2 -> 4, rollback -> 2, rollback -> 1, then nothing left.
+    assert reg.alias_rollback("gated", "production").version == passed[1].version
+    assert reg.alias_rollback("gated", "production", reason="bad again").version == passed[0].version
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        reg.alias_rollback("gated", "production")
+    assert [h.kind for h in reg.alias_history("gated", "production")] == ["set", "set", "force", "rollback",
+                                                                          "rollback"]
+
+
+# --- gc of dead publishers (issue 16 item 7) ---------------------------------------------------
+
+
+def test_gc_removes_abandoned_claims_and_incomplete_multipart_uploads(s3_bucket: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = registry_at(s3_bucket + "/registry", tmp_path)
+    reg.publish(make_lora_folder(tmp_path / "ok"), "dead")
+    # A dead publisher: claim 2 and half a multipart upload of its big file, never completed.
+    reg.storage.write_bytes("dead/claims/2.json", json.dumps({"version": 2, "claimed_at": time.time(),
+                                                              "digest": "sha256:" + "e" * 64}).encode())
+    reg.storage.write_bytes("dead/digests/" + "e" * 64 + ".json", json.dumps({"version": 2}).encode())
+    reg.storage.write_bytes("dead/versions/2/metrics.json", b"{}")
+    client = reg.storage._backend.client  # plain boto3, as the killed upload used it
+    key = reg.storage.key("dead/versions/2/big.safetensors")
+    upload = client.create_multipart_upload(Bucket=reg.storage.bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=reg.storage.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    plan = reg.gc("dead", keep=5)  # inside the grace period: nothing to do
+    assert plan.incomplete == [] and plan.uploads == []
+    plan = reg.gc("dead", keep=5, grace_s=0.0)  # dry run: listed, nothing removed
+    assert plan.dry_run and plan.incomplete == ["2"] and plan.uploads == [f"dead/versions/2/big.safetensors ({upload})"]
+    assert reg.storage.exists("dead/claims/2.json")
+    plan = reg.gc("dead", keep=5, grace_s=0.0, dry_run=False)
+    assert plan.incomplete == ["2"] and len(plan.uploads) == 1
+    assert not reg.storage.exists("dead/claims/2.json") and reg.storage.ls("dead/versions/2", recursive=True) == []
+    assert reg.storage.ls("dead/digests") == [reg.show("dead").digest.removeprefix("sha256:") + ".json"]
+    assert reg.storage.multipart_uploads("dead") == []
+    assert reg.storage.exists("dead/tombstones/2.json")
+    assert reg.publish(make_lora_folder(tmp_path / "next", seed=3), "dead").manifest.version == "3"  # id not reused
+    assert reg.list("dead") == ["1", "3"]
