@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,8 +91,9 @@ def prefect_api_configured() -> bool:
     """True when a Prefect API URL is set (environment or active profile)."""
     if os.environ.get("PREFECT_API_URL"):
         return True
-    if not (os.environ.get("PREFECT_PROFILES_PATH") or os.path.exists(os.path.expanduser("~/.prefect/profiles.toml"))):
-        return False
+    profiles = os.environ.get("PREFECT_PROFILES_PATH") or os.path.expanduser("~/.prefect/profiles.toml")
+    if "prefect.settings" not in sys.modules and not os.path.exists(profiles):
+        return False  # Prefect not in use: do not import it
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)
