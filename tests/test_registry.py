@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
 
 from components import registry as registry_module
 from components.model_card import check_model_card
@@ -456,40 +455,6 @@ def test_unreachable_endpoint_clear_error_after_bounded_retries(tmp_path: Path, 
     assert proc.returncode != 0
     assert endpoint in proc.stderr and "unreachable" in proc.stderr
     assert "never-printed-secret" not in proc.stderr + proc.stdout
-
-
-# --- CLI ------------------------------------------------------------------------------------
-
-
-def test_cli_registry_commands_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from flows.cli import app
-
-    params = tmp_path / "params.yaml"
-    params.write_text(f"registry:\n  root: {s3_bucket}/reg\n  cache_dir: {tmp_path / 'cache'}\n")
-    runner = CliRunner()
-
-    def run(*args: str) -> str:
-        result = runner.invoke(app, [*args, "--params", str(params)])
-        assert result.exit_code == 0, result.output
-        return result.output
-
-    folder = make_lora_folder(tmp_path / "lora")
-    assert "published cli-lora:1" in run("registry", "publish", str(folder), "--name", "cli-lora", "--alias", "candidate")
-    assert "published cli-lora:2" in run("registry", "publish", str(folder), "--name", "cli-lora")
-    assert run("registry", "list").split() == ["cli-lora"]
-    listing = run("registry", "list", "cli-lora")
-    assert "cli-lora:1" in listing and "candidate" in listing and "gate passed" in listing
-    shown = json.loads(run("registry", "show", "cli-lora@candidate"))
-    assert shown["version"] == "1" and shown["aliases"] == ["candidate"]
-    pulled = run("registry", "pull", "cli-lora", "--to", str(tmp_path / "out"))
-    assert "pulled cli-lora:2" in pulled and "5 files downloaded, 0 from cache, all verified" in pulled
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
-    assert "1 -> 2" in run("registry", "alias", "set", "cli-lora", "candidate", "2")
-    assert "(new) -> 1" in run("registry", "alias", "history", "cli-lora", "candidate")
-    assert "would delete 1" in run("registry", "gc", "cli-lora", "--keep", "1")
-    assert "deleted 1" in run("registry", "gc", "cli-lora", "--keep", "1", "--yes")
-    bad = runner.invoke(app, ["registry", "show", "cli-lora:7", "--params", str(params)])
-    assert bad.exit_code != 0 and "no such version" in str(bad.exception)
 
 
 # --- digests, idempotent publish, protected manifests (issue 15 items 1-2, issue 16 items 4-5, 8) ---

@@ -106,9 +106,9 @@ def test_prefect_event_sent_when_an_api_is_configured(tmp_path: Path, monkeypatc
 
 
 def test_no_prefect_event_without_an_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components import registry_events
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from components import registry_events
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings({PREFECT_API_URL: None}):
