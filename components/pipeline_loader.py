@@ -2,7 +2,8 @@
 
 The consumer side of contract 5: pull a version (sha256-verified, through the registry's
 cache) into a temporary checkout, check its family against the base's, load its weights as a
-named adapter and switch the scheduler to LCMScheduler. The checkout is removed afterwards.
+named adapter (optionally fused into the base weights) and switch the scheduler to
+LCMScheduler. The checkout is removed afterwards. `components/serve.py` builds on it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from components.lora_formats import LORA_WEIGHT_NAME
 from components.registry import Registry
-from components.registry_manifest import RegistryError
+from components.registry_manifest import Manifest, RegistryError
 
 
 @contextlib.contextmanager
@@ -30,24 +31,22 @@ def _temporary_dir(parent: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_lcm_pipeline(ref: str, base: Any, registry: Registry, *, adapter_name: str = "lcm") -> Any:
-    """A diffusers pipeline with the LoRA `ref` loaded and LCMScheduler set, for 4-step use.
-
-    `base` is a base reference (folder, hub id, .safetensors; loaded with
-    components.base_model.load_base) or an already-built diffusers pipeline.
-
-        pipe = load_lcm_pipeline("toy-lcm-lora@production", "data/toy/base", Registry.from_params(params))
-        image = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=1.0).images[0]
-    """
-    from diffusers import LCMScheduler
-
+def load_base_pipeline(base: Any) -> tuple[Any, str | None]:
+    """(pipeline, family) for a base reference (folder, hub id, .safetensors) or a built pipeline."""
     if isinstance(base, str | os.PathLike):
         from components.base_model import load_base
 
         loaded = load_base(str(base))
-        pipe, family = loaded.pipe, loaded.family
-    else:
-        pipe, family = base, None
+        return loaded.pipe, loaded.family
+    return base, None
+
+
+def apply_lcm_lora(pipe: Any, ref: str, registry: Registry, *, family: str | None = None,
+                   adapter_name: str = "lcm", fuse: bool = False) -> Manifest:
+    """Pull `ref` (verified), load it into `pipe` as `adapter_name` (fused if asked) and set
+    LCMScheduler; returns the manifest of the version loaded. Nothing is loaded if the pull fails."""
+    from diffusers import LCMScheduler
+
     with _temporary_dir(registry.cache_dir / "checkouts") as folder:
         result = registry.pull(ref, folder)
         lora_family = (result.manifest.base or {}).get("family")
@@ -60,5 +59,24 @@ def load_lcm_pipeline(ref: str, base: Any, registry: Registry, *, adapter_name: 
                 raise RegistryError(f"{ref}: no .safetensors weights in the version")
             weights = candidates[0]
         pipe.load_lora_weights(str(folder), weight_name=weights, adapter_name=adapter_name)
+    if fuse:
+        pipe.fuse_lora(adapter_names=[adapter_name])
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return result.manifest
+
+
+def load_lcm_pipeline(ref: str, base: Any, registry: Registry, *, adapter_name: str = "lcm",
+                      fuse: bool = False) -> Any:
+    """A diffusers pipeline with the LoRA `ref` loaded and LCMScheduler set, for 4-step use.
+
+    `base` is a base reference (folder, hub id, .safetensors; loaded with
+    components.base_model.load_base) or an already-built diffusers pipeline. `fuse` merges the
+    LoRA into the base weights (no per-step adapter cost; see docs/benchmarks.md).
+
+        pipe = load_lcm_pipeline("toy-lcm-lora@production", "data/toy/base", Registry.from_params(params))
+        image = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=1.0).images[0]
+    """
+    pipe, family = load_base_pipeline(base)
+    apply_lcm_lora(pipe, ref, registry, family=family, adapter_name=adapter_name, fuse=fuse)
     return pipe

@@ -2,19 +2,25 @@
 
 Layout under the root:
 
-    NAME/claims/VERSION.json             create-only: who took this version id
+    NAME/claims/VERSION.json             create-only: who took this version id, when, and the
+                                         digest of the manifest it will write
+    NAME/digests/HEX.json                create-only: which version holds content HEX
     NAME/versions/VERSION/<files>        the LoRA folder, immutable
     NAME/versions/VERSION/manifest.json  written last, create-only: a version without it
                                          does not exist for readers
     NAME/aliases/ALIAS.json              {version, updated_at, history}, moved by CAS
+    NAME/events/ALIAS/SEQ.json           create-only, one per alias move (registry_events.py)
+    NAME/tombstones/VERSION.json         an abandoned claim removed by gc (keeps ids unique)
 
 Version ids are increasing integers. A publisher claims the next id with a create-only
 write of its claim; a racing publisher that loses the claim takes the next id, so both
 succeed with different ids and never write into each other's folder. Claims are never
 deleted, so ids are never reused, not even after `gc`.
 
-References: `NAME@ALIAS`, `NAME:VERSION`, `NAME` (the `latest` alias, which every publish
-moves forward). Names, references and the manifest format live in
+Every read of a manifest recomputes its digest and compares it with the claim's, so an
+edited manifest is refused. Publishing content whose digest already has a version returns
+that version. References: `NAME@ALIAS`, `NAME:VERSION`, `NAME@sha256:HEX`, `NAME` (the
+`latest` alias, which every publish moves forward). Names, references and the manifest format live in
 `components/registry_manifest.py`; loading a pulled LoRA into a pipeline in
 `components/pipeline_loader.py`.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -42,7 +49,9 @@ from typing import Any
 from components.base_model import PICKLE_SUFFIXES
 from components.content_hash import file_sha256
 from components.model_card import ModelCardError, check_model_card, render_model_card
+from components.registry_events import AliasEvent, emit_prefect, write_event
 from components.registry_manifest import (
+    DIGEST_PREFIX,
     LATEST,
     NAME_PATTERN,
     FileEntry,
@@ -61,7 +70,10 @@ CARD = "README.md"
 CAS_ATTEMPTS = 200  # alias moves retried this often under contention before giving up
 CLAIM_ATTEMPTS = 1000  # version ids tried by one publisher before giving up
 STALE_CLAIM_S = 3600.0  # gc removes incomplete versions whose claim is older than this
+PUBLISH_WAIT_S = 300.0  # an identical publish waits this long for a racing publisher's version
+POLL_S = 0.1  # how often it looks
 WORKERS = 4  # parallel file transfers per publish / pull
+FICLONE = 0x40049409  # Linux ioctl: reflink one file's extents into another (btrfs, xfs, ...)
 # Metadata keys whose values are redacted: whole `_`/`-`/`.`-separated words, so that
 # `aws_secret_access_key` is caught and `tokenizer` or `max_tokens` are not.
 _SECRET_KEY = re.compile(r"(?:^|[_.-])(?:secret|password|passwd|token|credentials?|private_key|api_key|access_key)"
@@ -72,11 +84,44 @@ class VerificationError(RegistryError):
     """A pulled file does not match its manifest entry (tampered or truncated)."""
 
 
+class GateRefused(RegistryError):
+    """An alias move (or a publish with an alias) refused: the version's gate did not pass."""
+
+
 @dataclass(frozen=True)
 class AliasMove:
     version: str
     previous: str | None
     updated_at: str
+    kind: str = "set"  # publish | set | force | rollback
+    reason: str | None = None  # why a gate was overridden, or why it was rolled back
+    digest: str | None = None  # sha256:<hex> of `version`
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": int(self.version), "previous": None if self.previous is None else int(self.previous),
+                "updated_at": self.updated_at, "kind": self.kind, "reason": self.reason, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AliasMove:
+        previous = raw.get("previous")
+        return cls(str(raw["version"]), None if previous is None else str(previous), raw["updated_at"],
+                   raw.get("kind", "set"), raw.get("reason"), raw.get("digest"))
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: Manifest
+    existing: bool  # True: identical content was already this version; nothing uploaded
+    alias: AliasMove | None = None  # the move of the requested alias, if any
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of `list`: its verified manifest, or why it cannot be read."""
+
+    version: str
+    manifest: Manifest | None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +132,9 @@ class GcPlan:
     delete: list[str]
     keep: list[str]
     aliased: dict[str, list[str]]  # version -> aliases pointing at it (always kept)
-    incomplete: list[str]  # claimed long ago, never got a manifest: files removed
+    incomplete: list[str]  # claimed long ago, never got a manifest: claim and files removed
     dry_run: bool
+    uploads: list[str] = field(default_factory=list)  # stale multipart uploads (S3) aborted
 
 
 @dataclass(frozen=True)
@@ -121,6 +167,34 @@ def _file_matches(path: Path, entry: FileEntry) -> bool:
             return all(pool.map(part_ok, range(len(entry.parts))))
     finally:
         os.close(fd)
+
+
+def _claim_dead(claim: dict[str, Any] | None) -> bool:
+    """A claim whose publisher cannot finish: missing, older than STALE_CLAIM_S, or made by a
+    process of this host that no longer runs."""
+    if claim is None or time.time() - float(claim.get("claimed_at", 0)) > STALE_CLAIM_S:
+        return True
+    if claim.get("host") == socket.gethostname() and isinstance(claim.get("pid"), int):
+        try:
+            os.kill(claim["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return False
+
+
+def _copy_or_reflink(src: Path, dest: Path) -> None:
+    """Copy a cache blob into a pulled folder: a reflink (shared extents, copy-on-write) where
+    the filesystem has them, else a full copy. Never a hard link: editing a pulled file must
+    not change the cache or other pulled folders."""
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dest)  # copy_file_range/sendfile where the kernel has them
 
 
 def _base_from_metadata(lineage: Any, card_path: Path) -> dict[str, Any] | None:
@@ -201,11 +275,14 @@ class Registry:
     def publish(self, folder: str | os.PathLike, name: str, *, alias: str | None = None,
                 base: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None,
                 gate: dict[str, Any] | None = None, lineage: dict[str, Any] | None = None,
-                progress: ProgressCallback | None = None) -> Manifest:
+                progress: ProgressCallback | None = None, force_reason: str | None = None) -> PublishResult:
         """Publish `folder` as the next version of `name`; move `latest` (and `alias`) to it.
 
         Metadata defaults come from the folder: `metrics.json` (its `gate` entry is the gate)
-        and `lineage.json` (its `base` entry is the base). A failed gate is refused.
+        and `lineage.json` (its `base` entry is the base). A failed gate is refused, and a
+        version whose gate did not pass (failed or missing) gets no `alias`, unless
+        `force_reason` says why (recorded in the alias history). Content identical to an
+        existing version of `name` (same digest) returns that version: nothing is uploaded.
         """
         validate_name(name)
         if alias is not None:
@@ -213,18 +290,38 @@ class Registry:
         src = Path(folder)
         # 1. Check the folder: files, weights format, model card, metadata.
         files = self._scan_folder(src)
-        metrics, gate, lineage, base = self._folder_metadata(src, metrics, gate, lineage, base)
+        metrics, gate, lineage, base = self._folder_metadata(src, metrics, gate, lineage, base, force_reason)
         card = self._model_card(src, name, base)
         metadata = json.dumps([base, metrics, gate, lineage], default=str).encode()
         self._refuse_credentials(name, {MANIFEST: metadata, **self._small_texts(src, files)})
-        # 2. Hash every file before anything is uploaded.
+        # 2. Hash every file before anything is uploaded; the digest covers them and the metadata.
         entries = {rel: hash_file(src / rel, PART_SIZE) for rel in files}
         if card is not None:
             entries[CARD] = FileEntry(hashlib.sha256(card).hexdigest(), len(card))
-        # 3. Claim the next version id (create-only; a lost race moves on to the next id).
-        version = self._claim_version(name)
+        draft = Manifest(name=name, version="0", files=entries, base=_redact(base), metrics=_redact(metrics),
+                         gate=gate, lineage=_redact(lineage))
+        if alias is not None and alias != LATEST:
+            self._check_gate(draft, f"{src} as {name}@{alias}", force_reason)
+        # 3. Identical content already published (or being published): that version.
+        for _ in range(CLAIM_ATTEMPTS):
+            existing = self._existing_version(name, draft.digest)
+            if existing is None:
+                # 4. Claim the next version id (create-only, with the digest), then the digest itself.
+                version, created_at = self._claim_version(name, draft.digest)
+                existing = self._claim_digest(name, draft.digest, version)
+                if existing is None:
+                    break
+            found = self._wait_for_version(name, existing, draft.digest)
+            if found is not None:
+                self._move_alias(name, LATEST, found.version, forward_only=True, kind="publish")
+                move = self._publish_alias(name, alias, found.version, force_reason)
+                return PublishResult(found, existing=True, alias=move)
+            # Its publisher died before finishing: the index entry is gone, claim the content again.
+        else:
+            raise RegistryError(f"{name}: could not publish {draft.digest} after {CLAIM_ATTEMPTS} attempts")
+        manifest = dataclasses.replace(draft, version=version, created_at=created_at)
         vdir = self._version_dir(name, version)
-        # 4. Upload the files; nobody else writes under a claimed id.
+        # 5. Upload the files; nobody else writes under a claimed id.
         def upload(rel: str) -> None:
             self.storage.put_file(src / rel, f"{vdir}/{rel}")
             if progress is not None:
@@ -233,16 +330,31 @@ class Registry:
         if card is not None:
             self.storage.write_bytes(f"{vdir}/{CARD}", card)
         self._each(upload, files)
-        # 5. The manifest last, create-only: from here on the version exists.
-        manifest = Manifest(name=name, version=version, files=entries, base=_redact(base), metrics=_redact(metrics),
-                            gate=gate, lineage=_redact(lineage), created_at=_now())
-        text = manifest.to_json()
-        self.storage.write_bytes(f"{vdir}/{MANIFEST}", text.encode(), create_only=True)
-        # 6. Move aliases: `latest` only ever forward, the requested alias unconditionally.
-        self._move_alias(name, LATEST, version, forward_only=True)
-        if alias is not None and alias != LATEST:
-            self._move_alias(name, alias, version)
-        return manifest
+        # 6. The manifest last, create-only: from here on the version exists.
+        self.storage.write_bytes(f"{vdir}/{MANIFEST}", manifest.to_json().encode(), create_only=True)
+        # 7. Move aliases: `latest` only ever forward, the requested alias unconditionally.
+        self._move_alias(name, LATEST, version, forward_only=True, kind="publish")
+        move = self._publish_alias(name, alias, version, force_reason)
+        return PublishResult(manifest, existing=False, alias=move)
+
+    def _publish_alias(self, name: str, alias: str | None, version: str, force_reason: str | None) -> AliasMove | None:
+        if alias is None or alias == LATEST:
+            return None
+        return self._move_alias(name, alias, version, kind="force" if force_reason else "publish",
+                                reason=force_reason)
+
+    @staticmethod
+    def _check_gate(manifest: Manifest, what: str, force_reason: str | None) -> None:
+        """Refuse an alias for a version whose gate did not pass, naming the failed rules."""
+        status = manifest.gate_status
+        if status == "passed" or force_reason:
+            return
+        if status == "missing":
+            raise GateRefused(f"{what}: refused: the version was never evaluated (gate missing); evaluate it, "
+                              "or override with --force --reason \"...\" (recorded in the alias history)")
+        rules = (manifest.gate or {}).get("violations") or ["(no violations recorded)"]
+        raise GateRefused(f"{what}: refused: its gate failed: {'; '.join(map(str, rules))}; override with "
+                          "--force --reason \"...\" (recorded in the alias history)")
 
     def _scan_folder(self, src: Path) -> list[str]:
         if not src.is_dir():
@@ -276,7 +388,8 @@ class Registry:
 
     @staticmethod
     def _folder_metadata(src: Path, metrics: dict | None, gate: dict | None, lineage: dict | None,
-                         base: dict | None) -> tuple[dict | None, dict | None, dict | None, dict | None]:
+                         base: dict | None, force_reason: str | None = None,
+                         ) -> tuple[dict | None, dict | None, dict | None, dict | None]:
         if metrics is None and (src / "metrics.json").is_file():
             metrics = _read_json_file(src / "metrics.json")
         if gate is None and isinstance(metrics, dict) and isinstance(metrics.get("gate"), dict):
@@ -287,10 +400,10 @@ class Registry:
             lineage = _read_json_file(src / "lineage.json")
         if base is None:
             base = _base_from_metadata(lineage, src / CARD)
-        if gate is not None and gate.get("passed") is False:
+        if gate is not None and gate.get("passed") is False and not force_reason:
             violations = gate.get("violations") or []
-            raise RegistryError(f"{src}: its evaluation gate failed; a LoRA that failed its gate is never "
-                                f"published. Violations: {violations}")
+            raise RegistryError(f"{src}: its evaluation gate failed; a LoRA that failed its gate is not "
+                                f"published without --force --reason. Violations: {violations}")
         return metrics, gate, lineage, base
 
     @staticmethod
@@ -330,22 +443,85 @@ class Registry:
                 raise RegistryError(f"{name}: {leaked} contain the value of ${var}; remove credentials from "
                                     "metrics/lineage before publishing")
 
-    def _claim_version(self, name: str) -> str:
+    def _claim_version(self, name: str, digest: str) -> tuple[str, str]:
+        """Take the next free version id with a create-only claim recording the manifest digest."""
         version = self._highest_claimed(name) + 1
-        claim = {"claimed_at": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+        created_at = _now()
+        claim = {"claimed_at": time.time(), "created_at": created_at, "digest": digest,
+                 "host": socket.gethostname(), "pid": os.getpid()}
         for _ in range(CLAIM_ATTEMPTS):
             try:
                 self.storage.write_bytes(f"{name}/claims/{version}.json",
-                                         json.dumps({"version": str(version), **claim}).encode(), create_only=True)
-                return str(version)
+                                         json.dumps({"version": version, **claim}).encode(), create_only=True)
+                return str(version), created_at
             except AlreadyExists:
                 version += 1
         raise RegistryError(f"{name}: could not claim a version id after {CLAIM_ATTEMPTS} attempts")
 
     def _highest_claimed(self, name: str) -> int:
         ids = [n.removesuffix(".json") for n in self.storage.ls(f"{name}/claims")]
+        ids += [n.removesuffix(".json") for n in self.storage.ls(f"{name}/tombstones")]
         ids += self.storage.ls(f"{name}/versions")
         return max((int(i) for i in ids if i.isdigit()), default=0)
+
+    @staticmethod
+    def _digest_path(name: str, digest: str) -> str:
+        return f"{name}/digests/{digest.removeprefix(DIGEST_PREFIX)}.json"
+
+    def _claim_digest(self, name: str, digest: str, version: str) -> str | None:
+        """Record `version` as the holder of `digest` (create-only). If a racing publisher of the
+        same content won, give our claim back (nothing was uploaded) and return its version."""
+        try:
+            self.storage.write_bytes(self._digest_path(name, digest),
+                                     json.dumps({"version": int(version), "digest": digest}).encode(),
+                                     create_only=True)
+            return None
+        except AlreadyExists:
+            self.storage.delete(f"{name}/claims/{version}.json")
+            holder = self._existing_version(name, digest)
+            if holder is None:
+                raise RegistryError(f"{name}: the digest index for {digest} changed during publish; retry") from None
+            return holder
+
+    def _existing_version(self, name: str, digest: str) -> str | None:
+        """The version holding `digest`, complete or still being published; None if none (or stale)."""
+        try:
+            version = str(json.loads(self.storage.read_bytes(self._digest_path(name, digest)))["version"])
+        except NotFound:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"{self.storage.url(self._digest_path(name, digest))}: malformed ({exc})") from None
+        if self.storage.exists(f"{self._version_dir(name, version)}/{MANIFEST}"):
+            return version
+        if _claim_dead(self._read_claim(name, version)):
+            # Left by a dead publisher or a gc that stopped half-way: not a version, forget it.
+            self.storage.delete(self._digest_path(name, digest))
+            return None
+        return version
+
+    def _wait_for_version(self, name: str, version: str, digest: str) -> Manifest | None:
+        """The manifest of `version` once its (racing) publisher wrote it; None if it died."""
+        deadline = time.monotonic() + PUBLISH_WAIT_S
+        path = f"{self._version_dir(name, version)}/{MANIFEST}"
+        while not self.storage.exists(path):
+            if self._existing_version(name, digest) is None:
+                return None
+            if time.monotonic() > deadline:
+                raise RegistryError(f"{name}: identical content ({digest}) is being published as {name}:{version} "
+                                    f"by another publisher that has not finished after {PUBLISH_WAIT_S:.0f} s; "
+                                    "retry later (`registry gc` removes a dead publisher's claim)")
+            time.sleep(POLL_S)
+        return self._manifest(name, version)
+
+    def _read_claim(self, name: str, version: str) -> dict[str, Any] | None:
+        try:
+            claim = json.loads(self.storage.read_bytes(f"{name}/claims/{version}.json"))
+        except NotFound:
+            return None
+        except ValueError as exc:
+            raise RegistryError(f"{self.storage.url(f'{name}/claims/{version}.json')}: malformed claim ({exc})") \
+                from None
+        return claim if isinstance(claim, dict) else None
 
     @staticmethod
     def _each(fn: Callable[[str], None], items: list[str]) -> None:
@@ -363,7 +539,8 @@ class Registry:
     # --- list / show ---------------------------------------------------------------------
 
     def list(self, name: str | None = None) -> list[str]:
-        """Registered names (no argument), or the complete versions of `name`, oldest first."""
+        """Registered names (no argument), or the complete versions of `name`, oldest first
+        (numerically: 2 before 10). Manifests are not read; `versions` verifies them."""
         if name is None:
             return [n for n in self.storage.ls() if NAME_PATTERN.fullmatch(n) and self.list(n)]
         validate_name(name)
@@ -371,6 +548,17 @@ class Registry:
         versions = [p.removesuffix(suffix) for p in self.storage.ls(f"{name}/versions", recursive=True)
                     if p.endswith(suffix) and p.count("/") == 1]
         return sorted((v for v in versions if v.isdigit()), key=int)
+
+    def versions(self, name: str) -> list[VersionStatus]:
+        """Every complete version of `name` with its verified manifest, or the reason it cannot
+        be read (a malformed or edited manifest): one broken version hides none of the others."""
+        out = []
+        for version in self.list(name):
+            try:
+                out.append(VersionStatus(version, self._manifest(name, version)))
+            except RegistryError as exc:
+                out.append(VersionStatus(version, None, str(exc)))
+        return out
 
     def aliases(self, name: str) -> dict[str, str]:
         """alias -> version for every alias of `name`."""
@@ -388,6 +576,8 @@ class Registry:
         ref = parse_reference(ref) if isinstance(ref, str) else ref
         if ref.version is not None:
             return ref.name, ref.version
+        if ref.digest is not None:
+            return ref.name, self._resolve_digest(ref)
         try:
             return ref.name, self._read_alias(ref.name, ref.alias or LATEST)[0]["version"]
         except NotFound:
@@ -399,12 +589,31 @@ class Registry:
             raise RegistryError(f"{ref}: no alias {ref.alias!r} for {ref.name} in {self.storage.url()} "
                                 f"(aliases: {sorted(self.aliases(ref.name)) or 'none'})") from None
 
+    def _resolve_digest(self, ref: Reference) -> str:
+        """The version whose digest starts with `ref.digest` (unique), checked against its manifest."""
+        assert ref.digest is not None
+        hits = sorted(e.removesuffix(".json") for e in self.storage.ls(f"{ref.name}/digests")
+                      if e.endswith(".json") and e.startswith(ref.digest))
+        if not hits:
+            raise RegistryError(f"{ref}: no version of {ref.name} has this digest in {self.storage.url()}")
+        if len(hits) > 1:
+            raise RegistryError(f"{ref}: ambiguous digest prefix, matches {', '.join(h[:16] for h in hits)}...; "
+                                "give more hex digits")
+        version = self._existing_version(ref.name, DIGEST_PREFIX + hits[0])
+        if version is None or version not in self.list(ref.name):
+            raise RegistryError(f"{ref}: the version with this digest is not complete (being published or removed)")
+        if self._manifest(ref.name, version).digest != DIGEST_PREFIX + hits[0]:
+            raise RegistryError(f"{ref}: the digest index points at {ref.name}:{version}, whose digest differs")
+        return version
+
     def show(self, ref: str | Reference) -> Manifest:
-        """The manifest of the version `ref` points to."""
+        """The manifest of the version `ref` points to (verified against its claim)."""
         name, version = self.resolve(ref)
         return self._manifest(name, version)
 
     def _manifest(self, name: str, version: str) -> Manifest:
+        """Read and verify a manifest: its digest must be the one recorded create-only in the claim
+        when the version was taken, so any edit (gate, metrics, a file's sha256) is refused."""
         path = f"{self._version_dir(name, version)}/{MANIFEST}"
         try:
             raw = self.storage.read_bytes(path)
@@ -415,6 +624,15 @@ class Registry:
         if (manifest.name, manifest.version) != (name, version):
             raise RegistryError(f"{self.storage.url(path)}: manifest says {manifest.name}:{manifest.version}, "
                                 f"expected {name}:{version}")
+        claim = self._read_claim(name, version) or {}
+        recorded, created_at = claim.get("digest"), claim.get("created_at")
+        if not recorded:
+            raise RegistryError(f"{self.storage.url(path)}: no digest recorded in claims/{version}.json; the "
+                                "version cannot be verified, refusing it")
+        if manifest.digest != recorded or manifest.stored_digest != recorded or manifest.created_at != created_at:
+            raise RegistryError(f"{self.storage.url(path)}: edited after publish: its content digest is "
+                                f"{manifest.digest}, the claim recorded {recorded}; refusing it (republish "
+                                "the folder to make a new version)")
         return manifest
 
     # --- pull ----------------------------------------------------------------------------
@@ -452,6 +670,7 @@ class Registry:
                 entry = manifest.files[rel]
                 blob = self._blob(entry.sha256)
                 blob.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(staging / entry.sha256, 0o444)  # cache entries are never edited in place
                 os.replace(staging / entry.sha256, blob)
             self._assemble(manifest, target, overwrite)
         finally:
@@ -509,10 +728,7 @@ class Registry:
             for rel, entry in manifest.files.items():
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(self._blob(entry.sha256), dest)
-                except OSError:  # another filesystem: copy
-                    shutil.copyfile(self._blob(entry.sha256), dest)
+                _copy_or_reflink(self._blob(entry.sha256), dest)
             (tmp / MANIFEST).write_bytes(manifest.raw or manifest.to_json().encode())
             if target.exists():
                 if target.is_dir() and not any(target.iterdir()):
@@ -529,13 +745,37 @@ class Registry:
 
     # --- aliases ---------------------------------------------------------------------------
 
-    def alias_set(self, name: str, alias: str, version: str) -> AliasMove:
-        """Point `alias` at an existing `version` (compare-and-swap; appended to its history)."""
+    def alias_set(self, name: str, alias: str, version: str, *, force_reason: str | None = None) -> AliasMove:
+        """Point `alias` at an existing `version` (compare-and-swap; appended to its history).
+
+        Refused when the version's gate did not pass (failed: the rules are named; missing:
+        never evaluated) unless `force_reason` says why; the reason goes into the history.
+        """
         validate_name(name)
         validate_name(alias, "alias")
         validate_version(version)
-        self._manifest(name, version)  # the version must exist
-        move = self._move_alias(name, alias, version)
+        manifest = self._manifest(name, version)  # the version must exist and verify
+        if alias != LATEST:
+            self._check_gate(manifest, f"{name}:{version} as {name}@{alias}", force_reason)
+        move = self._move_alias(name, alias, version, kind="force" if force_reason else "set", reason=force_reason)
+        assert move is not None
+        return move
+
+    def alias_rollback(self, name: str, alias: str, *, reason: str | None = None) -> AliasMove:
+        """Move `alias` back to the version it pointed to before its current one (by CAS).
+
+        Rollbacks undo moves: two rollbacks after 1 -> 2 -> 3 end on 1, not back on 3.
+        """
+        validate_name(name)
+        validate_name(alias, "alias")
+        try:
+            move = self._move_alias(name, alias, _rollback_target, kind="rollback", reason=reason)
+        except NotFound:
+            raise RegistryError(f"{name}@{alias}: no such alias (aliases: {sorted(self.aliases(name)) or 'none'})") \
+                from None
+        except _NothingToRollBack:
+            raise RegistryError(f"{name}@{alias}: nothing to roll back to: no earlier version in its history") \
+                from None
         assert move is not None
         return move
 
@@ -548,7 +788,7 @@ class Registry:
         except NotFound:
             raise RegistryError(f"{name}@{alias}: no such alias (aliases: {sorted(self.aliases(name)) or 'none'})") \
                 from None
-        return [AliasMove(h["version"], h.get("previous"), h["updated_at"]) for h in state.get("history", [])]
+        return [AliasMove.from_dict(h) for h in state.get("history", [])]
 
     def _read_alias(self, name: str, alias: str) -> tuple[dict[str, Any], str]:
         path = self._alias_path(name, alias)
@@ -560,7 +800,9 @@ class Registry:
             raise RegistryError(f"{self.storage.url(path)}: malformed alias file ({exc})") from None
         return state, tag
 
-    def _move_alias(self, name: str, alias: str, version: str, *, forward_only: bool = False) -> AliasMove | None:
+    def _move_alias(self, name: str, alias: str, version: str | Callable[[list[AliasMove]], str], *,
+                    forward_only: bool = False, kind: str = "set", reason: str | None = None) -> AliasMove | None:
+        """Compare-and-swap `alias` to `version` (or to `version(history)`), then log the event."""
         path = self._alias_path(name, alias)
         for attempt in range(CAS_ATTEMPTS):
             try:
@@ -568,30 +810,51 @@ class Registry:
             except NotFound:
                 state, tag = {"name": name, "alias": alias, "version": None, "history": []}, None
             previous = state.get("version")
-            if forward_only and previous is not None and int(previous) >= int(version):
+            history = [AliasMove.from_dict(h) for h in state.get("history", [])]
+            target = version(history) if callable(version) else version
+            if forward_only and previous is not None and int(previous) >= int(target):
                 return None
-            move = AliasMove(version=version, previous=previous, updated_at=_now())
-            new = {"name": name, "alias": alias, "version": version, "updated_at": move.updated_at,
-                   "history": [*state.get("history", []), dataclasses.asdict(move)]}
+            digest = self._manifest(name, target).digest
+            move = AliasMove(version=target, previous=previous, updated_at=_now(), kind=kind, reason=reason,
+                             digest=digest)
+            history.append(move)
+            new = {"name": name, "alias": alias, "version": int(target), "updated_at": move.updated_at,
+                   "history": [h.to_dict() for h in history]}
             try:
                 self.storage.write_if_match(path, json.dumps(new, indent=1).encode(), tag)
-                return move
             except PreconditionFailed:
                 time.sleep(random.uniform(0, 0.01 * min(attempt + 1, 20)))  # back off, then re-read
+                continue
+            self._log_moves(name, alias, history)
+            return move
         raise RegistryError(f"{name}@{alias}: could not move the alias after {CAS_ATTEMPTS} attempts "
                             "(too many concurrent writers)")
 
+    def _log_moves(self, name: str, alias: str, history: list[AliasMove]) -> None:
+        """Append the last move to the event log (and the one before, if its writer died before
+        logging it); send the Prefect event for the last move."""
+        events = [AliasEvent(name=name, alias=alias, sequence=i + 1, to_version=int(m.version),
+                             from_version=None if m.previous is None else int(m.previous),
+                             digest=m.digest or "", kind=m.kind, reason=m.reason, moved_at=m.updated_at)
+                  for i, m in enumerate(history)][-2:]
+        for event in events:
+            write_event(self.storage, event)
+        emit_prefect(events[-1])
+
     # --- gc --------------------------------------------------------------------------------
 
-    def gc(self, name: str, keep: int, *, dry_run: bool = True) -> GcPlan:
+    def gc(self, name: str, keep: int, *, dry_run: bool = True, grace_s: float | None = None) -> GcPlan:
         """Delete all but the newest `keep` versions, never one an alias points to.
 
-        Dry run by default. Also removes the files of versions that were claimed more than
-        an hour ago and never got a manifest (a killed publisher's leftovers).
+        Dry run by default. Also removes what dead publishers left once older than `grace_s`
+        (default STALE_CLAIM_S): claims that never got a manifest, their files and digest
+        index entries (a tombstone keeps the id from being reused), and incomplete S3
+        multipart uploads under NAME/.
         """
         validate_name(name)
         if keep < 0:
             raise RegistryError(f"gc {name}: --keep must be >= 0, got {keep}")
+        grace = STALE_CLAIM_S if grace_s is None else grace_s
         versions = self.list(name)
         aliased: dict[str, list[str]] = {}
         for alias, version in self.aliases(name).items():
@@ -599,28 +862,64 @@ class Registry:
         newest = set(versions[-keep:]) if keep else set()
         kept = [v for v in versions if v in newest or v in aliased]
         delete = [v for v in versions if v not in kept]
-        incomplete = self._stale_incomplete(name, set(versions))
+        incomplete = self._stale_incomplete(name, set(versions), grace)
+        uploads = [u for u in self.storage.multipart_uploads(name) if time.time() - u.initiated > grace]
         if not dry_run:
             for version in delete:
                 vdir = self._version_dir(name, version)
+                self._forget_digest(name, version)
                 self.storage.delete(f"{vdir}/{MANIFEST}")  # invisible first, then the files
                 self.storage.delete(vdir, recursive=True)
             for version in incomplete:
+                tombstone = {"version": int(version), "removed_at": _now(), "reason": "abandoned claim"}
+                with contextlib.suppress(AlreadyExists):
+                    self.storage.write_bytes(f"{name}/tombstones/{version}.json", json.dumps(tombstone).encode(),
+                                             create_only=True)
+                self._forget_digest(name, version)
                 self.storage.delete(self._version_dir(name, version), recursive=True)
+                self.storage.delete(f"{name}/claims/{version}.json")
+            for upload in uploads:
+                self.storage.abort_multipart_upload(upload)
         return GcPlan(name=name, delete=delete, keep=kept, aliased={v: sorted(a) for v, a in aliased.items()},
-                      incomplete=incomplete, dry_run=dry_run)
+                      incomplete=incomplete, dry_run=dry_run, uploads=[f"{u.rel} ({u.upload_id})" for u in uploads])
 
-    def _stale_incomplete(self, name: str, complete: set[str]) -> list[str]:
+    def _forget_digest(self, name: str, version: str) -> None:
+        """Remove the digest index entry of `version` (so that its content can be published again)."""
+        digest = (self._read_claim(name, version) or {}).get("digest")
+        if not digest:
+            return
+        with contextlib.suppress(NotFound, ValueError, KeyError, TypeError):
+            if str(json.loads(self.storage.read_bytes(self._digest_path(name, digest)))["version"]) == version:
+                self.storage.delete(self._digest_path(name, digest))
+
+    def _stale_incomplete(self, name: str, complete: set[str], grace: float) -> list[str]:
         stale = []
-        present = set(self.storage.ls(f"{name}/versions"))
         for entry in self.storage.ls(f"{name}/claims"):
             version = entry.removesuffix(".json")
-            if version in complete or version not in present:
+            if not version.isdigit() or version in complete:
                 continue
             try:
-                claimed_at = float(json.loads(self.storage.read_bytes(f"{name}/claims/{entry}"))["claimed_at"])
-            except (NotFound, ValueError, KeyError, TypeError):
+                claimed_at = float((self._read_claim(name, version) or {})["claimed_at"])
+            except (RegistryError, KeyError, TypeError, ValueError):
                 continue
-            if time.time() - claimed_at > STALE_CLAIM_S:
+            if time.time() - claimed_at > grace:
                 stale.append(version)
         return sorted(stale, key=int)
+
+
+class _NothingToRollBack(Exception):
+    pass
+
+
+def _rollback_target(history: list[AliasMove]) -> str:
+    """The version before the current one, undoing earlier rollbacks (a stack of moves)."""
+    stack: list[str] = []
+    for move in history:
+        if move.kind == "rollback" and stack:
+            stack.pop()
+        else:
+            stack.append(move.version)
+    if len(stack) < 2:
+        raise _NothingToRollBack
+
+    return stack[-2]

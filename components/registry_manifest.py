@@ -1,9 +1,17 @@
 """Registry names, references and manifests (DESIGN.md contract 5): the data the registry stores.
 
-A reference is `NAME@ALIAS`, `NAME:VERSION` or `NAME` (the `latest` alias); names, aliases and
-versions match `[a-z0-9][a-z0-9._-]*`, versions are positive integers. A manifest lists every
-file of a version with its sha256 and size (and per-part sha256s for large files, so pulls
-verify parts in parallel), plus the base, metrics, gate and lineage it was published with.
+A reference is `NAME@ALIAS`, `NAME:VERSION`, `NAME@sha256:HEX` (a version by content digest,
+a unique prefix of at least 12 hex digits) or `NAME` (the `latest` alias); names, aliases and
+versions match `[a-z0-9][a-z0-9._-]*`, versions are positive integers (JSON integers in the
+stored files, strings in Python). A manifest lists every file of a version with its sha256
+and size (and per-part sha256s for large files, so pulls verify parts in parallel), plus the
+base, metrics, gate and lineage it was published with.
+
+The version digest (`content_digest`) is the sha256 of the manifest's canonical content JSON:
+`{format, files, base, metrics, gate, lineage}` dumped with sorted keys and `(",", ":")`
+separators. It covers every file's sha256 and every metadata field, so it is both the
+version's content address (identical content, identical digest) and the manifest's own
+checksum (recorded create-only in the claim, compared on every read).
 `components/registry.py` reads and writes these under a storage root.
 """
 
@@ -21,7 +29,11 @@ from components.storage import PART_SIZE, check_rel
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MAX_NAME_LENGTH = 128
 LATEST = "latest"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: integer versions, `digest` field, digest recorded in the claim
+DIGEST_PREFIX = "sha256:"
+MIN_DIGEST_PREFIX = 12  # hex digits a digest reference needs at least
+DIGEST_FIELDS = ("format", "files", "base", "metrics", "gate", "lineage")  # what the digest covers
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 class RegistryError(RuntimeError):
@@ -43,20 +55,30 @@ def validate_name(value: str, what: str = "name") -> str:
 
 @dataclass(frozen=True)
 class Reference:
-    """A parsed `NAME@ALIAS`, `NAME:VERSION` or `NAME` (alias `latest`)."""
+    """A parsed `NAME@ALIAS`, `NAME:VERSION`, `NAME@sha256:HEX` or `NAME` (alias `latest`)."""
 
     name: str
     version: str | None = None
     alias: str | None = None
+    digest: str | None = None  # lowercase hex (a prefix of >= MIN_DIGEST_PREFIX digits)
 
     def __str__(self) -> str:
         if self.version is not None:
             return f"{self.name}:{self.version}"
+        if self.digest is not None:
+            return f"{self.name}@{DIGEST_PREFIX}{self.digest}"
         return f"{self.name}@{self.alias or LATEST}"
 
 
 def parse_reference(text: str) -> Reference:
     """Parse a reference; every part is validated like a name."""
+    if "@" in text and text.split("@", 1)[1].startswith(DIGEST_PREFIX):
+        name, digest = text.split("@", 1)
+        hexdigits = digest[len(DIGEST_PREFIX):]
+        if not _HEX.fullmatch(hexdigits) or not MIN_DIGEST_PREFIX <= len(hexdigits) <= 64:
+            raise RegistryError(f"invalid reference {text!r}: a digest reference is NAME@sha256:HEX with "
+                                f"{MIN_DIGEST_PREFIX} to 64 lowercase hex digits")
+        return Reference(validate_name(name), digest=hexdigits)
     if "@" in text and ":" in text:
         raise RegistryError(f"invalid reference {text!r}: use NAME@ALIAS or NAME:VERSION, not both")
     if "@" in text:
@@ -120,30 +142,55 @@ class Manifest:
     lineage: dict[str, Any] | None = None
     created_at: str = ""
     raw: bytes = field(default=b"", repr=False, compare=False)  # the stored bytes, when read
+    stored_digest: str = field(default="", repr=False, compare=False)  # its `digest` field, when read
+
+    def content(self) -> dict[str, Any]:
+        """What the digest covers: format, files, base, metrics, gate, lineage (not name/version/time)."""
+        return {"format": MANIFEST_FORMAT, "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+                "base": self.base, "metrics": self.metrics, "gate": self.gate, "lineage": self.lineage}
+
+    @property
+    def digest(self) -> str:
+        """`sha256:<hex>` of the canonical content JSON: the version's content address."""
+        return DIGEST_PREFIX + content_digest(self.content())
+
+    @property
+    def gate_status(self) -> str:
+        """`passed`, `failed` or `missing` (published without an evaluation)."""
+        if not isinstance(self.gate, dict):
+            return "missing"
+        return "passed" if self.gate.get("passed") is True else "failed"
 
     def to_json(self) -> str:
-        body = {
-            "format": MANIFEST_FORMAT, "name": self.name, "version": self.version, "created_at": self.created_at,
-            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
-            "base": self.base, "metrics": self.metrics, "gate": self.gate, "lineage": self.lineage,
-        }
+        body = {"format": MANIFEST_FORMAT, "name": self.name, "version": int(self.version),
+                "created_at": self.created_at, "digest": self.digest, **self.content()}
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> Manifest:
         try:
             raw = json.loads(text)
+            if raw.get("format") != MANIFEST_FORMAT:
+                raise RegistryError(f"{source}: manifest format {raw.get('format')!r}, this lcmlora reads format "
+                                    f"{MANIFEST_FORMAT}; republish the folder with this version")
             files = {check_rel(k): FileEntry.from_dict(v) for k, v in raw["files"].items()}
-            return cls(name=raw["name"], version=str(raw["version"]), files=files, base=raw.get("base"),
+            return cls(name=raw["name"], version=str(int(raw["version"])), files=files, base=raw.get("base"),
                        metrics=raw.get("metrics"), gate=raw.get("gate"), lineage=raw.get("lineage"),
                        created_at=raw.get("created_at", ""),
-                       raw=text.encode() if isinstance(text, str) else bytes(text))
+                       raw=text.encode() if isinstance(text, str) else bytes(text),
+                       stored_digest=str(raw.get("digest", "")))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files.values())
+
+
+def content_digest(content: dict[str, Any]) -> str:
+    """Hex sha256 of `content` as canonical JSON (sorted keys, no whitespace, ASCII)."""
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def hash_file(path: Path, part_size: int = PART_SIZE) -> FileEntry:

@@ -32,6 +32,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -64,6 +65,15 @@ class PreconditionFailed(StorageError):
 
 class NotFound(StorageError, FileNotFoundError):
     """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    """An S3 multipart upload that was started and never completed or aborted."""
+
+    rel: str  # its key relative to the storage root
+    upload_id: str
+    initiated: float  # seconds since the epoch
 
 
 PartCheck = Callable[[int, str], None]  # (offset of a part, its sha256 hex); raises to abort
@@ -222,6 +232,18 @@ class Storage:
     def delete(self, rel: str, *, recursive: bool = False) -> None:
         """Remove `rel` (a file; or everything below it when recursive). Missing is fine."""
         self._backend.delete(check_rel(rel), recursive)
+
+    def multipart_uploads(self, rel: str = "") -> list[MultipartUpload]:
+        """Incomplete S3 multipart uploads of keys below `rel` (a killed upload's parts, which
+        cost storage and are invisible to `ls`); always empty on a local root."""
+        if not self.is_s3:
+            return []
+        return self._backend.multipart_uploads(check_rel(rel))  # type: ignore[attr-defined]
+
+    def abort_multipart_upload(self, upload: MultipartUpload) -> None:
+        """Abort one incomplete multipart upload, freeing its parts."""
+        if self.is_s3:
+            self._backend.abort_multipart_upload(upload)  # type: ignore[attr-defined]
 
 
 # --- backends ------------------------------------------------------------------------------
@@ -648,6 +670,23 @@ class _S3Backend:
         except NotFound:
             # If-Match on a missing key answers 404 on some servers: the tag did not match.
             raise PreconditionFailed(f"s3://{self.bucket}/{self.store.key(rel)}: gone since it was read") from None
+
+    def multipart_uploads(self, rel: str) -> list[MultipartUpload]:
+        prefix = self.store.key(rel)
+        prefix = f"{prefix}/" if prefix else ""
+        root = f"{self.store.prefix}/" if self.store.prefix else ""
+        out = []
+        with self._call(rel, "list multipart uploads"):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                       Prefix=prefix):
+                for up in page.get("Uploads", []):
+                    out.append(MultipartUpload(up["Key"][len(root):], up["UploadId"], up["Initiated"].timestamp()))
+        return out
+
+    def abort_multipart_upload(self, upload: MultipartUpload) -> None:
+        with self._call(upload.rel, "abort multipart upload"):
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.store.key(upload.rel),
+                                               UploadId=upload.upload_id)
 
     def delete(self, rel: str, recursive: bool) -> None:
         if not recursive:

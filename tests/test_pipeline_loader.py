@@ -71,6 +71,7 @@ def test_load_lcm_pipeline_loads_lora_and_sets_lcm_scheduler(tmp_path: Path) -> 
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     (folder / "README.md").write_text(CARD)
     (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "tiny", "family": "sd15"}}))
+    (folder / "metrics.json").write_text(json.dumps({"gate": {"passed": True, "violations": []}}))
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
     reg.publish(folder, "tiny-lcm-lora", alias="production")
 
@@ -105,3 +106,28 @@ def test_lora_of_another_family_is_refused_and_the_checkout_removed(tmp_path: Pa
     with pytest.raises(RegistryError, match="sdxl family cannot load into a sd15 base"):
         load_lcm_pipeline("xl-lcm-lora", str(base), reg)
     assert not list((tmp_path / "cache" / "checkouts").iterdir())  # temporary checkout removed
+
+
+def test_fused_lora_gives_the_same_images(tmp_path: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    unet = _tiny_sd_pipeline(tmp_path).unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    folder = tmp_path / "lora"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    (folder / "README.md").write_text(CARD)
+    (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "tiny", "family": "sd15"}}))
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    reg.publish(folder, "tiny")
+
+    def sample(p) -> torch.Tensor:
+        return p("a digit seven", num_inference_steps=4, guidance_scale=1.0, height=32, width=32, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    adapter = sample(load_lcm_pipeline("tiny", _tiny_sd_pipeline(tmp_path), reg))
+    fused_pipe = load_lcm_pipeline("tiny", _tiny_sd_pipeline(tmp_path), reg, fuse=True)
+    assert fused_pipe.get_active_adapters() == []  # merged into the weights, no adapter layers left
+    torch.testing.assert_close(sample(fused_pipe), adapter, atol=1e-4, rtol=0)

@@ -3,6 +3,7 @@ SeaweedFS."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import multiprocessing as mp
@@ -18,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
 
 from components import registry as registry_module
 from components.model_card import check_model_card
-from components.registry import Registry, VerificationError
+from components.registry import GateRefused, Registry, VerificationError
 from components.registry_manifest import Reference, RegistryError, parse_reference, validate_name
 from components.storage import Storage, StorageUnavailable
 
@@ -99,8 +99,8 @@ def test_reference_parsing() -> None:
 def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
     reg = registry_at(root, tmp_path)
     src = make_lora_folder(tmp_path / "lora")
-    m1 = reg.publish(src, "toy-lcm-lora", alias="candidate")
-    m2 = reg.publish(make_lora_folder(tmp_path / "lora2", seed=1), "toy-lcm-lora")
+    m1 = reg.publish(src, "toy-lcm-lora", alias="candidate").manifest
+    m2 = reg.publish(make_lora_folder(tmp_path / "lora2", seed=1), "toy-lcm-lora").manifest
     assert (m1.version, m2.version) == ("1", "2")
     assert reg.list() == ["toy-lcm-lora"]
     assert reg.list("toy-lcm-lora") == ["1", "2"]
@@ -126,9 +126,9 @@ def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="not empty"):
         reg.pull("toy-lcm-lora:2", tmp_path / "out")
     reg.pull("toy-lcm-lora:2", tmp_path / "out", overwrite=True)
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == "2"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["version"] == 2
     # A pulled folder publishes again as is (its old manifest is replaced, not content).
-    copy = reg.publish(tmp_path / "out", "toy-lcm-lora-copy")
+    copy = reg.publish(tmp_path / "out", "toy-lcm-lora-copy").manifest
     assert "manifest.json" not in copy.files and copy.files == reg.show("toy-lcm-lora:2").files
     with pytest.raises(RegistryError, match="no such version"):
         reg.show("toy-lcm-lora:9")
@@ -138,7 +138,7 @@ def test_publish_list_show_pull_roundtrip(root: str, tmp_path: Path) -> None:
 
 def test_model_card_generated_when_missing_and_checked_when_present(tmp_path: Path) -> None:
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
-    m = reg.publish(make_lora_folder(tmp_path / "nocard", card=False), "gen-card")
+    m = reg.publish(make_lora_folder(tmp_path / "nocard", card=False), "gen-card").manifest
     assert "README.md" in m.files
     front = check_model_card(reg.storage.read_text("gen-card/versions/1/README.md"))
     assert front["base_model"] == "data/toy/base" and front["library_name"] == "diffusers"
@@ -164,12 +164,12 @@ def test_base_read_from_distill_lineage_and_card(tmp_path: Path) -> None:
         "stage": "distill", "inputs": {"base": {"name": "toy", "reference": "data/toy/base",
                                                 "fingerprints": {"unet": "u" * 64, "vae": "v" * 64}}},
         "resolved": {"base": {"reference": "data/toy/base", "family": "sd15"}}}))
-    base = reg.publish(folder, "from-lineage").base
+    base = reg.publish(folder, "from-lineage").manifest.base
     assert base is not None
     assert (base["name"], base["family"], base["fingerprint"]) == ("toy", "sd15", "u" * 64)
     (folder / "lineage.json").unlink()  # only the card: base_model and its lcm_lora entry
     (folder / "README.md").write_text(CARD.replace("tags:", "lcm_lora: {family: sdxl, base_fingerprint: abc}\ntags:"))
-    assert reg.publish(folder, "from-card").base == {"reference": "data/toy/base", "family": "sdxl",
+    assert reg.publish(folder, "from-card").manifest.base == {"reference": "data/toy/base", "family": "sdxl",
                                                      "fingerprint": "abc"}
 
 
@@ -205,7 +205,7 @@ def test_credentials_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert reg.list() == [] and not reg.storage.exists("leaky/claims/1.json")
     (folder / "lineage.json").write_text(json.dumps({"base": {"reference": "b"}, "s3": {"secret_key": "abc"},
                                                      "text": {"tokenizer": "clip", "max_tokens": 77}}))
-    m = reg.publish(folder, "redacted")
+    m = reg.publish(folder, "redacted").manifest
     assert m.lineage == {"base": {"reference": "b"}, "s3": {"secret_key": "<redacted>"},
                          "text": {"tokenizer": "clip", "max_tokens": 77}}
 
@@ -242,16 +242,19 @@ def test_large_files_verified_part_by_part(root: str, tmp_path: Path, monkeypatc
     monkeypatch.setattr(registry_module, "PART_SIZE", part)  # 300 KB file -> 5 parts
     reg = registry_at(root, tmp_path)
     src = make_lora_folder(tmp_path / "lora", big=300 * 1024)
-    entry = reg.publish(src, "parted").files["big.safetensors"]
+    entry = reg.publish(src, "parted").manifest.files["big.safetensors"]
     assert entry.part_size == part and len(entry.parts) == 5
     assert reg.show("parted").files["big.safetensors"] == entry
     reg.pull("parted", tmp_path / "ok")
     assert (tmp_path / "ok" / "big.safetensors").read_bytes() == (src / "big.safetensors").read_bytes()
-    # A pulled file is a hard link into the cache: editing it is caught by the part check.
-    with open(tmp_path / "ok" / "big.safetensors", "r+b") as fh:
+    # A cache entry edited in place (here: its part 3) is caught by the part check and refetched.
+    blob = next((tmp_path / "cache" / "sha256").rglob(entry.sha256))
+    blob.chmod(0o644)
+    with open(blob, "r+b") as fh:
         fh.seek(3 * part + 5)
         fh.write(b"X")
     assert reg.pull("parted", tmp_path / "again").downloaded == ["big.safetensors"]
+    assert (tmp_path / "again" / "big.safetensors").read_bytes() == (src / "big.safetensors").read_bytes()
 
     key = "parted/versions/1/big.safetensors"
     original = reg.storage.read_bytes(key)
@@ -268,15 +271,28 @@ def test_large_files_verified_part_by_part(root: str, tmp_path: Path, monkeypatc
         assert not (tmp_path / f"out-{label}").exists() and not (tmp_path / "cache" / "sha256").exists()
 
 
-def test_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
+def test_pulled_files_are_copies_and_a_corrupted_cache_entry_is_refetched(tmp_path: Path) -> None:
     reg = registry_at(str(tmp_path / "reg"), tmp_path)
     reg.publish(make_lora_folder(tmp_path / "lora"), "cached")
     reg.pull("cached", tmp_path / "a")
-    # The pulled file is a hard link into the cache: editing it must not poison the next pull.
+    reg.pull("cached", tmp_path / "b")
+    # Editing one pulled folder changes neither the other nor the cache (issue 16 item 6).
     (tmp_path / "a" / "metrics.json").write_text("{}")
-    result = reg.pull("cached", tmp_path / "b")
-    assert result.downloaded == ["metrics.json"]
+    for rel in folder_files(tmp_path / "b"):
+        assert (tmp_path / "a" / rel).stat().st_ino != (tmp_path / "b" / rel).stat().st_ino
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["fd_4_steps"] == 1.5
+    assert reg.pull("cached", tmp_path / "c").downloaded == []
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["fd_4_steps"] == 1.5
+    blobs = [p for p in (tmp_path / "cache" / "sha256").rglob("*") if p.is_file()]
+    assert blobs and all(p.stat().st_mode & 0o222 == 0 for p in blobs)  # cache entries are read-only
+    # A cache entry corrupted anyway is re-verified before use and fetched again.
+    metrics_sha = reg.show("cached").files["metrics.json"].sha256
+    blob = next(p for p in blobs if p.name == metrics_sha)
+    blob.chmod(0o644)
+    blob.write_text("{}")
+    result = reg.pull("cached", tmp_path / "d")
+    assert result.downloaded == ["metrics.json"]
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["fd_4_steps"] == 1.5
 
 
 # --- aliases and gc ---------------------------------------------------------------------------
@@ -308,7 +324,7 @@ def test_alias_moves_history_and_gc(root: str, tmp_path: Path) -> None:
     assert reg.storage.ls("lcm/versions/1", recursive=True) == []
     assert reg.show("lcm@production").version == "2"
     # Ids are never reused after gc.
-    assert reg.publish(make_lora_folder(tmp_path / "lora9", seed=9), "lcm").version == "5"
+    assert reg.publish(make_lora_folder(tmp_path / "lora9", seed=9), "lcm").manifest.version == "5"
 
 
 def test_latest_only_moves_forward(tmp_path: Path) -> None:
@@ -326,7 +342,7 @@ def _publish_then_move(root: str, env: dict[str, str], folder: str, cache: str, 
     os.environ.update(env)
     reg = Registry(Storage(root), cache_dir=cache)
     start.wait()
-    manifest = reg.publish(folder, "racy")
+    manifest = reg.publish(folder, "racy").manifest
     barrier.wait()  # every publisher done: now all move one alias at the same moment
     move = reg.alias_set("racy", "production", manifest.version)
     results.put((manifest.version, move.previous))
@@ -398,7 +414,7 @@ def test_killed_publisher_leaves_no_version(root: str, tmp_path: Path, monkeypat
     assert reg.list("killed") == [] and reg.list() == []
     with pytest.raises(RegistryError, match="no versions"):
         reg.show("killed")
-    manifest = reg.publish(folder, "killed")
+    manifest = reg.publish(folder, "killed").manifest
     assert manifest.version == "2" and reg.list("killed") == ["2"]
     reg.pull("killed", tmp_path / "out")
     # gc clears the leftovers of the dead publisher once its claim is stale.
@@ -441,35 +457,181 @@ def test_unreachable_endpoint_clear_error_after_bounded_retries(tmp_path: Path, 
     assert "never-printed-secret" not in proc.stderr + proc.stdout
 
 
-# --- CLI ------------------------------------------------------------------------------------
+# --- digests, idempotent publish, protected manifests (issue 15 items 1-2, issue 16 items 4-5, 8) ---
 
 
-def test_cli_registry_commands_on_s3(s3_bucket: str, tmp_path: Path) -> None:
-    from flows.cli import app
+@BACKENDS
+def test_digest_references_and_identical_content_returns_the_existing_version(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    first = reg.publish(make_lora_folder(tmp_path / "a"), "dig")
+    assert not first.existing and first.manifest.digest.startswith("sha256:")
+    stored = json.loads(reg.storage.read_bytes("dig/versions/1/manifest.json"))
+    assert stored["digest"] == first.manifest.digest and stored["version"] == 1 and stored["format"] == 2
+    # The digest is the sha256 of the canonical content JSON, reproducible with json + hashlib alone.
+    content = {k: stored[k] for k in ("format", "files", "base", "metrics", "gate", "lineage")}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    assert "sha256:" + hashlib.sha256(canonical).hexdigest() == stored["digest"]
+    # Same bytes again (a copy of the folder): the existing version, nothing uploaded, no new id.
+    again = reg.publish(shutil.copytree(tmp_path / "a", tmp_path / "a-copy"), "dig", alias="candidate")
+    assert again.existing and again.manifest.version == "1" and reg.list("dig") == ["1"]
+    assert reg.aliases("dig") == {"latest": "1", "candidate": "1"}
+    other = reg.publish(make_lora_folder(tmp_path / "b", seed=1), "dig").manifest
+    assert other.version == "2" and other.digest != first.manifest.digest
+    hexdigest = other.digest.removeprefix("sha256:")
+    for ref in (f"dig@sha256:{hexdigest}", f"dig@sha256:{hexdigest[:12]}"):
+        assert reg.resolve(ref) == ("dig", "2") and reg.show(ref).version == "2"
+        assert reg.pull(ref, tmp_path / f"out-{len(ref)}").manifest.version == "2"
+    with pytest.raises(RegistryError, match="12 to 64"):
+        reg.resolve(f"dig@sha256:{hexdigest[:11]}")
+    with pytest.raises(RegistryError, match="no version of dig has this digest"):
+        reg.resolve("dig@sha256:" + "0" * 12)
 
-    params = tmp_path / "params.yaml"
-    params.write_text(f"registry:\n  root: {s3_bucket}/reg\n  cache_dir: {tmp_path / 'cache'}\n")
-    runner = CliRunner()
 
-    def run(*args: str) -> str:
-        result = runner.invoke(app, [*args, "--params", str(params)])
-        assert result.exit_code == 0, result.output
-        return result.output
+def _publish_same(root: str, env: dict[str, str], folder: str, start, results) -> None:
+    os.environ.update(env)
+    start.wait()
+    result = Registry(Storage(root)).publish(folder, "same")
+    results.put((result.manifest.version, result.existing))
 
-    folder = make_lora_folder(tmp_path / "lora")
-    assert "published cli-lora:1" in run("registry", "publish", str(folder), "--name", "cli-lora", "--alias", "candidate")
-    assert "published cli-lora:2" in run("registry", "publish", str(folder), "--name", "cli-lora")
-    assert run("registry", "list").split() == ["cli-lora"]
-    listing = run("registry", "list", "cli-lora")
-    assert "cli-lora:1" in listing and "candidate" in listing and "gate passed" in listing
-    shown = json.loads(run("registry", "show", "cli-lora@candidate"))
-    assert shown["version"] == "1" and shown["aliases"] == ["candidate"]
-    pulled = run("registry", "pull", "cli-lora", "--to", str(tmp_path / "out"))
-    assert "pulled cli-lora:2" in pulled and "5 files downloaded, 0 from cache, all verified" in pulled
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
-    assert "1 -> 2" in run("registry", "alias", "set", "cli-lora", "candidate", "2")
-    assert "(new) -> 1" in run("registry", "alias", "history", "cli-lora", "candidate")
-    assert "would delete 1" in run("registry", "gc", "cli-lora", "--keep", "1")
-    assert "deleted 1" in run("registry", "gc", "cli-lora", "--keep", "1", "--yes")
-    bad = runner.invoke(app, ["registry", "show", "cli-lora:7", "--params", str(params)])
-    assert bad.exit_code != 0 and "no such version" in str(bad.exception)
+
+@BACKENDS
+def test_racing_identical_publishers_end_with_one_version(root: str, tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    folder = make_lora_folder(tmp_path / "lora", big=256 * 1024)
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_publish_same, args=(root, _aws_env(), str(folder), start, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    outcomes = [results.get(timeout=10) for _ in range(4)]
+    reg = registry_at(root, tmp_path)
+    assert reg.list("same") == ["1"] or len(reg.list("same")) == 1
+    (version,) = reg.list("same")
+    assert {v for v, _ in outcomes} == {version}
+    assert sorted(existing for _, existing in outcomes) == [False, True, True, True]
+
+
+@BACKENDS
+def test_an_edited_manifest_is_refused_and_list_marks_it(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    for seed in range(3):
+        reg.publish(make_lora_folder(tmp_path / f"l{seed}", seed=seed), "edit")
+    key = "edit/versions/2/manifest.json"
+    original = reg.storage.read_bytes(key)
+    body = json.loads(original)
+    body["metrics"]["fd_4_steps"] = 0.01  # a better number, typed in by hand
+    reg.storage.write_bytes(key, json.dumps(body, indent=2).encode())
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.show("edit:2")
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.pull("edit:2", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Swapping a file together with its sha256 and size in the manifest (and its digest field): refused.
+    body = json.loads(original)
+    weights = b"evil weights"
+    body["files"]["pytorch_lora_weights.safetensors"] = {"sha256": hashlib.sha256(weights).hexdigest(),
+                                                         "size": len(weights)}
+    from components.registry_manifest import content_digest
+    body["digest"] = "sha256:" + content_digest({k: body[k] for k in ("format", "files", "base", "metrics",
+                                                                       "gate", "lineage")})
+    reg.storage.write_bytes("edit/versions/2/pytorch_lora_weights.safetensors", weights)
+    reg.storage.write_bytes(key, json.dumps(body).encode())
+    with pytest.raises(RegistryError, match="edited after publish"):
+        reg.pull("edit:2", tmp_path / "out")
+    reg.storage.write_bytes("edit/versions/3/manifest.json", b"{not json")
+    statuses = reg.versions("edit")
+    assert [s.version for s in statuses] == ["1", "2", "3"]
+    assert statuses[0].manifest is not None and statuses[0].error is None
+    assert statuses[1].manifest is None and "edited after publish" in (statuses[1].error or "")
+    assert statuses[2].manifest is None and "malformed manifest" in (statuses[2].error or "")
+
+
+def test_eleven_versions_order_numerically(tmp_path: Path) -> None:
+    reg = registry_at(str(tmp_path / "reg"), tmp_path)
+    for seed in range(11):
+        reg.publish(make_lora_folder(tmp_path / f"l{seed}", seed=seed), "many")
+    expected = [str(i) for i in range(1, 12)]
+    assert reg.list("many") == expected and [s.version for s in reg.versions("many")] == expected
+    assert reg.show("many").version == "11" and reg.aliases("many")["latest"] == "11"
+    assert json.loads(reg.storage.read_bytes("many/aliases/latest.json"))["version"] == 11  # a JSON integer
+    plan = reg.gc("many", keep=3)
+    assert plan.keep == ["9", "10", "11"] and plan.delete == expected[:8]
+
+
+# --- gated promotion, rollback (issue 15 item 3, issue 16 item 9) --------------------------
+
+
+@BACKENDS
+def test_gated_promotion_force_with_reason_and_rollback(root: str, tmp_path: Path) -> None:
+    reg = registry_at(root, tmp_path)
+    passed = [reg.publish(make_lora_folder(tmp_path / f"p{s}", seed=s), "gated").manifest for s in range(3)]
+    never = make_lora_folder(tmp_path / "never", seed=7)
+    (never / "metrics.json").unlink()
+    with pytest.raises(GateRefused, match="never evaluated"):
+        reg.publish(never, "gated", alias="candidate")  # refused before anything is written
+    assert reg.list("gated") == ["1", "2", "3"]
+    unevaluated = reg.publish(never, "gated").manifest  # without an alias it publishes, gate missing
+    assert unevaluated.gate is None and unevaluated.gate_status == "missing"
+    failed = make_lora_folder(tmp_path / "failed", seed=8)
+    (failed / "metrics.json").write_text(json.dumps({"gate": {"passed": False, "violations": ["fd_4 > 3.0",
+                                                                                            "psnr < 20"]}}))
+    with pytest.raises(RegistryError, match="fd_4 > 3.0"):
+        reg.publish(failed, "gated")
+    bad = reg.publish(failed, "gated", force_reason="keep the failed run for the post-mortem").manifest
+    assert bad.gate_status == "failed"
+
+    reg.alias_set("gated", "production", passed[0].version)
+    reg.alias_set("gated", "production", passed[1].version)
+    with pytest.raises(GateRefused, match=r"gate failed: fd_4 > 3.0; psnr < 20"):
+        reg.alias_set("gated", "production", bad.version)
+    with pytest.raises(GateRefused, match="never evaluated"):
+        reg.alias_set("gated", "production", unevaluated.version)
+    assert reg.show("gated@production").version == passed[1].version
+    move = reg.alias_set("gated", "production", unevaluated.version, force_reason="hotfix, evaluated by hand")
+    assert (move.kind, move.reason) == ("force", "hotfix, evaluated by hand")
+    history = reg.alias_history("gated", "production")
+    assert [(h.version, h.kind, h.reason) for h in history][-1] == (unevaluated.version, "force",
+                                                                      "hotfix, evaluated by hand")
+    assert history[-1].digest == unevaluated.digest
+    # Rollback walks back the moves: 1 -> 2 -> 4, rollback -> 2, rollback -> 1, then nothing left.
+    assert reg.alias_rollback("gated", "production").version == passed[1].version
+    assert reg.alias_rollback("gated", "production", reason="bad again").version == passed[0].version
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        reg.alias_rollback("gated", "production")
+    assert [h.kind for h in reg.alias_history("gated", "production")] == ["set", "set", "force", "rollback",
+                                                                          "rollback"]
+
+
+# --- gc of dead publishers (issue 16 item 7) ---------------------------------------------------
+
+
+def test_gc_removes_abandoned_claims_and_incomplete_multipart_uploads(s3_bucket: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = registry_at(s3_bucket + "/registry", tmp_path)
+    reg.publish(make_lora_folder(tmp_path / "ok"), "dead")
+    # A dead publisher: claim 2 and half a multipart upload of its big file, never completed.
+    reg.storage.write_bytes("dead/claims/2.json", json.dumps({"version": 2, "claimed_at": time.time(),
+                                                              "digest": "sha256:" + "e" * 64}).encode())
+    reg.storage.write_bytes("dead/digests/" + "e" * 64 + ".json", json.dumps({"version": 2}).encode())
+    reg.storage.write_bytes("dead/versions/2/metrics.json", b"{}")
+    client = reg.storage._backend.client  # plain boto3, as the killed upload used it
+    key = reg.storage.key("dead/versions/2/big.safetensors")
+    upload = client.create_multipart_upload(Bucket=reg.storage.bucket, Key=key)["UploadId"]
+    client.upload_part(Bucket=reg.storage.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+    plan = reg.gc("dead", keep=5)  # inside the grace period: nothing to do
+    assert plan.incomplete == [] and plan.uploads == []
+    plan = reg.gc("dead", keep=5, grace_s=0.0)  # dry run: listed, nothing removed
+    assert plan.dry_run and plan.incomplete == ["2"] and plan.uploads == [f"dead/versions/2/big.safetensors ({upload})"]
+    assert reg.storage.exists("dead/claims/2.json")
+    plan = reg.gc("dead", keep=5, grace_s=0.0, dry_run=False)
+    assert plan.incomplete == ["2"] and len(plan.uploads) == 1
+    assert not reg.storage.exists("dead/claims/2.json") and reg.storage.ls("dead/versions/2", recursive=True) == []
+    assert reg.storage.ls("dead/digests") == [reg.show("dead").digest.removeprefix("sha256:") + ".json"]
+    assert reg.storage.multipart_uploads("dead") == []
+    assert reg.storage.exists("dead/tombstones/2.json")
+    assert reg.publish(make_lora_folder(tmp_path / "next", seed=3), "dead").manifest.version == "3"  # id not reused
+    assert reg.list("dead") == ["1", "3"]

@@ -1,0 +1,211 @@
+"""`lcmlora registry ...`: publish, list, show, pull, alias set/rollback/history, gc.
+
+A typer app mounted by flows/cli.py (`app.add_typer(registry_app, name="registry")`). Every
+command takes `--params FILE` and `--set section.key=value`; registry and storage failures
+are one-line errors (exit 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.",
+                           no_args_is_help=True)
+alias_app = typer.Typer(help="Move, roll back and inspect aliases.", no_args_is_help=True)
+registry_app.add_typer(alias_app, name="alias")
+console = Console(stderr=True)
+
+# Copied from flows/cli.py (ParamsOpt, SetOpt): the same options on every command.
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="override a gate that did not pass (needs --reason)")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why: recorded in the alias history")]
+
+
+def _registry(params: Path, set_: list[str] | None):
+    """The Registry of params.registry.root (endpoint and retries from params.storage)."""
+    from components.config import load_params
+    from components.registry import Registry
+
+    return Registry.from_params(load_params(params, list(set_ or [])))
+
+
+def _force_reason(force: bool, reason: str | None) -> str | None:
+    if force and not (reason or "").strip():
+        raise click.ClickException("--force needs --reason \"...\": the reason is recorded in the alias history")
+    if reason and not force:
+        raise click.ClickException("--reason is recorded only with --force (or `alias rollback`)")
+    return reason if force else None
+
+
+@contextlib.contextmanager
+def _registry_errors() -> Iterator[None]:
+    """Registry and storage failures become one-line CLI errors."""
+    from components.registry import RegistryError
+    from components.storage import StorageError
+
+    try:
+        yield
+    except (RegistryError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _bytes_bar(description: str, total: int) -> Iterator[Callable[[str, int], None]]:
+    """A rich bytes bar for publish/pull; yields the registry's per-file progress callback."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda rel, size: bar.update(task, advance=size)
+
+
+@registry_app.command("publish")
+def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help="registry name"),
+                     alias: str | None = typer.Option(None, "--alias", help="alias to move to the new version"),
+                     force: ForceOpt = False, reason: ReasonOpt = None,
+                     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+                     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
+                     ) -> None:
+    """Publish a LoRA folder as a new immutable version (identical content: the existing one)."""
+    if dry_run:
+        from components.config import load_params
+
+        typer.echo(load_params(params, list(set_ or [])).to_yaml())
+        return
+    force_reason = _force_reason(force, reason)
+    with _registry_errors():
+        reg = _registry(params, set_)
+        total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        with _bytes_bar(f"publish {name}", total) as progress:
+            result = reg.publish(folder, name, alias=alias, progress=progress, force_reason=force_reason)
+    m = result.manifest
+    extra = f", alias {alias}" if alias else ""
+    gate = "" if m.gate_status == "passed" else f", gate {m.gate_status}"
+    if result.existing:
+        typer.echo(f"already published: {m.name}:{m.version} has identical content ({m.digest}); no new version"
+                   f"{extra}")
+    else:
+        typer.echo(f"published {m.name}:{m.version} ({len(m.files)} files, {m.total_size / 1e6:.1f} MB{gate}"
+                   f"{extra}) to {reg.storage.url()}")
+    typer.echo(f"digest {m.name}@{m.digest}")
+
+
+@registry_app.command("list")
+def registry_list(name: str | None = typer.Argument(None, help="list this name's versions"),
+                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Registered names, or every version of NAME: digest, created, size, gate, aliases.
+
+    A version whose manifest cannot be read or was edited is listed as BROKEN with the reason;
+    the others are listed as usual.
+    """
+    with _registry_errors():
+        reg = _registry(params, set_)
+        if name is None:
+            for n in reg.list():
+                typer.echo(n)
+            return
+        by_version: dict[str, list[str]] = {}
+        for alias, version in sorted(reg.aliases(name).items()):
+            by_version.setdefault(version, []).append(alias)
+        for status in reg.versions(name):
+            aliases = ",".join(by_version.get(status.version, []))
+            m = status.manifest
+            if m is None:
+                typer.echo(f"{name}:{status.version}\tBROKEN\t{status.error}\t{aliases}")
+                continue
+            typer.echo(f"{name}:{status.version}\t{m.digest[:19]}\t{m.created_at}\t{m.total_size / 1e6:.1f} MB\t"
+                       f"gate {m.gate_status}\t{aliases}")
+
+
+@registry_app.command("show")
+def registry_show(ref: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """The manifest of REF (NAME@ALIAS, NAME:VERSION, NAME@sha256:HEX or NAME) as JSON, with its aliases."""
+    with _registry_errors():
+        reg = _registry(params, set_)
+        manifest = reg.show(ref)
+        aliases = sorted(a for a, v in reg.aliases(manifest.name).items() if v == manifest.version)
+    body = json.loads(manifest.to_json())
+    body["aliases"] = aliases
+    typer.echo(json.dumps(body, indent=2))
+
+
+@registry_app.command("pull")
+def registry_pull(ref: str, to: Annotated[Path, typer.Option("--to", help="folder to write (must be new or empty)")],
+                  overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
+                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Download and verify REF into a folder, atomically, through the local cache."""
+    with _registry_errors():
+        reg = _registry(params, set_)
+        with _bytes_bar(f"pull {ref}", reg.show(ref).total_size) as progress:
+            result = reg.pull(ref, to, overwrite=overwrite, progress=progress)
+    m = result.manifest
+    typer.echo(f"pulled {m.name}:{m.version} ({m.digest}) to {result.path} ({len(result.downloaded)} files "
+               f"downloaded, {len(result.cached)} from cache, all verified)")
+
+
+@alias_app.command("set")
+def registry_alias_set(name: str, alias: str, version: str, force: ForceOpt = False, reason: ReasonOpt = None,
+                       params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Point ALIAS of NAME at VERSION (compare-and-swap, recorded in its history).
+
+    Refused when VERSION's gate failed (the failed rules are named) or is missing;
+    `--force --reason "..."` overrides and records the reason.
+    """
+    force_reason = _force_reason(force, reason)
+    with _registry_errors():
+        move = _registry(params, set_).alias_set(name, alias, version, force_reason=force_reason)
+    forced = f" (forced: {move.reason})" if move.reason else ""
+    typer.echo(f"{name}@{alias}: {move.previous or '(new)'} -> {move.version}{forced}")
+
+
+@alias_app.command("rollback")
+def registry_alias_rollback(name: str, alias: str, reason: ReasonOpt = None,
+                            params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Move ALIAS back to the version it pointed to before (compare-and-swap)."""
+    with _registry_errors():
+        move = _registry(params, set_).alias_rollback(name, alias, reason=reason)
+    typer.echo(f"{name}@{alias}: rolled back {move.previous} -> {move.version}")
+
+
+@alias_app.command("history")
+def registry_alias_history(name: str, alias: str, params: ParamsOpt = Path("params.yaml"),
+                           set_: SetOpt = None) -> None:
+    """Every move of ALIAS, oldest first (kind, and the reason of forced moves and rollbacks)."""
+    with _registry_errors():
+        moves = _registry(params, set_).alias_history(name, alias)
+    for move in moves:
+        why = f"\t{move.reason}" if move.reason else ""
+        typer.echo(f"{move.updated_at}\t{move.previous or '(new)'} -> {move.version}\t{move.kind}{why}")
+
+
+@registry_app.command("gc")
+def registry_gc(name: str, keep: int = typer.Option(..., "--keep", help="newest versions to keep"),
+                yes: bool = typer.Option(False, "--yes", help="delete (the default is a dry run)"),
+                grace_hours: float = typer.Option(1.0, "--grace-hours",
+                                                  help="age after which an unfinished publish is abandoned"),
+                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Delete all but the newest N versions of NAME (aliased ones are kept), and what dead
+    publishers left: abandoned claims, their files, incomplete multipart uploads."""
+    with _registry_errors():
+        plan = _registry(params, set_).gc(name, keep, dry_run=not yes, grace_s=grace_hours * 3600)
+    verb = "would delete" if plan.dry_run else "deleted"
+    typer.echo(f"{name}: {verb} {', '.join(plan.delete) or 'nothing'}; keeping {', '.join(plan.keep) or 'nothing'}")
+    for version, aliases in sorted(plan.aliased.items(), key=lambda kv: int(kv[0])):
+        typer.echo(f"  {version} kept: aliased by {', '.join(aliases)}")
+    if plan.incomplete:
+        typer.echo(f"  {verb} abandoned claims and their files: {', '.join(plan.incomplete)}")
+    if plan.uploads:
+        typer.echo(f"  {'would abort' if plan.dry_run else 'aborted'} incomplete multipart uploads: "
+                   f"{', '.join(plan.uploads)}")
+    if plan.dry_run:
+        typer.echo("dry run: pass --yes to delete")

@@ -1,0 +1,55 @@
+"""`lcmlora serve NAME@ALIAS --base REF`: the reference server (components/serve.py) under uvicorn.
+
+flows/cli.py mounts it: `app.command("serve")(serve)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+# Copied from flows/cli.py (ParamsOpt, SetOpt): the same options on every command.
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+
+
+def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VERSION or NAME@sha256:HEX")],
+          base: Annotated[str, typer.Option("--base", help="base: a folder, hub id or .safetensors")],
+          host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+          port: int = typer.Option(8000, "--port", help="port to listen on"),
+          poll_s: float = typer.Option(2.0, "--poll-s", help="seconds between reads of the alias"),
+          fuse: bool = typer.Option(False, "--fuse", help="fuse the LoRA into the base weights "
+                                    "(faster steps; docs/benchmarks.md)"),
+          params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
+          dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit")) -> None:
+    """Serve POST /generate (PNG), GET /healthz and GET /model; hot-swap the LoRA when the alias moves."""
+    from components.config import load_params
+
+    cfg = load_params(params, list(set_ or []))
+    if dry_run:
+        typer.echo(cfg.to_yaml())
+        return
+    import uvicorn
+
+    from components.registry import Registry, RegistryError
+    from components.serve import LoraSwapper, copying_factory, create_app
+    from components.storage import StorageError
+    from flows.registry_cli import console
+
+    registry = Registry.from_params(cfg)
+    with console.status(f"loading base {base}"):
+        from components.pipeline_loader import load_base_pipeline
+
+        pipe, family = load_base_pipeline(base)
+    swapper = LoraSwapper(registry, ref, copying_factory(pipe, family), fuse=fuse, poll_s=poll_s)
+    try:
+        swapper.start()
+    except (RegistryError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
+    status = swapper.status()
+    console.print(f"serving {ref} = {status['name']}:{status['version']} ({status['digest']}) on "
+                  f"http://{host}:{port}", markup=False, highlight=False)
+    uvicorn.run(create_app(swapper), host=host, port=port, log_level="info")
