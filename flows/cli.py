@@ -9,9 +9,7 @@ stderr.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +28,8 @@ from flows.cli_common import (
     print_config,
     resolve,
 )
+from flows.registry_cli import registry_app
+from flows.serve_cli import serve
 from flows.toy_cli import toy_app
 
 app = typer.Typer(
@@ -39,11 +39,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.", no_args_is_help=True)
-alias_app = typer.Typer(help="Move and inspect aliases.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 app.add_typer(registry_app, name="registry")
-registry_app.add_typer(alias_app, name="alias")
+app.command("serve")(serve)
 
 # --- stages -----------------------------------------------------------------------------
 
@@ -329,142 +327,6 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
         typer.echo("\n".join(summary_lines(result)))
     if not state.is_completed():
         raise click.ClickException(f"new-base failed: {result}")
-
-
-# --- registry ---------------------------------------------------------------------------
-
-
-def _registry(params: Path, set_: list[str] | None):
-    """The Registry of params.registry.root (endpoint and retries from params.storage)."""
-    from components.registry import Registry
-
-    return Registry.from_params(resolve(params, set_))
-
-
-@contextlib.contextmanager
-def _registry_errors() -> Iterator[None]:
-    """Registry and storage failures become one-line CLI errors."""
-    from components.registry_manifest import RegistryError
-    from components.storage import StorageError
-
-    try:
-        yield
-    except (RegistryError, StorageError) as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@contextlib.contextmanager
-def _bytes_bar(description: str, total: int) -> Iterator[Callable[[str, int], None]]:
-    """A rich bytes bar for publish/pull; yields the registry's per-file progress callback."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-    with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console,
-                  transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda rel, size: bar.update(task, advance=size)
-
-
-@registry_app.command("publish")
-def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help="registry name"),
-                     alias: str | None = typer.Option(None, "--alias", help="alias to move to the new version"),
-                     params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
-                     dry_run: DryRunOpt = False) -> None:
-    """Publish a LoRA folder as a new immutable version."""
-    if dry_run:
-        print_config(resolve(params, set_))
-        return
-    with _registry_errors():
-        reg = _registry(params, set_)
-        total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-        with _bytes_bar(f"publish {name}", total) as progress:
-            manifest = reg.publish(folder, name, alias=alias, progress=progress)
-    extra = f", alias {alias}" if alias else ""
-    typer.echo(f"published {manifest.name}:{manifest.version} ({len(manifest.files)} files, "
-               f"{manifest.total_size / 1e6:.1f} MB{extra}) to {reg.storage.url()}")
-
-
-@registry_app.command("list")
-def registry_list(name: str | None = typer.Argument(None, help="list this name's versions"),
-                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Registered names, or the versions of NAME with their aliases."""
-    with _registry_errors():
-        reg = _registry(params, set_)
-        if name is None:
-            for n in reg.list():
-                typer.echo(n)
-            return
-        by_version: dict[str, list[str]] = {}
-        for alias, version in sorted(reg.aliases(name).items()):
-            by_version.setdefault(version, []).append(alias)
-        for version in reg.list(name):
-            m = reg.show(f"{name}:{version}")
-            gate = "-" if m.gate is None else ("passed" if m.gate.get("passed") else "failed")
-            typer.echo(f"{name}:{version}\t{m.created_at}\t{m.total_size / 1e6:.1f} MB\tgate {gate}\t"
-                       f"{','.join(by_version.get(version, []))}")
-
-
-@registry_app.command("show")
-def registry_show(ref: str, params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """The manifest of REF (NAME@ALIAS, NAME:VERSION or NAME) as JSON, with its aliases."""
-    import json
-
-    with _registry_errors():
-        reg = _registry(params, set_)
-        manifest = reg.show(ref)
-        aliases = sorted(a for a, v in reg.aliases(manifest.name).items() if v == manifest.version)
-    body = json.loads(manifest.to_json())
-    body["aliases"] = aliases
-    typer.echo(json.dumps(body, indent=2))
-
-
-@registry_app.command("pull")
-def registry_pull(ref: str, to: Annotated[Path, typer.Option("--to", help="folder to write (must be new or empty)")],
-                  overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing folder"),
-                  params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Download and verify REF into a folder, atomically, through the local cache."""
-    with _registry_errors():
-        reg = _registry(params, set_)
-        with _bytes_bar(f"pull {ref}", reg.show(ref).total_size) as progress:
-            result = reg.pull(ref, to, overwrite=overwrite, progress=progress)
-    m = result.manifest
-    typer.echo(f"pulled {m.name}:{m.version} to {result.path} ({len(result.downloaded)} files downloaded, "
-               f"{len(result.cached)} from cache, all verified)")
-
-
-@alias_app.command("set")
-def registry_alias_set(name: str, alias: str, version: str, params: ParamsOpt = Path("params.yaml"),
-                       set_: SetOpt = None) -> None:
-    """Point ALIAS of NAME at VERSION (compare-and-swap, recorded in its history)."""
-    with _registry_errors():
-        move = _registry(params, set_).alias_set(name, alias, version)
-    typer.echo(f"{name}@{alias}: {move.previous or '(new)'} -> {move.version}")
-
-
-@alias_app.command("history")
-def registry_alias_history(name: str, alias: str, params: ParamsOpt = Path("params.yaml"),
-                           set_: SetOpt = None) -> None:
-    """Every move of ALIAS, oldest first."""
-    with _registry_errors():
-        moves = _registry(params, set_).alias_history(name, alias)
-    for move in moves:
-        typer.echo(f"{move.updated_at}\t{move.previous or '(new)'} -> {move.version}")
-
-
-@registry_app.command("gc")
-def registry_gc(name: str, keep: int = typer.Option(..., "--keep", help="newest versions to keep"),
-                yes: bool = typer.Option(False, "--yes", help="delete (the default is a dry run)"),
-                params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Delete all but the newest N versions of NAME; aliased versions are always kept."""
-    with _registry_errors():
-        plan = _registry(params, set_).gc(name, keep, dry_run=not yes)
-    verb = "would delete" if plan.dry_run else "deleted"
-    typer.echo(f"{name}: {verb} {', '.join(plan.delete) or 'nothing'}; keeping {', '.join(plan.keep) or 'nothing'}")
-    for version, aliases in sorted(plan.aliased.items(), key=lambda kv: int(kv[0])):
-        typer.echo(f"  {version} kept: aliased by {', '.join(aliases)}")
-    if plan.incomplete:
-        typer.echo(f"  {verb} files of incomplete versions {', '.join(plan.incomplete)}")
-    if plan.dry_run:
-        typer.echo("dry run: pass --yes to delete")
 
 
 # --- entry point ------------------------------------------------------------------------

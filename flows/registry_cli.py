@@ -15,17 +15,13 @@ from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
+
+from flows.cli_common import ParamsOpt, SetOpt, console
 
 registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.",
                            no_args_is_help=True)
 alias_app = typer.Typer(help="Move, roll back and inspect aliases.", no_args_is_help=True)
 registry_app.add_typer(alias_app, name="alias")
-console = Console(stderr=True)
-
-# Copied from flows/cli.py (ParamsOpt, SetOpt): the same options on every command.
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="override a gate that did not pass (needs --reason)")]
 ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why: recorded in the alias history")]
 

@@ -11,9 +11,7 @@ from typing import Annotated
 import click
 import typer
 
-# Copied from flows/cli.py (ParamsOpt, SetOpt): the same options on every command.
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
+from flows.cli_common import ParamsOpt, SetOpt
 
 
 def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VERSION or NAME@sha256:HEX")],

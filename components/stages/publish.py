@@ -24,11 +24,13 @@ class PublishOutput:
     registry: str  # the registry root's URL
     reference: str  # NAME:VERSION
     pull: str  # the command that pulls it by alias
+    digest: str  # the version's content digest: NAME@sha256:DIGEST pins it
+    existing: bool  # identical content was already published: that version was returned
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON-able summary (what tasks return and the run summary shows)."""
         return {"name": self.name, "version": self.version, "alias": self.alias, "registry": self.registry,
-                "reference": self.reference, "pull": self.pull}
+                "reference": self.reference, "pull": self.pull, "digest": self.digest, "existing": self.existing}
 
 
 def registry_name(cfg: PublishConfig, base_name: str) -> str:
@@ -49,6 +51,8 @@ def run_publish(cfg: PublishConfig, *, registry: Registry, folder: Path, name: s
     `gate` and `metrics` default to the folder's metrics.json; the registry refuses a failed gate.
     `registry_root` is `registry.root` as written in params (for the pull command).
     """
-    manifest = registry.publish(folder, name, alias=cfg.alias, gate=gate, metrics=metrics)
-    return PublishOutput(name=name, version=manifest.version, alias=cfg.alias, registry=registry.storage.url(),
-                         reference=f"{name}:{manifest.version}", pull=pull_command(name, cfg.alias, registry_root))
+    published = registry.publish(folder, name, alias=cfg.alias, gate=gate, metrics=metrics)
+    manifest = published.manifest
+    return PublishOutput(name=name, version=str(manifest.version), alias=cfg.alias, registry=registry.storage.url(),
+                         reference=f"{name}:{manifest.version}", pull=pull_command(name, cfg.alias, registry_root),
+                         digest=manifest.digest, existing=published.existing)
