@@ -1,6 +1,6 @@
 """The hard toy's judges: a small CNN that reads both digits and both colours of a 64x64 image.
 
-Each 32-pixel half of the image (downsampled 2x to 3x32x16) goes through one shared CNN with a
+Each 32-pixel half of the image (3x64x32) goes through one shared CNN with a
 digit head (10-way) and a colour head (4-way); since each half is read on its own, the
 readings carry the positions. A sample *adheres* to its prompt when all four parts (left
 digit, left colour, right digit, right colour) are right. The FD features are the two halves'
@@ -24,27 +24,28 @@ from torch import nn
 
 from components.toy.hard.render import COLOURS, HARD_SIZE, Scene
 
-INPUT_HW = (32, 16)  # each half is read at this size (height, width)
+INPUT_HW = (64, 32)  # each half is read at full resolution (height, width)
 FEATURE_DIM = 64  # per half; the FD features are 2 x FEATURE_DIM
 
 
 class HalfNet(nn.Module):
-    """Two conv stages (32x16 -> 16x8 -> 8x4), a feature layer, a digit head and a colour head."""
+    """A stem (64x32 -> 32x16), two conv stages (-> 16x8 -> 8x4), a feature layer, digit and colour heads."""
 
     def __init__(self, widths: tuple[int, int] = (32, 64), feature_dim: int = FEATURE_DIM):
         super().__init__()
         w1, w2 = widths
         self.convs = nn.Sequential(
-            nn.Conv2d(3, w1, 3, padding=1), nn.ReLU(), nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, w1, 3, padding=1), nn.ReLU(), nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(), nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         )
-        self.feature = nn.Linear(w2 * (INPUT_HW[0] // 4) * (INPUT_HW[1] // 4), feature_dim)
+        self.feature = nn.Linear(w2 * (INPUT_HW[0] // 8) * (INPUT_HW[1] // 8), feature_dim)
         self.dropout = nn.Dropout(0.3)
         self.digit_head = nn.Linear(feature_dim, 10)
         self.colour_head = nn.Linear(feature_dim, len(COLOURS))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Bx3x32x16 in [-1, 1] -> B x feature_dim."""
+        """Bx3x64x32 in [-1, 1] -> B x feature_dim."""
         return self.feature(self.convs(x).flatten(1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,17 +54,16 @@ class HalfNet(nn.Module):
 
 
 def to_halves(images: torch.Tensor) -> torch.Tensor:
-    """Bx3xHxW in [-1, 1] (any size) -> 2B x 3 x 32 x 16: all left halves, then all right halves."""
+    """Bx3xHxW in [-1, 1] (any size) -> 2B x 3 x 64 x 32: all left halves, then all right halves."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"hard judges: expected images Bx3xHxW in [-1, 1], got {tuple(images.shape)}")
     images = images.float()
     if images.shape[-2:] != (HARD_SIZE, HARD_SIZE):
         images = F.interpolate(images, size=(HARD_SIZE, HARD_SIZE), mode="bilinear", antialias=True,
                                align_corners=False)
-    small = F.interpolate(images, size=(HARD_SIZE // 2, HARD_SIZE // 2), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(-1.0, 1.0)
+    images = images.clamp(-1.0, 1.0)
     half = INPUT_HW[1]
-    return torch.cat([small[..., :half], small[..., half:]])
+    return torch.cat([images[..., :half], images[..., half:]])
 
 
 @dataclass
@@ -98,7 +98,7 @@ class HardJudges:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur, contrast and noise on judge inputs (Bx3x32x16), so decoded images read well."""
+    """Random blur, contrast and noise on judge inputs (Bx3x64x32), so decoded images read well."""
     b = images.shape[0]
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.8
