@@ -98,18 +98,22 @@ def _report(progress: ProgressFn | None, stage: str, step: int, total: int, metr
 
 
 def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn | None = None) -> AutoencoderKL:
-    """Train the VAE on Nx3x64x64 images in [-1, 1] (resuming from `checkpoint_dir/vae.pt`)."""
+    """Train the VAE on Nx3x64x64 images in [-1, 1], checkpointing to (and resuming from) `vae.pt`."""
     ckpt = Path(s.checkpoint_dir) / "vae.pt"
-    vae = hard_vae(s.seed)
-    if ckpt.exists() and torch.load(ckpt)["step"] >= s.vae_steps:
-        vae.load_state_dict(torch.load(ckpt)["vae"])
-        return vae.eval().requires_grad_(False)
-    vae.train()
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    vae = hard_vae(s.seed).train()
     generator = torch.Generator().manual_seed(s.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
-    mse_avg = 0.0
-    for step in range(1, s.vae_steps + 1):
+    start_step, mse_avg = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt)
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        generator.set_state(state["generator"])
+        start_step, mse_avg = state["step"], state["mse"]
+    for step in range(start_step + 1, s.vae_steps + 1):
         idx = torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)
         loss, mse, kl = vae_loss(vae, images[idx], s.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -118,8 +122,9 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
         sched.step()
         mse_avg = 0.95 * mse_avg + 0.05 * float(mse.detach()) if step > 1 else float(mse.detach())
         _report(progress, "hard-vae", step, s.vae_steps, {"mse": mse_avg, "kl": float(kl.detach())})
-    Path(s.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    torch.save({"step": s.vae_steps, "vae": vae.state_dict(), "mse": mse_avg}, ckpt)
+        if step % 25 == 0 or step == s.vae_steps:
+            torch.save({"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "generator": generator.get_state(), "mse": mse_avg}, ckpt)
     return vae.eval().requires_grad_(False)
 
 
