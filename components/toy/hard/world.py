@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.progress import ProgressFn
+from components.progress import Progress, ProgressFn
 from components.toy.classifier import digit_split
 from components.toy.hard.base import (
     assemble_hard_pipeline,
@@ -30,6 +30,8 @@ from components.toy.hard.base import (
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.data import load_sklearn_digits, render_scenes
 from components.toy.hard.judges import adherence, save_judges, train_judges
+from components.toy.hard.render import HARD_WORDS
+from components.toy.tokenizer import write_tokenizer_files
 
 
 def device_name() -> str:
@@ -46,7 +48,9 @@ def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
     train_idx, test_idx = digit_split(labels, s.seed)
     start = time.time()
     train = render_scenes(images8, labels, s.judges_scenes, np.random.default_rng(s.seed), train_idx)
-    judges = train_judges(train.images, train.parts, epochs=s.judges_epochs, seed=s.seed)
+    judges = train_judges(train.images, train.parts, epochs=s.judges_epochs, seed=s.seed,
+                          callback=None if progress is None else
+                          lambda i, n, loss: progress(Progress("hard-judges", i, n, {"loss": loss})))
     report = {}
     for name, jitter in (("canonical", False), ("jittered", True)):
         held = render_scenes(images8, labels, s.judges_test_scenes, np.random.default_rng(s.seed + 100),
@@ -79,8 +83,6 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
     folder = Path(s.base_dir)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    from components.toy.hard.render import HARD_WORDS
-    from components.toy.tokenizer import write_tokenizer_files
     write_tokenizer_files(folder / "tokenizer", words=HARD_WORDS)
     report = {"unet_steps": step, "vae_s": round(vae_s, 1), "wall_s": round(time.time() - start, 1),
               "device": device_name(), "torch": torch.__version__,
