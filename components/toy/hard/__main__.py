@@ -1,4 +1,4 @@
-"""`python -m components.toy.hard judges|base|evaluate [--set key=value ...]`: build the hard toy.
+"""`python -m components.toy.hard judges|base|sdxl|evaluate [--set key=value ...]`: build the hard toy.
 
 The edge of the hard toy: it parses `--set` overrides into `HardToyConfig`, pins the torch
 thread count, and prints progress one line per report (every `--every` steps).
@@ -30,7 +30,7 @@ def _config(pairs: list[str]) -> HardToyConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.toy.hard")
-    parser.add_argument("command", choices=["judges", "base", "evaluate"])
+    parser.add_argument("command", choices=["judges", "base", "sdxl", "evaluate"])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--every", type=int, default=25, help="print one progress line every N steps")
     parser.add_argument("--checkpoint", default=None, help="evaluate: an ema-STEP.pt instead of base_dir")
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "base":
         from components.toy.hard.world import build_hard_base
         report = build_hard_base(s, progress)
+    elif args.command == "sdxl":
+        from components.toy.hard.world import build_hard_sdxl
+        report = build_hard_sdxl(s, progress)
     else:
         from components.toy.hard.evaluate import evaluate_base
         report = evaluate_base(s, args.checkpoint, progress)

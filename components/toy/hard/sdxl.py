@@ -113,3 +113,65 @@ def build_untrained_hard_sdxl(vae: AutoencoderKL, folder: str | Path, seed: int 
     tokenizer = hard_tokenizer(Path(folder) / "tokenizer")
     text_encoder, text_encoder_2 = hard_sdxl_text_encoders(tokenizer, seed)
     return assemble_hard_sdxl(vae, hard_sdxl_unet(seed + 2), text_encoder, text_encoder_2, tokenizer)
+
+
+def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`n` scenes at varied original sizes, randomly cropped: (N x 3 x 64 x 64, N x 6 time ids, captions)."""
+    from components.toy.hard.render import caption_for, random_scene, render_scene
+    from components.toy.hard.source import original_canvas
+
+    arrays, ids, captions = [], [], []
+    for _ in range(n):
+        scene, i, j, right_first = random_scene(labels, rng)
+        canvas = original_canvas(render_scene(images8[i], images8[j], scene, rng), rng)
+        array, add_time_ids = random_crop(canvas, rng)
+        arrays.append(array)
+        ids.append(add_time_ids)
+        captions.append(caption_for(scene, right_first))
+    return torch.from_numpy(np.stack(arrays)), torch.stack(ids), captions
+
+
+def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor, ids: torch.Tensor,
+                         uncond_ids: torch.Tensor, add_time_ids: torch.Tensor, s, progress=None) -> int:
+    """Train UNet and both text encoders in place on scaled latents (N x 4 x 16 x 16), ids (N x 16), time ids (N x 6).
+
+    Same recipe as the SD-1.5 family (`components/toy/hard/base.py:train_hard_unet`): caption
+    dropout to the empty prompt, AdamW with warm-up and cosine decay, an EMA copied into the
+    pipeline at the end, stopped at `budget_s`. Returns the step reached.
+    """
+    import copy
+    import time
+
+    from components.progress import Progress
+    from components.toy.base import ema_decay_at, ema_update, toy_scheduler
+    from components.toy.hard.base import lr_at
+
+    models = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2})
+    models.train().requires_grad_(True)
+    ema = copy.deepcopy(models).eval().requires_grad_(False)
+    noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
+    generator = torch.Generator().manual_seed(s.seed + 12)
+    opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
+    started, step = time.time(), 0
+    for step in range(1, s.train_steps + 1):
+        idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
+        batch_ids = ids[idx].clone()
+        batch_ids[torch.rand(s.batch_size, generator=generator) < s.caption_dropout] = uncond_ids[0]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, s)
+        embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], batch_ids)
+        loss = sdxl_epsilon_loss(models["unet"], noise_scheduler, latents[idx], embeds, pooled, add_time_ids[idx],
+                                 generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, models, ema_decay_at(step, s.ema_decay))
+        if progress is not None:
+            progress(Progress("hard-sdxl-unet", step, s.train_steps, {"loss": float(loss.detach())}))
+        if time.time() - started > s.budget_s:
+            break
+    models.load_state_dict(ema.state_dict())
+    models.eval().requires_grad_(False)
+    return step

@@ -91,3 +91,33 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
               "params": s.model_dump(mode="json")}
     (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
+    """Train the SDXL-family hard base around the SD-1.5 family's VAE (from `base_dir`); save to `sdxl_dir`."""
+    from diffusers import AutoencoderKL
+
+    from components.toy.hard.sdxl import (
+        build_untrained_hard_sdxl,
+        sdxl_training_set,
+        train_hard_sdxl_unet,
+    )
+
+    images8, labels = load_sklearn_digits()
+    start = time.time()
+    vae = AutoencoderKL.from_pretrained(s.base_dir, subfolder="vae").eval().requires_grad_(False)
+    images, add_time_ids, captions = sdxl_training_set(images8, labels, s.train_scenes,
+                                                       np.random.default_rng(s.seed + 17))
+    latents = encode_latents(vae, images) * vae.config.scaling_factor
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
+    ids, uncond_ids = token_ids(pipe.tokenizer, captions), token_ids(pipe.tokenizer, [""])
+    step = train_hard_sdxl_unet(pipe, latents, ids, uncond_ids, add_time_ids, s, progress)
+    folder = Path(s.sdxl_dir)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer_files(folder / sub, words=HARD_WORDS)
+    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1), "device": device_name(),
+              "torch": torch.__version__, "params": s.model_dump(mode="json")}
+    (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
