@@ -118,3 +118,17 @@ def test_hard_base_architecture_round_trips_through_the_pipeline(tmp_path):
     out = loaded([caption], num_inference_steps=2, guidance_scale=5.0, output_type="pt",
                  generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, HARD_SIZE, HARD_SIZE)
+
+
+def test_difficulty_rule_reads_the_table():
+    from components.toy.hard.evaluate import difficulty_rule
+
+    table = {"ddim-50": {"adherence": 0.82, "fd": 10.0}, "dpm++-50": {"adherence": 0.86, "fd": 12.0},
+             "ddim-4": {"adherence": 0.80, "fd": 30.0}, "dpm++-4": {"adherence": 0.78, "fd": 25.0}}
+    rule = difficulty_rule(table)
+    assert rule["teacher50"] == "dpm++-50" and rule["base_good"]
+    assert rule["four_steps_worse"]  # adherence 0.80 > 0.85 x 0.86, but best FD 25 >= 2 x 12
+    table["dpm++-4"]["fd"] = table["ddim-4"]["fd"] = 20.0
+    assert not difficulty_rule(table)["four_steps_worse"]
+    table["ddim-50"]["adherence"] = table["dpm++-50"]["adherence"] = 0.7
+    assert not difficulty_rule(table)["base_good"]
