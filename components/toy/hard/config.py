@@ -16,8 +16,8 @@ class HardToyConfig(BaseModel):
     sdxl_dir: str = "data/toy/hard/sdxl"  # where the SDXL-family hard base is written (committed)
     source_dir: str = "data/toy/hard/source"  # where the hard source is written (not committed)
     source_rows: int = 2000  # scenes in the hard source before duplicates
-    judges_scenes: int = 6000  # training scenes for the judges
-    judges_epochs: int = 6  # judge training epochs
+    judges_scenes: int = 4000  # training scenes for the judges
+    judges_epochs: int = 12  # judge training epochs
     judges_test_scenes: int = 1000  # held-out scenes (held-out digit images) for the judge check
     min_judge_adherence: float = 0.95  # judges must read all four parts of real renders this often
     train_scenes: int = 12000  # rendered scenes the base is trained on

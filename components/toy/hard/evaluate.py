@@ -14,12 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
 
 from components.frechet import frechet_distance_of_features
 from components.progress import Progress, ProgressFn
 from components.toy.classifier import digit_split
-from components.toy.hard.base import assemble_hard_pipeline, hard_tokenizer, load_ema
+from components.toy.hard.base import (
+    assemble_hard_pipeline,
+    encode_latents,
+    hard_tokenizer,
+    hard_vae,
+    load_ema,
+    unit_variance_scale,
+)
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scenes
 from components.toy.hard.judges import HardJudges, adherence, load_judges
@@ -78,14 +90,30 @@ def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, 
             **(difficulty_rule(table) if set(steps) >= {50, 4} else {})}
 
 
+def checkpoint_vae(s: HardToyConfig, scenes: int = 500) -> AutoencoderKL:
+    """The VAE of `checkpoint_dir/vae.pt`, its scaling factor estimated on `scenes` training-like renders."""
+    vae = hard_vae(s.seed)
+    vae.load_state_dict(torch.load(Path(s.checkpoint_dir) / "vae.pt")["vae"])
+    vae.eval().requires_grad_(False)
+    images8, labels = load_sklearn_digits()
+    renders = render_scenes(images8, labels, scenes, np.random.default_rng(s.seed + 7))
+    vae.register_to_config(scaling_factor=unit_variance_scale(encode_latents(vae, renders.images)))
+    return vae
+
+
 def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: ProgressFn | None = None) -> dict:
-    """The difficulty table of `base_dir` (or of an EMA checkpoint, with base_dir's VAE)."""
-    pipe = StableDiffusionPipeline.from_pretrained(s.base_dir, safety_checker=None, requires_safety_checker=False)
-    if checkpoint is not None:
+    """The difficulty table of `base_dir`, or of an EMA checkpoint (VAE from base_dir, else from checkpoint_dir)."""
+    if checkpoint is None:
+        pipe = StableDiffusionPipeline.from_pretrained(s.base_dir, safety_checker=None, requires_safety_checker=False)
+    else:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = hard_tokenizer(tmp)
         unet, text_encoder = load_ema(checkpoint, tokenizer, s)
-        pipe = assemble_hard_pipeline(pipe.vae, unet, text_encoder, tokenizer)
+        if Path(s.base_dir, "vae").exists():
+            vae = AutoencoderKL.from_pretrained(s.base_dir, subfolder="vae")
+        else:
+            vae = checkpoint_vae(s)
+        pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
     judges = load_judges(s.judges_dir)
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
     report["model"] = str(checkpoint or Path(s.base_dir))

@@ -28,16 +28,21 @@ INPUT_HW = (64, 32)  # each half is read at full resolution (height, width)
 FEATURE_DIM = 64  # per half; the FD features are 2 x FEATURE_DIM
 
 
+def _conv(c_in: int, c_out: int) -> list[nn.Module]:
+    """3x3 conv, batch norm, ReLU."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
 class HalfNet(nn.Module):
-    """A stem (64x32 -> 32x16), two conv stages (-> 16x8 -> 8x4), a feature layer, digit and colour heads."""
+    """A stem (64x32 -> 32x16), two conv-BN stages (-> 16x8 -> 8x4), a feature layer, digit and colour heads."""
 
     def __init__(self, widths: tuple[int, int] = (32, 64), feature_dim: int = FEATURE_DIM):
         super().__init__()
         w1, w2 = widths
         self.convs = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, w1, 3, padding=1), nn.ReLU(), nn.Conv2d(w1, w1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w1, w2, 3, padding=1), nn.ReLU(), nn.Conv2d(w2, w2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            *_conv(3, 16), nn.MaxPool2d(2),
+            *_conv(16, w1), *_conv(w1, w1), nn.MaxPool2d(2),
+            *_conv(w1, w2), *_conv(w2, w2), nn.MaxPool2d(2),
         )
         self.feature = nn.Linear(w2 * (INPUT_HW[0] // 8) * (INPUT_HW[1] // 8), feature_dim)
         self.dropout = nn.Dropout(0.3)
@@ -119,7 +124,7 @@ def train_judges(images: torch.Tensor, parts: torch.Tensor, *, epochs: int = 8, 
     n = images.shape[0]
     digits = torch.cat([parts[:, 0], parts[:, 2]]).long()
     colours = torch.cat([parts[:, 1], parts[:, 3]]).long()
-    net = HalfNet()
+    net = HalfNet().train()
     total = epochs * -(-2 * n // batch_size)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
