@@ -34,7 +34,7 @@ def test_micro_conditioning_reaches_the_unet(tmp_path):
         outs = [pipe.unet(latents, 500, embeds, added_cond_kwargs={"text_embeds": pooled,
                                                                   "time_ids": time_ids(o, c)[None]}).sample
                 for o, c in [((64, 64), (0, 0)), ((128, 160), (0, 0)), ((64, 64), (0, 12))]]
-    assert embeds.shape == (1, 16, 64) and pooled.shape == (1, 32)
+    assert embeds.shape == (1, 32, 64) and pooled.shape == (1, 32)
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
 
 

@@ -4,7 +4,7 @@ Architecture (diffusers / transformers classes, so every stage treats it as a re
 - `AutoencoderKL`, 3 blocks (16, 32, 32): 3x64x64 <-> 4x16x16.
 - `UNet2DConditionModel` (32, 64): plain resnets at 16x16, cross-attention at 8x8 and in the
   mid block (cross_attention_dim 64).
-- `CLIPTextModel`, 2 layers, width 64, 16 positions (captions are 15 tokens), trained with
+- `CLIPTextModel`, 2 layers, width 64, 32 positions (captions are up to 25 tokens), trained with
   the UNet; a local BPE tokenizer over the caption words.
 - SD-1.5's noise schedule as a `DDIMScheduler` (`components/toy/base.py:toy_scheduler`).
 
@@ -32,7 +32,7 @@ from components.toy.hard.render import HARD_SIZE, HARD_WORDS
 from components.toy.tokenizer import build_toy_tokenizer
 
 TEXT_WIDTH = 64  # CLIP hidden size = UNet cross_attention_dim
-MAX_TOKENS = 16  # CLIP context length: the longest caption is 13 words + start + end
+MAX_TOKENS = 32  # CLIP context length: the longest caption is 25 tokens ("green", "three" split)
 
 
 def hard_tokenizer(folder: str | Path) -> CLIPTokenizer:
@@ -60,7 +60,7 @@ def hard_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def hard_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0) -> CLIPTextModel:
-    """CLIP text encoder (2 layers, width 64, 16 positions), seeded random init."""
+    """CLIP text encoder (2 layers, width 64, 32 positions), seeded random init."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
@@ -79,7 +79,7 @@ def assemble_hard_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_
 
 
 def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
-    """Captions -> B x 16 token ids, padded as StableDiffusionPipeline pads them."""
+    """Captions -> B x 32 token ids, padded as StableDiffusionPipeline pads them."""
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
 
@@ -138,7 +138,7 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 2
 def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.Tensor,
                     text_encoder: CLIPTextModel, s: HardToyConfig, progress: ProgressFn | None = None
                     ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
-    """Train UNet and text encoder on scaled latents (N x 4 x 16 x 16) and caption ids (N x 16).
+    """Train UNet and text encoder on scaled latents (N x 4 x 16 x 16) and caption ids (N x 32).
 
     10% of captions become the empty prompt (for CFG); an EMA of both models is kept and
     checkpointed every `eval_every` steps (`unet-STEP.pt`, `last.pt` to resume). Returns the
@@ -192,7 +192,7 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
 
 
 def encode_ids(text_encoder: CLIPTextModel, ids: torch.Tensor) -> torch.Tensor:
-    """B x 16 ids -> B x 16 x 64 last hidden states (as the pipeline's prompt embeddings)."""
+    """B x 32 ids -> B x 16 x 64 last hidden states (as the pipeline's prompt embeddings)."""
     with torch.no_grad():
         return text_encoder(ids)[0]
 

@@ -73,7 +73,7 @@ def assemble_hard_sdxl(vae: AutoencoderKL, unet: UNet2DConditionModel, text_enco
 
 def encode_sdxl_prompt(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection,
                        ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """B x 16 ids -> (B x 16 x 64 penultimate states of both encoders, B x 32 pooled), as SDXL encodes."""
+    """B x 32 ids -> (B x 16 x 64 penultimate states of both encoders, B x 32 pooled), as SDXL encodes."""
     first = text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     out2 = text_encoder_2(ids, output_hidden_states=True)
     return torch.cat([first, out2.hidden_states[-2]], dim=-1), out2.text_embeds
@@ -134,7 +134,7 @@ def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.r
 
 def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor, ids: torch.Tensor,
                          uncond_ids: torch.Tensor, add_time_ids: torch.Tensor, s, progress=None) -> int:
-    """Train UNet and both text encoders in place on scaled latents (N x 4 x 16 x 16), ids (N x 16), time ids (N x 6).
+    """Train UNet and both text encoders in place on scaled latents (N x 4 x 16 x 16), ids (N x 32), time ids (N x 6).
 
     Same recipe as the SD-1.5 family (`components/toy/hard/base.py:train_hard_unet`): caption
     dropout to the empty prompt, AdamW with warm-up and cosine decay, an EMA copied into the
