@@ -1,0 +1,42 @@
+"""Settings of the hard toy world (frozen pydantic), defaults sized for one CPU thread."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class HardToyConfig(BaseModel):
+    """Every number the hard toy's builders use; `python -m components.toy.hard ... --set k=v` overrides."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0  # seeds scenes, splits and training
+    judges_dir: str = "data/toy/hard/judges"  # where the judges are written (committed)
+    base_dir: str = "data/toy/hard/base"  # where the SD-1.5-family hard base is written (committed)
+    sdxl_dir: str = "data/toy/hard/sdxl"  # where the SDXL-family hard base is written (committed)
+    source_dir: str = "data/toy/hard/source"  # where the hard source is written (not committed)
+    source_rows: int = 2000  # scenes in the hard source before duplicates
+    judges_scenes: int = 4000  # training scenes for the judges
+    judges_epochs: int = 12  # judge training epochs
+    judges_test_scenes: int = 1000  # held-out scenes (held-out digit images) for the judge check
+    min_judge_adherence: float = 0.95  # judges must read all four parts of real renders this often
+    train_scenes: int = 12000  # rendered scenes the base is trained on
+    vae_steps: int = 600  # VAE training steps
+    vae_batch_size: int = 32  # VAE batch
+    vae_lr: float = 1.0e-3  # VAE peak learning rate (one-cycle)
+    kl_weight: float = 1.0e-4  # weight of the VAE's KL term (per latent element)
+    train_steps: int = 6000  # UNet training steps (the wall-clock budget may stop it earlier)
+    batch_size: int = 64  # UNet batch
+    lr: float = 1.0e-3  # UNet peak learning rate (warm-up, cosine to 10%)
+    warmup_steps: int = 200  # UNet learning-rate warm-up steps
+    caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
+    ema_decay: float = 0.999  # EMA of the UNet weights (what is evaluated and saved)
+    eval_every: int = 500  # steps between DDIM-50 CFG adherence checks of the EMA (best kept)
+    eval_samples: int = 100  # samples per check during training
+    guidance_scale: float = 5.0  # the hard base's own CFG scale (real-SD-like)
+    budget_s: float = 4800.0  # wall-clock budget of the UNet phase; training stops (and keeps the best) past it
+    checkpoint_dir: str = "/tmp/h5_hard_ckpt"  # resumable checkpoints (VAE, UNet, EMA, optimizer)
+    threads: int = 1  # torch CPU threads
+    device: str = "cpu"  # torch device
+    final_samples: int = 200  # samples per sampler/step count in the difficulty table
+    final_guidance_scales: list[float] = Field(default_factory=lambda: [3.0, 5.0, 7.5])  # adherence table

@@ -1,0 +1,120 @@
+"""The hard base's difficulty table: adherence and FD of the teacher at 50 and 4 steps.
+
+Prompts are random scenes of held-out digit images; the reference set for FD is real renders
+of scenes drawn the same way. Samplers are DDIM and DPM-Solver++ (2M) on the saved
+StableDiffusionPipeline at the base's own guidance. The difficulty rule of issue 12:
+best-of-two teacher-50 adherence >= 0.8, and teacher-4 clearly worse: adherence <= 0.85 x
+teacher-50's or FD >= 2 x teacher-50's FD.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+)
+
+from components.frechet import frechet_distance_of_features
+from components.progress import Progress, ProgressFn
+from components.toy.classifier import digit_split
+from components.toy.hard.base import (
+    assemble_hard_pipeline,
+    encode_latents,
+    hard_tokenizer,
+    hard_vae,
+    load_ema,
+    unit_variance_scale,
+)
+from components.toy.hard.config import HardToyConfig
+from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scenes
+from components.toy.hard.judges import HardJudges, adherence, load_judges
+
+SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+
+
+def prompt_set(n: int, seed: int) -> SceneSet:
+    """`n` held-out scenes (digits outside the judges' training split), rendered with jitter."""
+    images8, labels = load_sklearn_digits()
+    _, test_idx = digit_split(labels, 0)
+    return render_scenes(images8, labels, n, np.random.default_rng(seed), test_idx)
+
+
+@torch.no_grad()
+def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: list[str], guidance: float,
+           seed: int, batch_size: int = 100) -> torch.Tensor:
+    """N x 3 x 64 x 64 images in [-1, 1] from the pipeline with `sampler` at `steps` steps."""
+    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(captions), batch_size):
+        images = pipe(captions[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=generator, output_type="pt").images
+        out.append(images * 2.0 - 1.0)
+    return torch.cat(out)
+
+
+def difficulty_rule(table: dict[str, dict[str, float]]) -> dict[str, float | bool]:
+    """Issue 12's rule from `table[f"{sampler}-{steps}"] = {"adherence", "fd"}`."""
+    best50 = max(("ddim-50", "dpm++-50"), key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
+    best4 = max(("ddim-4", "dpm++-4"), key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
+    a50, fd50 = table[best50]["adherence"], table[best50]["fd"]
+    a4, fd4 = table[best4]["adherence"], min(table["ddim-4"]["fd"], table["dpm++-4"]["fd"])
+    return {"teacher50": best50, "teacher50_adherence": a50, "teacher50_fd": fd50,
+            "teacher4_adherence": a4, "teacher4_best_fd": fd4,
+            "base_good": a50 >= 0.8, "four_steps_worse": a4 <= 0.85 * a50 or fd4 >= 2.0 * fd50}
+
+
+def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, guidance: float, seed: int = 0,
+                     steps: tuple[int, ...] = (50, 4), progress: ProgressFn | None = None) -> dict:
+    """Adherence and FD (judges' features, vs real renders) for each sampler and step count."""
+    prompts, reference = prompt_set(n, seed + 500), prompt_set(n, seed + 600)
+    ref_features = judges.features(reference.images)
+    table: dict[str, dict[str, float]] = {}
+    runs = [(s, k) for k in steps for s in SAMPLERS]
+    for i, (sampler, k) in enumerate(runs):
+        images = sample(pipe, sampler, k, prompts.captions, guidance, seed)
+        table[f"{sampler}-{k}"] = {"adherence": adherence(judges, images, prompts.parts),
+                                   "fd": frechet_distance_of_features(judges.features(images), ref_features)}
+        if progress is not None:
+            progress(Progress("hard-evaluate", i + 1, len(runs), table[f"{sampler}-{k}"], f"{sampler}-{k}"))
+    return {"guidance_scale": guidance, "samples": n, "table": table,
+            "real_renders_adherence": adherence(judges, prompts.images, prompts.parts),
+            **(difficulty_rule(table) if set(steps) >= {50, 4} else {})}
+
+
+def checkpoint_vae(s: HardToyConfig, scenes: int = 500) -> AutoencoderKL:
+    """The VAE of `checkpoint_dir/vae.pt`, its scaling factor estimated on `scenes` training-like renders."""
+    vae = hard_vae(s.seed)
+    vae.load_state_dict(torch.load(Path(s.checkpoint_dir) / "vae.pt")["vae"])
+    vae.eval().requires_grad_(False)
+    images8, labels = load_sklearn_digits()
+    renders = render_scenes(images8, labels, scenes, np.random.default_rng(s.seed + 7))
+    vae.register_to_config(scaling_factor=unit_variance_scale(encode_latents(vae, renders.images)))
+    return vae
+
+
+def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: ProgressFn | None = None) -> dict:
+    """The difficulty table of `base_dir`, or of an EMA checkpoint (VAE from base_dir, else from checkpoint_dir)."""
+    if checkpoint is None:
+        pipe = StableDiffusionPipeline.from_pretrained(s.base_dir, safety_checker=None, requires_safety_checker=False)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = hard_tokenizer(tmp)
+        unet, text_encoder = load_ema(checkpoint, tokenizer, s)
+        if Path(s.base_dir, "vae").exists():
+            vae = AutoencoderKL.from_pretrained(s.base_dir, subfolder="vae")
+        else:
+            vae = checkpoint_vae(s)
+        pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
+    judges = load_judges(s.judges_dir)
+    report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
+    report["model"] = str(checkpoint or Path(s.base_dir))
+    return report

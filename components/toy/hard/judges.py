@@ -1,0 +1,181 @@
+"""The hard toy's judges: a small CNN that reads both digits and both colours of a 64x64 image.
+
+Each 32-pixel half of the image (3x64x32) goes through one shared CNN with a
+digit head (10-way) and a colour head (4-way); since each half is read on its own, the
+readings carry the positions. A sample *adheres* to its prompt when all four parts (left
+digit, left colour, right digit, right colour) are right. The FD features are the two halves'
+64-d penultimate pre-activations side by side (128-d).
+
+Weights live in `data/toy/hard/judges/` (`model.safetensors` + `config.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from components.toy.hard.render import COLOURS, HARD_SIZE, Scene
+
+INPUT_HW = (64, 32)  # each half is read at full resolution (height, width)
+FEATURE_DIM = 64  # per half; the FD features are 2 x FEATURE_DIM
+
+
+def _conv(c_in: int, c_out: int) -> list[nn.Module]:
+    """3x3 conv, batch norm, ReLU."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class HalfNet(nn.Module):
+    """A stem (64x32 -> 32x16), two conv-BN stages (-> 16x8 -> 8x4), a feature layer, digit and colour heads."""
+
+    def __init__(self, widths: tuple[int, int] = (32, 64), feature_dim: int = FEATURE_DIM):
+        super().__init__()
+        w1, w2 = widths
+        self.convs = nn.Sequential(
+            *_conv(3, 16), nn.MaxPool2d(2),
+            *_conv(16, w1), *_conv(w1, w1), nn.MaxPool2d(2),
+            *_conv(w1, w2), *_conv(w2, w2), nn.MaxPool2d(2),
+        )
+        self.feature = nn.Linear(w2 * (INPUT_HW[0] // 8) * (INPUT_HW[1] // 8), feature_dim)
+        self.dropout = nn.Dropout(0.3)
+        self.digit_head = nn.Linear(feature_dim, 10)
+        self.colour_head = nn.Linear(feature_dim, len(COLOURS))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Bx3x64x32 in [-1, 1] -> B x feature_dim."""
+        return self.feature(self.convs(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.dropout(F.relu(self.features(x)))
+        return self.digit_head(h), self.colour_head(h)
+
+
+def to_halves(images: torch.Tensor) -> torch.Tensor:
+    """Bx3xHxW in [-1, 1] (any size) -> 2B x 3 x 64 x 32: all left halves, then all right halves."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"hard judges: expected images Bx3xHxW in [-1, 1], got {tuple(images.shape)}")
+    images = images.float()
+    if images.shape[-2:] != (HARD_SIZE, HARD_SIZE):
+        images = F.interpolate(images, size=(HARD_SIZE, HARD_SIZE), mode="bilinear", antialias=True,
+                               align_corners=False)
+    images = images.clamp(-1.0, 1.0)
+    half = INPUT_HW[1]
+    return torch.cat([images[..., :half], images[..., half:]])
+
+
+@dataclass
+class HardJudges:
+    """A trained HalfNet behind the project's image convention: Bx3xHxW floats in [-1, 1]."""
+
+    net: HalfNet
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.net.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def read(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 4 readings: (left digit, left colour, right digit, right colour)."""
+        digit, colour = self.net(to_halves(images))
+        b = images.shape[0]
+        d, c = digit.argmax(1).view(2, b), colour.argmax(1).view(2, b)
+        return torch.stack([d[0], c[0], d[1], c[1]], dim=1)
+
+    @torch.no_grad()
+    def adheres(self, images: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+        """B booleans: all four parts of each image read as its scene."""
+        want = torch.tensor([s.parts() for s in scenes])
+        return (self.read(images) == want).all(dim=1)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """B x 128 features for a Frechet distance: left half's 64, then right half's 64."""
+        feats = self.net.features(to_halves(images))
+        return torch.cat(feats.chunk(2), dim=1)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random blur, contrast and noise on judge inputs (Bx3x64x32), so decoded images read well."""
+    b = images.shape[0]
+    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.8
+    images = images * (1 - mix) + blurred * mix
+    contrast = 0.7 + 0.3 * torch.rand(b, 1, 1, 1, generator=generator)
+    offset = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    noise = torch.randn(images.shape, generator=generator) * 0.1 * torch.rand(b, 1, 1, 1, generator=generator)
+    return (images * contrast + offset + noise).clamp(-1.0, 1.0)
+
+
+def train_judges(images: torch.Tensor, parts: torch.Tensor, *, epochs: int = 8, batch_size: int = 128,
+                 lr: float = 2e-3, seed: int = 0, callback: Callable[[int, int, float], None] | None = None
+                 ) -> HardJudges:
+    """Train on N x 3 x 64 x 64 renders with their N x 4 parts; `callback(step, total, loss)` per step."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = to_halves(images)
+    n = images.shape[0]
+    digits = torch.cat([parts[:, 0], parts[:, 2]]).long()
+    colours = torch.cat([parts[:, 1], parts[:, 3]]).long()
+    net = HalfNet().train()
+    total = epochs * -(-2 * n // batch_size)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(2 * n, generator=generator)
+        for i in range(0, 2 * n, batch_size):
+            idx = order[i:i + batch_size]
+            digit_logits, colour_logits = net(augment(x[idx], generator))
+            loss = F.cross_entropy(digit_logits, digits[idx]) + F.cross_entropy(colour_logits, colours[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if callback is not None:
+                callback(step, total, float(loss.detach()))
+    return HardJudges(net)
+
+
+def adherence(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor, batch_size: int = 500) -> float:
+    """Share of N images (Nx3xHxW in [-1, 1]) whose four readings all equal `parts` (N x 4)."""
+    reads = torch.cat([judges.read(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return float((reads == parts.long()).all(dim=1).float().mean())
+
+
+def save_judges(judges: HardJudges, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` (architecture and `meta`) to `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in judges.net.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
+    config = {"input_hw": list(INPUT_HW), "widths": [32, 64], "feature_dim": FEATURE_DIM, **(meta or judges.meta)}
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_judges(path: str | Path, device: str | torch.device = "cpu") -> HardJudges:
+    """Load the judges from `path` (a folder written by `save_judges`)."""
+    folder = Path(path)
+    weights, config_file = folder / "model.safetensors", folder / "config.json"
+    if not weights.exists() or not config_file.exists():
+        raise FileNotFoundError(f"{folder}: no hard toy judges (model.safetensors + config.json); "
+                                "build them with `python -m components.toy.hard judges`")
+    config = json.loads(config_file.read_text())
+    net = HalfNet(tuple(config["widths"]), config["feature_dim"])
+    net.load_state_dict(load_file(str(weights)))
+    net.to(device)
+    return HardJudges(net, meta=config)
+
+
+def scene_parts(scenes: list[Scene]) -> torch.Tensor:
+    """N x 4 long tensor of the scenes' parts."""
+    return torch.tensor(np.array([s.parts() for s in scenes]), dtype=torch.long)

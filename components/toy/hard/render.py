@@ -1,0 +1,92 @@
+"""Render the hard toy's 64x64 RGB compositions: two coloured sklearn digits, left and right.
+
+A scene is `Scene(left_digit, left_colour, right_digit, right_colour)`; its caption names both
+digits with their colours and positions, in either order ("a red seven on the left and a blue
+two on the right" or "a blue two on the right and a red seven on the left"), so a model must
+bind each colour to its digit and each digit to its side. Every image is drawn from real
+sklearn digits (8x8, values 0-16), upsampled into a 26-pixel box in each 32-pixel half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+HARD_SIZE = 64  # pixel size of every hard toy image
+HALF = HARD_SIZE // 2  # each digit lives in its own half
+DIGIT_BOX = 26  # an 8x8 digit is upsampled to this box inside its 32x64 half
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLOURS = ["red", "green", "blue", "yellow"]
+INKS = np.array([[205.0, 30.0, 30.0], [25.0, 140.0, 45.0], [35.0, 55.0, 210.0], [225.0, 175.0, 0.0]])
+PAPER = np.array([236.0, 232.0, 222.0])  # light grey-warm paper
+SIDES = ["left", "right"]
+HARD_WORDS = ["a", "on", "the", "and", *SIDES, *COLOURS, *DIGIT_WORDS]  # every caption word
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a hard toy image shows: a digit label 0-9 and a colour index 0-3 per side."""
+
+    left_digit: int
+    left_colour: int
+    right_digit: int
+    right_colour: int
+
+    def parts(self) -> tuple[int, int, int, int]:
+        """(left digit, left colour, right digit, right colour), the judges' four readings."""
+        return self.left_digit, self.left_colour, self.right_digit, self.right_colour
+
+
+def caption_for(scene: Scene, right_first: bool = False) -> str:
+    """The caption of a scene, left part first unless `right_first`."""
+    left = f"a {COLOURS[scene.left_colour]} {DIGIT_WORDS[scene.left_digit]} on the left"
+    right = f"a {COLOURS[scene.right_colour]} {DIGIT_WORDS[scene.right_digit]} on the right"
+    return f"{right} and {left}" if right_first else f"{left} and {right}"
+
+
+def _digit_mask(image8x8: np.ndarray) -> np.ndarray:
+    arr = np.asarray(image8x8, dtype=np.float64).reshape(8, 8)
+    small = Image.fromarray((np.clip(arr / 16.0, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+    box = small.resize((DIGIT_BOX, DIGIT_BOX), Image.Resampling.BICUBIC)
+    return np.asarray(box, dtype=np.float64) / 255.0
+
+
+def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
+                 rng: np.random.Generator | None = None) -> Image.Image:
+    """Two 8x8 digits (values 0-16) in their scene's colours as a 64x64 RGB image.
+
+    With `rng` each digit moves by up to 2 pixels sideways and 6 up or down, and paper and
+    inks vary slightly; with `rng=None` the rendering is canonical (centred, fixed colours).
+    """
+    paper = PAPER if rng is None else PAPER + rng.uniform(-10.0, 10.0, size=3)
+    rgb = np.broadcast_to(paper, (HARD_SIZE, HARD_SIZE, 3)).copy()
+    margin_x, margin_y = (HALF - DIGIT_BOX) // 2, (HARD_SIZE - DIGIT_BOX) // 2
+    for side, (digit, colour) in enumerate([(left8x8, scene.left_colour), (right8x8, scene.right_colour)]):
+        mask = _digit_mask(digit)[..., None]
+        ink = INKS[colour] if rng is None else np.clip(INKS[colour] + rng.uniform(-18.0, 18.0, size=3), 0, 255)
+        dx, dy = (0, 0) if rng is None else (int(rng.integers(-2, 3)), int(rng.integers(-6, 7)))
+        top, left = margin_y + dy, side * HALF + margin_x + dx
+        window = rgb[top:top + DIGIT_BOX, left:left + DIGIT_BOX]
+        rgb[top:top + DIGIT_BOX, left:left + DIGIT_BOX] = window * (1.0 - mask) + ink * mask
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def random_scene(labels: np.ndarray, rng: np.random.Generator, pool: np.ndarray | None = None
+                 ) -> tuple[Scene, int, int, bool]:
+    """A random scene from sklearn digits: (scene, left index, right index, right_first).
+
+    `pool` restricts the digit images drawn (e.g. a train or held-out split); colours are
+    drawn independently per side.
+    """
+    pool = np.arange(len(labels)) if pool is None else pool
+    i, j = (int(v) for v in rng.choice(pool, size=2))
+    colours = rng.integers(0, len(COLOURS), size=2)
+    scene = Scene(int(labels[i]), int(colours[0]), int(labels[j]), int(colours[1]))
+    return scene, i, j, bool(rng.random() < 0.5)
+
+
+def pil_to_tensor_array(image: Image.Image) -> np.ndarray:
+    """A PIL RGB image -> 3xHxW float32 array in [-1, 1]."""
+    return (np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)

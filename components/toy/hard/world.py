@@ -1,0 +1,123 @@
+"""Builders of the hard toy's committed models: the judges and the SD-1.5-family base.
+
+Each builder renders scenes from sklearn's digits, trains, measures, and writes the model with
+a JSON report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.progress import Progress, ProgressFn
+from components.toy.classifier import digit_split
+from components.toy.hard.base import (
+    assemble_hard_pipeline,
+    encode_latents,
+    hard_text_encoder,
+    hard_tokenizer,
+    token_ids,
+    train_hard_unet,
+    train_hard_vae,
+    unit_variance_scale,
+)
+from components.toy.hard.config import HardToyConfig
+from components.toy.hard.data import load_sklearn_digits, render_scenes
+from components.toy.hard.judges import adherence, save_judges, train_judges
+from components.toy.hard.render import HARD_WORDS
+from components.toy.tokenizer import write_tokenizer_files
+
+
+def device_name() -> str:
+    """The CPU and thread count this process trains on."""
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
+    """Train the judges on scenes of the training digits; check adherence on held-out digits' renders.
+
+    Raises ValueError (and saves nothing) below `min_judge_adherence` on the canonical renders.
+    """
+    images8, labels = load_sklearn_digits()
+    train_idx, test_idx = digit_split(labels, s.seed)
+    start = time.time()
+    train = render_scenes(images8, labels, s.judges_scenes, np.random.default_rng(s.seed), train_idx)
+    judges = train_judges(train.images, train.parts, epochs=s.judges_epochs, seed=s.seed,
+                          callback=None if progress is None else
+                          lambda i, n, loss: progress(Progress("hard-judges", i, n, {"loss": loss})))
+    report = {}
+    for name, jitter in (("canonical", False), ("jittered", True)):
+        held = render_scenes(images8, labels, s.judges_test_scenes, np.random.default_rng(s.seed + 100),
+                             test_idx, jitter=jitter)
+        report[f"heldout_adherence_{name}"] = adherence(judges, held.images, held.parts)
+    if report["heldout_adherence_canonical"] < s.min_judge_adherence:
+        raise ValueError(f"hard judges: held-out adherence {report['heldout_adherence_canonical']:.4f} < "
+                         f"{s.min_judge_adherence}; raise judges_epochs or judges_scenes")
+    report.update(train_scenes=s.judges_scenes, heldout_scenes=s.judges_test_scenes, epochs=s.judges_epochs,
+                  seed=s.seed, train_s=round(time.time() - start, 1), device=device_name())
+    save_judges(judges, s.judges_dir, report)
+    return report
+
+
+def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
+    """Train VAE, UNet and text encoder (resumable, budgeted); save the last EMA as a pipeline in `base_dir`."""
+    images8, labels = load_sklearn_digits()
+    start = time.time()
+    train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7))
+    vae = train_hard_vae(train.images, s, progress)
+    vae_s = time.time() - start
+    latents = encode_latents(vae, train.images)
+    vae.register_to_config(scaling_factor=unit_variance_scale(latents))
+    latents = latents * vae.config.scaling_factor
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = hard_tokenizer(tmp)
+    text_encoder = hard_text_encoder(tokenizer, s.seed)
+    ids, uncond_ids = token_ids(tokenizer, train.captions), token_ids(tokenizer, [""])
+    unet, text_encoder, step = train_hard_unet(latents, ids, uncond_ids, text_encoder, s, progress)
+    pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
+    folder = Path(s.base_dir)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    write_tokenizer_files(folder / "tokenizer", words=HARD_WORDS)
+    report = {"unet_steps": step, "vae_s": round(vae_s, 1), "wall_s": round(time.time() - start, 1),
+              "device": device_name(), "torch": torch.__version__,
+              "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
+                             for n in ("unet", "vae", "text_encoder")},
+              "params": s.model_dump(mode="json")}
+    (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
+    """Train the SDXL-family hard base around the SD-1.5 family's VAE (from `base_dir`); save to `sdxl_dir`."""
+    from diffusers import AutoencoderKL
+
+    from components.toy.hard.sdxl import (
+        build_untrained_hard_sdxl,
+        sdxl_training_set,
+        train_hard_sdxl_unet,
+    )
+
+    images8, labels = load_sklearn_digits()
+    start = time.time()
+    vae = AutoencoderKL.from_pretrained(s.base_dir, subfolder="vae").eval().requires_grad_(False)
+    images, add_time_ids, captions = sdxl_training_set(images8, labels, s.train_scenes,
+                                                       np.random.default_rng(s.seed + 17))
+    latents = encode_latents(vae, images) * vae.config.scaling_factor
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
+    ids, uncond_ids = token_ids(pipe.tokenizer, captions), token_ids(pipe.tokenizer, [""])
+    step = train_hard_sdxl_unet(pipe, latents, ids, uncond_ids, add_time_ids, s, progress)
+    folder = Path(s.sdxl_dir)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer_files(folder / sub, words=HARD_WORDS)
+    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1), "device": device_name(),
+              "torch": torch.__version__, "params": s.model_dump(mode="json")}
+    (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
