@@ -12,7 +12,8 @@ The version digest (`content_digest`) is the sha256 of the manifest's canonical 
 separators. It covers every file's sha256 and every metadata field, so it is both the
 version's content address (identical content, identical digest) and the manifest's own
 checksum (recorded create-only in the claim, compared on every read).
-`components/registry.py` reads and writes these under a storage root.
+`components/registry.py` reads and writes these under a storage root; the file names of a
+version folder (`MANIFEST`, `CARD`) and its path (`version_dir`) are defined here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ DIGEST_PREFIX = "sha256:"
 MIN_DIGEST_PREFIX = 12  # hex digits a digest reference needs at least
 DIGEST_FIELDS = ("format", "files", "base", "metrics", "gate", "lineage")  # what the digest covers
 _HEX = re.compile(r"[0-9a-f]+")
+MANIFEST = "manifest.json"  # in every version folder, written last
+CARD = "README.md"  # the model card of a version folder
 
 
 class RegistryError(RuntimeError):
@@ -96,6 +100,16 @@ def validate_version(value: str) -> str:
     if not value.isdigit() or value.startswith("0"):
         raise RegistryError(f"invalid version {value!r}: versions are positive integers (1, 2, ...)")
     return value
+
+
+def version_dir(name: str, version: str) -> str:
+    """The folder of `name:version` under the registry root."""
+    return f"{name}/versions/{version}"
+
+
+def timestamp() -> str:
+    """Now, as the registry records it (created_at, updated_at): UTC ISO 8601, milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 # --- manifest ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _force_reason(force: bool, reason: str | None) -> str | None:
 @contextlib.contextmanager
 def _registry_errors() -> Iterator[None]:
     """Registry and storage failures become one-line CLI errors."""
-    from components.registry import RegistryError
+    from components.registry_manifest import RegistryError
     from components.storage import StorageError
 
     try:

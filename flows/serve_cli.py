@@ -32,7 +32,8 @@ def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VE
         return
     import uvicorn
 
-    from components.registry import Registry, RegistryError
+    from components.registry import Registry
+    from components.registry_manifest import RegistryError
     from components.serve import LoraSwapper, copying_factory, create_app
     from components.storage import StorageError
     from flows.registry_cli import console

@@ -21,9 +21,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from components import registry as registry_module
+from components import registry_gc
 from components.model_card import check_model_card
-from components.registry import GateRefused, Registry, VerificationError
+from components.registry import Registry
+from components.registry_aliases import GateRefused
 from components.registry_manifest import Reference, RegistryError, parse_reference, validate_name
+from components.registry_pull import VerificationError
 from components.storage import Storage, StorageUnavailable
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
@@ -419,7 +422,7 @@ def test_killed_publisher_leaves_no_version(root: str, tmp_path: Path, monkeypat
     reg.pull("killed", tmp_path / "out")
     # gc clears the leftovers of the dead publisher once its claim is stale.
     assert reg.gc("killed", keep=1).incomplete == []
-    monkeypatch.setattr(registry_module, "STALE_CLAIM_S", 0.0)
+    monkeypatch.setattr(registry_gc, "STALE_CLAIM_S", 0.0)
     assert reg.gc("killed", keep=1, dry_run=False).incomplete == ["1"]
     assert reg.storage.ls("killed/versions/1", recursive=True) == []
     assert reg.list("killed") == ["2"]
