@@ -70,9 +70,105 @@ PATCHES = [
      ("    if torch.cuda.is_available():\n"
       "        print(f'BENCH_PEAK {torch.cuda.max_memory_allocated()}', flush=True)\n"
       "    accelerator.end_training()\n")),
+    ("webdataset 1.x: its tar expander also yields per-shard records without 'fname'; skip them",
+     '        fname, value = filesample["fname"], filesample["data"]\n',
+     ('        if "fname" not in filesample:\n            continue\n'
+      '        fname, value = filesample["fname"], filesample["data"]\n')),
     ("no save of the whole UNet after training (outside the timed steps)",
      "        unet.save_pretrained(args.output_dir)\n", "        pass  # bench: full UNet not saved\n"),
 ]
+
+
+# Where torchvision cannot be imported (this CPU box: PyPI has only CUDA builds for the installed
+# CPU torch), the reference gets this stand-in: the four transforms it calls, on PIL images, as
+# torchvision computes them for PIL input (PIL resize of the shorter side, crop, /255 CHW, normalize).
+TV_SHIM = {
+    "torchvision/__init__.py": "__version__ = '0.0.0+bench-shim'\nfrom . import transforms  # noqa\n",
+    "torchvision/transforms/__init__.py": '''import enum
+import torch
+from . import functional  # noqa
+
+
+class InterpolationMode(enum.Enum):
+    NEAREST = 0
+    NEAREST_EXACT = 0
+    BILINEAR = 2
+    BICUBIC = 3
+    BOX = 4
+    HAMMING = 5
+    LANCZOS = 1
+
+
+class RandomCrop:
+    @staticmethod
+    def get_params(img, output_size):
+        w, h = img.size
+        th, tw = output_size
+        if h == th and w == tw:
+            return 0, 0, h, w
+        i = torch.randint(0, h - th + 1, size=(1,)).item()
+        j = torch.randint(0, w - tw + 1, size=(1,)).item()
+        return i, j, th, tw
+''',
+    "torchvision/transforms/functional.py": '''import numpy as np
+import torch
+
+
+def resize(img, size, interpolation=None):
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return img.resize((new_w, new_h), interpolation.value if interpolation is not None else 2)
+
+
+def crop(img, top, left, height, width):
+    return img.crop((left, top, left + width, top + height))
+
+
+def to_tensor(img):
+    a = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
+
+
+def normalize(t, mean, std):
+    return (t - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+def pil_to_tensor(img):  # imported (not called) by transformers.image_utils
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+''',
+    "torchvision/transforms/v2/__init__.py": "from . import functional  # noqa\n",
+    "torchvision/transforms/v2/functional.py": "from ..functional import *  # noqa\n",
+}
+# With the stand-in, diffusers and transformers must still see no torchvision (they would import
+# much more of it): their cached availability checks run first, then the stand-in joins sys.path
+# (BENCH_TV_SHIM), and diffusers' interpolation helper is replaced by its value for 'bilinear'.
+SHIM_PATCHES = [
+    ("with the torchvision stand-in: library checks first, then the stand-in on sys.path",
+     "import torchvision.transforms.functional as TF\n",
+     ("import diffusers.utils.import_utils, transformers.utils.import_utils  # noqa\n"
+      "transformers.utils.import_utils.is_torchvision_available()\n"
+      "import sys; sys.path.insert(0, os.environ['BENCH_TV_SHIM'])  # noqa\n"
+      "import torchvision.transforms.functional as TF\n")),
+    ("with the torchvision stand-in: bilinear interpolation mode without diffusers' helper",
+     "        interpolation_mode = resolve_interpolation_mode(interpolation_type)\n",
+     "        interpolation_mode = transforms.InterpolationMode.BILINEAR\n"),
+]
+
+
+def torchvision_path(env: dict) -> str | None:
+    """None when torchvision imports here; else the folder of the stand-in (written under bench/.reference)."""
+    ok = subprocess.run([sys.executable, "-c", "import torchvision.transforms.functional"], env=env,
+                        capture_output=True, check=False).returncode == 0
+    if ok:
+        return None
+    root = REF_DIR / "tv_shim"
+    for rel, text in TV_SHIM.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    print("  torchvision not importable: the reference uses the PIL stand-in in", root)
+    return str(root)
 
 
 def fetch_reference(diffusers: Path | None) -> Path:
@@ -91,10 +187,10 @@ def fetch_reference(diffusers: Path | None) -> Path:
     return dest
 
 
-def patch_reference(src: Path) -> Path:
+def patch_reference(src: Path, shim: bool) -> Path:
     """A patched copy next to the original; prints every patch."""
     text = src.read_text()
-    for why, old, new in PATCHES:
+    for why, old, new in PATCHES + (SHIM_PATCHES if shim else []):
         if text.count(old) != 1:
             raise SystemExit(f"reference patch '{why}': expected the text once, found {text.count(old)}; "
                              "the upstream script changed: update PATCHES")
@@ -169,7 +265,9 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     py = sys.executable
     print("reference:", REF_DIR / REF_NAME)
-    ref_script = patch_reference(fetch_reference(args.diffusers))
+    shim = torchvision_path(env)
+    ref_script = patch_reference(fetch_reference(args.diffusers), shim is not None)
+    ref_env = {**env, "BENCH_TV_SHIM": shim} if shim else env
     base = random_base(Path(args.arch), Path(args.tokenizer), work / "base") if args.arch else Path(args.base)
     base = base.resolve()
 
@@ -199,7 +297,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"reference": [], **{k: [] for k in variants}}
     for r in range(args.rounds):
         shutil.rmtree(work / "ref_out", ignore_errors=True)
-        rc, rss, out = run(ref_cmd, env, work / f"ref_{r}.log")
+        rc, rss, out = run(ref_cmd, ref_env, work / f"ref_{r}.log")
         if rc:
             raise SystemExit(f"reference failed (rc {rc}): see {work / f'ref_{r}.log'}")
         times = {int(s): float(t) for s, t in (ln.split()[1:3] for ln in out.splitlines() if ln.startswith("BENCH_STEP"))}

@@ -282,7 +282,7 @@ def train_lcd_lora(
                              torch.as_tensor(grad_norm, device=device).float()])
         n = latents.shape[0] * accelerator.num_processes
         pending.append((local, n))
-        step_next = state.step + 1
+        step_next = state.step + len(pending)  # the step just taken (reports lag until the sync)
         due = (every == 1 or step_next % every == 0 or step_next == opts.max_steps
                or (opts.checkpoint_every and step_next % opts.checkpoint_every == 0))
         if due:  # with sync_every 1: one host sync per step, before the weights are updated
