@@ -310,7 +310,7 @@ def main() -> None:
             spec = {"sets": sets + [f"distill.batch_size={args.batch}", f"distill.lora_rank={args.rank}",
                                     f"distill.lora_alpha={args.rank}", f"distill.max_steps={n_steps}",
                                     "distill.lr=1e-4", "distill.checkpoint_every=0", "distill.num_workers=1",
-                                    f"distill.mixed_precision={'bf16' if args.bf16 else 'no'}",
+                                    f"distill.mixed_precision='{'bf16' if args.bf16 else 'no'}'",
                                     f"bases.toy.guidance_scale={args.guidance}", *over]
                     + ([f"bases.toy.reference={base}", f"bases.toy.resolution={args.resolution}"] if args.arch else []),
                     "output": str(work / f"ours_{name}"), "synthetic": bool(args.arch), "batch": args.batch}
