@@ -15,6 +15,15 @@ In the same run this script times
 interleaved in time (2 and 3 run in the loop's progress callback, outside its timed step), and
 prints overhead = loop step time / sum of bare passes (median of per-step ratios; goal <= 1.15),
 samples/s and, on CUDA, peak memory. Needs only torch, diffusers, peft, accelerate and this repository.
+
+MFU (every row): the FLOPs of one real LCD step (teacher, target, student forward and backward,
+counted by torch.utils.flop_counter.FlopCounterMode) x steps/s / the matmul peak measured in the
+same run (a large torch.matmul loop, bf16 on CUDA with --bf16, fp32 otherwise).
+
+Speed-ups: `--opt optimizer=adamw_fused --opt sync_every=10 --opt prefetch=2 --opt compile_unet=true`
+(TrainOptions fields); with `--loop-only` only the loop runs (steady-state time between step
+reports), as deferred syncs and compilation need. `--batch-scan 8,16,32` runs the script once
+per batch in fresh processes and prints the best batch that fits.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +74,85 @@ def timed(fn, device: torch.device) -> tuple[object, float]:
     out = fn()
     sync(device)
     return out, time.perf_counter() - t0
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Achieved matmul FLOP/s: a square torch.matmul loop (n = 8192 on CUDA, 1024 on CPU) for ~`seconds`."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10):
+            a @ b
+        iters += 10
+        sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def step_flops(unet, conditioner, batch, settings, alpha_bar, device, dtype, autocast) -> int:
+    """FLOPs of one LCD step (lcd_loss forward + backward), counted by FlopCounterMode; grads cleared after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    solver = lcd.ddim_solver_timesteps(settings.num_train_timesteps, settings.num_ddim_timesteps)
+    lat = batch["latents"].to(device) * settings.scaling_factor
+    counter = FlopCounterMode(display=False)
+    with counter, autocast:
+        c = conditioner.conditioning(batch).to(device, dtype)
+        loss = lcd.lcd_loss(unet, unet, lat, c, conditioner.unconditional(c), settings, alpha_bar.to(device), solver,
+                            torch.Generator().manual_seed(123))
+        loss.backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def sdpa_report(unet, z, t, c, device) -> str:
+    """Attention processors in use and, on CUDA, whether a forward runs with the flash SDPA kernel alone."""
+    procs = sorted({type(m.processor).__name__ for m in unet.modules() if hasattr(m, "processor")})
+    note = f"attention processors {procs}"
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        try:
+            with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                unet(z, t, **c.unet_kwargs())
+            note += "; flash SDPA: used (forward ran with the flash kernel only)"
+        except RuntimeError as exc:
+            note += f"; flash SDPA: NOT usable ({str(exc).splitlines()[0][:120]})"
+    return note
+
+
+def batch_scan(args: argparse.Namespace, argv: list[str]) -> None:
+    """One fresh process per batch size; the best samples/s among those that fit."""
+    rows = []
+    for b in [int(x) for x in args.batch_scan.split(",")]:
+        out = Path(tempfile.gettempdir()) / f"bench_distill_b{b}.json"
+        out.unlink(missing_ok=True)
+        rest = [a for i, a in enumerate(argv) if a != "--batch-scan" and (i == 0 or argv[i - 1] != "--batch-scan")]
+        rc = subprocess.run([sys.executable, __file__, *rest, "--batch", str(b), "--json", str(out)],
+                            check=False).returncode
+        if rc or not out.exists():
+            print(f"batch {b}: failed (rc {rc}; out of memory?)")
+            rows.append((b, None))
+            continue
+        r = json.loads(out.read_text())
+        rows.append((b, r))
+    fit = [(b, r) for b, r in rows if r]
+    print("\nbatch scan: " + " | ".join(
+        f"{b}: {r['samples_per_s']:.2f} samples/s, MFU {r['mfu']:.1%}, peak {r['peak_memory_gib'] or 0:.1f} GiB"
+        if r else f"{b}: did not fit" for b, r in rows))
+    if fit:
+        b, r = max(fit, key=lambda x: x[1]["samples_per_s"])
+        print(f"best batch {b}: {r['samples_per_s']:.2f} samples/s, MFU {r['mfu']:.1%}")
+
+
+def parse_opt(text: str) -> tuple[str, object]:
+    """key=value -> (key, bool | int | str) for a TrainOptions field."""
+    key, value = text.split("=", 1)
+    low = value.lower()
+    return key, (low == "true") if low in ("true", "false") else int(value) if value.isdigit() else value
 
 
 def build(args: argparse.Namespace):
@@ -133,7 +222,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--opt", action="append", default=[], help="TrainOptions speed-up, key=value (repeatable)")
+    ap.add_argument("--loop-only", action="store_true", help="time the loop alone (no instrumented/bare passes)")
+    ap.add_argument("--batch-scan", help="comma-separated batch sizes: one fresh process each, best that fits")
     args = ap.parse_args()
+    if args.batch_scan:
+        return batch_scan(args, sys.argv[1:])
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -208,9 +302,16 @@ def main() -> None:
                 unet(z, t, **c.unet_kwargs()).sample.float().square().mean().backward()
             return [timed(f, device)[1] for f in (teacher, target_pass, student_pass)]
 
+    stamps: dict[int, float] = {}
+    flops = step_flops(unet, conditioner, batches[0], settings, alpha_bar, device, dtype, autocast)
+    peak_flops = matmul_peak(device, dtype)
+
     def on_step(info) -> None:
         """1. The real loop's step time; then, outside it, one instrumented step and the bare passes."""
         if info.note:  # a checkpoint notice, not a step
+            return
+        stamps[info.step] = time.perf_counter()
+        if args.loop_only:
             return
         i = info.step - 1
         phase_times = instrumented_step(i)
@@ -224,18 +325,29 @@ def main() -> None:
                 bare[k].append(v)
 
     opts = TrainOptions(max_steps=n_steps, mixed_precision="bf16" if args.bf16 else "no",
-                        gradient_checkpointing=args.gradient_checkpointing, cpu=device.type == "cpu")
+                        gradient_checkpointing=args.gradient_checkpointing, cpu=device.type == "cpu",
+                        **dict(parse_opt(o) for o in args.opt))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
         train_lcd_lora(unet, conditioner, lambda r, w: batches, settings, alpha_bar, opts, tmp, progress=on_step)
-    loop_step = statistics.median(step_times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    ratios = [s_ / (a + b + c) for s_, a, b, c in zip(step_times, bare["teacher"], bare["target"], bare["student"])]
-
-    med = {k: statistics.median(v) for k, v in phases.items()}
-    bare_med = {k: statistics.median(v) for k, v in bare.items()}
+    sdpa = sdpa_report(unet, fixed["z"], fixed["t"], fixed["c"], device) if fixed else sdpa_report(
+        unet, torch.randn(1, *shape, device=device, dtype=dtype), torch.tensor([500], device=device),
+        conditioner.conditioning(batches[0]).to(device, dtype), device) if device.type == "cuda" else ""
+    if args.loop_only:  # steady state between step reports (deferred syncs report in bursts)
+        loop_step = (stamps[n_steps] - stamps[args.warmup]) / args.steps
+        step_times = [loop_step]
+        med = {k: 0.0 for k in phases}
+        bare_med = {k: float("nan") for k in bare}
+        ratios = [float("nan")]
+    else:
+        loop_step = statistics.median(step_times)
+        ratios = [s_ / (a + b + c) for s_, a, b, c in zip(step_times, bare["teacher"], bare["target"], bare["student"])]
+        med = {k: statistics.median(v) for k, v in phases.items()}
+        bare_med = {k: statistics.median(v) for k, v in bare.items()}
     bare_sum = sum(bare_med.values())
+    mfu = flops / loop_step / peak_flops
     result = {
         "base": desc, "family": family, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -246,7 +358,8 @@ def main() -> None:
         "breakdown_s": med, "instrumented_step_s": sum(med.values()),
         "bare_passes_s": bare_med, "bare_sum_s": bare_sum, "overhead_ratio": statistics.median(ratios),
         "overhead_ratio_of_medians": loop_step / bare_sum,
-        "peak_memory_gib": peak,
+        "peak_memory_gib": peak, "step_tflop": flops / 1e12, "matmul_peak_tflops": peak_flops / 1e12, "mfu": mfu,
+        "options": dict(parse_opt(o) for o in args.opt), "loop_only": args.loop_only, "sdpa": sdpa,
     }
     print(f"base {desc} | {family} | {result['device_name']} | batch {args.batch} | latents {tuple(shape)} | "
           f"LoRA rank {args.rank} ({n_lora:,} params) | {'bf16' if args.bf16 else 'fp32'}")
@@ -256,6 +369,11 @@ def main() -> None:
           f" | sum {bare_sum:.4f}")
     print(f"training loop step: {loop_step:.4f} s -> {result['samples_per_s']:.2f} samples/s; "
           f"overhead ratio loop / bare = {result['overhead_ratio']:.3f} (median of per-step ratios; goal <= 1.15)")
+    print(f"MFU: step {flops / 1e9:.2f} GFLOP x {1 / loop_step:.3f} steps/s / matmul peak "
+          f"{peak_flops / 1e9:.1f} GFLOP/s ({'bf16' if args.bf16 else 'fp32'}, same run) = {mfu:.1%}"
+          + (f" | options {result['options']}" if args.opt else ""))
+    if sdpa:
+        print(sdpa)
     if peak is not None:
         print(f"peak memory: {peak:.2f} GiB")
     if args.json:

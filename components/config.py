@@ -118,6 +118,13 @@ class DistillConfig(Section):
     cpu: bool = False  # force CPU even when an accelerator is present
     latents_index: str | None = None  # index.json of the latent shards, relative to storage.root; None: the encode stage's for this base's VAE
     num_workers: int = 0  # data loader workers
+    # Speed-ups (docs/distill.md, "Speed-ups": gains and numeric bounds); off = the plain, reproducible path.
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"  # fused: one kernel per step (~1e-7 apart); 8bit: bitsandbytes (CUDA), optimizer state in 8 bits
+    sync_every: int = 1  # host syncs (NaN check, loss, progress) every N steps; >1: a NaN is found up to N-1 steps late (checkpoints are always checked first)
+    prefetch: int = 0  # batches read ahead by a thread, pinned on CUDA and copied without a sync (same batches, same order)
+    compile_unet: bool = False  # torch.compile the UNet for teacher, target and student (minutes of compile first)
+    channels_last: bool = False  # UNet weights in channels_last memory format (convolutions; numerics within float rounding)
+    bf16_teacher: bool = False  # teacher and target passes under bf16 autocast while the student trains at mixed_precision
 
 
 class EvaluateConfig(Section):

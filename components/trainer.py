@@ -24,6 +24,12 @@ from components.conditioning import TextConditioner
 from components.lcd import LCDSettings, ddim_solver_timesteps, lcd_loss
 from components.lora import lora_parameters, unet_lora_state_dict
 from components.progress import Progress, ProgressFn
+from components.speedups import (
+    lcd_loss_bf16_teacher,
+    make_optimizer,
+    prefetched,
+    to_device,
+)
 
 STAGE = "distill"  # the stage name in every Progress report of the loop
 CHECKPOINT_DIR = "checkpoints"
@@ -70,11 +76,19 @@ class TrainOptions:
     checkpoints_keep: int = 2
     seed: int = 0
     cpu: bool = False
+    # Speed-ups (docs/distill.md, "Speed-ups"); the defaults are the plain, bit-reproducible path.
+    optimizer: str = "adamw"  # adamw | adamw_fused | adamw_8bit
+    sync_every: int = 1  # host sync (NaN check, loss, progress) every N steps
+    prefetch: int = 0  # batches read ahead by a thread (pinned memory on CUDA)
+    compile_unet: bool = False  # torch.compile the UNet (teacher, target and student)
+    compile_backend: str = "inductor"  # torch.compile backend (tests: aot_eager)
+    channels_last: bool = False  # UNet weights in channels_last memory format
+    bf16_teacher: bool = False  # teacher and target passes under bf16 autocast (student as mixed_precision)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainOptions:
-        """The loop settings of a DistillConfig (fields of the same names)."""
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+        """The loop settings of a DistillConfig (fields of the same names; absent ones keep the default)."""
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__ if hasattr(cfg, f)})
 
 
 def _endless(batches: Callable[[], Iterable[dict]]) -> Iterator[dict]:
@@ -206,18 +220,23 @@ def train_lcd_lora(
             enc.to(dtype=weight_dtype)
     if opts.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if opts.channels_last:
+        unet.to(memory_format=torch.channels_last)
     unet.train()
     alpha_bar = alpha_bar.to(device)
     solver_timesteps = ddim_solver_timesteps(settings.num_train_timesteps, settings.num_ddim_timesteps)
 
     # 2. Optimizer over the LoRA parameters only; warm-up then constant learning rate.
     params = lora_parameters(unet)
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(opts.adam_beta1, opts.adam_beta2),
-                                  weight_decay=opts.weight_decay, eps=opts.adam_eps)
+    optimizer = make_optimizer(opts.optimizer, params, lr=opts.lr, betas=(opts.adam_beta1, opts.adam_beta2),
+                               weight_decay=opts.weight_decay, eps=opts.adam_eps)
     warmup = max(0, opts.lr_warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     student, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
     _register_lora_checkpoint_hooks(accelerator, unet)
+    if opts.compile_unet:  # in place: teacher, target and (DDP-wrapped) student all call the compiled forward
+        unet.compile(backend=opts.compile_backend)
+    loss_fn = lcd_loss_bf16_teacher if opts.bf16_teacher else lcd_loss
 
     # 3. Resume: LoRA, optimizer, scheduler, RNG states, generator, history; skip consumed batches.
     state = _TrainerState(opts.seed, accelerator.process_index)
@@ -233,55 +252,81 @@ def train_lcd_lora(
     data = _endless(lambda: batches(accelerator.process_index, accelerator.num_processes))
     if state.step:
         data = itertools.islice(data, state.step, None)
+    if opts.prefetch > 0:
+        data = prefetched(data, opts.prefetch, pin=device.type == "cuda")
     last_good = resumed_from
 
-    # 4. Steps.
+    # 4. Steps. Every `sync_every` steps (and before a checkpoint and at the end) the host
+    # waits for the device: losses, finiteness and grad norms of the pending steps, gathered.
     steps_run, samples_run = 0, 0
+    every = max(1, opts.sync_every)
+    pending: list[tuple[Tensor, int]] = []  # ([loss, finite, grad norm] on the device, samples)
+    lrs: list[float] = []  # the learning rate after each pending step
+    t_sync = time.perf_counter()
     while state.step < opts.max_steps:
-        t_step = time.perf_counter()
         batch = next(data)
+        if opts.prefetch > 0:
+            batch = to_device(batch, device)
         latents = torch.as_tensor(batch["latents"]).float().to(device) * settings.scaling_factor
         with accelerator.autocast():
             cond = conditioner.conditioning(batch).to(device, weight_dtype)
             uncond = conditioner.unconditional(cond)
-            loss = lcd_loss(student, unet, latents, cond, uncond, settings, alpha_bar, solver_timesteps,
-                            state.generator)
+            loss = loss_fn(student, unet, latents, cond, uncond, settings, alpha_bar, solver_timesteps,
+                           state.generator)
         accelerator.backward(loss)
         if opts.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)
         else:
             grad_norm = torch.zeros((), device=device)
-        # One host sync per step: loss (every rank), finiteness and grad norm, gathered together.
         local = torch.stack([loss.detach().float(), torch.isfinite(loss.detach()).float(),
                              torch.as_tensor(grad_norm, device=device).float()])
-        stats = accelerator.gather(local.reshape(1, 3)).reshape(-1, 3).cpu()
-        loss_value, finite, norm = stats[:, 0].mean().item(), bool(stats[:, 1].min() == 1.0), stats[0, 2].item()
-        if not finite:
-            raise NonFiniteLoss(
-                f"distill: LCD loss is {stats[:, 0].tolist()} at step {state.step + 1} (per process); stopped before "
-                f"updating the weights. Last good checkpoint: {last_good or 'none (no checkpoint written yet)'}. "
-                "Lower distill.lr, check the latent shards for NaNs, or set distill.mixed_precision=no; then "
-                "`lcmlora distill --resume latest`."
-            )
+        n = latents.shape[0] * accelerator.num_processes
+        pending.append((local, n))
+        step_next = state.step + len(pending)  # the step just taken (reports lag until the sync)
+        due = (every == 1 or step_next % every == 0 or step_next == opts.max_steps
+               or (opts.checkpoint_every and step_next % opts.checkpoint_every == 0))
+        if due:  # with sync_every 1: one host sync per step, before the weights are updated
+            k = len(pending)
+            stats = accelerator.gather(torch.stack([p[0] for p in pending])).reshape(-1, k, 3).cpu()
+            for j in range(k):
+                if not bool(stats[:, j, 1].min() == 1.0):
+                    bad = state.step + 1 + j
+                    late = ("" if j == k - 1 else
+                            f" (found at step {step_next}: with distill.sync_every={every} the weights were "
+                            f"updated after step {bad}, so they are not usable)")
+                    raise NonFiniteLoss(
+                        f"distill: LCD loss is {stats[:, j, 0].tolist()} at step {bad} (per process); stopped "
+                        f"before updating the weights{late}. Last good checkpoint: "
+                        f"{last_good or 'none (no checkpoint written yet)'}. Lower distill.lr, check the latent "
+                        "shards for NaNs, or set distill.mixed_precision=no; then "
+                        "`lcmlora distill --resume latest`."
+                    )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        steps_run += 1
-        state.history.append((state.step, loss_value))
-        n = latents.shape[0] * accelerator.num_processes
-        samples_run += n
+        lrs.append(scheduler.get_last_lr()[0])
+        if not due:
+            continue
         report = progress if progress is not None and accelerator.is_main_process else None
-        if report is not None:
-            seconds_step = time.perf_counter() - t_step
-            report(Progress(stage=STAGE, step=state.step, total=opts.max_steps, metrics={
-                "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": norm,
-                "samples_per_s": n / seconds_step if seconds_step > 0 else 0.0, "step_seconds": seconds_step}))
+        seconds_step = (time.perf_counter() - t_sync) / k
+        for j, ((_, n), lr) in enumerate(zip(pending, lrs, strict=True)):
+            loss_value, norm = stats[:, j, 0].mean().item(), stats[0, j, 2].item()
+            state.step += 1
+            steps_run += 1
+            samples_run += n
+            state.history.append((state.step, loss_value))
+            if report is not None:
+                report(Progress(stage=STAGE, step=state.step, total=opts.max_steps, metrics={
+                    "loss": loss_value, "lr": lr, "grad_norm": norm,
+                    "samples_per_s": n / seconds_step if seconds_step > 0 else 0.0, "step_seconds": seconds_step}))
+        pending.clear()
+        lrs.clear()
         if opts.checkpoint_every and state.step % opts.checkpoint_every == 0:
             last_good = str(_save_checkpoint(accelerator, state, run_dir, opts.checkpoints_keep))
             if report is not None:
                 report(Progress(stage=STAGE, step=state.step, total=opts.max_steps,
                                 note=Path(last_good).name))
+        t_sync = time.perf_counter()
 
     accelerator.wait_for_everyone()
     lora_sd = unet_lora_state_dict(accelerator.unwrap_model(student))
