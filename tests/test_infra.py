@@ -16,7 +16,8 @@ INFRA = REPO / "infra"
 def test_prefect_yaml_deployments() -> None:
     doc = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in doc["deployments"]}
-    assert set(deployments) == {"nightly", "new-base"}
+    assert set(deployments) == {"nightly", "base-pipeline", "new-base"}
+    assert deployments["base-pipeline"]["concurrency_limit"] >= 1  # the fan-out's Prefect bound
     nightly, new_base = deployments["nightly"], deployments["new-base"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     trigger = new_base["triggers"][0]
