@@ -26,6 +26,7 @@ from flows.cli_common import (
     ParamsOpt,
     SetOpt,
     console,
+    pick_base,
     print_config,
     resolve,
 )
@@ -49,9 +50,10 @@ registry_app.add_typer(alias_app, name="alias")
 
 @app.command()
 def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-           output: OutputOpt = None, base: BaseOpt = "toy") -> None:
+           output: OutputOpt = None, base: BaseOpt = None) -> None:
     """Filter a LAION-style source into a curated manifest behind a GX gate."""
     cfg = resolve(params, set_)
+    base = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
@@ -68,9 +70,10 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 
 @app.command()
 def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-           base: BaseOpt = "toy") -> None:
+           base: BaseOpt = None) -> None:
     """VAE-encode the curated manifest into latent webdataset shards (runs under `accelerate launch`)."""
     cfg = resolve(params, set_)
+    base = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
@@ -96,7 +99,7 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 
 @app.command()
 def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-            base: BaseOpt = "toy", output: OutputOpt = None,
+            base: BaseOpt = None, output: OutputOpt = None,
             max_steps: Annotated[int | None, typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
             resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False) -> None:
@@ -104,6 +107,7 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     import json
 
     cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
+    base = pick_base(cfg, base)
     from components.base_model import resolve_base
 
     base_name, base_cfg = resolve_base(cfg, base)
@@ -152,9 +156,10 @@ def echo_evaluation(doc: dict) -> None:
 
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-             base: BaseOpt = "toy", output: OutputOpt = None, lora: LoraOpt = None) -> None:
+             base: BaseOpt = None, output: OutputOpt = None, lora: LoraOpt = None) -> None:
     """Sampler matrix, metrics and gate for one LCM-LoRA; exits non-zero when the gate fails."""
     cfg = resolve(params, set_)
+    base = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
@@ -177,7 +182,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
 
 @app.command()
 def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-          base: BaseOpt = "toy", output: OutputOpt = None,
+          base: BaseOpt = None, output: OutputOpt = None,
           lcm: Annotated[str | None, typer.Option("--lcm", help="LCM-LoRA folder (default merge.lcm_folder)")] = None,
           style: Annotated[str | None, typer.Option("--style", help="style LoRA .safetensors (default merge.style_file)")] = None,
           weights: Annotated[str | None, typer.Option("--weights", help="one l1,l2 pair instead of the merge.weights grid")] = None) -> None:
@@ -190,6 +195,7 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
             raise click.BadParameter(f"--weights {weights!r}: expected two numbers l1,l2 (e.g. 0.8,1.0)") from None
         extra.append(f"merge.weights=[[{l1}, {l2}]]")
     cfg = resolve(params, set_, extra)
+    base = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return

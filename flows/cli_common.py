@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 
@@ -17,7 +18,8 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_de
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", help="output folder")]
-BaseOpt = Annotated[str, typer.Option("--base", help="base name in params.yaml, or a path / hub id")]
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", help="base name in params.yaml, or a path / hub id (default: the only base in params)")]
 
 
 def resolve(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Params:
@@ -28,3 +30,13 @@ def resolve(params: Path, overrides: list[str] | None, extra: list[str] | None =
 def print_config(cfg: Params, *, as_json: bool = False) -> None:
     """`--dry-run`: the resolved config on stdout."""
     typer.echo(cfg.to_json() if as_json else cfg.to_yaml())
+
+
+def pick_base(cfg: Params, base: str | None) -> str:
+    """`--base`, or the one base params defines; several bases need `--base NAME`."""
+    if base is not None:
+        return base
+    if len(cfg.bases) == 1:
+        return next(iter(cfg.bases))
+    known = ", ".join(sorted(cfg.bases)) or "none"
+    raise click.UsageError(f"--base is required: params defines {len(cfg.bases)} bases ({known})")

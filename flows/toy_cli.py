@@ -12,6 +12,7 @@ import typer
 
 from components.toy.config import toy_config
 from flows.cli_common import DryRunOpt, OutputOpt, ParamsOpt, SetOpt, console, print_config, resolve
+from flows.progress_view import ProgressView
 
 toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)
 
@@ -33,33 +34,6 @@ def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry
                f"{toy_config(cfg).source_dir} (seed {toy_config(cfg).seed}); defects: {defects}")
 
 
-def _toy_progress(bar):
-    """A ProgressFn drawing one rich bar per training phase (vae, unet, final, classifier)."""
-    tasks: dict[str, int] = {}
-
-    def progress(phase: str, step: int, total: int, metrics: dict) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total, metrics="")
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        bar.update(tasks[phase], completed=step, metrics=shown)
-
-    return progress
-
-
-def _toy_bar():
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console)
-
-
 @toy_app.command("classifier")
 def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
                    output: OutputOpt = None) -> None:
@@ -77,8 +51,8 @@ def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     torch.set_num_threads(toy_config(cfg).threads)
     start = time.time()
-    with _toy_bar() as bar:
-        report = build_digit_classifier(cfg.toy, _toy_progress(bar))
+    with ProgressView(console) as view:
+        report = build_digit_classifier(toy_config(cfg), view)
     typer.echo(json.dumps({**report, "wall_s": round(time.time() - start, 1)}, indent=2))
 
 
@@ -97,8 +71,8 @@ def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     from components.toy.world import build_toy_base
 
     torch.set_num_threads(toy_config(cfg).threads)
-    with _toy_bar() as bar:
-        report = build_toy_base(cfg, _toy_progress(bar))
+    with ProgressView(console) as view:
+        report = build_toy_base(cfg, view)
     typer.echo(json.dumps(report, indent=2))
     guidance, accuracy = report["guidance_scale"], report["best_accuracy"]
     if accuracy < toy_config(cfg).min_accuracy:
@@ -133,5 +107,6 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
     from components.toy.style_lora import run_toy_style_lora
 
-    metrics = run_toy_style_lora(cfg, output, say=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True))
+    with ProgressView(console) as view:
+        metrics = run_toy_style_lora(cfg, output, progress=view)
     typer.echo(json.dumps(metrics, indent=2))

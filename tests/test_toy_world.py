@@ -57,10 +57,10 @@ def test_classifier_builder_saves_only_above_its_bar(tmp_path, monkeypatch):
     assert not (tmp_path / "clf").exists()
     monkeypatch.setattr(world, "MIN_CLASSIFIER_ACCURACY", 0.0)
     reports = []
-    report = world.build_digit_classifier(cfg, progress=lambda *a: reports.append(a))
+    report = world.build_digit_classifier(cfg, progress=reports.append)
     assert report["train_size"] + report["heldout_size"] == 1797 and report["epochs"] == 1
     assert 0.0 <= report["heldout_accuracy_styled"] <= 1.0 and report["heldout_accuracy"] > 0.1
-    assert reports and reports[-1][0] == "classifier"
+    assert reports and reports[-1].stage == "toy-classifier" and reports[-1].step == reports[-1].total
     saved = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert saved["heldout_accuracy"] == report["heldout_accuracy"]
     classifier = world.load_digit_classifier(tmp_path / "clf")

@@ -182,7 +182,8 @@ def run_distill(
 
     # 2. Data: the latent shards encoded for this base's VAE (or the given batches).
     if batches is None:
-        from components.latent_loader import make_loader, read_index
+        from components.latent_loader import make_loader
+        from components.shards import read_index
 
         index_rel = (latents_index or cfg.latents_index
                      or find_latents_index(storage, encode_output, base, loaded.fingerprints))

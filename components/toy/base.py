@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from components.progress import Progress, ProgressFn
 from components.toy.classifier import DigitClassifier, render_set
 from components.toy.config import ToyConfig
 from components.toy.render import caption_for
@@ -44,8 +44,6 @@ from components.toy.tokenizer import build_toy_tokenizer, write_tokenizer_files
 TEXT_WIDTH = 64  # CLIP hidden size = UNet cross_attention_dim
 MAX_TOKENS = 77  # CLIP context length, as SD 1.5
 
-# Progress reports leave the training loops through this: callback(phase, step, total, metrics).
-ProgressFn = Callable[[str, int, int, dict], None]
 
 
 # --- architecture -----------------------------------------------------------------------
@@ -201,8 +199,9 @@ class ToyBaseResult:
 
 
 def _report(progress: ProgressFn | None, phase: str, step: int, total: int, metrics: dict) -> None:
+    """One report of a training phase (vae, unet, final) through the one progress channel."""
     if progress is not None:
-        progress(phase, step, total, metrics)
+        progress(Progress(stage=f"toy-{phase}", step=step, total=total, metrics=metrics))
 
 
 def train_toy_vae(images: torch.Tensor, s: ToyConfig, progress: ProgressFn | None = None

@@ -13,7 +13,6 @@ Weights live in `data/toy/classifier/` (`model.safetensors` + `config.json`), re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from components.paths import project_path
+from components.progress import Progress, ProgressFn
 from components.toy.render import render_digit, render_digit_styled
 
 DEFAULT_CLASSIFIER_DIR = "data/toy/classifier"
@@ -145,11 +145,11 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_digit_classifier(images8: np.ndarray, labels: np.ndarray, *, epochs: int = 12, copies: int = 4,
                            batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                           callback: Callable[[int, int, float], None] | None = None) -> DigitClassifier:
+                           progress: ProgressFn | None = None) -> DigitClassifier:
     """Train a DigitClassifier on 8x8 digits (N x 8 x 8, values 0-16) with labels (N,).
 
     Each digit is rendered `copies` times with jitter (plain rendering) and once styled;
-    `callback(step, total_steps, loss)` is called after each optimizer step.
+    `progress` gets one report (stage toy-classifier, loss) after each optimizer step.
     """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -175,8 +175,9 @@ def train_digit_classifier(images8: np.ndarray, labels: np.ndarray, *, epochs: i
             opt.step()
             sched.step()
             step += 1
-            if callback is not None:
-                callback(step, total, float(loss.detach()))
+            if progress is not None:
+                progress(Progress(stage="toy-classifier", step=step, total=total,
+                                  metrics={"loss": float(loss.detach())}))
     return DigitClassifier(net)
 
 

@@ -9,12 +9,13 @@ every digit prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from components.progress import Progress, ProgressFn
 
 STYLE_ADAPTER = "style"
 
@@ -69,7 +70,7 @@ def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeddings: torch.Ten
 
 
 def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: StyleTraining,
-                     callback: Callable[[int, float], None] | None = None) -> list[float]:
+                     progress: ProgressFn | None = None) -> list[float]:
     """Add a LoRA adapter named `style` to `pipe.unet` and fit it to the style set; returns the losses.
 
     The base weights stay frozen; the adapter stays loaded in `pipe` for the caller to save
@@ -108,15 +109,15 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
-        if callback is not None:
-            callback(step, losses[-1])
+        if progress is not None:
+            progress(Progress(stage="style-lora", step=step + 1, total=cfg.steps, metrics={"loss": losses[-1]}))
     pipe.unet.eval()
     for p in params:
         p.requires_grad_(False)
     return losses
 
 
-def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda _m: None) -> dict:
+def run_toy_style_lora(params, output=None, progress: ProgressFn | None = None) -> dict:
     """`lcmlora toy style-lora`: train the toy style LoRA on the toy base and write its folder.
 
     The folder holds both LoRA formats (alpha kept), `losses.csv`, `metrics.json` (style strength
@@ -145,8 +146,7 @@ def run_toy_style_lora(params, output=None, say: Callable[[str], None] = lambda 
     images, captions = toy_style_set(seed=cfg.style_seed)
     training = StyleTraining(rank=cfg.style_rank, alpha=cfg.style_alpha, steps=cfg.style_steps,
                              batch_size=cfg.style_batch_size, lr=cfg.style_lr, seed=cfg.style_seed)
-    losses = train_style_lora(pipe, images, captions, training,
-                              callback=lambda s, l: say(f"step {s}: loss {l:.4f}") if s % 100 == 0 else None)
+    losses = train_style_lora(pipe, images, captions, training, progress=progress)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept (alpha != rank by default).
     factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from components.config import Params
-from components.toy.base import ProgressFn, save_toy_base, train_toy_base
+from components.progress import ProgressFn
+from components.toy.base import save_toy_base, train_toy_base
 from components.toy.classifier import (
     accuracy,
     digit_split,
@@ -55,7 +56,7 @@ def build_digit_classifier(cfg: ToyConfig, progress: ProgressFn | None = None) -
     start = time.time()
     classifier = train_digit_classifier(
         images8[train_idx], labels[train_idx], epochs=cfg.classifier_epochs, seed=cfg.seed,
-        callback=None if progress is None else lambda s, t, loss: progress("classifier", s, t, {"loss": loss}))
+        progress=progress)
     rng = np.random.default_rng(cfg.seed + 100)
     held_out = {
         "heldout_accuracy": accuracy(classifier, render_set(images8[test_idx], None), labels[test_idx]),

@@ -1,0 +1,23 @@
+"""The CLI's shared options: `--base` defaults to the only base in params, never to the toy by name."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from components.config import load_params
+from flows.cli_common import pick_base
+
+TWO_BASES = ['bases.ft={"reference": "data/toy/base", "family": "sd15"}']
+
+
+def test_the_only_base_is_the_default() -> None:
+    cfg = load_params("params.yaml", ['bases={"mine": {"reference": "data/toy/base", "family": "sd15"}}'])
+    assert pick_base(cfg, None) == "mine"
+
+
+def test_several_bases_need_base_naming_them() -> None:
+    cfg = load_params("params.yaml", TWO_BASES)
+    with pytest.raises(click.UsageError, match=r"--base is required: params defines 2 bases \(ft, toy\)"):
+        pick_base(cfg, None)
+    assert pick_base(cfg, "ft") == "ft"
