@@ -54,6 +54,10 @@ def test_distill_task_launches_only_for_several_processes() -> None:
 
     assert accelerate_processes(None) == 1
     assert accelerate_processes(str(INFRA / "accelerate" / "single-gpu.yaml")) == 1
-    assert accelerate_processes(str(INFRA / "accelerate" / "cpu-2proc.yaml")) == 2
+    assert accelerate_processes(str(INFRA / "accelerate" / "cpu-2proc.yaml"), gpus=0) == 2
+    # One process per GPU the pod sees (the Kubernetes job's `gpus`), the file's count without GPUs.
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-gpu.yaml"), gpus=4) == 4
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-gpu.yaml"), gpus=0) == 8
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-node.yaml"), gpus=4) == 16  # set per cluster
     with pytest.raises(FileNotFoundError, match="orchestrate.accelerate_config"):
         accelerate_processes("infra/accelerate/nope.yaml")
