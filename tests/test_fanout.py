@@ -201,3 +201,36 @@ def _alive(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.skipif(not os.environ.get("LCMLORA_BENCH"), reason="measurement for docs/orchestration.md: LCMLORA_BENCH=1")
+@pytest.mark.parametrize("n_bases", [2, 4])
+def test_wall_time_sequential_vs_fanned_out(stack: PrefectStack, monkeypatch: pytest.MonkeyPatch, n_bases: int) -> None:
+    """Nightly over N toy bases (the toy + N-1 fine-tune copies), fresh storage each: in-process vs fanned out."""
+    from flows.nightly import nightly
+
+    extra = []
+    for i in range(1, n_bases):
+        ft = stack.tmp / f"toy-ft{i}"
+        if not ft.exists():
+            shutil.copytree(REPO / "data/toy/base", ft)
+        extra += [f"bases.toy-ft{i}.reference={ft}", f"bases.toy-ft{i}.family=sd15", f"bases.toy-ft{i}.resolution=32",
+                  f"bases.toy-ft{i}.guidance_scale=2.0", f"bases.toy-ft{i}.judges=toy"]
+    for key, value in stack.env.items():
+        if key.startswith("PREFECT_"):
+            monkeypatch.setenv(key, value)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    seconds = {}
+    for mode in ("in-process", "deployment"):
+        work = stack.tmp / f"bench-{n_bases}-{mode}"
+        work.mkdir()
+        params = write_params(work, extra, name="bench.yaml")
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            t0 = time.monotonic()
+            state = nightly(str(params), [f"orchestrate.fan_out={mode}"], return_state=True)
+            seconds[mode] = time.monotonic() - t0
+        assert state.is_completed(), state
+    line = (f"BENCH bases={n_bases} sequential={seconds['in-process']:.0f}s fanned_out={seconds['deployment']:.0f}s "
+            f"(2 workers x 1 run, max_parallel_bases=2, load {os.getloadavg()[0]:.1f})")
+    print(line)  # run with -s: the figures of docs/orchestration.md
