@@ -161,10 +161,18 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: Prefe
         steps = _checkpoint_steps(root, "toy")
         assert steps, "no checkpoint of toy within 600 s"
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterName,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
 
+        running = FlowRunFilter(name=FlowRunFilterName(any_=["base-toy"]),
+                                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
         with get_client(sync_client=True) as client:
-            run = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["base-toy"])))[-1]
+            [run] = client.read_flow_runs(flow_run_filter=running)
         pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
         worker = next(w for w in stack.workers if os.getpgid(pid) == w.pid or _parent(pid) == w.pid)
         killed.update(step=steps[-1], worker=worker.pid, run=run.id)
