@@ -149,7 +149,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: Prefe
 
     work = stack.tmp / "kill"
     work.mkdir()
-    params = write_params(work, _bases(stack.tmp) + ["distill.max_steps=40", "distill.checkpoint_every=5",
+    params = write_params(work, _bases(stack.tmp) + ["distill.max_steps=20", "distill.checkpoint_every=4",
                                                      "distill.checkpoints_keep=2"], name="kill.yaml")
     root = work / "artifacts"
     killed: dict[str, object] = {}
