@@ -185,6 +185,8 @@ class OrchestrateConfig(Section):
     max_parallel_bases: int = Field(2, ge=1)  # the base deployment's Prefect concurrency limit (runs at a time)
     base_retries: int = Field(2, ge=0)  # reruns of a crashed base run (worker lost); distill resumes from checkpoints
     base_poll_s: float = Field(2.0, gt=0)  # how often the nightly polls the base runs' states
+    base_heartbeat_timeout_s: float | None = 120.0  # a Running base run without a Prefect flow-run heartbeat
+    # for this long lost its worker: marked Crashed, then retried (base-pipeline sends one every 30 s)
 
 
 # --- root -------------------------------------------------------------------------------

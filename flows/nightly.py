@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC
 from typing import Any
 from uuid import UUID
 
@@ -140,7 +141,8 @@ def fan_out(cfg: Params, deployment: Any) -> dict[str, dict[str, Any]]:
             logger.info("%s: submitted %s run %s (at most %d at a time)", name, cfg.orchestrate.base_deployment,
                         run.id, limit)
         # 3. Wait for all; crashed runs (worker lost) go back to AwaitingRetry.
-        final = wait_for_runs(client, runs, cfg.orchestrate.base_retries, cfg.orchestrate.base_poll_s)
+        final = wait_for_runs(client, runs, cfg.orchestrate.base_retries, cfg.orchestrate.base_poll_s,
+                              cfg.orchestrate.base_heartbeat_timeout_s)
     storage = Storage.from_config(cfg.storage)
     bases: dict[str, dict[str, Any]] = {}
     for name, run in final.items():
@@ -152,9 +154,14 @@ def fan_out(cfg: Params, deployment: Any) -> dict[str, dict[str, Any]]:
     return bases
 
 
-def wait_for_runs(client: Any, runs: dict[str, UUID], retries: int, poll_s: float) -> dict[str, Any]:
-    """Poll the base runs until each is final; a crashed one is retried (same run, AwaitingRetry)."""
-    from prefect.states import AwaitingRetry
+def wait_for_runs(client: Any, runs: dict[str, UUID], retries: int, poll_s: float,
+                  heartbeat_timeout_s: float | None = None) -> dict[str, Any]:
+    """Poll the base runs until each is final; a crashed one is retried (same run, AwaitingRetry).
+
+    A Running run without a flow-run heartbeat for `heartbeat_timeout_s` (its worker or pod was
+    lost and could not report) is marked Crashed first.
+    """
+    from prefect.states import AwaitingRetry, Crashed
 
     logger = get_run_logger()
     retried = dict.fromkeys(runs, 0)
@@ -162,6 +169,14 @@ def wait_for_runs(client: Any, runs: dict[str, UUID], retries: int, poll_s: floa
     while pending:
         for name, run_id in list(pending.items()):
             run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_running() and heartbeat_timeout_s:
+                silent = seconds_since_heartbeat(client, run)
+                if silent > heartbeat_timeout_s:
+                    logger.warning("%s: no heartbeat from base run %s for %.0f s: its worker is lost", name,
+                                   run_id, silent)
+                    client.set_flow_run_state(run_id, Crashed(message=f"no heartbeat for {silent:.0f} s"),
+                                              force=True)
+                    run = client.read_flow_run(run_id)
             if run.state is None or not run.state.is_final():
                 continue
             if run.state.is_crashed() and retried[name] < retries:
@@ -176,6 +191,25 @@ def wait_for_runs(client: Any, runs: dict[str, UUID], retries: int, poll_s: floa
         if pending:
             time.sleep(poll_s)
     return final
+
+
+def seconds_since_heartbeat(client: Any, run: Any) -> float:
+    """Seconds since the run's last `prefect.flow-run.heartbeat` event (or since it started running)."""
+    from datetime import datetime
+
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    since = run.state.timestamp
+    page = client.read_events(EventFilter(occurred=EventOccurredFilter(since=since),
+                                          event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"])), limit=1)
+    last = max([since, *(e.occurred for e in page.events)])
+    return (datetime.now(UTC) - last).total_seconds()
 
 
 def state_error(state: Any) -> str:

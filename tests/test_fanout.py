@@ -8,10 +8,11 @@ failure. The nightly runs in the test process against that server with
 waits. The bases are the toy and a toy fine-tune (a copy of data/toy/base under another name).
 
 1. The two base runs overlap in time (flow runs' start and end times), both publish.
-2. One worker is killed (SIGTERM to its process group: its base run crashes) while that base is
-   distilling with a checkpoint written; the nightly puts the run back to AwaitingRetry, the
-   other worker resumes it from the checkpoint (step > 0), and it publishes the same LoRA as
-   the uninterrupted base (same weights, seed and shards: equal tensors).
+2. One worker is killed (SIGTERM to its process group, the flow run in it dies without
+   reporting) while that base is distilling with a checkpoint written; its heartbeats stop, the
+   nightly marks the run Crashed and puts it back to AwaitingRetry, the other worker resumes it
+   from the checkpoint (step > 0), and it publishes the same LoRA as the uninterrupted base
+   (same weights, seed and shards: equal tensors).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: Prefe
     work = stack.tmp / "kill"
     work.mkdir()
     params = write_params(work, _bases(stack.tmp) + ["distill.max_steps=20", "distill.checkpoint_every=4",
-                                                     "distill.checkpoints_keep=2"], name="kill.yaml")
+                                                     "distill.checkpoints_keep=2",
+                                                     "orchestrate.base_heartbeat_timeout_s=75"], name="kill.yaml")
     root = work / "artifacts"
     killed: dict[str, object] = {}
 
