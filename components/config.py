@@ -186,6 +186,14 @@ class OrchestrateConfig(Section):
     toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
     dvc_push: bool = False  # nightly ends with `dvc push` (serialized per repo) when the repo has a DVC remote
     torch_threads: int | None = None  # intra-op CPU threads for the stage tasks; None: torch's default (one per core)
+    fan_out: Literal["auto", "deployment", "in-process"] = "auto"  # auto: one base-deployment run per base when
+    # the nightly itself runs from a deployment and `base_deployment` exists; else the bases run in-process, in order
+    base_deployment: str = "base-pipeline/base-pipeline"  # FLOW/DEPLOYMENT the nightly fans out to
+    max_parallel_bases: int = Field(2, ge=1)  # the base deployment's Prefect concurrency limit (runs at a time)
+    base_retries: int = Field(2, ge=0)  # reruns of a crashed base run (worker lost); distill resumes from checkpoints
+    base_poll_s: float = Field(2.0, gt=0)  # how often the nightly polls the base runs' states
+    base_heartbeat_timeout_s: float | None = 120.0  # a Running base run without a Prefect flow-run heartbeat
+    # for this long lost its worker: marked Crashed, then retried (base-pipeline sends one every 30 s)
 
 
 # --- root -------------------------------------------------------------------------------

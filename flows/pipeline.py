@@ -1,7 +1,13 @@
-"""One base through the stages, in order: the body shared by the nightly and new-base flows."""
+"""One base through the stages, in order: the body shared by the nightly and new-base flows.
+
+Also the `base-pipeline` deployment's entrypoint (infra/prefect.yaml): the fanned-out nightly
+submits one run per base with the resolved params (`cfg`), and reads the base's summary back
+from `report_rel` under the storage root.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import flow
@@ -9,6 +15,7 @@ from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
 from components.run_summary import stage_row
+from components.storage import Storage
 from flows.stages import (
     curate_flow,
     distill_flow,
@@ -19,14 +26,20 @@ from flows.stages import (
 )
 from tasks.encode import fingerprint_base
 from tasks.publish import enforce_gate
+from tasks.runtime import set_torch_threads
 
 
 @flow(name="base-pipeline")
 def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
-                  fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
-    """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base."""
+                  fingerprints: dict[str, str] | None = None, report_rel: str | None = None) -> dict[str, Any]:
+    """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base.
+
+    `report_rel`: also write the returned summary there (storage root), for a nightly elsewhere.
+    """
     logger = get_run_logger()
     stages: list[dict[str, Any]] = []
+    if report_rel:  # a deployment run in its own process: the nightly's thread setting
+        set_torch_threads(cfg.orchestrate.torch_threads)
 
     # 1. Fingerprints of the base's modules: they key every later stage.
     fingerprints = fingerprints or fingerprint_base(base)
@@ -53,5 +66,8 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
     stages.append(stage_row("merge", merged))
     published = publish_flow(cfg, base_name, lora, evaluation, merged)
     stages.append(stage_row("publish", published))
-    return {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
-            "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}
+    result = {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
+              "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}
+    if report_rel:
+        Storage.from_config(cfg.storage).write_text(report_rel, json.dumps(result, indent=1, default=str))
+    return result

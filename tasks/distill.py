@@ -31,15 +31,28 @@ from tasks.caching import key_parameter, output_rel
 from tasks.progress import task_progress
 
 
-def accelerate_processes(config_file: str | None) -> int:
-    """Total processes an accelerate config launches (1 without a config)."""
+def accelerate_processes(config_file: str | None, gpus: int | None = None) -> int:
+    """Processes an accelerate config launches (1 without a config).
+
+    A one-machine multi-GPU config launches one process per GPU this machine (pod) sees: its
+    `num_processes` is used only where no GPU is visible (gloo on CPU). `gpus`: the count to
+    assume instead of torch.cuda.device_count().
+    """
     if not config_file:
         return 1
     from accelerate.commands.config.config_args import load_config_from_file
 
     if not Path(config_file).is_file():
         raise FileNotFoundError(f"orchestrate.accelerate_config: {config_file} not found (see infra/accelerate/)")
-    return int(load_config_from_file(config_file).num_processes or 1)
+    cfg = load_config_from_file(config_file)
+    if cfg.distributed_type == "MULTI_GPU" and int(cfg.num_machines or 1) == 1:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if gpus > 0:
+            return gpus
+    return int(cfg.num_processes or 1)
 
 
 def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, progress: ProgressFn) -> None:
@@ -47,8 +60,9 @@ def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, progr
     folder.mkdir(parents=True, exist_ok=True)
     params_file = folder / "params.launch.yaml"
     params_file.write_text(cfg.to_yaml())
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg.orchestrate.accelerate_config),
-           "-m", "flows.cli", "distill", "--params", str(params_file), "--base", base_name, "--output", str(folder)]
+    config = str(cfg.orchestrate.accelerate_config)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+           "--num_processes", str(accelerate_processes(config)), "-m", "flows.cli", "distill", "--params", str(params_file), "--base", base_name, "--output", str(folder)]
     if resume:
         cmd += ["--resume", resume]
     log = folder / "launch.log"

@@ -37,10 +37,14 @@ def fingerprint_vae(base: BaseConfig) -> str:
 def encode_latents(cfg: Params, base_name: str, base: BaseConfig, manifest_rel: str,
                    fingerprints: dict[str, str], key: str) -> dict[str, Any]:
     """VAE-encode the curated manifest into latent shards keyed by the VAE fingerprint."""
+    from prefect.runtime import flow_run
+
     progress = task_progress("encode", base_name, f"latent encoding for base {base_name}")
+    # The shard folder's claim names the flow run: a retried run (same id) resumes its own claim.
     result = run_encode(cfg.encode, base_name=base_name, base=base, storage=Storage.from_config(cfg.storage),
                         manifest_rel=manifest_rel, source=source_storage(cfg.curate.source, cfg.storage),
-                        fingerprints=fingerprints, progress=progress)
+                        fingerprints=fingerprints, progress=progress,
+                        claim_owner=f"flow-run-{flow_run.id}" if flow_run.id else None)
     progress.finish()
     if result.reused:
         get_run_logger().info("reused latent shards at %s (same VAE %s)", result.index, result.vae_fingerprint)

@@ -16,7 +16,8 @@ INFRA = REPO / "infra"
 def test_prefect_yaml_deployments() -> None:
     doc = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in doc["deployments"]}
-    assert set(deployments) == {"nightly", "new-base"}
+    assert set(deployments) == {"nightly", "base-pipeline", "new-base"}
+    assert deployments["base-pipeline"]["concurrency_limit"] >= 1  # the fan-out's Prefect bound
     nightly, new_base = deployments["nightly"], deployments["new-base"]
     assert nightly["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC", "active": True}]
     trigger = new_base["triggers"][0]
@@ -53,6 +54,10 @@ def test_distill_task_launches_only_for_several_processes() -> None:
 
     assert accelerate_processes(None) == 1
     assert accelerate_processes(str(INFRA / "accelerate" / "single-gpu.yaml")) == 1
-    assert accelerate_processes(str(INFRA / "accelerate" / "cpu-2proc.yaml")) == 2
+    assert accelerate_processes(str(INFRA / "accelerate" / "cpu-2proc.yaml"), gpus=0) == 2
+    # One process per GPU the pod sees (the Kubernetes job's `gpus`), the file's count without GPUs.
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-gpu.yaml"), gpus=4) == 4
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-gpu.yaml"), gpus=0) == 8
+    assert accelerate_processes(str(INFRA / "accelerate" / "multi-node.yaml"), gpus=4) == 16  # set per cluster
     with pytest.raises(FileNotFoundError, match="orchestrate.accelerate_config"):
         accelerate_processes("infra/accelerate/nope.yaml")

@@ -47,7 +47,7 @@ def write_params(tmp: Path, extra: list[str] | None = None, name: str = "params.
         ref = Path(base["reference"])
         if not ref.is_absolute() and (REPO / ref).exists():
             base["reference"] = str(REPO / ref)
-    tree["toy"]["base_dir"] = str(REPO / tree["toy"]["base_dir"])
+    tree["toy"]["base_dir"] = str(REPO / tree["toy"].get("base_dir", "data/toy/base"))
     path = tmp / name
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +27,13 @@ from components.encode import (
     pipeline_text_embedder,
     text_encoder_fingerprint,
 )
-from components.progress import ProgressFn
-from components.storage import Storage
+from components.progress import Progress, ProgressFn
+from components.shards import index_path, latent_dir
+from components.storage import AlreadyExists, Storage
+
+CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
+CLAIM_STALE_S = 600.0  # a claim not refreshed for this long belongs to a dead process
+CLAIM_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -67,27 +75,85 @@ def _models(cfg: EncodeConfig, base: BaseConfig, fingerprints: dict[str, str] | 
     return vae.to(cfg.device, dtype), (fingerprints or {}).get("vae", vae_fp), None, None
 
 
+def claim_folder(storage: Storage, folder: str, owner: str, *, stale_s: float = CLAIM_STALE_S,
+                 poll_s: float = CLAIM_POLL_S, progress: ProgressFn | None = None) -> bool:
+    """Create-only claim of a shard folder: True when this owner encodes it, False once another finished it."""
+    claim_rel, index_rel = f"{folder}/{CLAIM}", index_path(folder)
+    waited = False
+    while True:
+        if storage.exists(index_rel):
+            return False
+        try:
+            storage.write_text(claim_rel, json.dumps({"owner": owner, "at": time.time()}), create_only=True)
+            return True
+        except AlreadyExists:
+            pass
+        try:
+            holder = json.loads(storage.read_text(claim_rel))
+        except (FileNotFoundError, ValueError):
+            continue  # released (or being written) just now: look again
+        if holder.get("owner") == owner:
+            return True  # our own earlier attempt (a retried run): resume its shards
+        if time.time() - float(holder.get("at", 0)) > stale_s:
+            storage.delete(claim_rel)  # its process died: take over (the shards it wrote are kept)
+            continue
+        if progress is not None and not waited:
+            progress(Progress(stage="encode", step=0, total=0, note=f"waiting for {holder.get('owner')}"))
+        waited = True
+        time.sleep(poll_s)
+
+
+def refresh_claim(storage: Storage, folder: str, owner: str) -> None:
+    """The claim's heartbeat: rewrite it with the time now (the owner only)."""
+    storage.write_text(f"{folder}/{CLAIM}", json.dumps({"owner": owner, "at": time.time()}))
+
+
+def default_owner() -> str:
+    """host:pid, when the caller has no better identity (a flow run id survives a retry)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: Storage, manifest_rel: str,
                source: Storage, fingerprints: dict[str, str] | None = None, rank: int = 0, world_size: int = 1,
-               barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
+               barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None,
+               claim_owner: str | None = None, claim_stale_s: float = CLAIM_STALE_S) -> EncodeOutput:
     """Encode the manifest for `base`'s VAE; rank 0 writes the index and `<encode.pointers>/<base>.json`.
 
     `fingerprints` (from `load_base(...).fingerprints`) saves fingerprinting the VAE again.
+    One process (`world_size == 1`) claims the shard folder first (module docstring); `claim_owner`
+    names it (default host:pid).
     """
     # 1. The models, in the configured dtype and device.
     vae, vae_fp, embedder, te_fp = _models(cfg, base, fingerprints)
 
-    # 2. The shards (resumable, shared by every base with this VAE).
-    result = encode_dataset(
-        storage, manifest_rel, source, vae, vae_fp, resolution=base.resolution, output=cfg.output,
-        batch_size=cfg.batch_size, shard_size=cfg.shard_size, device=cfg.device, dtype=cfg.dtype,
-        workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier, text_embedder=embedder,
-        text_encoder_fingerprint=te_fp, progress=progress)
+    # 2. The claim on the shard folder: another base with this VAE may be encoding it right now.
+    claimed, owner, report = None, claim_owner or default_owner(), progress
+    if world_size == 1:
+        manifest_hash = hashlib.sha256(storage.read_bytes(manifest_rel)).hexdigest()
+        folder = latent_dir(cfg.output, vae_fp, base.resolution, manifest_hash, te_fp)
+        if claim_folder(storage, folder, owner, stale_s=claim_stale_s, progress=progress):
+            claimed = folder
+
+            def report(p: Progress) -> None:  # every report refreshes the claim
+                refresh_claim(storage, folder, owner)
+                if progress is not None:
+                    progress(p)
+
+    # 3. The shards (resumable, shared by every base with this VAE).
+    try:
+        result = encode_dataset(
+            storage, manifest_rel, source, vae, vae_fp, resolution=base.resolution, output=cfg.output,
+            batch_size=cfg.batch_size, shard_size=cfg.shard_size, device=cfg.device, dtype=cfg.dtype,
+            workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier, text_embedder=embedder,
+            text_encoder_fingerprint=te_fp, progress=report)
+    finally:
+        if claimed and storage.exists(index_path(claimed)):
+            storage.delete(f"{claimed}/{CLAIM}")  # done: the index is what others look for now
     if rank != 0:
         return EncodeOutput(result.index_rel, "", "", result.samples, result.shards, result.encoded_shards,
                             len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
 
-    # 3. The fixed-path pointer to this base's index (what DVC tracks), rewritten only when it changes.
+    # 4. The fixed-path pointer to this base's index (what DVC tracks), rewritten only when it changes.
     pointer = {"base": base_name, "index": result.index_rel, "vae_fingerprint": vae_fp,
                "resolution": base.resolution, "text_encoder_fingerprint": te_fp, "count": result.samples,
                "shards": result.shards,
