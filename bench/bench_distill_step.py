@@ -332,9 +332,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_lcd_lora(unet, conditioner, lambda r, w: batches, settings, alpha_bar, opts, tmp, progress=on_step)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    sdpa = sdpa_report(unet, fixed["z"], fixed["t"], fixed["c"], device) if fixed else sdpa_report(
-        unet, torch.randn(1, *shape, device=device, dtype=dtype), torch.tensor([500], device=device),
-        conditioner.conditioning(batches[0]).to(device, dtype), device) if device.type == "cuda" else ""
+    if fixed:
+        sdpa = sdpa_report(unet, fixed["z"], fixed["t"], fixed["c"], device)
+    else:  # --loop-only: a batch of the loop's shapes
+        sdpa = sdpa_report(unet, torch.randn(args.batch, *shape, device=device, dtype=dtype),
+                           torch.full((args.batch,), 500, device=device),
+                           conditioner.conditioning(batches[0]).to(device, dtype), device)
     if args.loop_only:  # steady state between step reports (deferred syncs report in bursts)
         loop_step = (stamps[n_steps] - stamps[args.warmup]) / args.steps
         step_times = [loop_step]
