@@ -88,40 +88,40 @@ class EncodeConfig(Section):
 
 class DistillConfig(Section):
     output: str = "runs/distill"  # run folder; the LoRA artifact is written here
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # per-process batch
-    lr: float = 1e-4  # AdamW learning rate
-    lora_rank: int = 64  # LoRA rank r
-    lora_alpha: int = 64  # LoRA alpha (scale alpha / r)
+    max_steps: int = Field(1000, ge=1)  # optimizer steps
+    batch_size: int = Field(8, ge=1)  # per-process batch
+    lr: float = Field(1e-4, gt=0)  # AdamW learning rate
+    lora_rank: int = Field(64, ge=1)  # LoRA rank r
+    lora_alpha: int = Field(64, gt=0)  # LoRA alpha (scale alpha / r)
     seed: int = 0  # training seed
     target_modules: list[str] = Field(default_factory=lambda: [  # module names that get LoRA (report, Table 1)
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     guidance_range: dict[str, tuple[float, float]] = Field(default_factory=dict)  # base -> [min, max] CFG scale drawn per sample; absent: the base's fixed guidance_scale
-    num_train_timesteps: int = 1000  # T of the teacher's schedule
-    num_ddim_timesteps: int = 50  # N solver timesteps; skip interval k = T / N
+    num_train_timesteps: int = Field(1000, ge=1)  # T of the teacher's schedule
+    num_ddim_timesteps: int = Field(50, ge=1)  # N solver timesteps; skip interval k = T / N
     timestep_scaling: float = 10.0  # c_skip/c_out use (timestep_scaling * t)
     sigma_data: float = 0.5  # s in c_skip = s^2 / ((10 t)^2 + s^2)
     loss_type: Literal["l2", "huber"] = "huber"  # distance d(.,.) of Algorithm 1
-    huber_c: float = 0.001  # pseudo-Huber c
+    huber_c: float = Field(0.001, gt=0)  # pseudo-Huber c
     weight_decay: float = 1e-2  # AdamW weight decay
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
     adam_eps: float = 1e-8  # AdamW epsilon
-    lr_warmup_steps: int = 0  # linear warm-up, then constant
-    max_grad_norm: float = 1.0  # gradient clipping (global norm)
+    lr_warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant
+    max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping (global norm)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; frozen base weights stored in this dtype
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
-    checkpoint_every: int = 500  # accelerate save_state every K steps (0: never)
-    checkpoints_keep: int = 2  # newest checkpoints kept
+    checkpoint_every: int = Field(500, ge=0)  # accelerate save_state every K steps (0: never)
+    checkpoints_keep: int = Field(2, ge=1)  # newest checkpoints kept
     cpu: bool = False  # force CPU even when an accelerator is present
     latents_index: str | None = None  # index.json of the latent shards, relative to storage.root; None: the encode stage's for this base's VAE
-    num_workers: int = 0  # data loader workers
+    num_workers: int = Field(0, ge=0)  # data loader workers
     # Speed-ups (docs/distill.md, "Speed-ups": gains and numeric bounds); off = the plain, reproducible path.
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"  # fused: one kernel per step (~1e-7 apart); 8bit: bitsandbytes (CUDA), optimizer state in 8 bits
-    sync_every: int = 1  # host syncs (NaN check, loss, progress) every N steps; >1: a NaN is found up to N-1 steps late (checkpoints are always checked first)
-    prefetch: int = 0  # batches read ahead by a thread, pinned on CUDA and copied without a sync (same batches, same order)
+    sync_every: int = Field(1, ge=1)  # host syncs (NaN check, loss, progress) every N steps; >1: a NaN is found up to N-1 steps late (checkpoints are always checked first)
+    prefetch: int = Field(0, ge=0)  # batches read ahead by a thread, pinned on CUDA and copied without a sync (same batches, same order)
     compile_unet: bool = False  # torch.compile the UNet for teacher, target and student (minutes of compile first)
     channels_last: bool = False  # UNet weights in channels_last memory format (convolutions; numerics within float rounding)
     bf16_teacher: bool = False  # teacher and target passes under bf16 autocast while the student trains at mixed_precision

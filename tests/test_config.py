@@ -59,3 +59,16 @@ def test_digest_changes_with_content():
     b = load_params("params.yaml", ["distill.lr=0.5"])
     assert a.digest() == load_params("params.yaml").digest()
     assert a.digest() != b.digest()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("distill.batch_size=0", "distill.batch_size"),
+    ("distill.max_steps=0", "distill.max_steps"),
+    ("distill.checkpoint_every=-1", "distill.checkpoint_every"),
+    ("distill.lr=0", "distill.lr"),
+    ("distill.sync_every=0", "distill.sync_every"),
+])
+def test_distill_ranges_are_checked_when_params_load(override: str, key: str) -> None:
+    """A zero batch used to fail deep in training ("need at least one array to stack")."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be greater than"):
+        load_params("params.yaml", [override])
