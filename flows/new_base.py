@@ -52,7 +52,7 @@ def inherit_from_parent(cfg: Params, base_name: str, base: BaseConfig, fingerpri
     return base, None
 
 
-@flow(name="new-base")
+@flow(name="new-base", flow_run_name="new-base-{reference}")
 def new_base(reference: str, name: str | None = None, family: str | None = None,
              params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Register the base at `reference` and run its pipeline; gate failure publishes nothing."""

@@ -29,7 +29,7 @@ from tasks.publish import enforce_gate
 from tasks.runtime import set_torch_threads
 
 
-@flow(name="base-pipeline")
+@flow(name="base-pipeline", flow_run_name="base-{base_name}")
 def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
                   fingerprints: dict[str, str] | None = None, report_rel: str | None = None) -> dict[str, Any]:
     """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base.

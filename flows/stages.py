@@ -40,7 +40,7 @@ from tasks.publish import publish_folder
 from tasks.storage import EVALUATED_LORA, evaluation_copy, fetch_folder, store_folders, work_folder
 
 
-@flow(name="curate")
+@flow(name="curate", flow_run_name="curate-{min_side}px")
 def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     """Curate the source into a manifest; skipped when the source bytes and curate params are unchanged."""
     # 1. The key: source bytes, curate section, minimum side.
@@ -50,7 +50,7 @@ def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
                       min_side=min_side, key=key)
 
 
-@flow(name="encode")
+@flow(name="encode", flow_run_name="encode-{base_name}")
 def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str, Any],
                 fingerprints: dict[str, str]) -> dict[str, Any]:
     """Latent shards for this base's VAE; skipped (and shared) when another base has the same VAE."""
@@ -62,7 +62,7 @@ def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str
                       manifest_rel=curated["manifest"], fingerprints=fingerprints, key=key)
 
 
-@flow(name="distill")
+@flow(name="distill", flow_run_name="distill-{base_name}")
 def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                  shards: dict[str, Any]) -> dict[str, Any]:
     """LCD-LoRA for this base; skipped when base, latent shards and distill params are unchanged."""
@@ -73,7 +73,7 @@ def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: di
                       cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
 
 
-@flow(name="evaluate")
+@flow(name="evaluate", flow_run_name="evaluate-{base_name}")
 def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                   lora: dict[str, Any]) -> dict[str, Any]:
     """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged.
@@ -98,7 +98,7 @@ def result_dir(lora_copy: str) -> str:
     return str(Path(lora_copy).parent)
 
 
-@flow(name="merge")
+@flow(name="merge", flow_run_name="merge-{base_name}")
 def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
                lora: dict[str, Any]) -> dict[str, Any]:
     """Style-LoRA variants of the gated LoRA; skipped when LoRA, style LoRA, base and params are unchanged."""
@@ -123,7 +123,7 @@ def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict
     return result
 
 
-@flow(name="publish")
+@flow(name="publish", flow_run_name="publish-{base_name}")
 def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: dict[str, Any],
                  merged: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish the gated LoRA (and the best style variant) as new registry versions.
