@@ -26,6 +26,7 @@ from flows.cli_common import (
     console,
     pick_base,
     print_config,
+    quiet_known_noise,
     resolve,
 )
 from flows.registry_cli import registry_app
@@ -334,6 +335,7 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
 
 def main() -> None:
     """Console entry point: run the app, turn any failure into one reason on stderr."""
+    quiet_known_noise()
     try:
         app(standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -3,6 +3,8 @@ params (`--params` + `--set`), `--dry-run` printing, and the stderr console prog
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -40,3 +42,37 @@ def pick_base(cfg: Params, base: str | None) -> str:
         return next(iter(cfg.bases))
     known = ", ".join(sorted(cfg.bases)) or "none"
     raise click.UsageError(f"--base is required: params defines {len(cfg.bases)} bases ({known})")
+
+
+# Messages known to be harmless for lcmlora's use, dropped at the CLI edge only (the library
+# never silences anything): logger name -> text the message contains.
+KNOWN_NOISE: dict[str, str] = {
+    # every LCM-LoRA load: it holds no text-encoder layers, by design (UNet-only LoRA)
+    "diffusers.loaders.lora_base": "No LoRA keys associated to",
+    "diffusers.loaders.peft": "No LoRA keys associated to",
+    "diffusers.loaders.lora_pipeline": "No LoRA keys associated to",
+    # the CPU torch build has no torchvision; the PIL image processors are used instead
+    "transformers.utils.import_utils": "requires torchvision (not installed)",
+}
+KNOWN_WARNINGS = (  # warnings.warn messages (regex), same rule
+    r"Adapter \S+ was active which is now deleted",  # merge evaluation deletes its temporary adapters
+)
+
+
+class _DropContaining(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Drop the known harmless library messages above (called once by the CLI's entry point)."""
+    for name, text in KNOWN_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropContaining(text))
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)

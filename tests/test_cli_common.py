@@ -21,3 +21,19 @@ def test_several_bases_need_base_naming_them() -> None:
     with pytest.raises(click.UsageError, match=r"--base is required: params defines 2 bases \(ft, toy\)"):
         pick_base(cfg, None)
     assert pick_base(cfg, "ft") == "ft"
+
+
+def test_known_library_noise_is_dropped_at_the_edge_only(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from flows.cli_common import quiet_known_noise
+
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    logger.propagate, logger.disabled = True, False
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one filter per logger
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="diffusers.loaders.lora_base"):
+        logger.warning("No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'.")
+        logger.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
