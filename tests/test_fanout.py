@@ -70,8 +70,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
             s.workers.append(w)  # type: ignore[attr-defined]
         yield s
     finally:
+        _drain_prefect_clients()  # while the server is up: nothing left to send at exit
         for p in reversed(procs):
             _stop(p)
+
+
+def _drain_prefect_clients() -> None:
+    """Deliver this process's queued Prefect events and logs (the in-process nightly's) now.
+
+    Left queued, they are sent at interpreter exit to a server that is gone, and the failure is
+    logged to pytest's closed stream: a traceback after the test summary.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=30)
+    APILogWorker.drain_all(timeout=30)
 
 
 def _bases(tmp: Path) -> list[str]:
@@ -173,8 +187,15 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: Prefe
 
         running = FlowRunFilter(name=FlowRunFilterName(any_=["base-toy"]),
                                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING])))
+        runs: list = []
+        deadline = time.monotonic() + 60  # the run's state may lag its first checkpoint
         with get_client(sync_client=True) as client:
-            [run] = client.read_flow_runs(flow_run_filter=running)
+            while not runs and time.monotonic() < deadline:
+                runs = client.read_flow_runs(flow_run_filter=running)
+                if not runs:
+                    time.sleep(0.5)
+        assert len(runs) == 1, f"expected one running base-toy flow run, found {len(runs)}"
+        [run] = runs
         pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
         worker = next(w for w in stack.workers if os.getpgid(pid) == w.pid or _parent(pid) == w.pid)
         killed.update(step=steps[-1], worker=worker.pid, run=run.id)

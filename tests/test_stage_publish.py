@@ -14,8 +14,13 @@ def test_run_publish_creates_a_version_and_moves_the_alias(tmp_path):
     folder = make_lora_folder(tmp_path / "lora")
     cfg = PublishConfig(alias="candidate")
     first = run_publish(cfg, registry=registry, folder=folder, name="toy-lcm-lora", registry_root=str(tmp_path / "reg"))
-    second = run_publish(cfg, registry=registry, folder=folder, name="toy-lcm-lora", registry_root="registry")
-    assert (first.version, second.version) == ("1", "2") or int(second.version) == int(first.version) + 1
+    again = run_publish(cfg, registry=registry, folder=folder, name="toy-lcm-lora", registry_root="registry")
+    assert (again.version, again.existing, again.digest) == (first.version, True, first.digest), \
+        "identical content returns the existing version"
+    retrained = make_lora_folder(tmp_path / "lora2", seed=1)
+    second = run_publish(cfg, registry=registry, folder=retrained, name="toy-lcm-lora", registry_root="registry")
+    assert (first.version, second.version, second.existing) == ("1", "2", False)
+    assert second.digest != first.digest and second.digest.startswith("sha256:")
     assert second.reference == f"toy-lcm-lora:{second.version}"
     assert registry.aliases("toy-lcm-lora")["candidate"] == second.version
     assert first.pull.endswith(f"--set registry.root={tmp_path / 'reg'}")
