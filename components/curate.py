@@ -21,11 +21,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import queue
 import shutil
 import tarfile
 import tempfile
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -47,6 +45,7 @@ from components.quality_gate import (
     failure_message,
     run_manifest_gate,
 )
+from components.read_ahead import read_ahead
 from components.storage import Storage
 
 # Manifest column -> source column names accepted for it (LAION first, img2dataset second).
@@ -225,46 +224,12 @@ def iter_metadata(source: Storage, files: list[str], filters: Filters, mapping: 
             parquet = pq.ParquetFile(fh, pre_buffer=False,
                                      read_dictionary=[cols[c] for c in ("shard", "status") if c in cols])
             batches = parquet.iter_batches(batch_size=batch_rows, columns=physical, use_threads=True)
-            for batch in _read_ahead(batches, READ_AHEAD):
+            for batch in read_ahead(batches, READ_AHEAD, "lcmlora-curate-reader"):
                 arrays = {canon: batch.column(physical.index(col)) for canon, col in cols.items()}
                 if "shard" not in arrays:
                     arrays["shard"] = pa.DictionaryArray.from_arrays(pa.array(np.zeros(batch.num_rows, np.int32)),
                                                                      shard_default)
                 yield pa.RecordBatch.from_arrays(list(arrays.values()), names=list(arrays))
-
-
-def _read_ahead(batches: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
-    """Decode the next `depth` batches in a thread while the caller filters and writes this one
-    (pyarrow releases the GIL while decoding, so both cores work)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            q.put(err)
-
-    thread = threading.Thread(target=produce, daemon=True, name="lcmlora-curate-reader")
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _to_candidates(batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from components.progress import Progress, ProgressFn
+from components.read_ahead import read_ahead
 from components.shards import (
     INDEX_FORMAT,
     ResolutionMismatch,
@@ -224,41 +225,6 @@ def _prepared_batches(shards: list[ShardPlan], source: Storage, resolution: int,
                             [rej for _, rej in done if rej is not None], last=n == len(starts) - 1)
 
 
-def _threaded(iterator: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run a generator in a thread, handing items over through a bounded queue."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def run() -> None:
-        try:
-            for item in iterator:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(end)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            q.put(err)
-
-    thread = threading.Thread(target=run, daemon=True, name="lcmlora-encode-reader")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is end:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 class _ShardWriter:
     """Accumulates encoded samples per shard; a thread serializes and stores finished shards."""
 
@@ -379,7 +345,8 @@ def encode_dataset(
     vae_seconds, encoded, handled = 0.0, 0, 0
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lcmlora-decode") as pool:
         try:
-            for prepared in _threaded(_prepared_batches(mine, source, resolution, batch_size, pool), QUEUE_DEPTH):
+            for prepared in read_ahead(_prepared_batches(mine, source, resolution, batch_size, pool), QUEUE_DEPTH,
+                                       "lcmlora-encode-reader"):
                 t0 = time.perf_counter()
                 if len(prepared.rows):
                     x = to_model_input(prepared.pixels, device, torch_dtype)

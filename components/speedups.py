@@ -7,8 +7,6 @@ docs/distill.md ("Speed-ups") lists the measured gains and the numeric bounds of
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +23,7 @@ from components.lcd import (
     student_prediction,
     teacher_solver_step,
 )
+from components.read_ahead import read_ahead
 
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
 
@@ -47,43 +46,11 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], **kwargs: Any) -
     raise ValueError(f"distill.optimizer {name!r}: expected one of {', '.join(OPTIMIZERS)}")
 
 
-_DONE = object()
-
-
 def prefetched(batches: Iterator[dict], depth: int, *, pin: bool) -> Iterator[dict]:
     """The same batches in the same order, read `depth` ahead by a daemon thread; tensors pinned if `pin`."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for batch in batches:
-                if pin:
-                    batch = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in batch.items()}
-                while not stop.is_set():
-                    try:
-                        q.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=work, name="lcd-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    if pin:
+        batches = ({k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in b.items()} for b in batches)
+    return read_ahead(batches, depth, "lcd-prefetch")
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
