@@ -7,11 +7,12 @@ failure. The nightly runs in the test process against that server with
 `orchestrate.fan_out=deployment`: it submits one `base-pipeline` run per base to the pool and
 waits. The bases are the toy and a toy fine-tune (a copy of data/toy/base under another name).
 
-One nightly shows both (one run of two bases instead of two keeps the suite short):
+One nightly (a module fixture) serves both tests: one run of two bases instead of two keeps the
+suite short.
 1. The two base runs run at once on the two workers (both RUNNING when the toy's first
    checkpoint is on disk; their start-end spans overlap), share one encode, and both publish.
-2. The toy's worker is killed (SIGTERM to its process group, the flow run in it dies without
-   reporting) while that base is distilling with a checkpoint written; its heartbeats stop, the
+2. The toy's worker is killed (SIGKILL to its process group, as when a node goes away: the flow
+   run in it dies without reporting) while that base is distilling with a checkpoint written; its heartbeats stop, the
    nightly marks the run Crashed and puts it back to AwaitingRetry, the other worker resumes it
    from the checkpoint (step > 0), and it publishes the same LoRA as the uninterrupted base
    (same weights, seed and shards: equal tensors).
@@ -142,12 +143,12 @@ def _checkpoint_steps(root: Path, base: str) -> list[int]:
     return sorted(int(p.parent.name.split("-")[1]) for p in done)
 
 
-def test_two_bases_in_parallel_and_a_killed_worker_resumes_from_its_checkpoint(
-        stack: PrefectStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    import json
+@pytest.fixture(scope="module")
+def killed_nightly(stack: PrefectStack) -> dict:
+    """ONE nightly of the toy and its fine-tune, the toy's worker killed during distillation.
 
-    from safetensors.torch import load_file
-
+    Both tests below read it: one nightly instead of two keeps the suite short.
+    """
     work = stack.tmp / "kill"
     work.mkdir()
     params = write_params(work, _bases(stack.tmp) + ["distill.max_steps=20", "distill.checkpoint_every=4",
@@ -181,17 +182,28 @@ def test_two_bases_in_parallel_and_a_killed_worker_resumes_from_its_checkpoint(
                 if len(names) < 2:
                     time.sleep(0.5)
             seen = {r.name: r.state_type for r in client.read_flow_runs()}
-        assert set(names) == {"base-toy", "base-toy-ft"}, f"both bases should be running at once: {seen}"
-        run = names["base-toy"]
+        killed["running_at_kill"] = sorted(names)
+        killed["seen"] = seen
+        run = names.get("base-toy")
+        assert run is not None, f"no running base-toy flow run: {seen}"
         pid = int(str(run.infrastructure_pid).rsplit(":", 1)[-1])
         worker = next(w for w in stack.workers if os.getpgid(pid) == w.pid or _parent(pid) == w.pid)
         killed.update(step=steps[-1], worker=worker.pid, run=run.id)
-        os.killpg(worker.pid, signal.SIGTERM)  # the worker and its flow run: a node/pod going away
+        # SIGKILL, as when a node or pod goes away: nothing in the worker or the flow run can report
+        # the end; only its heartbeats stop.
+        os.killpg(worker.pid, signal.SIGKILL)
         if _alive(pid):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGKILL)
 
-    state, result, runs = _nightly(stack, monkeypatch, params, on_running=kill_during_distillation)
-    assert killed, "the worker was not killed"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        state, result, runs = _nightly(stack, monkeypatch, params, on_running=kill_during_distillation)
+    return {"state": state, "result": result, "runs": runs, "killed": killed, "root": root}
+
+
+def test_two_bases_run_in_parallel_on_two_workers(stack: PrefectStack, killed_nightly: dict) -> None:
+    state, result, runs, killed = (killed_nightly[k] for k in ("state", "result", "runs", "killed"))
+    # Both base runs were RUNNING at once (when the toy's first checkpoint was on disk).
+    assert killed.get("running_at_kill") == ["base-toy", "base-toy-ft"], killed.get("seen")
     assert state.is_completed(), (result, stack.log_tail("worker0"), stack.log_tail("worker1"))
     assert set(runs) == {"toy", "toy-ft"}
     for name, run in runs.items():
@@ -203,6 +215,17 @@ def test_two_bases_in_parallel_and_a_killed_worker_resumes_from_its_checkpoint(
     # One of the two encoded the shared latents; the other reused them (same VAE).
     encodes = [next(s for s in result["bases"][n]["stages"] if s["stage"] == "encode") for n in runs]
     assert len({e["key"] for e in encodes}) == 1
+
+
+def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: PrefectStack,
+                                                                     killed_nightly: dict) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    state, result, runs, killed, root = (killed_nightly[k] for k in ("state", "result", "runs", "killed", "root"))
+    assert killed.get("run"), f"the worker was not killed: {killed}"
+    assert state.is_completed(), (result, stack.log_tail("worker0"), stack.log_tail("worker1"))
     toy = runs["toy"]
     assert toy.id == killed["run"] and toy.run_count >= 2, "the same flow run was retried"
     lineage = json.loads((root / result["bases"]["toy"]["lora"] / "lineage.json").read_text())
