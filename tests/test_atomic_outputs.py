@@ -129,3 +129,39 @@ def test_distill_safetensors_follow_the_umask(tmp_path, lora_sd, umask_022):  # 
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "art").iterdir()}
     assert modes[paths["diffusers"].name] == modes[paths["kohya"].name] == "0o644", modes
     assert set(modes.values()) == {"0o644"}
+
+
+# --- evaluation's output folder and the LoRA folder's evaluation/ ------------------------
+
+
+def test_evaluation_enospc_mid_report_keeps_previous_outputs(tmp_path, monkeypatch):
+    from components import evaluation as ev
+
+    out, lora = tmp_path / "runs" / "evaluate" / "toy", tmp_path / "lora"
+    (lora / "evaluation").mkdir(parents=True)
+    (lora / "evaluation" / "report.md").write_text("previous report")
+    (lora / "metrics.json").write_text('{"distill": {}}')
+    out.mkdir(parents=True)
+    (out / "report.md").write_text("previous report")
+
+    def report_then_full_disk(doc, prompts, grid_images, folder):
+        (folder / "report.md").write_text("half of a new report")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ev, "write_report", report_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ev.write_evaluation(ev.Evaluation(doc={"gate": {"passed": True}}, prompts=[], grid_images=[]), out, lora)
+    assert entries(out.parent) == ["toy"] and entries(out) == ["report.md"]
+    assert (out / "report.md").read_text() == "previous report"
+    assert (lora / "evaluation" / "report.md").read_text() == "previous report"
+    assert (lora / "metrics.json").read_text() == '{"distill": {}}'  # no gate for a report that was not written
+
+
+def test_evaluation_refuses_to_replace_a_lora_folder_passed_as_output(tmp_path, lora_sd):  # noqa: F811
+    from components.evaluation import Evaluation, write_evaluation
+
+    write(tmp_path / "art", lora_sd)
+    before = entries(tmp_path / "art")
+    with pytest.raises(FolderNotReplaceable, match=r"art: holds config.yaml, lora_kohya.safetensors"):
+        write_evaluation(Evaluation(doc={}, prompts=[], grid_images=[]), tmp_path / "art")
+    assert entries(tmp_path / "art") == before
