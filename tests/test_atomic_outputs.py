@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -165,3 +166,54 @@ def test_evaluation_refuses_to_replace_a_lora_folder_passed_as_output(tmp_path, 
     with pytest.raises(FolderNotReplaceable, match=r"art: holds config.yaml, lora_kohya.safetensors"):
         write_evaluation(Evaluation(doc={}, prompts=[], grid_images=[]), tmp_path / "art")
     assert entries(tmp_path / "art") == before
+
+
+# --- the merge stage's output folder -------------------------------------------------------
+
+
+def test_merge_output_follows_the_umask_and_survives_enospc_in_the_report(tmp_path, monkeypatch, umask_022):
+    from components.config import BaseConfig, MergeConfig, Params
+    from components.stages import merge as stage
+    from tests.tiny_merge_pipelines import (
+        LCM_UNET,
+        STYLE_UNET,
+        random_lora,
+        tiny_judges,
+        tiny_sd15,
+        write_peft,
+    )
+
+    base_folder = tmp_path / "base"
+    tiny_sd15(tokenizer_dir=tmp_path / "tok").save_pretrained(base_folder, safe_serialization=True)
+    style_unet, _ = random_lora(tiny_sd15(), rank=4, alpha=2.0, unet_modules=STYLE_UNET, seed=1)
+    style = write_peft(tmp_path / "style", style_unet, {}, rank=4, alpha=2.0)
+    lcm_unet, _ = random_lora(tiny_sd15(), rank=8, alpha=8.0, unet_modules=LCM_UNET, seed=2)
+    lcm = write_peft(tmp_path / "lcm", lcm_unet, {}, rank=8, alpha=8.0).parent
+    base = BaseConfig(reference=str(base_folder), family="sd15", resolution=16, guidance_scale=1.0)
+    params = Params(bases={"tiny": base}, merge=MergeConfig(
+        weights=[(1.0, 1.0)], samples_per_prompt=1, reference_steps=2, save_fused="none",
+        min_style_retention=-1.0, min_adherence=0.5))
+    out = tmp_path / "runs" / "merge"
+
+    def merge():
+        return stage.run_merge(params.merge, params.evaluate, base_name="tiny", base=base, lcm_folder=lcm,
+                               style_file=style, output=out, judges=tiny_judges(), prompts=["a", "b"],
+                               resolved_yaml=params.to_yaml(), params_digest=params.digest())
+
+    # 1. A complete run: every file 0644 under umask 022, the recorded paths name the final folder.
+    done = merge()
+    weights = sorted((out / "merged-1_1").glob("*.safetensors"))
+    assert len(weights) == 2 and {oct(p.stat().st_mode & 0o777) for p in weights} == {"0o644"}
+    assert done.doc["files"]["merged-1_1"]["diffusers"] == str(out / "merged-1_1" / weights[1].name)
+    assert json.loads((out / "metrics.json").read_text())["files"] == done.doc["files"]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    # 2. The disk fills while the report is written: the previous run's folder stays as it was.
+    def full_disk(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stage, "write_merge_report", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        merge()
+    assert entries(out.parent) == ["merge"]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
