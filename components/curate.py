@@ -18,6 +18,7 @@ everything is written through `Storage`: `rejected.parquet`, `gx/` (data docs),
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from components.atomic_dir import atomic_dir
 from components.config import CurateConfig
 from components.content_hash import file_sha256
 from components.progress import Progress, ProgressFn
@@ -457,6 +459,25 @@ def _empty_message(source: str, rows: int, counts: dict[str, int], filters: Filt
             "Relax the filters in params.yaml (curate.*) or check the source")
 
 
+# Everything a curation writes into its folder; the manifest first, so it is gone before the rest.
+OUTPUT_FILES = ("manifest.parquet", "summary.json", "rejected.parquet", "params.yaml", "gx")
+
+
+@contextlib.contextmanager
+def _output_folder(storage: Storage, out_rel: str) -> Iterator[tuple[Storage, Callable[[str], str]]]:
+    """Where a run writes (a Storage and name -> its path there). Local: a staging folder renamed
+    into place when complete (`components/atomic_dir.py`); S3: the folder after the previous run's
+    files are deleted (the manifest first)."""
+    folder = out_rel.strip("/")
+    if storage.is_s3:
+        for name in OUTPUT_FILES:
+            storage.delete(f"{folder}/{name}" if folder else name, recursive=name == "gx")
+        yield storage, lambda name: f"{folder}/{name}" if folder else name
+        return
+    with atomic_dir(storage.url(folder), owns=OUTPUT_FILES) as staging:
+        yield Storage(str(staging)), lambda name: name
+
+
 def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *, min_side: int | None,
            resolved_config: str | None = None, progress: ProgressFn | None = None) -> CurationResult:
     """Run curation end to end; write the manifest folder `out_rel` under `storage`.
@@ -512,47 +533,50 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
             counts[reason] = counts.get(reason, 0) + c
 
         summary: dict[str, Any] = {"source": source.url(), "rows_in": rows_in, "kept": kept,
-                                   "rejected": dict(sorted(counts.items())), "filters": filters.describe()}
+                                   "rejected": dict(sorted(counts.items())), "filters": filters.describe(),
+                                   "manifest_hash": None}
         files_written: list[str] = []
+        failure: Exception | None = None
+        # 3. This run's files replace the previous run's whole (`_output_folder`), so a failed or
+        #    empty curation leaves its own summary and rejections, never another run's beside no manifest.
+        with _output_folder(storage, out_rel) as (dest, into):
+            def publish(local: Path, name: str) -> None:
+                dest.put_file(local, into(name))
+                files_written.append(out(name))
 
-        def publish(local: Path, name: str) -> None:
-            storage.put_file(local, out(name))
-            files_written.append(out(name))
-
-        # 3. Fail closed: nothing kept, or the GX suite fails. A stale manifest must not survive.
-        if kept == 0:
-            storage.delete(out("manifest.parquet"))
-            raise CurationEmpty(_empty_message(source.url(), rows_in, counts, filters))
-        manifest = pq.read_table(tmp_path / "manifest.parquet")
-        limits = GateLimits(columns=tuple(MANIFEST_SCHEMA.names), min_rows=cfg.min_rows,
-                            min_aesthetic=filters.min_aesthetic, max_watermark=filters.max_watermark,
-                            max_unsafe=filters.max_unsafe, min_side=filters.min_side,
-                            caption_min_chars=filters.caption_min_chars, caption_max_chars=filters.caption_max_chars,
-                            unique_images=cfg.dedup, max_null_rate=cfg.max_null_rate)
-        gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context")
-        del manifest
-        for page in sorted(p for p in gate.docs_dir.rglob("*") if p.is_file()):
-            publish(page, f"gx/{page.relative_to(gate.docs_dir).as_posix()}")
-        summary["gate"] = {"success": gate.success, "data_docs": out("gx/index.html"),
-                           "statistics": gate.description.get("statistics")}
-        publish_rejected = tmp_path / "rejected.parquet"
-        publish(publish_rejected, "rejected.parquet")
-        if resolved_config is not None:
-            (tmp_path / "params.yaml").write_text(resolved_config)
-            publish(tmp_path / "params.yaml", "params.yaml")
-        if not gate.success:
-            storage.delete(out("manifest.parquet"))
-            summary["manifest_hash"] = None
-            storage.write_text(out("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
-            raise ManifestGateFailed(failure_message(gate.description, storage.url(out("gx/index.html"))))
-
-        # 4. Publish: summary, then the manifest last (its presence means a complete, gated run).
-        manifest_hash = file_sha256(tmp_path / "manifest.parquet")
-        summary["manifest_hash"] = manifest_hash
-        summary["elapsed_s"] = round(time.perf_counter() - start, 3)
-        storage.write_text(out("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
-        files_written.append(out("summary.json"))
-        publish(tmp_path / "manifest.parquet", "manifest.parquet")
+            publish(tmp_path / "rejected.parquet", "rejected.parquet")
+            if resolved_config is not None:
+                (tmp_path / "params.yaml").write_text(resolved_config)
+                publish(tmp_path / "params.yaml", "params.yaml")
+            # 4. Fail closed: nothing kept, or the GX suite fails.
+            if kept == 0:
+                failure = CurationEmpty(_empty_message(source.url(), rows_in, counts, filters))
+            else:
+                manifest = pq.read_table(tmp_path / "manifest.parquet")
+                limits = GateLimits(columns=tuple(MANIFEST_SCHEMA.names), min_rows=cfg.min_rows,
+                                    min_aesthetic=filters.min_aesthetic, max_watermark=filters.max_watermark,
+                                    max_unsafe=filters.max_unsafe, min_side=filters.min_side,
+                                    caption_min_chars=filters.caption_min_chars,
+                                    caption_max_chars=filters.caption_max_chars,
+                                    unique_images=cfg.dedup, max_null_rate=cfg.max_null_rate)
+                gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context")
+                del manifest
+                for page in sorted(p for p in gate.docs_dir.rglob("*") if p.is_file()):
+                    publish(page, f"gx/{page.relative_to(gate.docs_dir).as_posix()}")
+                summary["gate"] = {"success": gate.success, "data_docs": out("gx/index.html"),
+                                   "statistics": gate.description.get("statistics")}
+                if not gate.success:
+                    failure = ManifestGateFailed(failure_message(gate.description, storage.url(out("gx/index.html"))))
+            # 5. Publish: summary, then the manifest last (its presence means a complete, gated run).
+            if failure is None:
+                summary["manifest_hash"] = manifest_hash = file_sha256(tmp_path / "manifest.parquet")
+                summary["elapsed_s"] = round(time.perf_counter() - start, 3)
+            dest.write_text(into("summary.json"), json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            files_written.append(out("summary.json"))
+            if failure is None:
+                publish(tmp_path / "manifest.parquet", "manifest.parquet")
         shutil.rmtree(tmp_path / "gx-context", ignore_errors=True)
+    if failure is not None:
+        raise failure
     return CurationResult(rows_in=rows_in, kept=kept, rejected=dict(sorted(counts.items())),
                           manifest_hash=manifest_hash, elapsed_s=time.perf_counter() - start, files=files_written)

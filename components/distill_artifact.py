@@ -7,6 +7,11 @@
     lineage.json                       base fingerprints, shard index hash, git/DVC, params, hardware, times
     config.yaml                        the resolved params
     loss_curve.csv, loss_curve.png     the LCD loss per step
+
+The folder is complete or absent: it is written into a hidden sibling and renamed into place
+(`components/atomic_dir.py`); a rerun replaces the previous run's folder whole (its evaluation
+and gate describe other weights), keeping only `checkpoints/`. `check_distill_output` runs
+before training: the folder can be written and replaced, and its filesystem has room.
 """
 
 from __future__ import annotations
@@ -17,10 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from components import lora_formats
+from components.atomic_dir import atomic_dir, check_replaceable
 from components.model_card import render_model_card
+from components.output_checks import check_output_folder, distill_artifact_bytes
+from components.trainer import CHECKPOINT_DIR
 
 RECOMMENDED_STEPS = 4  # the report's 4-step sampling
 RECOMMENDED_GUIDANCE = 1.0  # guidance is distilled in; LCM sampling uses little or no CFG
+# What a previous run may have left in the folder (evaluation adds `evaluation/` and metrics);
+# a folder holding anything else is never replaced.
+OWNS = ("*.safetensors", "*.md", "*.json", "*.yaml", "*.csv", "*.png", CHECKPOINT_DIR, "evaluation")
+
+
+def check_distill_output(folder: str | Path, *, lora_params: int, checkpoints: int) -> None:
+    """Before training: `folder` can be written and replaced, and has room for the artifact
+    (`lora_params` fp32 in two files, `checkpoints` kept checkpoints). Raises naming the folder."""
+    folder = Path(folder)
+    check_replaceable(folder.absolute(), OWNS)
+    check_output_folder(folder, distill_artifact_bytes(lora_params=lora_params, checkpoints=checkpoints))
 
 
 def write_loss_curve(folder: Path, rows: list[dict[str, float]]) -> tuple[Path, Path]:
@@ -80,9 +99,22 @@ def write_distill_artifact(
     config_yaml: str,
     loss_rows: list[dict[str, float]],
 ) -> dict[str, Path]:
-    """Write every file of the contract-4 folder; returns their paths by role."""
+    """Write every file of the contract-4 folder; returns their paths by role (in `folder`).
+
+    The folder is staged and renamed into place; a previous run's folder is replaced whole,
+    its `checkpoints/` kept (the caller removes them when the run is finished).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder, owns=OWNS, carry=(CHECKPOINT_DIR,)) as staging:
+        written = _write_files(staging, lora_state_dict=lora_state_dict, rank=rank, alpha=alpha,
+                               base_meta=base_meta, metrics=metrics, lineage=lineage, config_yaml=config_yaml,
+                               loss_rows=loss_rows)
+    return {role: folder / path.relative_to(staging) for role, path in written.items()}
+
+
+def _write_files(folder: Path, *, lora_state_dict: dict, rank: int, alpha: float, base_meta: dict[str, Any],
+                 metrics: dict[str, Any], lineage: dict[str, Any], config_yaml: str,
+                 loss_rows: list[dict[str, float]]) -> dict[str, Path]:
     title = f"{base_meta.get('name', 'base')}-lcm-lora"
     paths = lora_formats.save_lora(folder, lora_state_dict, rank=rank, alpha=alpha, base_meta=base_meta, title=title,
                                    extra_metadata={"ss_steps": str(metrics.get("steps", ""))})
@@ -101,8 +133,7 @@ def write_distill_artifact(
     paths["model_card"] = folder / "README.md"
     paths["model_card"].write_text(card)
     paths["metrics"] = folder / "metrics.json"
-    existing = json.loads(paths["metrics"].read_text()) if paths["metrics"].exists() else {}
-    paths["metrics"].write_text(json.dumps({**existing, "distill": metrics}, indent=2, sort_keys=True) + "\n")
+    paths["metrics"].write_text(json.dumps({"distill": metrics}, indent=2, sort_keys=True) + "\n")
     paths["lineage"] = folder / "lineage.json"
     paths["lineage"].write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
     paths["config"] = folder / "config.yaml"

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from components.atomic_dir import atomic_dir, write_text_atomic
 from components.config import EvaluateConfig
 from components.frechet import extract_features, frechet_distance_of_features
 from components.gate import evaluate_gate
@@ -27,6 +28,9 @@ from components.report import REPORT_FILES, write_report
 from components.sampler_matrix import Method, MethodRun, build_matrix, run_matrix
 
 LORA_REPORT_DIR = "evaluation"  # report files inside the LoRA artifact folder
+# What a previous evaluation left in its output folder; a folder holding anything else
+# (a LoRA folder passed as --output) is never replaced.
+OUTPUT_OWNS = ("*.json", "*.md", "*.html", "*.png", "*.csv")
 
 
 @dataclass
@@ -128,19 +132,25 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
 
 def write_evaluation(evaluation: Evaluation, output: str | Path, lora_folder: str | Path | None = None) -> dict[str, Path]:
     """metrics.json and report files into `output`; into the LoRA folder: its metrics.json gains
-    `evaluation` and `gate` (other keys kept), the report files go to LORA/evaluation/."""
+    `evaluation` and `gate` (other keys kept), the report files go to LORA/evaluation/.
+
+    `output` and LORA/evaluation/ are complete or absent (`components/atomic_dir.py`): a run that
+    fails while writing leaves the previous report, never half of a new one.
+    """
     output = Path(output)
-    paths = write_report(evaluation.doc, evaluation.prompts, evaluation.grid_images, output)
+    with atomic_dir(output, owns=OUTPUT_OWNS) as staging:
+        written = write_report(evaluation.doc, evaluation.prompts, evaluation.grid_images, staging)
+        (staging / "metrics.json").write_text(json.dumps(evaluation.doc, indent=2, sort_keys=False) + "\n")
+    paths = {name: output / path.name for name, path in written.items()}
     paths["metrics.json"] = output / "metrics.json"
-    paths["metrics.json"].write_text(json.dumps(evaluation.doc, indent=2, sort_keys=False) + "\n")
     if lora_folder is not None:
         lora_folder = Path(lora_folder)
+        with atomic_dir(lora_folder / LORA_REPORT_DIR, owns=OUTPUT_OWNS) as staging:
+            for name in REPORT_FILES:
+                shutil.copyfile(paths[name], staging / name)
         metrics_file = lora_folder / "metrics.json"
         merged = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         merged["evaluation"] = {k: v for k, v in evaluation.doc.items() if k != "gate"}
         merged["gate"] = evaluation.doc["gate"]
-        metrics_file.write_text(json.dumps(merged, indent=2) + "\n")
-        (lora_folder / LORA_REPORT_DIR).mkdir(exist_ok=True)
-        for name in REPORT_FILES:
-            shutil.copyfile(paths[name], lora_folder / LORA_REPORT_DIR / name)
+        write_text_atomic(metrics_file, json.dumps(merged, indent=2) + "\n")
     return paths

@@ -50,9 +50,10 @@ def select_best(rows: list[dict[str, Any]], cfg: MergeConfig) -> tuple[dict[str,
             continue
         bad = []
         if row["style_retention"] is None or row["style_retention"] < cfg.min_style_retention:
-            bad.append(f"style retention {row['style_retention']} < merge.min_style_retention {cfg.min_style_retention}")
+            bad.append(f"style retention {_fmt(row['style_retention'])} < merge.min_style_retention "
+                       f"{cfg.min_style_retention:g}")
         if row["adherence"] < cfg.min_adherence:
-            bad.append(f"adherence {row['adherence']:.3f} < merge.min_adherence {cfg.min_adherence}")
+            bad.append(f"adherence {_fmt(row['adherence'])} < merge.min_adherence {cfg.min_adherence:g}")
         violations += [f"{row['label']}: {b}" for b in bad]
         if not bad:
             passing.append(row)

@@ -134,7 +134,7 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     if outcome.result.is_main_process:
         m = outcome.metrics
         typer.echo(f"distilled {outcome.result.steps} steps in {outcome.result.seconds:.0f}s, final loss "
-                   f"{m['final_loss_mean20']:.5f}; LoRA ({outcome.lora_trainable_params:,} params) in {outcome.folder}")
+                   f"{m['final_loss_mean20']:.4g}; LoRA ({outcome.lora_trainable_params:,} params) in {outcome.folder}")
 
 
 LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (output of `lcmlora distill`)")]

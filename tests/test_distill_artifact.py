@@ -119,7 +119,11 @@ def test_both_lora_files_carry_the_same_update_with_per_module_alpha(tmp_path, l
             assert torch.allclose(delta, 2.0 * (b @ a), atol=1e-5)  # (alpha / r) B A
 
 
-def test_metrics_json_keeps_other_sections(tmp_path, lora_sd):
+def test_rerun_drops_the_previous_runs_gate_and_keeps_its_checkpoints(tmp_path, lora_sd):
+    # A gate (or evaluation) in the folder judged the previous run's weights: it must not
+    # describe the new ones (issue 16 item 12). Checkpoints of the run stay for the caller.
     (tmp_path / "metrics.json").write_text(json.dumps({"gate": {"passed": True}}))
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     _, metrics = write(tmp_path, lora_sd)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"gate": {"passed": True}, "distill": metrics}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"distill": metrics}
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()

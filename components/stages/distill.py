@@ -165,7 +165,11 @@ def run_distill(
     from components.base_model import load_base
     from components.conditioning import TextConditioner
     from components.content_hash import file_sha256
-    from components.distill_artifact import distill_metrics, write_distill_artifact
+    from components.distill_artifact import (
+        check_distill_output,
+        distill_metrics,
+        write_distill_artifact,
+    )
     from components.lcd import schedule_from_scheduler_config
     from components.lora import add_lora, lora_config, trainable_parameters
     from components.lora_formats import LORA_WEIGHT_NAME
@@ -178,6 +182,8 @@ def run_distill(
     torch.manual_seed(cfg.seed)  # LoRA A's init: same seed, same run
     unet = add_lora(pipe.unet, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout))
     n_params = trainable_parameters(unet)
+    check_distill_output(output, lora_params=n_params,  # unwritable or full: fail now, not after training
+                         checkpoints=cfg.checkpoints_keep if cfg.checkpoint_every else 0)
     scaling_factor = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
 
     # 2. Data: the latent shards encoded for this base's VAE (or the given batches).

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from components.atomic_dir import atomic_dir
 from components.config import RESOLVED_CONFIG_NAME, BaseConfig, EvaluateConfig, MergeConfig
 from components.content_hash import file_sha256
 from components.lineage import collect, utc_now, write_lineage
@@ -26,6 +27,8 @@ from components.merge_eval import MergeResult, evaluate_merge, markdown_table, w
 from components.model_card import render_model_card
 from components.progress import ProgressFn
 
+# What a previous merge left in its output folder; a folder holding anything else is never replaced.
+OWNS = ("merged-*", "fused-*", "svd*-*", "*.md", "*.json", "*.png", "*.html", "*.csv")
 CARD_TAGS = ("lora", "lcm", "lcm-lora", "style", "text-to-image", "stable-diffusion", "diffusers")
 
 
@@ -83,18 +86,32 @@ def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str,
     device = evaluate_cfg.device
     base_meta = {"name": base_name, "family": base.family, "resolution": base.resolution,
                  "reference": base.reference, "fingerprint": loaded.fingerprint}
-    # 2. Every variant over the grid, sampled and measured.
-    result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), base.family, style_path, lcm_path,
-                            cfg, judges, prompts, teacher_guidance=base.guidance_scale,
-                            resolution=base.resolution, output=output, base_meta=base_meta, progress=progress)
-    result.doc["base"] = base_name
-    result.doc["base_fingerprint"] = loaded.fingerprint
-    result.doc["seconds"] = round(time.perf_counter() - t0, 1)
-    # 3. Contract-4 folders and the report.
-    finalize_merged_folders(result, output, cfg, base_reference=base.reference, started_at=started_at,
-                            resolved_yaml=resolved_yaml, params_digest=params_digest)
-    paths = write_merge_report(result, output)
+    # 2. Every variant over the grid, sampled and measured, written into a staging folder that
+    #    becomes `output` when everything is there (`components/atomic_dir.py`).
+    output = Path(output)
+    with atomic_dir(output, owns=OWNS) as staging:
+        result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), base.family, style_path, lcm_path,
+                                cfg, judges, prompts, teacher_guidance=base.guidance_scale,
+                                resolution=base.resolution, output=staging, base_meta=base_meta, progress=progress)
+        result.doc["base"] = base_name
+        result.doc["base_fingerprint"] = loaded.fingerprint
+        result.doc["seconds"] = round(time.perf_counter() - t0, 1)
+        result.doc["files"] = relocated(result.doc["files"], staging, output)
+        # 3. Contract-4 folders and the report.
+        finalize_merged_folders(result, staging, cfg, base_reference=base.reference, started_at=started_at,
+                                resolved_yaml=resolved_yaml, params_digest=params_digest)
+        written = write_merge_report(result, staging)
+    paths = {name: output / path.relative_to(staging) for name, path in written.items()}
     return MergeOutput(output=output, doc=result.doc, paths=paths)
+
+
+def relocated(files: Any, staging: Path, output: Path) -> Any:
+    """`files` (nested dicts of path strings) with paths under `staging` moved to `output`."""
+    if isinstance(files, dict):
+        return {k: relocated(v, staging, output) for k, v in files.items()}
+    if isinstance(files, str) and Path(files).is_relative_to(staging):
+        return str(output / Path(files).relative_to(staging))
+    return files
 
 
 def finalize_merged_folders(result: MergeResult, output: Path, cfg: MergeConfig, *, base_reference: str,
