@@ -76,18 +76,6 @@ def test_distill_ranges_are_checked_when_params_load(override: str, key: str) ->
         load_params("params.yaml", [override])
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`lcmlora ARGS` through the console entry point: (exit code, stderr)."""
-    import sys
-
-    from flows.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["lcmlora", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    return int(exit_.value.code or 0), capsys.readouterr().err
-
-
 @pytest.mark.parametrize("override, message", [
     ("distill.batch_size=0", "distill.batch_size: Input should be greater than or equal to 1"),
     ("distill.checkpoint_every=-1", "distill.checkpoint_every: Input should be greater than or equal to 0"),
@@ -109,33 +97,33 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: 
     ("orchestrate.torch_threads=0", "orchestrate.torch_threads: Input should be greater than or equal to 1"),
     ("storage.retries=0", "storage.retries: Input should be greater than or equal to 1"),
 ])
-def test_nonsense_numbers_fail_at_the_cli_naming_the_key(monkeypatch, capsys, override: str, message: str) -> None:
+def test_nonsense_numbers_fail_at_the_cli_naming_the_key(lcmlora_cli, override: str, message: str) -> None:
     """Zero or negative sizes and rates outside [0, 1] stop `lcmlora` before any stage, naming the key."""
-    code, err = _cli(monkeypatch, capsys, "distill", "--dry-run", "--set", override)
+    code, err = lcmlora_cli("distill", "--dry-run", "--set", override)
     assert code == 2, err
     assert f"lcmlora: config error: --set {override!r}: {message}" in err
 
 
-def test_caption_bounds_must_be_ordered(monkeypatch, capsys) -> None:
-    code, err = _cli(monkeypatch, capsys, "curate", "--dry-run", "--set", "curate.caption_min_chars=600")
+def test_caption_bounds_must_be_ordered(lcmlora_cli) -> None:
+    code, err = lcmlora_cli("curate", "--dry-run", "--set", "curate.caption_min_chars=600")
     assert code == 2
     assert "caption_min_chars (600) is above caption_max_chars (500)" in err
 
 
-def test_a_bad_value_names_the_file_it_came_from(monkeypatch, capsys, tmp_path) -> None:
+def test_a_bad_value_names_the_file_it_came_from(lcmlora_cli, tmp_path) -> None:
     params = tmp_path / "mine.yaml"
     params.write_text(Path("params.yaml").read_text().replace("  batch_size: 32           # VAE batch",
                                                               "  batch_size: 0            # VAE batch"))
-    code, err = _cli(monkeypatch, capsys, "encode", "--dry-run", "--params", str(params),
+    code, err = lcmlora_cli("encode", "--dry-run", "--params", str(params),
                      "--set", "distill.lr=0.001")  # an unrelated, valid override
     assert code == 2
     assert f"{params}: encode.batch_size: Input should be greater than or equal to 1" in err
     assert "--set" not in err
 
 
-def test_a_bad_set_value_names_the_set_not_the_file(monkeypatch, capsys) -> None:
+def test_a_bad_set_value_names_the_set_not_the_file(lcmlora_cli) -> None:
     """It used to say `params.yaml: distill.max_steps: ...` for a value the user typed on the command line."""
-    code, err = _cli(monkeypatch, capsys, "distill", "--dry-run", "--set", "distill.max_steps=-5")
+    code, err = lcmlora_cli("distill", "--dry-run", "--set", "distill.max_steps=-5")
     assert code == 2
     assert "--set 'distill.max_steps=-5': distill.max_steps: Input should be greater than or equal to 1" in err
     assert "params.yaml" not in err
