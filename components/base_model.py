@@ -82,6 +82,28 @@ def _is_hub_id(reference: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", reference)) and not Path(reference).exists()
 
 
+def _looks_like_path(reference: str) -> bool:
+    """Absolute, `./`, `../`, `~`, a `.safetensors` name, or inside a folder that exists."""
+    if reference.startswith(("/", "./", "../", "~", ".\\", "..\\")) or reference.endswith(".safetensors"):
+        return True
+    parent = Path(reference).parent
+    return parent != Path(".") and parent.is_dir()
+
+
+def check_reference(reference: str | Path) -> None:
+    """Raise FileNotFoundError naming `reference` when it is neither an existing path nor a hub id.
+
+    Called before diffusers or huggingface_hub see it: they would report a missing folder as
+    an invalid repo id (HFValidationError).
+    """
+    reference = str(reference)
+    if Path(reference).exists():
+        return
+    if _looks_like_path(reference) or not _is_hub_id(reference):
+        raise FileNotFoundError(f"base reference {reference}: no such file or folder (and not a Hub repo id); "
+                                "fix bases.NAME.reference in params.yaml (or --base), e.g. data/toy/base")
+
+
 def _model_index(reference: str) -> dict[str, Any]:
     path = Path(reference)
     if path.is_dir():
@@ -110,6 +132,7 @@ def detect_family(reference: str | Path) -> Family:
     """`sdxl` if the base has a second text encoder / text_time conditioning, else `sd15`."""
     reference = str(reference)
     refuse_pickle(reference)
+    check_reference(reference)
     if reference.endswith(".safetensors"):
         return _single_file_family(Path(reference))
     index = _model_index(reference)
@@ -161,19 +184,15 @@ def load_base(
     """
     reference = str(reference)
     refuse_pickle(reference)
-    detected = detect_family(reference)
+    detected = detect_family(reference)  # refuses a reference that is neither a path nor a hub id
     if family is not None and family != detected:
         raise ConfigError(f"{reference}: params say family {family!r} but the weights are {detected!r}")
     cls = _pipeline_class(detected)
     extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if detected == "sd15" else {}
     if reference.endswith(".safetensors"):
-        if not Path(reference).exists():
-            raise FileNotFoundError(f"{reference}: no such checkpoint")
         kwargs = {"config": str(config)} if config is not None else {}
         pipe = cls.from_single_file(reference, dtype=dtype, **kwargs, **extra)
     else:
-        if not Path(reference).exists() and not _is_hub_id(reference):
-            raise FileNotFoundError(f"{reference}: neither a folder, a .safetensors file nor a hub id")
         _refuse_pickle_only_folder(reference)
         pipe = cls.from_pretrained(reference, dtype=dtype, use_safetensors=True, **extra)
     return LoadedBase(pipe=pipe, family=detected, fingerprints=fingerprints_of(pipe))
@@ -183,6 +202,7 @@ def load_vae(reference: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     """The base's VAE alone (no UNet in memory for a folder or hub id) and its fingerprint."""
     reference = str(reference)
     refuse_pickle(reference)
+    check_reference(reference)
     if reference.endswith(".safetensors"):
         vae = load_base(reference, dtype=dtype).pipe.vae
     else:

@@ -2,18 +2,29 @@
 
 Every stage reads its own section. Unknown keys and wrong types raise `ConfigError` naming
 the key (`distill.lr: Input should be a valid number`). `--set section.key=value` overrides
-are applied before validation, so they are checked exactly like the file.
+are applied before validation, so they are checked exactly like the file; an error names the
+file or the `--set` expression its value came from. Numbers carry their ranges (pydantic `Field`
+bounds: batch sizes and steps >= 1, rates in [0, 1]), so a zero batch fails when params load.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 RESOLVED_CONFIG_NAME = "params.resolved.yaml"  # written beside every artifact
 
@@ -35,7 +46,7 @@ class StorageConfig(Section):
     root: str = "artifacts"  # local path or s3://bucket/prefix; every artifact lives under it
     endpoint_url: str | None = None  # S3 endpoint; None falls back to $AWS_ENDPOINT_URL
     region: str | None = None  # S3 region; None falls back to $AWS_DEFAULT_REGION
-    retries: int = 3  # attempts for storage calls that fail with a connection error
+    retries: int = Field(3, ge=1)  # attempts for storage calls that fail with a connection error
 
 
 class RegistryConfig(Section):
@@ -49,8 +60,8 @@ class RegistryConfig(Section):
 class BaseConfig(Section):
     reference: str  # diffusers folder, hub id, or single-file .safetensors
     family: Literal["sd15", "sdxl"]  # sdxl covers SSD-1B (smaller UNet, same conditioning)
-    resolution: int = 512  # training and sampling resolution in pixels
-    guidance_scale: float = 7.5  # the base's own CFG scale (7.5 for real SD bases)
+    resolution: int = Field(512, ge=8)  # training and sampling resolution in pixels
+    guidance_scale: float = Field(7.5, gt=0)  # the base's own CFG scale (7.5 for real SD bases)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
     judges: str = "real"  # judges provider evaluating it (entry point in group lcmlora.judges)
 
@@ -63,26 +74,34 @@ class CurateConfig(Section):
     metadata: str = "*.parquet"  # metadata parquet file(s) in the source, a glob relative to it
     output: str = "curated"  # manifest folder, relative to storage.root
     min_aesthetic: float | None = 6.0  # LAION-Aesthetics default; None disables
-    max_watermark: float | None = 0.5  # maximum pwatermark; None disables
-    max_unsafe: float | None = 0.5  # maximum punsafe; None disables
-    min_side: int | None = None  # minimum shorter side in pixels; None: the base resolution
-    max_aspect: float | None = 2.0  # maximum long/short side ratio; None disables
-    caption_min_chars: int = 1  # shortest accepted caption
-    caption_max_chars: int = 500  # longest accepted caption
+    max_watermark: float | None = Field(0.5, ge=0, le=1)  # maximum pwatermark; None disables
+    max_unsafe: float | None = Field(0.5, ge=0, le=1)  # maximum punsafe; None disables
+    min_side: int | None = Field(None, ge=1)  # minimum shorter side in pixels; None: the base resolution
+    max_aspect: float | None = Field(2.0, ge=1)  # maximum long/short side ratio; None disables
+    caption_min_chars: int = Field(1, ge=0)  # shortest accepted caption
+    caption_max_chars: int = Field(500, ge=1)  # longest accepted caption
     dedup: bool = True  # drop exact duplicate images (image hash)
     columns: dict[str, str] = Field(default_factory=dict)  # source column -> LAION column name
-    min_rows: int = 100  # GX gate: minimum rows in the curated manifest
-    max_null_rate: float = 0.05  # GX gate: largest share of nulls in optional columns (similarity)
+    min_rows: int = Field(100, ge=1)  # GX gate: minimum rows in the curated manifest
+    max_null_rate: float = Field(0.05, ge=0, le=1)  # GX gate: largest share of nulls in optional columns (similarity)
+    max_unreadable_rate: float = Field(0.01, ge=0, le=1)  # GX gate: largest share of source rows lost to corrupt shards
+
+    @model_validator(mode="after")
+    def _caption_bounds_ordered(self) -> CurateConfig:
+        if self.caption_min_chars > self.caption_max_chars:
+            raise ValueError(f"caption_min_chars ({self.caption_min_chars}) is above caption_max_chars "
+                             f"({self.caption_max_chars}); no caption could pass")
+        return self
 
 
 class EncodeConfig(Section):
     output: str = "latents"  # shard root, relative to storage.root; keyed by VAE fingerprint
-    batch_size: int = 32  # VAE encode batch
-    shard_size: int = 256  # samples per output shard
+    batch_size: int = Field(32, ge=1)  # VAE encode batch
+    shard_size: int = Field(256, ge=1)  # samples per output shard
     device: str = "cpu"  # torch device for the VAE
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # VAE dtype
     text_embeddings: bool = False  # also store KEY.emb.npy for the base's text encoder(s)
-    workers: int = 2  # threads decoding and resizing images while the VAE runs
+    workers: int = Field(2, ge=0)  # threads decoding and resizing images while the VAE runs
     pointers: str = "encoded"  # <pointers>/<base>.json names each base's index, relative to storage.root
 
 
@@ -93,22 +112,22 @@ class DistillConfig(Section):
     lr: float = Field(1e-4, gt=0)  # AdamW learning rate
     lora_rank: int = Field(64, ge=1)  # LoRA rank r
     lora_alpha: int = Field(64, gt=0)  # LoRA alpha (scale alpha / r)
-    seed: int = 0  # training seed
+    seed: int = Field(0, ge=0)  # training seed
     target_modules: list[str] = Field(default_factory=lambda: [  # module names that get LoRA (report, Table 1)
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
-    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    lora_dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the LoRA branch
     guidance_range: dict[str, tuple[float, float]] = Field(default_factory=dict)  # base -> [min, max] CFG scale drawn per sample; absent: the base's fixed guidance_scale
     num_train_timesteps: int = Field(1000, ge=1)  # T of the teacher's schedule
     num_ddim_timesteps: int = Field(50, ge=1)  # N solver timesteps; skip interval k = T / N
-    timestep_scaling: float = 10.0  # c_skip/c_out use (timestep_scaling * t)
-    sigma_data: float = 0.5  # s in c_skip = s^2 / ((10 t)^2 + s^2)
+    timestep_scaling: float = Field(10.0, gt=0)  # c_skip/c_out use (timestep_scaling * t)
+    sigma_data: float = Field(0.5, gt=0)  # s in c_skip = s^2 / ((10 t)^2 + s^2)
     loss_type: Literal["l2", "huber"] = "huber"  # distance d(.,.) of Algorithm 1
     huber_c: float = Field(0.001, gt=0)  # pseudo-Huber c
-    weight_decay: float = 1e-2  # AdamW weight decay
-    adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
-    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = Field(1e-2, ge=0)  # AdamW weight decay
+    adam_beta1: float = Field(0.9, ge=0, lt=1)  # AdamW beta1
+    adam_beta2: float = Field(0.999, ge=0, lt=1)  # AdamW beta2
+    adam_eps: float = Field(1e-8, gt=0)  # AdamW epsilon
     lr_warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant
     max_grad_norm: float = Field(1.0, gt=0)  # gradient clipping (global norm)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast; frozen base weights stored in this dtype
@@ -129,40 +148,40 @@ class DistillConfig(Section):
 
 class EvaluateConfig(Section):
     output: str = "runs/evaluate"  # report folder
-    steps: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])  # LCM step counts (teacher runs them too)
-    teacher_steps: list[int] = Field(default_factory=lambda: [25, 50])  # extra teacher-only step counts
+    steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)  # LCM step counts (teacher runs them too)
+    teacher_steps: list[PositiveInt] = Field(default_factory=lambda: [25, 50])  # extra teacher-only step counts
     teacher_samplers: list[Literal["ddim", "dpmpp"]] = Field(default_factory=lambda: ["ddim", "dpmpp"])  # DDIM, DPM-Solver++(2M)
     teacher_timestep_spacing: Literal["leading", "linspace", "trailing"] | None = "trailing"  # None: the base's own
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG scale with the LCM-LoRA (1.0: no CFG pass)
-    tcd_gamma: float | None = None  # TCDScheduler gamma; None: no TCD rows
+    tcd_gamma: float | None = Field(None, ge=0, le=1)  # TCDScheduler gamma; None: no TCD rows
     lcm_without_lora: bool = False  # also LCMScheduler on the teacher alone (rows lcm_base-N)
     prompts: str | None = None  # prompt file, one per line; None: the base's judges' own prompt file
-    samples_per_prompt: int = 20  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
-    seed: int = 0  # first noise seed; every method gets the same initial noise
-    batch_size: int = 50  # images per pipeline call
+    samples_per_prompt: int = Field(20, ge=1)  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
+    seed: int = Field(0, ge=0)  # first noise seed; every method gets the same initial noise
+    batch_size: int = Field(50, ge=1)  # images per pipeline call
     device: str = "cpu"  # torch device for sampling and metrics
     agreement_reference: str = "ddim-50"  # teacher run whose images PSNR/SSIM compare against
     feature_extractor: str | None = None  # local TorchScript Inception (FID) file, needed for real bases
     reference_images: str | None = None  # FD reference image folder; None: the judges' own (real: needed)
     clip_model: str | None = None  # local CLIP folder (CLIPModel + processor), needed for real bases
     # gate: thresholds; None switches one off (it is then listed as skipped, never as passed)
-    lcm4_fd_max_ratio_to_teacher50: float | None = 1.3  # FD(lcm-4) <= ratio * best teacher FD at 50 steps
+    lcm4_fd_max_ratio_to_teacher50: float | None = Field(1.3, gt=0)  # FD(lcm-4) <= ratio * best teacher FD at 50 steps
     lcm4_fd_below_dpm4: bool = True  # FD(lcm-4) <= FD(dpmpp-4)
-    adherence_min_ratio: float | None = 0.9  # adherence(lcm-4) >= ratio * best teacher adherence at 50 steps
+    adherence_min_ratio: float | None = Field(0.9, ge=0)  # adherence(lcm-4) >= ratio * best teacher adherence at 50 steps
     lcm1_psnr_min: float | None = None  # PSNR(lcm-1 vs agreement_reference) minimum in dB
 
 
 class MergeConfig(Section):
     output: str = "runs/merge"  # variant folders
-    weights: list[tuple[float, float]] = Field(default_factory=lambda: [(0.8, 1.0)])  # (l1, l2) grid
-    lcm_steps: int = 4  # LCMScheduler steps of every merged variant
+    weights: list[tuple[NonNegativeFloat, NonNegativeFloat]] = Field(default_factory=lambda: [(0.8, 1.0)], min_length=1)  # (l1, l2) grid
+    lcm_steps: int = Field(4, ge=1)  # LCMScheduler steps of every merged variant
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG with the LCM-LoRA (1.0: no CFG pass)
-    reference_steps: int = 25  # the style LoRA alone: DPM-Solver++ steps, CFG at the base's guidance
-    samples_per_prompt: int = 10  # images per prompt and variant (same noise for every variant)
-    seed: int = 0  # first noise seed
-    svd_rank: int | None = None  # also evaluate an SVD-compressed merged LoRA at this rank; None: skip
-    min_style_retention: float = 0.8  # rule: style strength >= this x the style LoRA's own (25-step)
-    min_adherence: float = 0.8  # rule: digit accuracy (toy) / CLIP score (real) at least this
+    reference_steps: int = Field(25, ge=1)  # the style LoRA alone: DPM-Solver++ steps, CFG at the base's guidance
+    samples_per_prompt: int = Field(10, ge=1)  # images per prompt and variant (same noise for every variant)
+    seed: int = Field(0, ge=0)  # first noise seed
+    svd_rank: int | None = Field(None, ge=1)  # also evaluate an SVD-compressed merged LoRA at this rank; None: skip
+    min_style_retention: float = Field(0.8, ge=0)  # rule: style strength >= this x the style LoRA's own (25-step)
+    min_adherence: float = Field(0.8, ge=0)  # rule: digit accuracy (toy) / CLIP score (real) at least this
     select_by: Literal["style_retention", "fd", "adherence"] = "fd"  # best passing (l1, l2) by (fd: closest to the style reference)
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
     style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
@@ -177,22 +196,22 @@ class PublishConfig(Section):
 class OrchestrateConfig(Section):
     results: str = "prefect-results"  # Prefect task results and cache records, relative to storage.root
     accelerate_config: str | None = None  # distill under `accelerate launch` with this file (infra/accelerate/); None: in-process
-    retries: int = 3  # retries of storage and network tasks (exponential backoff)
-    retry_delay_s: float = 5.0  # first retry delay; doubles each retry
-    encode_timeout_s: int = 4 * 3600  # per-task wall-clock limits (Prefect timeout_seconds)
-    distill_timeout_s: int = 24 * 3600
-    evaluate_timeout_s: int = 4 * 3600
-    merge_timeout_s: int = 4 * 3600
+    retries: int = Field(3, ge=0)  # retries of storage and network tasks (exponential backoff)
+    retry_delay_s: float = Field(5.0, ge=0)  # first retry delay; doubles each retry
+    encode_timeout_s: int = Field(4 * 3600, ge=1)  # per-task wall-clock limits (Prefect timeout_seconds)
+    distill_timeout_s: int = Field(24 * 3600, ge=1)
+    evaluate_timeout_s: int = Field(4 * 3600, ge=1)
+    merge_timeout_s: int = Field(4 * 3600, ge=1)
     toy_source_if_missing: bool = True  # nightly writes the toy source first when curate.source is the toy dir and empty
     dvc_push: bool = False  # nightly ends with `dvc push` (serialized per repo) when the repo has a DVC remote
-    torch_threads: int | None = None  # intra-op CPU threads for the stage tasks; None: torch's default (one per core)
+    torch_threads: int | None = Field(None, ge=1)  # intra-op CPU threads for the stage tasks; None: torch's default (one per core)
     fan_out: Literal["auto", "deployment", "in-process"] = "auto"  # auto: one base-deployment run per base when
     # the nightly itself runs from a deployment and `base_deployment` exists; else the bases run in-process, in order
     base_deployment: str = "base-pipeline/base-pipeline"  # FLOW/DEPLOYMENT the nightly fans out to
     max_parallel_bases: int = Field(2, ge=1)  # the base deployment's Prefect concurrency limit (runs at a time)
     base_retries: int = Field(2, ge=0)  # reruns of a crashed base run (worker lost); distill resumes from checkpoints
     base_poll_s: float = Field(2.0, gt=0)  # how often the nightly polls the base runs' states
-    base_heartbeat_timeout_s: float | None = 120.0  # a Running base run without a Prefect flow-run heartbeat
+    base_heartbeat_timeout_s: float | None = Field(120.0, gt=0)  # a Running base run without a Prefect flow-run heartbeat
     # for this long lost its worker: marked Crashed, then retried (base-pipeline sends one every 30 s)
 
 
@@ -247,12 +266,44 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _override_keys(override: str) -> tuple[str, ...]:
+    return tuple(k for k in override.split("=", 1)[0].strip().split(".") if k)
+
+
+def _exists(tree: Any, keys: tuple[Any, ...]) -> bool:
+    for key in keys:
+        if not isinstance(tree, dict) or str(key) not in tree:
+            return False
+        tree = tree[str(key)]
+    return True
+
+
+def _origin(loc: tuple[Any, ...], file_tree: dict[str, Any], overrides: list[str], source: str) -> str:
+    """Where the value at `loc` came from: the last `--set` that wrote it (or created the section
+    holding it), else the params file."""
+    path = tuple(str(p) for p in loc)
+    for override in reversed(overrides):
+        keys = _override_keys(override)
+        if path[:len(keys)] == keys:  # the override set this value or one of its parents
+            return f"--set {override!r}"
+        if keys[:len(path)] == path:  # a check of a whole section the override wrote into
+            return f"{source} with --set {override!r}"
+        common = 0
+        while common < min(len(keys), len(path)) and keys[common] == path[common]:
+            common += 1
+        if common and not _exists(file_tree, path[:common]):  # it created the section holding the value
+            return f"--set {override!r}"
+    return source
+
+
+def _format_errors(source: str, err: ValidationError, file_tree: dict[str, Any] | None = None,
+                   overrides: list[str] | None = None) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{source}: {key}: {msg}")
+        origin = _origin(e["loc"], file_tree or {}, overrides or [], source)
+        lines.append(f"{origin}: {key}: {msg}")
     return "\n".join(lines)
 
 
@@ -265,13 +316,18 @@ def parse_params(tree: dict[str, Any], source: str = "params") -> Params:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read params.yaml, apply `--set` overrides, validate."""
+    """Read params.yaml, apply `--set` overrides, validate; each error names the file or the
+    `--set` its value came from."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found; pass --params FILE")
-    tree = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(tree, dict):
+    file_tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(file_tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    tree = copy.deepcopy(file_tree)
     for override in overrides or []:
         apply_override(tree, override)
-    return parse_params(tree, source=str(path))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(str(path), err, file_tree, list(overrides or []))) from None

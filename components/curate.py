@@ -22,6 +22,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import shutil
 import tarfile
 import tempfile
@@ -46,9 +47,12 @@ from components.quality_gate import (
     ManifestGateFailed,
     failure_message,
     run_manifest_gate,
+    shard_reads,
 )
 from components.read_ahead import read_ahead
 from components.storage import Storage
+
+log = logging.getLogger(__name__)
 
 # Manifest column -> source column names accepted for it (LAION first, img2dataset second).
 SOURCE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -367,14 +371,45 @@ class _ShardMembers:
     images: dict[str, tuple[str, str]]  # key -> (member name, sha256 of its bytes)
     texts: set[str]  # keys with a .txt member
     error: str | None  # why the shard could not be read to its end, if it could not
+    reason: str = "unreadable_shard"  # with an error: corrupt_shard (garbage bytes) or unreadable_shard
+    offset: int | None = None  # byte offset in the tar where reading stopped, when known
+
+
+class _HeaderCheckedInfo(tarfile.TarInfo):
+    """TarInfo that records a bad header before tarfile swallows it.
+
+    In stream mode tarfile ends the member iteration silently at an invalid, empty or
+    truncated header past the first block: a shard with garbage in its middle looked
+    complete, and the members after the garbage looked missing (`missing_image`).
+    """
+
+    problem: tuple[int, tarfile.HeaderError] | None = None  # set on the per-read subclass
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        at = tar.fileobj.tell()
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the end-of-archive marker
+        except tarfile.HeaderError as err:
+            if cls.problem is None:
+                cls.problem = (at, err)
+            raise
 
 
 def read_shard_members(source: Storage, shard: str) -> _ShardMembers:
-    """Stream one tar: hash every image, note which keys have captions, keep any read error."""
+    """Stream one tar: hash every image, note which keys have captions, keep any read error.
+
+    A bad header (garbage bytes) is `corrupt_shard` at its byte offset; a tar that ends early
+    (truncated, or no end-of-archive marker) or cannot be opened is `unreadable_shard`.
+    """
     images: dict[str, tuple[str, str]] = {}
     texts: set[str] = set()
+    where = source.url(shard)
+    checked = type("_CheckedInfo", (_HeaderCheckedInfo,), {"problem": None})  # one record per read
     try:
-        with source.open(shard) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with source.open(shard) as fh, tarfile.open(fileobj=fh, mode="r|", tarinfo=checked) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -387,19 +422,46 @@ def read_shard_members(source: Storage, shard: str) -> _ShardMembers:
                 elif ext == "txt":
                     texts.add(key)
     except FileNotFoundError:
-        return _ShardMembers({}, set(), f"{source.url(shard)}: shard not found")
+        return _ShardMembers({}, set(), f"{where}: shard not found")
     except (tarfile.TarError, EOFError, OSError) as err:
-        return _ShardMembers(images, texts, f"{source.url(shard)}: truncated or corrupt tar ({type(err).__name__}: {err})")
+        if checked.problem is None:
+            return _ShardMembers(images, texts, f"{where}: truncated or corrupt tar ({type(err).__name__}: {err})")
+    if checked.problem is not None:
+        at, err = checked.problem
+        if isinstance(err, tarfile.InvalidHeaderError | tarfile.SubsequentHeaderError):
+            return _ShardMembers(images, texts, f"{where}: corrupt tar header at byte {at} ({err}); "
+                                 f"the {len(images)} image(s) before it were read, the rest is lost",
+                                 reason="corrupt_shard", offset=at)
+        return _ShardMembers(images, texts, f"{where}: truncated tar, no end-of-archive marker at byte {at} "
+                             f"({err})", offset=at)
     return _ShardMembers(images, texts, None)
+
+
+UNREADABLE_REASONS = ("corrupt_shard", "unreadable_shard")  # rows lost with their shard, gated together
+
+
+@dataclass
+class ImageCheck:
+    """What pass 2 found: rejections per reason, rows checked, and the shards that lost rows."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    checked: int = 0  # candidate rows that reached the shard read
+    lost_shards: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> reason, offset, error, rows
+
+    def lost_by_label(self) -> dict[str, int]:
+        """`SHARD (reason at byte N)` -> rows lost: the values the gate's failure lists."""
+        return {f"{shard} ({e['reason']}" + (f" at byte {e['offset']})" if e["offset"] is not None else ")"): e["rows"]
+                for shard, e in self.lost_shards.items()}
 
 
 def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: bool,
                  on_kept: Callable[[pa.RecordBatch], None],
-                 on_rejected: Callable[[pa.RecordBatch], None]) -> dict[str, int]:
+                 on_rejected: Callable[[pa.RecordBatch], None]) -> ImageCheck:
     """Pass 2: keep candidates whose image and caption are in their shard, drop duplicates."""
     cache: OrderedDict[str, _ShardMembers] = OrderedDict()
     seen: dict[str, str] = {}  # image sha256 -> first key
-    counts: dict[str, int] = {}
+    result = ImageCheck()
+    counts = result.counts
 
     def members_of(shard: str) -> _ShardMembers:
         if shard not in cache:
@@ -410,14 +472,20 @@ def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: b
         return cache[shard]
 
     for batch in candidates:
+        result.checked += batch.num_rows
         keep, members, hashes = [], [], []
         rej_keys, rej_reason, rej_detail = [], [], []
         for key, shard in zip(batch.column("key").to_pylist(), batch.column("shard").to_pylist(), strict=True):
             m = members_of(shard)
             reason = detail = None
             image = m.images.get(key)
-            if image is None:
-                reason, detail = ("unreadable_shard", m.error) if m.error else ("missing_image", f"no {key}.jpg in {shard}")
+            if (image is None or key not in m.texts) and m.error:  # lost with the rest of its shard
+                reason, detail = m.reason, m.error
+                lost = result.lost_shards.setdefault(shard, {"reason": m.reason, "offset": m.offset,
+                                                             "error": m.error, "rows": 0})
+                lost["rows"] += 1
+            elif image is None:
+                reason, detail = "missing_image", f"no {key}.jpg in {shard}"
             elif key not in m.texts:
                 reason, detail = "missing_txt", f"no {key}.txt in {shard}"
             elif dedup and image[1] in seen:
@@ -445,7 +513,9 @@ def check_images(candidates: Iterator[pa.RecordBatch], source: Storage, dedup: b
                 [pa.array(rej_keys, pa.string()), pa.array(rej_reason, pa.string()).dictionary_encode(),
                  pa.array(rej_detail, pa.string()).dictionary_encode(), pa.nulls(len(rej_keys), pa.float64())],
                 schema=REJECTED_SCHEMA))
-    return counts
+    for shard, lost in result.lost_shards.items():
+        log.warning("curate: %d row(s) lost to %s %s: %s", lost["rows"], lost["reason"], shard, lost["error"])
+    return result
 
 
 # --- the whole stage ---------------------------------------------------------------------
@@ -526,15 +596,15 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
                 yield b
                 report("images", b.num_rows)
 
-        image_counts = check_images(candidate_batches(), source, cfg.dedup, on_kept, rejected_w.write_batch)
+        images = check_images(candidate_batches(), source, cfg.dedup, on_kept, rejected_w.write_batch)
         manifest_w.close()
         rejected_w.close()
-        for reason, c in image_counts.items():
+        for reason, c in images.counts.items():
             counts[reason] = counts.get(reason, 0) + c
 
         summary: dict[str, Any] = {"source": source.url(), "rows_in": rows_in, "kept": kept,
                                    "rejected": dict(sorted(counts.items())), "filters": filters.describe(),
-                                   "manifest_hash": None}
+                                   "manifest_hash": None, "unreadable_shards": images.lost_shards}
         files_written: list[str] = []
         failure: Exception | None = None
         # 3. This run's files replace the previous run's whole (`_output_folder`), so a failed or
@@ -558,8 +628,10 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
                                     max_unsafe=filters.max_unsafe, min_side=filters.min_side,
                                     caption_min_chars=filters.caption_min_chars,
                                     caption_max_chars=filters.caption_max_chars,
-                                    unique_images=cfg.dedup, max_null_rate=cfg.max_null_rate)
-                gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context")
+                                    unique_images=cfg.dedup, max_null_rate=cfg.max_null_rate,
+                                    max_unreadable_rate=cfg.max_unreadable_rate)
+                gate = run_manifest_gate(manifest, limits, tmp_path / "gx-context",
+                                         reads=shard_reads(images.checked, images.lost_by_label()))
                 del manifest
                 for page in sorted(p for p in gate.docs_dir.rglob("*") if p.is_file()):
                     publish(page, f"gx/{page.relative_to(gate.docs_dir).as_posix()}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -44,6 +44,10 @@ _FAMILY_ARCH = {"sd15": ("sd_v1", "stable-diffusion-v1"), "sdxl": ("sdxl_base_v1
 
 class LoraFormatError(ValueError):
     """A LoRA file whose keys or metadata cannot be read as diffusers/peft or kohya."""
+
+
+class UnreadableLoraFile(LoraFormatError):
+    """Not a readable safetensors file: truncated, overwritten with garbage, or another format."""
 
 
 # --- key conversion ----------------------------------------------------------------------------
@@ -216,10 +220,27 @@ def save_lora(
 # --- reading ----------------------------------------------------------------------------------
 
 
+def _unreadable(path: str | Path, err: Exception) -> UnreadableLoraFile:
+    return UnreadableLoraFile(f"{path}: not a readable .safetensors file ({err}); it is truncated or not "
+                              "safetensors at all: copy, download or export it again")
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of a LoRA file."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The safetensors header metadata of a LoRA file (reads the header only: a cheap validity check)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise _unreadable(path, err) from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file; UnreadableLoraFile names a corrupt one."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open)
+    except SafetensorError as err:
+        raise _unreadable(path, err) from None
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -227,8 +248,7 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise LoraFormatError(f"{path}: only .safetensors LoRA files are read (pickle formats are refused)")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open)
+    return read_safetensors(path)
 
 
 _OLD_PROCESSOR = re.compile(r"(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")

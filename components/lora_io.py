@@ -27,7 +27,7 @@ from components.lora_factors import (
     module_shape,
     peft_state_dict,
 )
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.lora_formats import LORA_WEIGHT_NAME, read_metadata, read_safetensors
 
 # Cross-attention width of attn2.to_k / to_v inputs, by family: tells which base a LoRA was made for.
 _CROSS_ATTENTION_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
@@ -55,26 +55,23 @@ class UnknownLoraFormat(LoraIncompatible):
 
 
 def lora_file(path: str | Path) -> Path:
-    """The safetensors file of a LoRA given as a file or a contract-4 folder; pickles refused."""
+    """The safetensors file of a LoRA given as a file or a contract-4 folder; pickles refused.
+
+    Its header is read here, so a truncated or garbage file fails, named, before any base loads.
+    """
     path = Path(path)
     refuse_pickle(path)
     if path.is_dir():
         candidate = path / LORA_WEIGHT_NAME
         if not candidate.exists():
             raise FileNotFoundError(f"{path}: LoRA folder without {LORA_WEIGHT_NAME}")
-        return candidate
-    if not path.exists():
+        path = candidate
+    elif not path.exists():
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    if path.suffix != ".safetensors":
+    elif path.suffix != ".safetensors":
         raise UnknownLoraFormat(f"{path}: LoRAs are read from .safetensors files only (got {path.suffix or 'no suffix'})")
+    read_metadata(path)
     return path
-
-
-def _raw_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open)
 
 
 def _needs_unet_prefix(keys: Iterable[str]) -> bool:
@@ -89,7 +86,7 @@ def diffusers_state_dict(pipe: Any, path: Path) -> tuple[dict[str, torch.Tensor]
     Returns (state dict with `unet.` / `text_encoder.` / `text_encoder_2.` keys, network alphas
     or None, whether the raw file needed the `unet.` prefix added).
     """
-    raw, _ = _raw_state_dict(path)
+    raw, _ = read_safetensors(path)
     if not raw:
         raise UnknownLoraFormat(f"{path}: the file holds no tensors")
     prefixed = _needs_unet_prefix(raw)

@@ -1,7 +1,8 @@
 """The data-quality gate over a curated manifest: a Great Expectations 1.x suite.
 
 The suite checks the schema, value ranges (each enabled filter's threshold), null rates, key
-uniqueness and a minimum row count. It runs in a throwaway file-backed GX context (so data
+uniqueness and a minimum row count; a second one bounds the share of rows lost to corrupt or
+unreadable source shards (`curate.max_unreadable_rate`). It runs in a throwaway file-backed GX context (so data
 docs can be built) and fails closed: `ManifestGateFailed` carries GX's own description of
 every failed expectation. The data docs HTML is returned as a folder for the caller to save
 beside the manifest.
@@ -37,6 +38,7 @@ class GateLimits:
     caption_max_chars: int
     unique_images: bool  # image_sha256 must be unique (dedup was on)
     max_null_rate: float = 0.05  # optional columns (similarity) may be null this often
+    max_unreadable_rate: float = 0.01  # share of image-checked rows lost to corrupt or unreadable shards
 
 
 @dataclass
@@ -78,8 +80,25 @@ def _suite(limits: GateLimits) -> list[Any]:
     return exps
 
 
-def run_manifest_gate(manifest: pa.Table, limits: GateLimits, workdir: str | Path | None = None) -> GateResult:
-    """Validate `manifest` with GX; build data docs under `workdir` (a temp dir if None)."""
+def shard_reads(checked_rows: int, lost: dict[str, int]) -> pa.Table:
+    """One row per row that reached the shard read: `lost_in_shard` names the shard (and where it
+    broke) that lost it, null when its shard was read. `lost`: that label -> rows lost."""
+    labels = [label for label, n in lost.items() for _ in range(n)]
+    nulls = pa.nulls(max(checked_rows - len(labels), 0), pa.string())
+    return pa.table({"lost_in_shard": pa.concat_arrays([nulls, pa.array(labels, pa.string())])})
+
+
+def _shard_suite(limits: GateLimits) -> list[Any]:
+    import great_expectations.expectations as gxe
+
+    # 5. Rows lost to unreadable shards: a corrupt tar must not pass as a few missing images.
+    return [gxe.ExpectColumnValuesToBeNull(column="lost_in_shard", mostly=1.0 - limits.max_unreadable_rate)]
+
+
+def run_manifest_gate(manifest: pa.Table, limits: GateLimits, workdir: str | Path | None = None,
+                      reads: pa.Table | None = None) -> GateResult:
+    """Validate `manifest` with GX (and `reads`, from `shard_reads`, against
+    `max_unreadable_rate`); build data docs under `workdir` (a temp dir if None)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # no telemetry calls from CI
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -87,20 +106,27 @@ def run_manifest_gate(manifest: pa.Table, limits: GateLimits, workdir: str | Pat
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="lcmlora-gx-"))
     context = gx.get_context(mode="file", project_root_dir=str(root))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("curated")
 
-    batch = context.data_sources.add_pandas("curated").add_dataframe_asset("manifest") \
-        .add_batch_definition_whole_dataframe("manifest")
-    suite = context.suites.add(gx.ExpectationSuite(name="curated_manifest"))
-    for expectation in _suite(limits):
-        suite.add_expectation(expectation)
-    validation = context.validation_definitions.add(
-        gx.ValidationDefinition(name="curated_manifest", data=batch, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="curated_manifest", validation_definitions=[validation],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")], result_format="SUMMARY"))
-    result = checkpoint.run(batch_parameters={"dataframe": manifest.to_pandas()})
+    def validate(name: str, expectations: list[Any], table: pa.Table) -> dict[str, Any]:
+        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        suite = context.suites.add(gx.ExpectationSuite(name=f"curated_{name}"))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"curated_{name}", data=batch, suite=suite))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(
+            name=f"curated_{name}", validation_definitions=[validation],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")], result_format="SUMMARY"))
+        return checkpoint.run(batch_parameters={"dataframe": table.to_pandas()}).describe_dict()
+
+    description = validate("manifest", _suite(limits), manifest)
+    if reads is not None:
+        more = validate("shard_reads", _shard_suite(limits), reads)
+        description["success"] = bool(description["success"] and more["success"])
+        description["validation_results"] = description["validation_results"] + more["validation_results"]
     docs = root / "gx" / "uncommitted" / "data_docs" / "local_site"
-    return GateResult(success=bool(result.success), description=result.describe_dict(), docs_dir=docs)
+    return GateResult(success=bool(description["success"]), description=description, docs_dir=docs)
 
 
 def failure_message(description: dict[str, Any], where: str) -> str:

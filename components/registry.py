@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,20 @@ from components.registry_manifest import (
     version_dir,
 )
 from components.registry_pull import ProgressCallback, PullResult, each, pull_version
-from components.storage import PART_SIZE, NotFound, Storage
+from components.storage import PART_SIZE, NotFound, Storage, StorageError
+
+
+@contextlib.contextmanager
+def _naming_target(storage: Storage, rel: str, what: str) -> Iterator[None]:
+    """An OSError while writing `rel` (a full disk, no permission) re-raised naming where it was written."""
+    try:
+        yield
+    except StorageError:
+        raise  # already names its key (AlreadyExists, NotFound, ...)
+    except OSError as err:
+        raise OSError(err.errno, f"{storage.url(rel)}: {err.strerror or err} while publishing {what}; free "
+                      "space or fix permissions there and publish again (`lcmlora registry gc` removes the "
+                      "abandoned claim)") from err
 
 
 @dataclass(frozen=True)
@@ -176,16 +189,21 @@ class Registry:
         manifest = dataclasses.replace(draft, version=version, created_at=created_at)
         vdir = version_dir(name, version)
         # 5. Upload the files; nobody else writes under a claimed id.
+        what = f"{name} version {version}"
+
         def upload(rel: str) -> None:
-            self.storage.put_file(src / rel, f"{vdir}/{rel}")
+            with _naming_target(self.storage, f"{vdir}/{rel}", what):
+                self.storage.put_file(src / rel, f"{vdir}/{rel}")
             if progress is not None:
                 progress(rel, entries[rel].size)
 
         if card is not None:
-            self.storage.write_bytes(f"{vdir}/{CARD}", card)
+            with _naming_target(self.storage, f"{vdir}/{CARD}", what):
+                self.storage.write_bytes(f"{vdir}/{CARD}", card)
         each(upload, files)
         # 6. The manifest last, create-only: from here on the version exists.
-        self.storage.write_bytes(f"{vdir}/{MANIFEST}", manifest.to_json().encode(), create_only=True)
+        with _naming_target(self.storage, f"{vdir}/{MANIFEST}", what):
+            self.storage.write_bytes(f"{vdir}/{MANIFEST}", manifest.to_json().encode(), create_only=True)
         # 7. Move aliases: `latest` only ever forward, the requested alias unconditionally.
         self._move_alias(name, LATEST, version, forward_only=True, kind="publish")
         move = self._publish_alias(name, alias, version, force_reason)

@@ -260,6 +260,25 @@ def s3_bucket(s3_env: S3Server) -> str:
     return f"s3://{s3_env.make_bucket()}"
 
 
+@pytest.fixture
+def lcmlora_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """`lcmlora ARGS` through the console entry point (flows.cli.main), in-process: (exit code, stderr)."""
+    import sys
+
+    from flows.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["lcmlora", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        return code, capsys.readouterr().err
+
+    return run
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download models
 
 

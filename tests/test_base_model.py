@@ -1,6 +1,7 @@
 """Base loading (contract 1): family detection, fingerprints, and pickle refusal."""
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import save_file
 
 from components.base_model import (
     PickleRefused,
+    check_reference,
     detect_family,
     load_base,
     load_vae,
@@ -114,3 +116,32 @@ def test_resolve_base_by_name_and_by_path(tiny_sd15_folder):
     assert cfg.family == "sd15" and cfg.reference == str(tiny_sd15_folder)
     with pytest.raises(ConfigError, match="known: toy"):
         resolve_base(params, "no-such-base-here")
+
+
+MISSING = "base reference /nonexistent/base: no such file or folder (and not a Hub repo id)"
+
+
+@pytest.mark.parametrize("args", [
+    ["distill", "--dry-run"],  # reads the UNet config
+    ["distill"],  # loads the base
+    ["encode"],  # loads the VAE
+])
+def test_a_missing_base_folder_is_named_not_reported_as_a_bad_repo_id(lcmlora_cli, args) -> None:
+    """It used to end in "HFValidationError: Repo id must be in the form 'repo_name'..."."""
+    code, err = lcmlora_cli(*args, "--set", "bases.toy.reference=/nonexistent/base")
+    assert code != 0
+    assert MISSING in err, err
+    assert "HFValidationError" not in err
+
+
+@pytest.mark.parametrize("reference", ["./nowhere", "../nowhere/base", "~/nowhere", "data/nowhere",
+                                       "missing.safetensors", "not a repo id"])
+def test_references_that_look_like_paths_are_checked_before_diffusers(reference) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"base reference {re.escape(reference)}: no such file or folder"):
+        load_base(reference)
+
+
+def test_hub_ids_and_existing_folders_pass_the_check(tiny_sd15_folder) -> None:
+    check_reference("runwayml/stable-diffusion-v1-5")  # a hub id: for huggingface_hub to resolve
+    check_reference(tiny_sd15_folder)
+    check_reference("data/toy/base")

@@ -1,5 +1,7 @@
 """params.yaml validation: unknown keys and wrong types name the key; overrides are checked."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -72,3 +74,61 @@ def test_distill_ranges_are_checked_when_params_load(override: str, key: str) ->
     """A zero batch used to fail deep in training ("need at least one array to stack")."""
     with pytest.raises(ConfigError, match=rf"{key}: Input should be greater than"):
         load_params("params.yaml", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.batch_size=0", "distill.batch_size: Input should be greater than or equal to 1"),
+    ("distill.checkpoint_every=-1", "distill.checkpoint_every: Input should be greater than or equal to 0"),
+    ("distill.lora_dropout=1.5", "distill.lora_dropout: Input should be less than 1"),
+    ("distill.adam_beta2=1", "distill.adam_beta2: Input should be less than 1"),
+    ("encode.batch_size=0", "encode.batch_size: Input should be greater than or equal to 1"),
+    ("encode.shard_size=0", "encode.shard_size: Input should be greater than or equal to 1"),
+    ("encode.workers=-1", "encode.workers: Input should be greater than or equal to 0"),
+    ("curate.max_watermark=1.5", "curate.max_watermark: Input should be less than or equal to 1"),
+    ("curate.max_null_rate=-0.1", "curate.max_null_rate: Input should be greater than or equal to 0"),
+    ("curate.max_unreadable_rate=2", "curate.max_unreadable_rate: Input should be less than or equal to 1"),
+    ("curate.min_rows=0", "curate.min_rows: Input should be greater than or equal to 1"),
+    ("evaluate.steps=[4, 0]", "evaluate.steps.1: Input should be greater than 0"),
+    ("evaluate.samples_per_prompt=0", "evaluate.samples_per_prompt: Input should be greater than or equal to 1"),
+    ("evaluate.tcd_gamma=1.5", "evaluate.tcd_gamma: Input should be less than or equal to 1"),
+    ("merge.lcm_steps=0", "merge.lcm_steps: Input should be greater than or equal to 1"),
+    ("merge.weights=[[0.8, -1]]", "merge.weights.0.1: Input should be greater than or equal to 0"),
+    ("bases.toy.resolution=0", "bases.toy.resolution: Input should be greater than or equal to 8"),
+    ("orchestrate.torch_threads=0", "orchestrate.torch_threads: Input should be greater than or equal to 1"),
+    ("storage.retries=0", "storage.retries: Input should be greater than or equal to 1"),
+])
+def test_nonsense_numbers_fail_at_the_cli_naming_the_key(lcmlora_cli, override: str, message: str) -> None:
+    """Zero or negative sizes and rates outside [0, 1] stop `lcmlora` before any stage, naming the key."""
+    code, err = lcmlora_cli("distill", "--dry-run", "--set", override)
+    assert code == 2, err
+    assert f"lcmlora: config error: --set {override!r}: {message}" in err
+
+
+def test_caption_bounds_must_be_ordered(lcmlora_cli) -> None:
+    code, err = lcmlora_cli("curate", "--dry-run", "--set", "curate.caption_min_chars=600")
+    assert code == 2
+    assert "caption_min_chars (600) is above caption_max_chars (500)" in err
+
+
+def test_a_bad_value_names_the_file_it_came_from(lcmlora_cli, tmp_path) -> None:
+    params = tmp_path / "mine.yaml"
+    params.write_text(Path("params.yaml").read_text().replace("  batch_size: 32           # VAE batch",
+                                                              "  batch_size: 0            # VAE batch"))
+    code, err = lcmlora_cli("encode", "--dry-run", "--params", str(params),
+                     "--set", "distill.lr=0.001")  # an unrelated, valid override
+    assert code == 2
+    assert f"{params}: encode.batch_size: Input should be greater than or equal to 1" in err
+    assert "--set" not in err
+
+
+def test_a_bad_set_value_names_the_set_not_the_file(lcmlora_cli) -> None:
+    """It used to say `params.yaml: distill.max_steps: ...` for a value the user typed on the command line."""
+    code, err = lcmlora_cli("distill", "--dry-run", "--set", "distill.max_steps=-5")
+    assert code == 2
+    assert "--set 'distill.max_steps=-5': distill.max_steps: Input should be greater than or equal to 1" in err
+    assert "params.yaml" not in err
+
+
+def test_a_set_that_creates_a_base_is_named_for_its_missing_keys() -> None:
+    with pytest.raises(ConfigError, match=r"--set 'bases.mine.reference=x': bases.mine.family: Field required"):
+        load_params("params.yaml", ["bases.mine.reference=x"])

@@ -3,6 +3,8 @@ incompatible input refused with an error naming the module (tiny random pipeline
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from safetensors.torch import save_file
 
 from components import lora_io
 from components.base_model import PickleRefused
+from components.lora_formats import LORA_WEIGHT_NAME
 from tests.tiny_merge_pipelines import (
     make_loras,
     outputs,
@@ -94,3 +97,57 @@ def test_old_attention_processor_keys_are_read(tmp_path):
     assert len(factors["unet"]) == len(unet_sd) // 2
     name = next(iter(factors["unet"]))
     torch.testing.assert_close(factors["unet"][name].up, unet_sd[f"{name}.lora_B.weight"])
+
+
+# --- corrupt files: the error names the file --------------------------------------------
+
+STYLE = Path("data/toy/style_lora/pytorch_lora_weights.safetensors")
+
+
+def _corrupt(folder: Path, how: str) -> Path:
+    """A LoRA artifact folder whose weights file is truncated to half or is random bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LORA_WEIGHT_NAME
+    data = STYLE.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else os.urandom(4096))
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_corrupt_style_file_is_named_by_merge(lcmlora_cli, tmp_path, how) -> None:
+    """It used to end in "SafetensorError: ... incomplete metadata" without the file's name."""
+    bad = _corrupt(tmp_path / "style", how)
+    code, err = lcmlora_cli("merge", "--style", str(bad), "--lcm", str(STYLE.parent), "--output", str(tmp_path / "m"))
+    assert code != 0
+    assert f"{bad}: not a readable .safetensors file" in err, err
+    assert "truncated or not safetensors at all" in err
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_corrupt_file_inside_the_lcm_folder_is_named_by_merge(lcmlora_cli, tmp_path, how) -> None:
+    bad = _corrupt(tmp_path / "lcm", how)
+    code, err = lcmlora_cli("merge", "--style", str(STYLE), "--lcm", str(bad.parent), "--output", str(tmp_path / "m"))
+    assert code != 0
+    assert f"{bad}: not a readable .safetensors file" in err, err
+
+
+def test_a_corrupt_lora_given_to_evaluate_is_named_before_the_base_loads(lcmlora_cli, tmp_path, monkeypatch) -> None:
+    import components.base_model
+
+    def no_base(*_a, **_k):
+        raise AssertionError("the base was loaded before the LoRA file was checked")
+
+    monkeypatch.setattr(components.base_model, "load_base", no_base)
+    bad = _corrupt(tmp_path / "lora", "truncated")
+    code, err = lcmlora_cli("evaluate", "--lora", str(bad.parent), "--output", str(tmp_path / "e"))
+    assert code != 0
+    assert f"{bad}: not a readable .safetensors file (Error while deserializing header" in err, err
+
+
+def test_reading_a_corrupt_file_directly_names_it(tmp_path) -> None:
+    from components.lora_formats import UnreadableLoraFile, read_lora_file, read_metadata
+
+    bad = _corrupt(tmp_path / "x", "garbage")
+    for read in (read_lora_file, read_metadata):
+        with pytest.raises(UnreadableLoraFile, match=re.escape(str(bad))):
+            read(bad)

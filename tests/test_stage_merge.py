@@ -70,7 +70,7 @@ def test_default_output_is_keyed_by_base_and_style_folder(tmp_path: Path) -> Non
     cfg = MergeConfig(output="runs/merge")
     style = tmp_path / "neon" / "pytorch_lora_weights.safetensors"
     style.parent.mkdir()
-    style.write_bytes(b"")
+    style.write_bytes(Path("data/toy/style_lora/pytorch_lora_weights.safetensors").read_bytes())  # a readable LoRA
     assert default_output(cfg, "toy", style) == Path("runs/merge/toy/neon")
     assert default_output(cfg, "toy", style.parent) == Path("runs/merge/toy/neon")  # the folder: the same
 

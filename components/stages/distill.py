@@ -59,6 +59,9 @@ def lcd_settings(cfg: DistillConfig, base_name: str, base: BaseConfig, family: s
 
 def unet_config_for(base: BaseConfig) -> tuple[dict[str, Any], str]:
     """The base's UNet config and where it came from (its folder, or data/arch/FAMILY for a single file)."""
+    from components.base_model import check_reference
+
+    check_reference(base.reference)
     ref = Path(base.reference)
     if ref.is_dir():
         path = ref / "unet" / "config.json"

@@ -15,6 +15,7 @@ from typing import Any
 from components.config import BaseConfig, ConfigError, EvaluateConfig
 from components.evaluation import evaluate_lora, load_prompts, write_evaluation
 from components.judges import Judges, load_judges
+from components.lora_io import lora_file
 from components.paths import project_path
 from components.progress import ProgressFn
 
@@ -50,6 +51,7 @@ def run_evaluate(cfg: EvaluateConfig, *, base_name: str, base: BaseConfig, lora_
     if not lora_folder.is_dir():
         raise FileNotFoundError(f"--lora {lora_folder}: no such folder; pass the LoRA artifact folder of "
                                 "`lcmlora distill`")
+    lora_file(lora_folder)  # a missing, truncated or garbage weights file fails here, named
     # 1. Judges and prompts first: a missing backbone fails before any sampling.
     judges = judges if judges is not None else load_judges(cfg, base, base_name)
     prompts = prompts_for(cfg, judges, base_name, base)
