@@ -245,7 +245,7 @@ def train_lcd_lora(
         ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if ckpt is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / CHECKPOINT_DIR}; "
-                                    "start without --resume or point --output at the interrupted run")
+                                    "rerun without --resume (a rerun resumes by default when a checkpoint exists) or point --output at the interrupted run")
         accelerator.load_state(str(ckpt))
         state.load(ckpt, accelerator.process_index)
         resumed_from = str(ckpt)
