@@ -206,8 +206,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     from components.base_model import resolve_base
     from components.folder_sync import pull_folder, push_folder, work_dir
     from components.stages.evaluate import copy_for_evaluation, run_evaluate
-    from components.stages.inputs import base_fingerprints, distilled_lora, lora_sha256
-    from components.stages.keys import evaluate_key, output_rel
+    from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
     from components.storage import Storage
     from flows.progress_view import ProgressView
 
@@ -215,8 +214,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     storage = Storage.from_config(cfg.storage)
     fingerprints = base_fingerprints(base_cfg) if lora is None or output is None else {}
     lora_dir = lora or pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
-    rel = None if output else output_rel("evaluate", evaluate_key(cfg, name, base_cfg, fingerprints,
-                                                                  lora_sha256(lora_dir)), name)
+    rel = None if output else evaluation_rel(cfg, name, base_cfg, fingerprints, lora_dir)
     out_dir = Path(output) if output else work_dir(storage, rel)
     judged = copy_for_evaluation(Path(lora_dir), out_dir)
     with ProgressView(console) as view:
@@ -260,8 +258,7 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     from components.merge_eval import markdown_table
     from components.paths import project_path
     from components.stages.evaluate import prompts_for
-    from components.stages.inputs import base_fingerprints, distilled_lora, lora_sha256
-    from components.stages.keys import merge_key, output_rel
+    from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
     from components.stages.merge import run_merge
     from components.storage import Storage
     from flows.progress_view import ProgressView
@@ -274,8 +271,7 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     prompts = prompts_for(cfg.evaluate, judges, name, base_cfg)
     fingerprints = base_fingerprints(base_cfg) if lcm is None or output is None else {}
     lcm_dir = Path(lcm) if lcm else pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
-    rel = None if output else output_rel("merge", merge_key(cfg, name, base_cfg, fingerprints, lora_sha256(lcm_dir),
-                                                            lora_sha256(style_file)), name)
+    rel = None if output else merge_rel(cfg, name, base_cfg, fingerprints, lcm_dir, style_file)
     out_dir = Path(output) if output else work_dir(storage, rel)
     with ProgressView(console) as view:
         result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base_cfg, lcm_folder=lcm_dir,

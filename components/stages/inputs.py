@@ -21,7 +21,7 @@ from components.content_hash import file_sha256, tree_digest
 from components.folder_sync import is_complete
 from components.lora_io import lora_file
 from components.stages.curate import manifest_rel, source_storage
-from components.stages.keys import curate_key, distill_key, output_rel
+from components.stages.keys import curate_key, distill_key, evaluate_key, merge_key, output_rel
 from components.storage import Storage
 
 
@@ -98,3 +98,17 @@ def distilled_lora(params: Params, storage: Storage, base_name: str, base: BaseC
         raise MissingInput(f"{storage.url(rel)}: no complete LoRA of base {base_name} for this distill section; "
                            f"run `lcmlora distill --base {base_name}` first (or pass --lora / --lcm)")
     return rel
+
+
+def evaluation_rel(params: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+                   lora_folder: str | Path) -> str:
+    """`stages/evaluate/BASE/KEY`: the evaluation of this LoRA on the base under the evaluate section."""
+    return output_rel("evaluate", evaluate_key(params, base_name, base, fingerprints, lora_sha256(lora_folder)),
+                      base_name)
+
+
+def merge_rel(params: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
+              lcm_folder: str | Path, style_file: str | Path) -> str:
+    """`stages/merge/BASE/KEY`: the style variants of this LCM-LoRA and style LoRA under the merge section."""
+    return output_rel("merge", merge_key(params, base_name, base, fingerprints, lora_sha256(lcm_folder),
+                                         lora_sha256(style_file)), base_name)
