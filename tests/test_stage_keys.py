@@ -116,3 +116,29 @@ def test_missing_inputs_say_which_command_to_run(tmp_path):
     storage.write_text("latents/x/index.json", "{}")
     with pytest.raises(MissingInput, match=r"stages/distill/toy/distill-.*lcmlora distill --base toy"):
         distilled_lora(cfg, storage, "toy", cfg.bases["toy"], FPS)
+
+
+@pytest.mark.integration
+def test_cli_curate_then_the_flow_reuse_one_folder(tmp_path):
+    """`lcmlora curate`, then the nightly's curate flow with the same params: same folder, nothing curated again."""
+    from prefect.testing.utilities import prefect_test_harness
+    from typer.testing import CliRunner
+
+    from components.config import load_params
+    from components.toy.source import write_toy_source
+    from flows.cli import app
+    from flows.stages import curate_flow
+
+    write_toy_source(tmp_path / "source", seed=0)
+    overrides = [f"curate.source={tmp_path / 'source'}", f"storage.root={tmp_path / 'root'}"]
+    cli = CliRunner().invoke(app, ["curate", "--params", str(REPO / "params.yaml"),
+                                   *[a for o in overrides for a in ("--set", o)]])
+    assert cli.exit_code == 0, cli.output
+    cfg = load_params(REPO / "params.yaml", overrides)
+    folder = curate_rel(cfg, cfg.bases["toy"].resolution)
+    manifest = tmp_path / "root" / folder / "manifest.parquet"
+    written = manifest.stat().st_mtime_ns
+    with prefect_test_harness(server_startup_timeout=120):
+        flowed = curate_flow(cfg, min_side=cfg.bases["toy"].resolution)
+    assert flowed["output"] == folder and flowed["reused"]
+    assert manifest.stat().st_mtime_ns == written  # the flow did not curate again
