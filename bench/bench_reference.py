@@ -406,7 +406,7 @@ def child_ours(spec: dict) -> None:
     shutil.rmtree(spec["output"], ignore_errors=True)
     run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=Storage.from_config(cfg.storage),
                 latents_index=None, output=Path(spec["output"]), resolved_yaml=cfg.to_yaml(),
-                params_digest=cfg.digest(), encode_output=cfg.encode.output, progress=progress,
+                params_digest=cfg.digest(), progress=progress,
                 batches=batches, latents_info={"synthetic": True} if batches else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     print(json.dumps({"times": times, "cuda_peak_gib": peak}))

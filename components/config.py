@@ -72,7 +72,6 @@ class BaseConfig(Section):
 class CurateConfig(Section):
     source: str = "data/toy/source"  # LAION/img2dataset source: local dir or s3://
     metadata: str = "*.parquet"  # metadata parquet file(s) in the source, a glob relative to it
-    output: str = "curated"  # manifest folder, relative to storage.root
     min_aesthetic: float | None = 6.0  # LAION-Aesthetics default; None disables
     max_watermark: float | None = Field(0.5, ge=0, le=1)  # maximum pwatermark; None disables
     max_unsafe: float | None = Field(0.5, ge=0, le=1)  # maximum punsafe; None disables
@@ -106,7 +105,6 @@ class EncodeConfig(Section):
 
 
 class DistillConfig(Section):
-    output: str = "runs/distill"  # run folder; the LoRA artifact is written here
     max_steps: int = Field(1000, ge=1)  # optimizer steps
     batch_size: int = Field(8, ge=1)  # per-process batch
     lr: float = Field(1e-4, gt=0)  # AdamW learning rate
@@ -135,7 +133,7 @@ class DistillConfig(Section):
     checkpoint_every: int = Field(500, ge=0)  # accelerate save_state every K steps (0: never)
     checkpoints_keep: int = Field(2, ge=1)  # newest checkpoints kept
     cpu: bool = False  # force CPU even when an accelerator is present
-    latents_index: str | None = None  # index.json of the latent shards, relative to storage.root; None: the encode stage's for this base's VAE
+    latents_index: str | None = None  # index.json of the latent shards, relative to storage.root; None: the one encode.pointers/BASE.json names
     num_workers: int = Field(0, ge=0)  # data loader workers
     # Speed-ups (docs/distill.md, "Speed-ups": gains and numeric bounds); off = the plain, reproducible path.
     optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = "adamw"  # fused: one kernel per step (~1e-7 apart); 8bit: bitsandbytes (CUDA), optimizer state in 8 bits
@@ -147,7 +145,6 @@ class DistillConfig(Section):
 
 
 class EvaluateConfig(Section):
-    output: str = "runs/evaluate"  # report folder
     steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)  # LCM step counts (teacher runs them too)
     teacher_steps: list[PositiveInt] = Field(default_factory=lambda: [25, 50])  # extra teacher-only step counts
     teacher_samplers: list[Literal["ddim", "dpmpp"]] = Field(default_factory=lambda: ["ddim", "dpmpp"])  # DDIM, DPM-Solver++(2M)
@@ -172,7 +169,6 @@ class EvaluateConfig(Section):
 
 
 class MergeConfig(Section):
-    output: str = "runs/merge"  # variant folders
     weights: list[tuple[NonNegativeFloat, NonNegativeFloat]] = Field(default_factory=lambda: [(0.8, 1.0)], min_length=1)  # (l1, l2) grid
     lcm_steps: int = Field(4, ge=1)  # LCMScheduler steps of every merged variant
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG with the LCM-LoRA (1.0: no CFG pass)
@@ -185,7 +181,6 @@ class MergeConfig(Section):
     select_by: Literal["style_retention", "fd", "adherence"] = "fd"  # best passing (l1, l2) by (fd: closest to the style reference)
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
     style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
-    lcm_folder: str = "runs/distill/toy"  # default --lcm
 
 
 class PublishConfig(Section):

@@ -245,7 +245,7 @@ def train_lcd_lora(
         ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if ckpt is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint under {run_dir / CHECKPOINT_DIR}; "
-                                    "start without --resume or point --output at the interrupted run")
+                                    "rerun without --resume (a rerun resumes by default when a checkpoint exists) or point --output at the interrupted run")
         accelerator.load_state(str(ckpt))
         state.load(ckpt, accelerator.process_index)
         resumed_from = str(ckpt)
@@ -296,10 +296,7 @@ def train_lcd_lora(
                             f"updated after step {bad}, so they are not usable)")
                     raise NonFiniteLoss(
                         f"distill: LCD loss is {stats[:, j, 0].tolist()} at step {bad} (per process); stopped "
-                        f"before updating the weights{late}. Last good checkpoint: "
-                        f"{last_good or 'none (no checkpoint written yet)'}. Lower distill.lr, check the latent "
-                        "shards for NaNs, or set distill.mixed_precision=no; then "
-                        "`lcmlora distill --resume latest`."
+                        f"before updating the weights{late}. {nan_hint(last_good)}"
                     )
         optimizer.step()
         scheduler.step()
@@ -337,6 +334,17 @@ def train_lcd_lora(
         mixed_precision=accelerator.mixed_precision, device=str(device),
         samples_per_second=samples_run / seconds if seconds > 0 else 0.0,
     )
+
+
+def nan_hint(last_good: str | None) -> str:
+    """What to do after a non-finite loss, with or without a checkpoint to resume from."""
+    fixes = ("lower distill.lr, check the latent shards for NaNs, or set distill.mixed_precision=no, then rerun "
+             "`lcmlora distill` (changed settings start at step 0 in their own keyed folder; `--restart` starts "
+             "the same folder over)")
+    if last_good:
+        return (f"Last good checkpoint: {last_good}; rerunning `lcmlora distill` unchanged resumes from "
+                f"{Path(last_good).name} by default. If the loss diverges again: {fixes}.")
+    return f"No checkpoint was written yet, so there is nothing to resume from: {fixes}."
 
 
 def _save_checkpoint(accelerator: Any, state: _TrainerState, run_dir: Path, keep: int) -> Path:

@@ -50,7 +50,10 @@ app.command("serve")(serve)
 @app.command()
 def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
            output: OutputOpt = None, base: BaseOpt = None) -> None:
-    """Filter a LAION-style source into a curated manifest behind a GX gate."""
+    """Filter a LAION-style source into a curated manifest behind a GX gate.
+
+    Writes to storage.root/stages/curate/KEY (the folder the flows use; reused when already there)
+    unless --output names a folder."""
     cfg = resolve(params, set_)
     base = pick_base(cfg, base)
     if dry_run:
@@ -62,14 +65,23 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
     with ProgressView(console) as view:
         result, storage = curate_for_base(cfg, base, str(output) if output else None, view)
     where = storage.url(result.folder)
+    if result.reused:
+        typer.echo(f"curate: unchanged source and curate section: reused {result.kept} of {result.rows_in} rows "
+                   f"-> {where}/manifest.parquet (sha256 {result.manifest_hash[:16]})")
+        return
     reasons = ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "none"
     typer.echo(f"curated {result.kept} of {result.rows_in} rows -> {where}/manifest.parquet "
                f"(sha256 {result.manifest_hash[:16]}); rejected: {reasons}; GX data docs: {where}/gx/index.html")
 
 
+ManifestOpt = Annotated[str | None, typer.Option(
+    "--manifest", help="curated manifest, relative to storage.root (default: the curate stage's for these params, "
+    "stages/curate/KEY/manifest.parquet)")]
+
+
 @app.command()
 def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-           base: BaseOpt = None) -> None:
+           base: BaseOpt = None, manifest: ManifestOpt = None) -> None:
     """VAE-encode the curated manifest into latent webdataset shards (runs under `accelerate launch`)."""
     cfg = resolve(params, set_)
     base = pick_base(cfg, base)
@@ -88,21 +100,28 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
         state = PartialState(cpu=cfg.encode.device == "cpu")
         rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
     with ProgressView(console, live=None if rank == 0 else False) as view:
-        result = encode_for_base(cfg, base, rank=rank, world_size=world, barrier=barrier,
+        result = encode_for_base(cfg, base, manifest_rel=manifest, rank=rank, world_size=world, barrier=barrier,
                                  progress=view if rank == 0 else None)
     if rank == 0:
         what = "reused" if result.reused else f"encoded {result.encoded_shards} new shard(s) of {result.shards}"
         typer.echo(f"encode --base {base}: {result.samples} samples, {what}, "
-                   f"{result.rejected} rejected -> {cfg.storage.root}/{result.index}")
+                   f"{result.rejected} rejected -> {cfg.storage.root}/{result.index} (pointer {result.pointer})")
 
 
 @app.command()
 def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
             base: BaseOpt = None, output: OutputOpt = None,
             max_steps: Annotated[int | None, typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
-            resume: Annotated[str | None, typer.Option("--resume", help="'latest' or a checkpoint folder")] = None,
+            restart: Annotated[bool, typer.Option("--restart", help="start at step 0: remove the run folder's "
+                                                  "checkpoints (by default a rerun resumes from the latest)")] = False,
+            resume: Annotated[str | None, typer.Option("--resume", help="a checkpoint folder to resume from "
+                                                       "('latest': the newest; the default when one exists)")] = None,
             as_json: Annotated[bool, typer.Option("--json", help="with --dry-run: print JSON")] = False) -> None:
-    """Latent Consistency Distillation with LoRA (Algorithm 1) for one base."""
+    """Latent Consistency Distillation with LoRA (Algorithm 1) for one base.
+
+    Trains into storage.root/stages/distill/BASE/KEY (the folder the flows use) unless --output
+    names a folder, on the shards the base's encode pointer names. A rerun after a crash resumes
+    from the run folder's latest checkpoint; --restart starts over."""
     import json
 
     cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
@@ -121,23 +140,42 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
             typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
             typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
         return
-    from components.stages.distill import run_distill, run_folder
+    if restart and resume:
+        raise click.UsageError("--restart starts over; --resume continues: pass one of them")
+    import os
+
+    from components.folder_sync import COMPLETE, push_folder
+    from components.stages.distill import prepare_run_folder, run_distill, run_for_base
     from components.storage import Storage
     from flows.progress_view import ProgressView
 
-    folder = output or run_folder(cfg.distill, base_name)
+    storage = Storage.from_config(cfg.storage)
+    run = run_for_base(cfg, storage, base_name, base_cfg, output)
+    if run.complete and not restart and resume is None:
+        typer.echo(f"distill --base {base_name}: unchanged: the LoRA of this config is at {storage.url(run.rel)} "
+                   "(--restart trains it again)")
+        return
+    if run.rel and restart:
+        storage.delete(f"{run.rel}/{COMPLETE}")  # no longer the finished run until this one is stored
+    if resume is None:
+        resume, note = prepare_run_folder(cfg.distill, base_name, base_cfg, run.folder, restart=restart)
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(note)
     with ProgressView(console) as view:
-        outcome = run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=Storage.from_config(cfg.storage),
-                              latents_index=cfg.distill.latents_index, output=folder, resolved_yaml=cfg.to_yaml(),
-                              params_digest=cfg.digest(), encode_output=cfg.encode.output, resume=resume,
-                              progress=view)
+        outcome = run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=storage,
+                              latents_index=run.index, output=run.folder, resolved_yaml=cfg.to_yaml(),
+                              params_digest=cfg.digest(), resume=resume, progress=view)
     if outcome.result.is_main_process:
+        if run.rel:
+            push_folder(storage, run.folder, run.rel)
         m = outcome.metrics
         typer.echo(f"distilled {outcome.result.steps} steps in {outcome.result.seconds:.0f}s, final loss "
-                   f"{m['final_loss_mean20']:.4g}; LoRA ({outcome.lora_trainable_params:,} params) in {outcome.folder}")
+                   f"{m['final_loss_mean20']:.4g}; LoRA ({outcome.lora_trainable_params:,} params) in "
+                   f"{storage.url(run.rel) if run.rel else outcome.folder}")
 
 
-LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (output of `lcmlora distill`)")]
+LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (default: the distill stage's "
+                                              "for these params, stages/distill/BASE/KEY)")]
 
 
 def echo_evaluation(doc: dict) -> None:
@@ -156,24 +194,37 @@ def echo_evaluation(doc: dict) -> None:
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
              base: BaseOpt = None, output: OutputOpt = None, lora: LoraOpt = None) -> None:
-    """Sampler matrix, metrics and gate for one LCM-LoRA; exits non-zero when the gate fails."""
+    """Sampler matrix, metrics and gate for one LCM-LoRA; exits non-zero when the gate fails.
+
+    Judges a copy of the LoRA in OUTPUT/lora (the folder publish ships); OUTPUT defaults to
+    storage.root/stages/evaluate/BASE/KEY, the folder the flows use."""
     cfg = resolve(params, set_)
     base = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
-    if lora is None:
-        raise click.UsageError("--lora FOLDER is required: the LoRA artifact folder written by `lcmlora distill`")
     from components.base_model import resolve_base
-    from components.stages.evaluate import default_output, run_evaluate
+    from components.folder_sync import pull_folder, push_folder, work_dir
+    from components.stages.evaluate import copy_for_evaluation, run_evaluate
+    from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
+    from components.storage import Storage
     from flows.progress_view import ProgressView
 
     name, base_cfg = resolve_base(cfg, base)
+    storage = Storage.from_config(cfg.storage)
+    fingerprints = base_fingerprints(base_cfg) if lora is None or output is None else {}
+    lora_dir = lora or pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
+    rel = None if output else evaluation_rel(cfg, name, base_cfg, fingerprints, lora_dir)
+    out_dir = Path(output) if output else work_dir(storage, rel)
+    judged = copy_for_evaluation(Path(lora_dir), out_dir)
     with ProgressView(console) as view:
-        out = run_evaluate(cfg.evaluate, base_name=name, base=base_cfg, lora_folder=lora,
-                           output=output or default_output(cfg.evaluate, name), progress=view)
+        out = run_evaluate(cfg.evaluate, base_name=name, base=base_cfg, lora_folder=judged, output=out_dir,
+                           progress=view)
+    if rel:
+        push_folder(storage, out_dir, rel)
     echo_evaluation(out.doc)
-    typer.echo(f"report: {out.paths['report.html']}  metrics: {out.paths['metrics.json']}")
+    typer.echo(f"report: {out.paths['report.html']}  metrics: {out.paths['metrics.json']}  "
+               f"evaluated LoRA: {storage.url(rel) + '/lora' if rel else judged}")
     if not out.passed:
         raise click.ClickException(f"evaluation gate failed with {len(out.violations)} violation(s): "
                                    + "; ".join(out.violations))
@@ -182,10 +233,13 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
 @app.command()
 def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
           base: BaseOpt = None, output: OutputOpt = None,
-          lcm: Annotated[str | None, typer.Option("--lcm", help="LCM-LoRA folder (default merge.lcm_folder)")] = None,
+          lcm: Annotated[str | None, typer.Option("--lcm", help="LCM-LoRA folder (default: the distill stage's for "
+                                                  "these params, stages/distill/BASE/KEY)")] = None,
           style: Annotated[str | None, typer.Option("--style", help="style LoRA .safetensors (default merge.style_file)")] = None,
           weights: Annotated[str | None, typer.Option("--weights", help="one l1,l2 pair instead of the merge.weights grid")] = None) -> None:
-    """Combine the LCM-LoRA with style LoRAs (theta_pre + l1 tau_style + l2 tau_LCM)."""
+    """Combine the LCM-LoRA with style LoRAs (theta_pre + l1 tau_style + l2 tau_LCM).
+
+    Writes to storage.root/stages/merge/BASE/KEY (the folder the flows use) unless --output names one."""
     extra = []
     if weights:
         try:
@@ -199,24 +253,34 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
         print_config(cfg)
         return
     from components.base_model import resolve_base
+    from components.folder_sync import pull_folder, push_folder, work_dir
     from components.judges import load_judges
     from components.merge_eval import markdown_table
+    from components.paths import project_path
     from components.stages.evaluate import prompts_for
-    from components.stages.merge import default_output, run_merge
+    from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
+    from components.stages.merge import run_merge
+    from components.storage import Storage
     from flows.progress_view import ProgressView
 
     name, base_cfg = resolve_base(cfg, base)
-    style_file = Path(style or cfg.merge.style_file)
+    storage = Storage.from_config(cfg.storage)
+    style_file = project_path(style or cfg.merge.style_file)
     # Judges and prompts first: a missing backbone fails before any sampling.
     judges = load_judges(cfg.evaluate, base_cfg, name)
     prompts = prompts_for(cfg.evaluate, judges, name, base_cfg)
+    fingerprints = base_fingerprints(base_cfg) if lcm is None or output is None else {}
+    lcm_dir = Path(lcm) if lcm else pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
+    rel = None if output else merge_rel(cfg, name, base_cfg, fingerprints, lcm_dir, style_file)
+    out_dir = Path(output) if output else work_dir(storage, rel)
     with ProgressView(console) as view:
-        result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base_cfg,
-                           lcm_folder=Path(lcm or cfg.merge.lcm_folder), style_file=style_file,
-                           output=output or default_output(cfg.merge, name, style_file), judges=judges,
-                           prompts=prompts, resolved_yaml=cfg.to_yaml(), params_digest=cfg.digest(), progress=view)
+        result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base_cfg, lcm_folder=lcm_dir,
+                           style_file=style_file, output=out_dir, judges=judges, prompts=prompts,
+                           resolved_yaml=cfg.to_yaml(), params_digest=cfg.digest(), progress=view)
+    if rel:
+        push_folder(storage, out_dir, rel)
     typer.echo(markdown_table(result.doc["rows"]))
-    typer.echo(f"report: {result.paths['report.md']}")
+    typer.echo(f"report: {result.paths['report.md']}  variants: {storage.url(rel) if rel else out_dir}")
     selection = result.selection
     if not selection["passed"]:
         raise click.ClickException(f"no (l1, l2) passes the merge rule: {'; '.join(selection['violations'])}")
@@ -237,8 +301,7 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
     from components.toy.reproduction import TOY_RECIPE, goals_markdown, run_toy_reproduction
 
     out = (output or Path("runs/reproduce")).resolve()
-    isolated = [f"storage.root={out / 'artifacts'}", f"distill.output={out / 'lora'}",
-                f"evaluate.output={out / 'evaluation'}"]
+    isolated = [f"storage.root={out / 'artifacts'}"]
     cfg = resolve(params, TOY_RECIPE + isolated + list(set_ or []),
                   [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
     if dry_run:

@@ -1,7 +1,7 @@
 """One Prefect flow per stage (curate, encode, distill, evaluate, merge, publish).
 
-Each stage flow wires its tasks: the cache key (tasks/caching.py, from content fingerprints
-and the stage's own params section), the stage task (served from the cache when the key and
+Each stage flow wires its tasks: the cache key (components/stages/keys.py, from content
+fingerprints and the stage's own params section: the same keys name the CLI's output folders), the stage task (served from the cache when the key and
 the stored output are there), and the storage steps around it. It returns the task's result
 plus `skipped` (True when Prefect served it from the cache) and `key`. The nightly and
 new-base flows call these in order, one base at a time.
@@ -15,10 +15,10 @@ from typing import Any
 from prefect import flow
 
 from components.config import BaseConfig, Params
-from components.content_hash import file_sha256
 from components.folder_sync import COMPLETE
-from components.stages.publish import registry_name
-from tasks.caching import (
+from components.stages.evaluate import EVALUATED_LORA
+from components.stages.inputs import lora_sha256
+from components.stages.keys import (
     curate_key,
     distill_key,
     encode_key,
@@ -27,17 +27,16 @@ from tasks.caching import (
     merge_key,
     output_rel,
     publish_key,
-    result_storage_block,
-    retrying,
-    run_cached,
 )
+from components.stages.publish import registry_name
+from tasks.caching import result_storage_block, retrying, run_cached
 from tasks.curate import curate_manifest, fingerprint_source
 from tasks.distill import distill_lora
 from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
 from tasks.merge import find_style_lora, merge_variants
 from tasks.publish import publish_folder
-from tasks.storage import EVALUATED_LORA, evaluation_copy, fetch_folder, store_folders, work_folder
+from tasks.storage import evaluation_copy, fetch_folder, store_folders, work_folder
 
 
 @flow(name="curate", flow_run_name="curate-{min_side}px")
@@ -108,7 +107,7 @@ def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict
         return {"skipped": True, "key": "-", "passed": None, "best_folder": None,
                 "note": "not run: no style LoRA (merge.style_file)"}
     # 2. The key, the LoRA's local copy and the variants' working folder.
-    key = merge_key(cfg, base_name, base, fingerprints, lora["weights_sha256"], file_sha256(style))
+    key = merge_key(cfg, base_name, base, fingerprints, lora["weights_sha256"], lora_sha256(style))
     out = output_rel("merge", key, base_name)
     lora_dir = retrying(cfg, fetch_folder)(cfg, lora["output"])
     local = work_folder(cfg, out)

@@ -10,11 +10,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.content_hash import tree_digest
 from components.plugins import load_plugin
-from components.stages.curate import run_curate, source_storage
+from components.stages.curate import run_curate, source_storage, stored_output
+from components.stages.inputs import source_digest
+from components.stages.keys import output_rel
 from components.storage import Storage
-from tasks.caching import key_parameter, output_rel, storage_retries
+from tasks.caching import key_parameter, storage_retries
 from tasks.progress import task_progress
 
 
@@ -36,13 +37,20 @@ def ensure_toy_source(cfg: Params) -> str | None:
 @task(name="fingerprint-source", **storage_retries())
 def fingerprint_source(cfg: Params) -> str:
     """Content digest of the whole source tree (metadata and shards)."""
-    return tree_digest(source_storage(cfg.curate.source, cfg.storage))
+    return source_digest(cfg)
 
 
 @task(name="curate", cache_key_fn=key_parameter, persist_result=True)
 def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
-    """Curate the source into `stages/curate/KEY/` (manifest, rejections, GX data docs)."""
+    """Curate the source into `stages/curate/KEY/` (manifest, rejections, GX data docs).
+
+    A curation already stored there (by `lcmlora curate`, or a run whose cache record is gone) is reused.
+    """
     storage = Storage.from_config(cfg.storage)
+    stored = stored_output(storage, output_rel("curate", key))
+    if stored is not None:
+        get_run_logger().info("reused the curated manifest at %s", storage.url(stored.manifest))
+        return stored.as_dict()
     progress = task_progress("curate", str(min_side), f"curation of {cfg.curate.source}")
     result = run_curate(cfg.curate, source=source_storage(cfg.curate.source, cfg.storage), storage=storage,
                         output=output_rel("curate", key), min_side=min_side, resolved_yaml=cfg.to_yaml(),

@@ -21,13 +21,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.content_hash import file_sha256
-from components.folder_sync import push_folder, work_dir
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.folder_sync import is_complete, pull_folder, push_folder, work_dir
 from components.progress import Progress, ProgressFn
+from components.stages.inputs import lora_sha256
+from components.stages.keys import output_rel
 from components.storage import Storage
 from tasks.artifacts import artifact_key
-from tasks.caching import key_parameter, output_rel
+from tasks.caching import key_parameter
 from tasks.progress import task_progress
 
 
@@ -89,22 +89,22 @@ def _steps_logged(folder: Path) -> int:
 def distill_for_task(cfg: Params, base_name: str, folder: Path, progress: ProgressFn) -> None:
     """The one call of the distill stage from a task: in-process, or under `accelerate launch`.
 
-    A killed earlier attempt left checkpoints in the same keyed folder: the run continues from them.
+    A killed earlier attempt left checkpoints in the same keyed folder: the run resumes from
+    them (`prepare_run_folder`, as `lcmlora distill` does).
     """
     from components.base_model import resolve_base
-    from components.stages.distill import run_distill
-    from components.trainer import latest_checkpoint
+    from components.stages.distill import prepare_run_folder, run_distill
 
-    resume = "latest" if latest_checkpoint(folder) else None
-    if resume:
-        get_run_logger().info("resuming the distillation of %s from %s", base_name, folder / "checkpoints")
+    name, base = resolve_base(cfg, base_name)
+    resume, note = prepare_run_folder(cfg.distill, name, base, folder)
+    if note:
+        get_run_logger().info("%s: %s", base_name, note)
     if accelerate_processes(cfg.orchestrate.accelerate_config) > 1:
         _launch(cfg, base_name, folder, resume, progress)
         return
-    name, base = resolve_base(cfg, base_name)
     run_distill(cfg.distill, base_name=name, base=base, storage=Storage.from_config(cfg.storage),
                 latents_index=cfg.distill.latents_index, output=folder, resolved_yaml=cfg.to_yaml(),
-                params_digest=cfg.digest(), encode_output=cfg.encode.output, resume=resume, progress=progress)
+                params_digest=cfg.digest(), resume=resume, progress=progress)
 
 
 @task(name="distill", cache_key_fn=key_parameter, persist_result=True)
@@ -112,6 +112,11 @@ def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[
     """Distill the LCM-LoRA of one base into `stages/distill/BASE/KEY/` (contract 4 folder)."""
     storage = Storage.from_config(cfg.storage)
     out = output_rel("distill", key, base_name)
+    if is_complete(storage, out):  # stored by `lcmlora distill`, or a run whose cache record is gone
+        folder = pull_folder(storage, out)
+        get_run_logger().info("reused the distilled LoRA at %s", storage.url(out))
+        metrics = json.loads((folder / "metrics.json").read_text())["distill"]
+        return {"output": out, "weights_sha256": lora_sha256(folder), "metrics": metrics}
     folder = work_dir(storage, out)
     cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"latents_index": index_rel})})
     progress = task_progress("distill", base_name,
@@ -124,4 +129,4 @@ def distill_lora(cfg: Params, base_name: str, index_rel: str, key: str) -> dict[
     create_table_artifact(key=artifact_key("distill", base_name),
                           table=[{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}],
                           description=f"LCD-LoRA distillation of {base_name}")
-    return {"output": out, "weights_sha256": file_sha256(folder / LORA_WEIGHT_NAME), "metrics": metrics}
+    return {"output": out, "weights_sha256": lora_sha256(folder), "metrics": metrics}

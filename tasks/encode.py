@@ -20,9 +20,9 @@ from tasks.progress import task_progress
 @task(name="fingerprint-base")
 def fingerprint_base(base: BaseConfig) -> dict[str, str]:
     """Fingerprints of the base's UNet, VAE and text encoder(s) (contract 1); loads the base once."""
-    from components.base_model import load_base
+    from components.stages.inputs import base_fingerprints
 
-    return dict(load_base(base.reference, base.family).fingerprints)
+    return base_fingerprints(base)
 
 
 @task(name="fingerprint-vae")

@@ -27,17 +27,17 @@ def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str)
 
 
 @task(name="evaluate")
-def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str | None = None) -> dict[str, Any]:
+def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str) -> dict[str, Any]:
     """Evaluate one LoRA folder against its base; metrics.json and report land in `output` and the
     LoRA folder. Returns the gate, so the calling flow can stop before publishing a failed LoRA."""
     from components.base_model import resolve_base
-    from components.stages.evaluate import default_output, run_evaluate
+    from components.stages.evaluate import run_evaluate
 
     logger = get_run_logger()
     name, base = resolve_base(cfg, base_name)
     progress = task_progress("evaluate", name, f"evaluation of {name}")
     out = run_evaluate(cfg.evaluate, base_name=name, base=base, lora_folder=Path(lora_folder),
-                       output=Path(output) if output else default_output(cfg.evaluate, name), progress=progress)
+                       output=Path(output), progress=progress)
     progress.finish()
     publish_report_artifacts(out.doc, Path(out.paths["report.md"]).read_text(), name)
     for violation in out.violations:

@@ -18,8 +18,8 @@ from uuid import UUID
 from prefect.logging import get_run_logger
 
 from components.config import Params
+from components.stages.keys import STAGE_OUTPUTS
 from components.storage import Storage
-from tasks.caching import FLOW_OUTPUTS
 
 
 def base_deployment(cfg: Params) -> Any | None:
@@ -63,7 +63,7 @@ def fan_out(cfg: Params, deployment: Any) -> dict[str, dict[str, Any]]:
         nightly_id = FlowRunContext.get().flow_run.id
         runs: dict[str, UUID] = {}
         for name, base in cfg.bases.items():
-            report = f"{FLOW_OUTPUTS}/runs/{nightly_id}/{name}.json"
+            report = f"{STAGE_OUTPUTS}/runs/{nightly_id}/{name}.json"
             run = run_deployment(deployment.id, timeout=0, flow_run_name=f"base-{name}", parameters={
                 "cfg": cfg.model_dump(mode="json"), "base_name": name, "base": base.model_dump(mode="json"),
                 "report_rel": report})
@@ -76,7 +76,7 @@ def fan_out(cfg: Params, deployment: Any) -> dict[str, dict[str, Any]]:
     storage = Storage.from_config(cfg.storage)
     bases: dict[str, dict[str, Any]] = {}
     for name, run in final.items():
-        report = f"{FLOW_OUTPUTS}/runs/{nightly_id}/{name}.json"
+        report = f"{STAGE_OUTPUTS}/runs/{nightly_id}/{name}.json"
         if run.state.is_completed() and storage.exists(report):
             bases[name] = {"status": "completed", "flow_run": str(run.id), **json.loads(storage.read_text(report))}
         else:

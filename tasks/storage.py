@@ -6,17 +6,13 @@ local storage root nothing is copied (the working copy is the stored folder).
 
 from __future__ import annotations
 
-import shutil
-
 from prefect import task
 
 from components.config import Params
-from components.folder_sync import COMPLETE, is_complete, pull_folder, push_folder, work_dir
+from components.folder_sync import is_complete, pull_folder, push_folder, work_dir
+from components.stages.evaluate import EVALUATED_LORA, copy_for_evaluation
 from components.storage import Storage
 from tasks.caching import storage_retries
-
-EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
-NOT_EVALUATED = [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"]  # left out of that copy
 
 
 @task(name="fetch-folder", **storage_retries())
@@ -49,8 +45,6 @@ def evaluation_copy(cfg: Params, lora_rel: str, evaluation_rel: str) -> str:
     distillation wrote it. A complete stored evaluation needs no copy.
     """
     storage = Storage.from_config(cfg.storage)
-    local = work_dir(storage, evaluation_rel) / EVALUATED_LORA
-    if not is_complete(storage, evaluation_rel):
-        shutil.copytree(pull_folder(storage, lora_rel), local, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(*NOT_EVALUATED))
-    return str(local)
+    if is_complete(storage, evaluation_rel):
+        return str(pull_folder(storage, evaluation_rel) / EVALUATED_LORA)
+    return str(copy_for_evaluation(pull_folder(storage, lora_rel), work_dir(storage, evaluation_rel)))

@@ -182,6 +182,8 @@ def test_s3_source_and_storage(toy, s3_env):
 def test_cli_curate_dry_run_and_run(toy, tmp_path):
     from typer.testing import CliRunner
 
+    from components.config import load_params
+    from components.stages.inputs import curate_rel
     from flows.cli import app
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -193,7 +195,16 @@ def test_cli_curate_dry_run_and_run(toy, tmp_path):
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     assert f"curated {toy[1]['expected_curated']} of {toy[1]['rows']} rows" in run.stdout
-    assert (tmp_path / "root" / "curated" / "manifest.parquet").exists()
+    # One layout: the folder the flows use, stages/curate/KEY (components/stages/keys.py), named on stdout.
+    cfg = load_params(params, [f"curate.source={toy[0]}", f"storage.root={tmp_path / 'root'}"])
+    manifest = tmp_path / "root" / curate_rel(cfg, cfg.bases["toy"].resolution) / "manifest.parquet"
+    assert manifest.parent.parent == tmp_path / "root" / "stages" / "curate"
+    assert manifest.exists() and f"-> {manifest}" in run.stdout
+    before = manifest.stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert f"reused {toy[1]['expected_curated']} of {toy[1]['rows']} rows -> {manifest}" in again.stdout
+    assert manifest.stat().st_mtime_ns == before  # reused, not rewritten
     empty = CliRunner().invoke(app, [*args, "--set", "curate.min_aesthetic=11"])
     assert empty.exit_code != 0 and "no rows left" in str(empty.exception)
 

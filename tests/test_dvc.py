@@ -81,5 +81,5 @@ def test_repro_in_a_clean_clone_then_status_clean_and_push_pull(s3_env, tmp_path
     shutil.rmtree(clone / ".dvc" / "cache")
     shutil.rmtree(clone / "runs")
     _sh([dvc, "pull"], clone, env)
-    assert (clone / "runs/lora/toy/pytorch_lora_weights.safetensors").is_file()
+    assert (clone / "runs/evaluate/toy/lora/pytorch_lora_weights.safetensors").is_file()  # the gated copy
     assert UP_TO_DATE in _sh([dvc, "status"], clone, env)

@@ -215,9 +215,9 @@ def test_bases_sharing_a_vae_share_shards(world, tmp_path):
     shutil.copytree(tmp_path / "a" / "vae", tmp_path / "b" / "vae")  # a fine-tune with the same VAE
     tiny_vae(seed=1).save_pretrained(tmp_path / "c" / "vae")  # another VAE
     params = _params(world, root, {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"})
-    first = encode_for_base(params, "a")
-    second = encode_for_base(params, "b")
-    third = encode_for_base(params, "c")
+    first = encode_for_base(params, "a", manifest_rel="curated/manifest.parquet")
+    second = encode_for_base(params, "b", manifest_rel="curated/manifest.parquet")
+    third = encode_for_base(params, "c", manifest_rel="curated/manifest.parquet")
     assert not first.reused and second.reused and second.index == first.index
     assert not third.reused and third.index != first.index
     stored = json.loads((root / second.pointer).read_text())
@@ -309,7 +309,7 @@ def test_cli_path_with_text_embeddings_loads_the_whole_base(world, tmp_path):
         "encode": {"batch_size": 8, "shard_size": 64, "text_embeddings": True},
         "bases": {"tiny": {"reference": str(tmp_path / "base"), "family": "sd15", "resolution": RES}},
     })
-    result = encode_for_base(params, "tiny")
+    result = encode_for_base(params, "tiny", manifest_rel="curated/manifest.parquet")
     assert result.text_encoder_fingerprint and result.index.split("/")[-2].endswith(
         f"-te{result.text_encoder_fingerprint}")
     sample = _samples(Storage(str(root)), result.index)[world["clean"][0]]

@@ -146,7 +146,7 @@ def test_cli_evaluate_exits_non_zero_on_a_failed_gate(real_base_params, monkeypa
     assert doc["info"]["feature_backbone"] == "TorchScript features.pt" and doc["info"]["adherence"] == "CLIP score"
     assert doc["info"]["reference_images"] == 12 and doc["info"]["prompts"] == 2
     assert doc["gate"]["passed"] is False
-    assert json.loads((lora / "metrics.json").read_text())["gate"] == doc["gate"]
+    assert json.loads((out / "lora" / "metrics.json").read_text())["gate"] == doc["gate"]  # the judged copy
 
 
 def test_cli_evaluate_exits_zero_when_the_gate_passes(real_base_params, monkeypatch):

@@ -15,7 +15,7 @@ from components.base_model import resolve_base
 from components.config import ConfigError, Params, load_params
 from components.content_hash import file_sha256
 from components.lcd import schedule_from_scheduler_config
-from components.stages.distill import dry_run, guidance_bounds, run_distill, run_folder
+from components.stages.distill import dry_run, guidance_bounds, run_distill
 from components.storage import Storage
 from tests.test_trainer import memory_batches
 
@@ -27,7 +27,7 @@ def distill(params: Params, base_ref: str, output: Path, **kwargs):
     name, base = resolve_base(params, base_ref)
     return run_distill(params.distill, base_name=name, base=base, storage=Storage.from_config(params.storage),
                        latents_index=params.distill.latents_index, output=output, resolved_yaml=params.to_yaml(),
-                       params_digest=params.digest(), encode_output=params.encode.output, **kwargs)
+                       params_digest=params.digest(), **kwargs)
 
 
 def test_dry_run_reproduces_table1_lora_sizes():
@@ -48,7 +48,6 @@ def test_dry_run_summary_names_base_guidance_and_output():
     summary = dry_run(params.distill, base_name=name, base=base)
     assert summary["base_name"] == "toy" and summary["base"]["family"] == "sd15"
     assert summary["guidance_scale_range"] == [2.0, 6.0]
-    assert summary["output"] == str(run_folder(params.distill, "toy")) == str(Path(params.distill.output) / "toy")
     assert summary["distill"]["lora_rank"] == params.distill.lora_rank
     assert summary["unet_config"].endswith(str(Path("unet") / "config.json"))
 

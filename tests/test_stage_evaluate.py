@@ -13,7 +13,7 @@ from PIL import Image
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
 from components.judges import Judges
-from components.stages.evaluate import EvaluateOutput, default_output, run_evaluate
+from components.stages.evaluate import EvaluateOutput, copy_for_evaluation, run_evaluate
 from tests.tiny_pipeline import (
     random_lora_folder,
     single_thread,
@@ -102,5 +102,13 @@ def test_missing_inputs_fail_before_sampling(setup, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_default_output_is_per_base():
-    assert default_output(EvaluateConfig(output="runs/evaluate"), "toy").as_posix() == "runs/evaluate/toy"
+def test_copy_for_evaluation_leaves_the_distill_folder_alone(tmp_path):
+    """The evaluation judges EVALUATION/lora, a copy without checkpoints and markers; the source is untouched."""
+    lora = tmp_path / "distill"
+    (lora / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    (lora / "_COMPLETE").write_text("pytorch_lora_weights.safetensors\n")
+    judged = copy_for_evaluation(lora, tmp_path / "evaluation")
+    assert judged == tmp_path / "evaluation" / "lora"
+    assert sorted(p.name for p in judged.iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert (lora / "checkpoints").is_dir() and (lora / "_COMPLETE").is_file()

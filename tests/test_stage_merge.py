@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from components.config import BaseConfig, EvaluateConfig, MergeConfig, Params
-from components.stages.merge import MergeOutput, default_output, run_merge
+from components.stages.merge import MergeOutput, run_merge
 from tests.tiny_merge_pipelines import (
     LCM_UNET,
     STYLE_UNET,
@@ -64,15 +64,6 @@ def test_run_merge_writes_contract4_folders_and_reports_progress(tmp_path: Path)
         gate = json.loads((folder / "metrics.json").read_text())["gate"]
         assert gate["passed"] and gate["selected"] == (folder == out.best_folder)
     assert not list(out.output.glob("fused-*")), "save_fused=none writes no fused checkpoint"
-
-
-def test_default_output_is_keyed_by_base_and_style_folder(tmp_path: Path) -> None:
-    cfg = MergeConfig(output="runs/merge")
-    style = tmp_path / "neon" / "pytorch_lora_weights.safetensors"
-    style.parent.mkdir()
-    style.write_bytes(Path("data/toy/style_lora/pytorch_lora_weights.safetensors").read_bytes())  # a readable LoRA
-    assert default_output(cfg, "toy", style) == Path("runs/merge/toy/neon")
-    assert default_output(cfg, "toy", style.parent) == Path("runs/merge/toy/neon")  # the folder: the same
 
 
 def test_evaluate_section_device_is_used(tmp_path: Path) -> None:

@@ -113,11 +113,17 @@ def test_loss_curve_rows_trailing_mean_of_20():
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLoss, match=r"step 3.*checkpoint-2.*--resume latest") as err:
+    with pytest.raises(NonFiniteLoss, match=r"step 3.*checkpoint-2.*resumes from checkpoint-2 by default") as err:
         train_tiny(tmp_path, "nan", max_steps=6, checkpoint_every=2, nan_at=2)
     assert "nan" in str(err.value)
     assert latest_checkpoint(tmp_path / "nan").name == "checkpoint-2"
     assert not (tmp_path / "nan" / "checkpoints" / "checkpoint-3").exists()
+
+
+def test_nan_before_any_checkpoint_says_what_to_do_instead_of_resuming(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"step 1.*No checkpoint was written yet.*lower distill.lr.*--restart"):
+        train_tiny(tmp_path, "nan0", max_steps=4, checkpoint_every=2, nan_at=0)
+    assert latest_checkpoint(tmp_path / "nan0") is None
 
 
 def test_bf16_mixed_precision_and_gradient_checkpointing(tmp_path):

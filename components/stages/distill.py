@@ -9,27 +9,24 @@ config (a diffusers folder such as `data/arch/sdxl`) and counts the LoRA paramet
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.config import BaseConfig, ConfigError, DistillConfig
+from components.config import BaseConfig, ConfigError, DistillConfig, Params
 from components.lcd import LCDSettings
 from components.progress import ProgressFn
+from components.stages.inputs import stored_sha256
+from components.stages.keys import RESUMABLE
 from components.storage import Storage
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "arch"
 
 Batches = Callable[[int, int], Iterable[dict]]  # (rank, world_size) -> this process's batches
-
-
-def run_folder(cfg: DistillConfig, base_name: str) -> Path:
-    """The default output folder of a base's run: `distill.output/BASE`."""
-    return Path(cfg.output) / base_name
 
 
 def guidance_bounds(cfg: DistillConfig, base_name: str, base: BaseConfig) -> tuple[float, float]:
@@ -95,34 +92,7 @@ def dry_run(cfg: DistillConfig, *, base_name: str, base: BaseConfig) -> dict[str
         "guidance_scale_range": [lo, hi],
         "unet_config": source,
         "lora_trainable_params": n,
-        "output": str(run_folder(cfg, base_name)),
     }
-
-
-def find_latents_index(storage: Storage, encode_output: str, base: BaseConfig,
-                       fingerprints: dict[str, str]) -> str:
-    """The shard index encode wrote for this base's VAE and resolution, under `encode_output`."""
-    from components.encode import text_encoder_fingerprint
-
-    folder = f"{encode_output.strip('/')}/{fingerprints['vae']}"
-    try:
-        names = storage.ls(folder)
-    except FileNotFoundError:
-        names = []
-    names = [n.rstrip("/").rsplit("/", 1)[-1] for n in names]
-    te = text_encoder_fingerprint(fingerprints)[:16]
-    candidates = [n for n in names
-                  if n.startswith(f"{base.resolution}px-") and storage.exists(f"{folder}/{n}/index.json")]
-    with_emb = [n for n in candidates if n.endswith(f"-te{te}")]
-    plain = [n for n in candidates if "-te" not in n]
-    pick = with_emb or plain
-    if len(pick) != 1:
-        found = ", ".join(candidates) or "none"
-        raise FileNotFoundError(
-            f"{storage.url(folder)}: expected one latent index for VAE {fingerprints['vae']} at "
-            f"{base.resolution}px, found {found}; run `lcmlora encode --base ...` or set distill.latents_index"
-        )
-    return f"{folder}/{pick[0]}/index.json"
 
 
 @dataclass(frozen=True)
@@ -147,7 +117,6 @@ def run_distill(
     output: Path,
     resolved_yaml: str,
     params_digest: str,
-    encode_output: str = "latents",
     resume: str | None = None,
     batches: Batches | None = None,
     latents_info: dict[str, Any] | None = None,
@@ -156,8 +125,8 @@ def run_distill(
 ) -> DistillOutput:
     """Distill an LCM-LoRA for one base and write its artifact folder (contract 4) into `output`.
 
-    `latents_index` (relative to `storage`) overrides `cfg.latents_index`; with neither, the
-    index encode wrote under `encode_output` for this base's VAE is used. `batches(rank,
+    `latents_index` (relative to `storage`; `components/stages/inputs.encoded_index` finds the
+    one encode wrote for this base) overrides `cfg.latents_index`. `batches(rank,
     world_size)` replaces the shard loader (tests, benchmarks); `latents_info` then describes
     the data for lineage. `resolved_yaml` and `params_digest` are the whole run's resolved
     params, persisted with the artifact. `progress` gets the trainer's per-step reports.
@@ -194,13 +163,14 @@ def run_distill(
         from components.latent_loader import make_loader
         from components.shards import read_index
 
-        index_rel = (latents_index or cfg.latents_index
-                     or find_latents_index(storage, encode_output, base, loaded.fingerprints))
+        index_rel = latents_index or cfg.latents_index
+        if not index_rel:
+            raise ConfigError("distill: no latent shard index given; run `lcmlora encode` first (its pointer "
+                              "names the index) or set distill.latents_index")
         index = read_index(storage, index_rel, vae_fingerprint=loaded.fingerprints["vae"],
                            resolution=base.resolution)
         scaling_factor = float(index.get("scaling_factor", scaling_factor))
-        latents_info = {"index": storage.url(index_rel),
-                        "index_sha256": hashlib.sha256(storage.read_bytes(index_rel)).hexdigest(),
+        latents_info = {"index": storage.url(index_rel), "index_sha256": stored_sha256(storage, index_rel),
                         "samples": index.get("count"), "manifest_hash": index.get("manifest_hash")}
 
         def batches(rank: int, world_size: int) -> Iterable[dict]:
@@ -241,3 +211,88 @@ def run_distill(
     if not keep_checkpoints:
         shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)  # finished: nothing left to resume
     return DistillOutput(folder, file_sha256(folder / LORA_WEIGHT_NAME), metrics, result, paths, n_params)
+
+
+# --- the run folder: resume by default, start over on request ---------------------------
+
+RESUME_RECORD = "resume.json"  # in checkpoints/: the settings the checkpoints were trained with
+
+
+def resume_settings(cfg: DistillConfig, base_name: str, base: BaseConfig) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it: the base and the distill section
+    without its operational keys and `max_steps` (a longer run may continue a shorter one)."""
+    return {"base": {"name": base_name, **base.model_dump(mode="json", exclude={"reference"})},
+            "distill": cfg.model_dump(mode="json", exclude=RESUMABLE)}
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested mappings."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def prepare_run_folder(cfg: DistillConfig, base_name: str, base: BaseConfig, folder: Path, *,
+                       restart: bool = False) -> tuple[str | None, str | None]:
+    """Decide how a run in `folder` starts: `(resume, note)`, `resume` for `run_distill`.
+
+    A complete checkpoint in `folder` written with the same settings (`resume_settings`) is
+    resumed from by default ("resuming from checkpoint-100 of FOLDER"); checkpoints of other
+    settings are refused, naming the keys that differ. `restart` removes the checkpoints and
+    starts at step 0. Only rank 0 (env RANK) changes the folder.
+    """
+    from components.trainer import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints
+
+    folder = Path(folder)
+    checkpoints, record = folder / CHECKPOINT_DIR, folder / CHECKPOINT_DIR / RESUME_RECORD
+    wanted = resume_settings(cfg, base_name, base)
+    writer = int(os.environ.get("RANK", "0")) == 0
+    resume, note = None, None
+    if restart:
+        found = list_checkpoints(folder)
+        if writer:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        note = (f"starting over (--restart): removed {len(found)} checkpoint(s) of {folder}" if found
+                else f"starting over (--restart) in {folder}")
+    elif (latest := latest_checkpoint(folder)) is not None:
+        written = json.loads(record.read_text()) if record.is_file() else wanted
+        differ = _differing(written, wanted)
+        if differ:
+            raise ConfigError(f"{checkpoints}: its checkpoints were trained with other settings ({', '.join(differ)} "
+                              f"differ, see {record}); pass --restart to start over, or rerun with those settings")
+        step = int(latest.name.split("-")[1])
+        if step > cfg.max_steps:
+            raise ConfigError(f"{latest}: the checkpoint is past distill.max_steps={cfg.max_steps}; raise "
+                              "distill.max_steps or pass --restart to start over")
+        resume, note = "latest", f"resuming from {latest.name} of {folder}"
+    if writer:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
+    return resume, note
+
+
+@dataclass(frozen=True)
+class DistillRun:
+    """Where a CLI distill run goes: the local run folder, and its keyed folder below storage.root."""
+
+    folder: Path  # where training writes (the keyed folder itself on a local storage root)
+    rel: str | None  # stages/distill/BASE/KEY (None with an explicit output folder)
+    index: str  # the latent shard index it trains on (relative to storage.root)
+    complete: bool  # the keyed folder already holds this run's finished LoRA
+
+
+def run_for_base(params: Params, storage: Storage, base_name: str, base: BaseConfig,
+                 output: Path | None = None) -> DistillRun:
+    """The run folder of a base: `output`, else the keyed folder the flows use (stages/distill/BASE/KEY)."""
+    from components.folder_sync import is_complete, work_dir
+    from components.stages.inputs import base_fingerprints, distill_rel, encoded_index
+
+    if output is not None:
+        return DistillRun(Path(output), None, encoded_index(params, storage, base_name), False)
+    rel, index = distill_rel(params, storage, base_name, base, base_fingerprints(base))
+    return DistillRun(work_dir(storage, rel), rel, index, is_complete(storage, rel))

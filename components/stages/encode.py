@@ -11,7 +11,6 @@ stage finds the shards whatever dtype encoded them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -29,6 +28,7 @@ from components.encode import (
 )
 from components.progress import Progress, ProgressFn
 from components.shards import index_path, latent_dir
+from components.stages.inputs import stored_sha256
 from components.storage import AlreadyExists, Storage
 
 CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
@@ -129,7 +129,7 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
     # 2. The claim on the shard folder: another base with this VAE may be encoding it right now.
     claimed, owner, report = None, claim_owner or default_owner(), progress
     if world_size == 1:
-        manifest_hash = hashlib.sha256(storage.read_bytes(manifest_rel)).hexdigest()
+        manifest_hash = stored_sha256(storage, manifest_rel)
         folder = latent_dir(cfg.output, vae_fp, base.resolution, manifest_hash, te_fp)
         if claim_folder(storage, folder, owner, stale_s=claim_stale_s, progress=progress):
             claimed = folder
@@ -162,19 +162,26 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
     pointer_rel = f"{cfg.pointers.strip('/')}/{base_name}.json"
     if not storage.exists(pointer_rel) or storage.read_text(pointer_rel) != text:
         storage.write_text(pointer_rel, text)
-    index_hash = hashlib.sha256(storage.read_bytes(result.index_rel)).hexdigest()
+    index_hash = stored_sha256(storage, result.index_rel)
     return EncodeOutput(result.index_rel, index_hash, pointer_rel, result.samples, result.shards,
                         result.encoded_shards, len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
 
 
-def encode_for_base(params: Params, base_name: str, *, rank: int = 0, world_size: int = 1,
-                    barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
-    """The stage for one base of params, from the manifest at `curate.output`: the CLI's inputs."""
+def encode_for_base(params: Params, base_name: str, *, manifest_rel: str | None = None, rank: int = 0,
+                    world_size: int = 1, barrier: Callable[[], None] | None = None,
+                    progress: ProgressFn | None = None) -> EncodeOutput:
+    """The stage for one base of params: the CLI's inputs.
+
+    `manifest_rel` (relative to storage.root) defaults to the manifest the curate stage keyed for
+    this source, curate section and base resolution (`stages/curate/KEY/manifest.parquet`).
+    """
     from components.base_model import resolve_base
-    from components.stages.curate import manifest_rel, source_storage
+    from components.stages.curate import source_storage
+    from components.stages.inputs import curated_manifest
 
     name, base = resolve_base(params, base_name)
-    return run_encode(params.encode, base_name=name, base=base, storage=Storage.from_config(params.storage),
-                      manifest_rel=manifest_rel(params.curate.output),
+    storage = Storage.from_config(params.storage)
+    return run_encode(params.encode, base_name=name, base=base, storage=storage,
+                      manifest_rel=manifest_rel or curated_manifest(params, storage, base.resolution),
                       source=source_storage(params.curate.source, params.storage), rank=rank,
                       world_size=world_size, barrier=barrier, progress=progress)

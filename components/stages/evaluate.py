@@ -8,16 +8,21 @@ gate and writes the files into `output` and the LoRA folder.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
 from components.evaluation import evaluate_lora, load_prompts, write_evaluation
+from components.folder_sync import COMPLETE
 from components.judges import Judges, load_judges
 from components.lora_io import lora_file
 from components.paths import project_path
 from components.progress import ProgressFn
+
+EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
+NOT_EVALUATED = [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"]  # left out of that copy
 
 
 @dataclass(frozen=True)
@@ -28,9 +33,15 @@ class EvaluateOutput:
     paths: dict[str, Path]  # metrics.json, report.md, report.html, samples.png, ...
 
 
-def default_output(cfg: EvaluateConfig, base_name: str) -> Path:
-    """Where a base's evaluation goes when no output is given: evaluate.output/NAME."""
-    return Path(cfg.output) / base_name
+def copy_for_evaluation(lora_folder: Path, evaluation_folder: Path) -> Path:
+    """The copy of the LoRA an evaluation judges: `EVALUATION/lora/`, the folder publish ships.
+
+    The evaluation writes its gate and report into the LoRA folder it judges, so it judges a
+    copy; the distill output stays as distillation wrote it.
+    """
+    local = Path(evaluation_folder) / EVALUATED_LORA
+    shutil.copytree(lora_folder, local, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_EVALUATED))
+    return local
 
 
 def prompts_for(cfg: EvaluateConfig, judges: Judges, base_name: str, base: BaseConfig) -> list[str]:

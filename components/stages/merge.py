@@ -56,14 +56,6 @@ class MergeOutput:
         return None if best is None else self.output / f"merged-{best['l1']:g}_{best['l2']:g}"
 
 
-def default_output(cfg: MergeConfig, base_name: str, style_file: str | Path) -> Path:
-    """`merge.output/BASE/STYLE`, STYLE the name of the folder holding the style LoRA's weights
-    (`style_file` may be the weights file or its contract-4 folder)."""
-    from components.paths import project_path
-
-    return Path(cfg.output) / base_name / lora_file(project_path(style_file)).parent.name
-
-
 def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str, base: BaseConfig,
               lcm_folder: Path, style_file: Path, output: Path, judges: Any, prompts: list[str],
               resolved_yaml: str, params_digest: str, progress: ProgressFn | None = None) -> MergeOutput:

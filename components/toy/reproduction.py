@@ -95,14 +95,16 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
     """toy source -> curate -> encode -> distill -> evaluate -> goals, all under `output`.
 
     Only the stage runners (components/stages/) do the work. `params` should already point
-    storage.root, distill.output and evaluate.output under `output` (the CLI does so), so a
-    reproduction never reuses or overwrites another run's artifacts. `progress` gets each
+    storage.root under `output` (the CLI does so): the manifest and shards go to their keyed
+    folders there (docs/data.md, "Output layout"), the LoRA to `output/lora` and its evaluation
+    to `output/evaluation`, so a reproduction never reuses or overwrites another run's artifacts. `progress` gets each
     stage's own reports and one `reproduce` report per finished stage (its note says what it did).
     """
     from components.stages.curate import run_curate
     from components.stages.distill import run_distill
     from components.stages.encode import run_encode
     from components.stages.evaluate import run_evaluate
+    from components.stages.inputs import curate_rel
 
     report = progress or no_progress
     output = Path(output)
@@ -131,14 +133,13 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
 
     # 2. Curate.
     t0 = time.perf_counter()
-    curated = run_curate(params.curate, source=source, storage=storage, output=params.curate.output,
+    curated = run_curate(params.curate, source=source, storage=storage, output=curate_rel(params, base.resolution),
                          min_side=base.resolution, resolved_yaml=resolved_yaml, progress=progress)
     seconds["curate"] = time.perf_counter() - t0
     done(1, "curate", f"kept {curated.kept} of {curated.rows_in} rows")
     # 3. Encode.
     t0 = time.perf_counter()
-    manifest_rel = f"{params.curate.output.strip('/')}/manifest.parquet"
-    encoded = run_encode(params.encode, base_name=TOY_BASE, base=base, storage=storage, manifest_rel=manifest_rel,
+    encoded = run_encode(params.encode, base_name=TOY_BASE, base=base, storage=storage, manifest_rel=curated.manifest,
                          source=source, progress=progress)
     seconds["encode"] = time.perf_counter() - t0
     done(2, "encode", f"{encoded.samples} latents")
