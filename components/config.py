@@ -176,7 +176,7 @@ class MergeConfig(Section):
     samples_per_prompt: int = Field(10, ge=1)  # images per prompt and variant (same noise for every variant)
     seed: int = Field(0, ge=0)  # first noise seed
     svd_rank: int | None = Field(None, ge=1)  # also evaluate an SVD-compressed merged LoRA at this rank; None: skip
-    min_style_retention: float = Field(0.8, ge=0)  # rule: style strength >= this x the style LoRA's own (25-step)
+    min_style_retention: float = 0.8  # rule: style strength >= this x the style LoRA's own (25-step); retention (1 - FD ratio) may be negative
     min_adherence: float = Field(0.8, ge=0)  # rule: digit accuracy (toy) / CLIP score (real) at least this
     select_by: Literal["style_retention", "fd", "adherence"] = "fd"  # best passing (l1, l2) by (fd: closest to the style reference)
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)

@@ -84,7 +84,7 @@ def test_cli_and_flow_compute_the_same_folder_for_every_stage(tmp_path):
         assert distill_rel(cfg, storage, "toy", base, FPS) == (flow_distill, index)
         lora = work_dir(storage, flow_distill)
         lora.mkdir(parents=True)
-        (lora / LORA_WEIGHT_NAME).write_bytes(b"weights")
+        _tiny_safetensors(lora / LORA_WEIGHT_NAME, 1.0)
         (lora / "metrics.json").write_text(json.dumps({"distill": {"steps": 1}}))
         push_folder(storage, lora, flow_distill)  # as `lcmlora distill` stores it
         distilled = distill_lora.fn(cfg, "toy", index, flow_distill.rsplit("/", 1)[-1])  # reused, not trained
@@ -96,7 +96,7 @@ def test_cli_and_flow_compute_the_same_folder_for_every_stage(tmp_path):
         "evaluate", evaluate_key(cfg, "toy", base, FPS, weights), "toy")
     style = tmp_path / "style" / LORA_WEIGHT_NAME
     style.parent.mkdir()
-    style.write_bytes(b"style")
+    _tiny_safetensors(style, 2.0)
     assert merge_rel(cfg, "toy", base, FPS, lora, style) == merge_rel(cfg, "toy", base, FPS, lora, style.parent) == \
         output_rel("merge", merge_key(cfg, "toy", base, FPS, weights, lora_sha256(style)), "toy")
     # another params section: another folder
@@ -142,3 +142,11 @@ def test_cli_curate_then_the_flow_reuse_one_folder(tmp_path):
         flowed = curate_flow(cfg, min_side=cfg.bases["toy"].resolution)
     assert flowed["output"] == folder and flowed["reused"]
     assert manifest.stat().st_mtime_ns == written  # the flow did not curate again
+
+
+def _tiny_safetensors(path: Path, value: float) -> None:
+    """A readable .safetensors file (the LoRA readers check the header before hashing)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"unet.w.lora_A.weight": torch.full((1, 1), value)}, str(path))
