@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 RESOLVED_CONFIG_NAME = "params.resolved.yaml"  # written beside every artifact
 
@@ -53,6 +53,19 @@ class BaseConfig(Section):
     guidance_scale: float = 7.5  # the base's own CFG scale (7.5 for real SD bases)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
     judges: str = "real"  # judges provider evaluating it (entry point in group lcmlora.judges)
+    hub_id: str | None = None  # the base's Hugging Face Hub id (owner/name): the model card's base_model
+    license: str | None = None  # the Hub license id of the LoRAs made for it (e.g. openrail++), on their cards
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id_is_a_repo_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            from huggingface_hub.utils import validate_repo_id
+
+            if value.count("/") != 1:
+                raise ValueError(f"{value!r} is not a hub id: expected owner/name")
+            validate_repo_id(value)  # its HFValidationError (a ValueError) names the rule
+        return value
 
 
 # --- stages -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from components import lora_formats
+from components.lineage import portable_yaml, write_lineage
 from components.model_card import render_model_card
 
 RECOMMENDED_STEPS = 4  # the report's 4-step sampling
@@ -94,7 +95,8 @@ def write_distill_artifact(
         f"Files: `{lora_formats.LORA_WEIGHT_NAME}` (diffusers/peft), `{lora_formats.KOHYA_WEIGHT_NAME}` "
         "(kohya, for ComfyUI/A1111), `metrics.json`, `lineage.json`, `config.yaml`, `loss_curve.csv/png`.\n"
     )
-    card = render_model_card(base_model=str(base_meta.get("reference")), title=title,
+    card = render_model_card(base_model=str(base_meta.get("reference")), title=title, hub_id=base_meta.get("hub_id"),
+                             license=base_meta.get("license"),
                              num_inference_steps=RECOMMENDED_STEPS, guidance_scale=RECOMMENDED_GUIDANCE, body=body,
                              extra={"lcm_lora": {"rank": rank, "alpha": alpha, "family": base_meta.get("family"),
                                                  "base_fingerprint": base_meta.get("fingerprint")}})
@@ -104,8 +106,8 @@ def write_distill_artifact(
     existing = json.loads(paths["metrics"].read_text()) if paths["metrics"].exists() else {}
     paths["metrics"].write_text(json.dumps({**existing, "distill": metrics}, indent=2, sort_keys=True) + "\n")
     paths["lineage"] = folder / "lineage.json"
-    paths["lineage"].write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
+    write_lineage(folder, lineage)  # absolute local paths made portable, as in config.yaml
     paths["config"] = folder / "config.yaml"
-    paths["config"].write_text(config_yaml)
+    paths["config"].write_text(portable_yaml(config_yaml))
     paths["loss_csv"], paths["loss_png"] = write_loss_curve(folder, loss_rows)
     return paths
