@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from components.config import EvaluateConfig
+from components.flat_metrics import evaluation_scalars, write_flat_metrics
 from components.frechet import extract_features, frechet_distance_of_features
 from components.gate import evaluate_gate
 from components.image_metrics import psnr, ssim
@@ -133,6 +134,7 @@ def write_evaluation(evaluation: Evaluation, output: str | Path, lora_folder: st
     paths = write_report(evaluation.doc, evaluation.prompts, evaluation.grid_images, output)
     paths["metrics.json"] = output / "metrics.json"
     paths["metrics.json"].write_text(json.dumps(evaluation.doc, indent=2, sort_keys=False) + "\n")
+    write_flat_metrics(output, evaluation_scalars(evaluation.doc))  # the scalars DVC shows (dvc.yaml metrics:)
     if lora_folder is not None:
         lora_folder = Path(lora_folder)
         metrics_file = lora_folder / "metrics.json"
