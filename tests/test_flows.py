@@ -59,7 +59,8 @@ def test_nightly_runs_every_stage_and_a_broken_base_does_not_stop_it(harness, wo
     broken = workdir / "broken.ckpt"
     broken.write_bytes(b"not loaded: pickle checkpoints are refused by name")
     params = write_params(workdir, [f"bases.broken.reference={broken}", "bases.broken.family=sd15",
-                                    "bases.broken.resolution=32"], name="two-bases.yaml")
+                                    "bases.broken.resolution=32", "bases.broken.judges=toy"],  # passes preflight:
+                          name="two-bases.yaml")  # its checkpoint fails at run time
     state, result = _run(params)
 
     assert state.is_failed()
