@@ -23,6 +23,7 @@ from pydantic import (
     NonNegativeFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -64,6 +65,19 @@ class BaseConfig(Section):
     guidance_scale: float = Field(7.5, gt=0)  # the base's own CFG scale (7.5 for real SD bases)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
     judges: str = "real"  # judges provider evaluating it (entry point in group lcmlora.judges)
+    hub_id: str | None = None  # the base's Hugging Face Hub id (owner/name): the model card's base_model
+    license: str | None = None  # the Hub license id of the LoRAs made for it (e.g. openrail++), on their cards
+
+    @field_validator("hub_id")
+    @classmethod
+    def _hub_id_is_a_repo_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            from huggingface_hub.utils import validate_repo_id
+
+            if value.count("/") != 1:
+                raise ValueError(f"{value!r} is not a hub id: expected owner/name")
+            validate_repo_id(value)  # its HFValidationError (a ValueError) names the rule
+        return value
 
 
 # --- stages -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from components import lora_formats
 from components.atomic_dir import atomic_dir, check_replaceable
+from components.lineage import portable_yaml, write_lineage
 from components.model_card import render_model_card
 from components.output_checks import check_output_folder, distill_artifact_bytes
 from components.trainer import CHECKPOINT_DIR
@@ -126,7 +127,8 @@ def _write_files(folder: Path, *, lora_state_dict: dict, rank: int, alpha: float
         f"Files: `{lora_formats.LORA_WEIGHT_NAME}` (diffusers/peft), `{lora_formats.KOHYA_WEIGHT_NAME}` "
         "(kohya, for ComfyUI/A1111), `metrics.json`, `lineage.json`, `config.yaml`, `loss_curve.csv/png`.\n"
     )
-    card = render_model_card(base_model=str(base_meta.get("reference")), title=title,
+    card = render_model_card(base_model=str(base_meta.get("reference")), title=title, hub_id=base_meta.get("hub_id"),
+                             license=base_meta.get("license"),
                              num_inference_steps=RECOMMENDED_STEPS, guidance_scale=RECOMMENDED_GUIDANCE, body=body,
                              extra={"lcm_lora": {"rank": rank, "alpha": alpha, "family": base_meta.get("family"),
                                                  "base_fingerprint": base_meta.get("fingerprint")}})
@@ -135,8 +137,8 @@ def _write_files(folder: Path, *, lora_state_dict: dict, rank: int, alpha: float
     paths["metrics"] = folder / "metrics.json"
     paths["metrics"].write_text(json.dumps({"distill": metrics}, indent=2, sort_keys=True) + "\n")
     paths["lineage"] = folder / "lineage.json"
-    paths["lineage"].write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
+    write_lineage(folder, lineage)  # absolute local paths made portable, as in config.yaml
     paths["config"] = folder / "config.yaml"
-    paths["config"].write_text(config_yaml)
+    paths["config"].write_text(portable_yaml(config_yaml))
     paths["loss_csv"], paths["loss_png"] = write_loss_curve(folder, loss_rows)
     return paths

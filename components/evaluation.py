@@ -18,6 +18,7 @@ import torch
 
 from components.atomic_dir import atomic_dir, write_text_atomic
 from components.config import EvaluateConfig
+from components.flat_metrics import evaluation_scalars, write_flat_metrics
 from components.frechet import extract_features, frechet_distance_of_features
 from components.gate import evaluate_gate
 from components.image_metrics import psnr, ssim
@@ -141,6 +142,7 @@ def write_evaluation(evaluation: Evaluation, output: str | Path, lora_folder: st
     with atomic_dir(output, owns=OUTPUT_OWNS) as staging:
         written = write_report(evaluation.doc, evaluation.prompts, evaluation.grid_images, staging)
         (staging / "metrics.json").write_text(json.dumps(evaluation.doc, indent=2, sort_keys=False) + "\n")
+        write_flat_metrics(staging, evaluation_scalars(evaluation.doc))  # the scalars DVC shows (dvc.yaml metrics:)
     paths = {name: output / path.name for name, path in written.items()}
     paths["metrics.json"] = output / "metrics.json"
     if lora_folder is not None:

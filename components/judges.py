@@ -4,7 +4,9 @@ images, an optional style scorer, and the prompt file they expect.
 A judges provider is `fn(cfg: EvaluateConfig, resolution: int) -> Judges`, found by name among
 the Python entry points of group `lcmlora.judges` (pyproject.toml). `bases.NAME.judges` names
 the provider a base gets: `real` (below: a local TorchScript Inception, a local CLIP, a folder
-of reference images) or any installed one, such as the toy world's digit judges.
+of reference images) or any installed one, such as the toy world's digit judges. A provider may
+also have a `problems(cfg) -> list[str]` attribute: what it lacks, checked by the preflight
+(components/preflight.py) before any stage runs.
 """
 
 from __future__ import annotations
@@ -78,6 +80,36 @@ def real_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
     reference = load_reference_images(cfg.reference_images, resolution)
     return Judges(backbone, f"TorchScript {Path(cfg.feature_extractor or '').name}", adherence, "CLIP score",
                   reference, default_prompts=SD_PROMPTS)
+
+
+def real_judges_problems(cfg: EvaluateConfig) -> list[str]:
+    """Every file the real judges need and lack, each naming its params key (no model is loaded)."""
+    needs = [("evaluate.feature_extractor", cfg.feature_extractor, "a local TorchScript Inception file",
+              lambda p: p.is_file()),
+             ("evaluate.clip_model", cfg.clip_model, "a local CLIP folder (config.json, weights, processor)",
+              lambda p: (p / "config.json").is_file()),
+             ("evaluate.reference_images", cfg.reference_images, "a folder of reference images",
+              lambda p: p.is_dir())]
+    problems = []
+    for key, value, what, present in needs:
+        if not value:
+            problems.append(f"{key} is not set: a real base's judges need {what}; set {key}=/path/to/it")
+        elif not present(project_path(value)):
+            problems.append(f"{key}={value}: not found; point it at {what}")
+    return problems
+
+
+real_judges.problems = real_judges_problems  # type: ignore[attr-defined]  # checked by the preflight
+
+
+def judges_problems(cfg: EvaluateConfig, base: BaseConfig, base_name: str) -> list[str]:
+    """What the judges provider of `bases.NAME.judges` lacks: an unknown name, or its own `problems`."""
+    try:
+        provider = load_plugin(JUDGES_GROUP, base.judges, f"bases.{base_name}.judges")
+    except ConfigError as exc:
+        return [str(exc)]
+    check = getattr(provider, "problems", None)
+    return list(check(cfg)) if check else []
 
 
 def load_judges(cfg: EvaluateConfig, base: BaseConfig, base_name: str) -> Judges:

@@ -4,6 +4,11 @@ Every artifact records the code (git commit and whether the tree was dirty), the
 pipeline state (sha256 of `dvc.lock` and the DVC version), the resolved params digest, its
 inputs' fingerprints, the hardware and the wall-clock times. Nothing here reads credentials:
 only git, files in the repository and the local machine's description.
+
+Artifacts travel (registry, Hub), so what they record holds no absolute local path: `portable`
+makes a path inside the repository repository-relative and any other local path a `file://` URI
+(s3:// and hub ids stay as they are); `write_lineage` and `portable_yaml` (the resolved config)
+apply it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
+
+import yaml
+
+from components.paths import PROJECT_ROOT
 
 
 def _git(repo: Path, *args: str) -> str | None:
@@ -114,8 +123,35 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._t0
 
 
+def portable_path(text: str, root: Path = PROJECT_ROOT) -> str:
+    """An absolute local path as a repository-relative path (inside `root`) or a file:// URI; else `text`."""
+    if not text.startswith("/") or "\n" in text:  # "~/..." stays: it names no one machine's folder
+        return text
+    path = Path(text)
+    try:
+        return path.relative_to(root).as_posix() or "."
+    except ValueError:
+        return path.as_uri()
+
+
+def portable(value: Any, root: Path = PROJECT_ROOT) -> Any:
+    """`value` (a JSON-like tree) with every absolute local path string made portable (`portable_path`)."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, root) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    return portable_path(value, root) if isinstance(value, str) else value
+
+
+def portable_yaml(text: str, root: Path = PROJECT_ROOT) -> str:
+    """A resolved-config YAML text with its absolute local paths made portable (key order kept)."""
+    return yaml.safe_dump(portable(yaml.safe_load(text), root), sort_keys=False)
+
+
 def write_lineage(folder: str | Path, record: dict[str, Any]) -> Path:
-    """Write `lineage.json` into an artifact folder."""
+    """Write `lineage.json` (absolute local paths made portable) into an artifact folder."""
     path = Path(folder) / "lineage.json"
-    path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    path.write_text(json.dumps(portable(record), indent=2, sort_keys=True, default=str) + "\n")
     return path

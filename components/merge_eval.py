@@ -28,6 +28,7 @@ import torch
 
 from components import lora_io, merge
 from components.config import MergeConfig
+from components.flat_metrics import merge_scalars, write_flat_metrics
 from components.progress import Progress, ProgressFn
 
 VARIANTS = ("adapters", "merged", "fused", "svd")
@@ -277,6 +278,7 @@ def write_merge_report(result: MergeResult, output: Path) -> dict[str, Path]:
     paths = {"report.md": output / "report.md", "metrics.json": output / "metrics.json", "grid.png": output / "grid.png"}
     paths["report.md"].write_text("\n".join(lines) + "\n")
     paths["metrics.json"].write_text(json.dumps(doc, indent=2) + "\n")
+    write_flat_metrics(output, merge_scalars(doc))  # the scalars DVC shows (dvc.yaml metrics:)
     tiles = [torch.cat(list(imgs), dim=2) for imgs in result.images.values()]  # each row: prompts side by side
     grid = ((torch.cat(tiles, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(grid)).save(paths["grid.png"])

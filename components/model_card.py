@@ -1,82 +1,133 @@
-"""The model card of a LoRA folder: `README.md` with YAML front matter, as on the HF Hub.
+"""The model card of a LoRA folder: `README.md` with YAML front matter, built with huggingface_hub's
+`ModelCard` / `ModelCardData` so the Hub reads it as it reads its own.
 
 Front matter every lcmlora LoRA carries (the registry refuses a card without it):
 
     ---
-    base_model: stabilityai/stable-diffusion-xl-base-1.0   # the base reference
-    library_name: diffusers
+    base_model: stabilityai/stable-diffusion-xl-base-1.0   # a hub id only (bases.NAME.hub_id); a local
+    base_model_relation: adapter                           #   base leaves both keys out; merged style
+    library_name: diffusers                                #   variants: merge
+    license: openrail++                                    # bases.NAME.license, when set
+    pipeline_tag: text-to-image
     tags: [lora, lcm, lcm-lora, text-to-image, stable-diffusion]
     recommended:
       num_inference_steps: 4      # LCM-LoRA's few-step regime
       guidance_scale: 1.0         # LCM sampling needs little or no CFG
       scheduler: LCMScheduler
     ---
+
+The Hub's metadata fields: https://huggingface.co/docs/hub/model-cards#model-card-metadata
+(`base_model_relation`: https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from pathlib import Path
+from typing import Any, Literal
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 DEFAULT_TAGS = ("lora", "lcm", "lcm-lora", "text-to-image", "stable-diffusion", "diffusers")
 DEFAULT_STEPS = 4  # the report's headline 4-step sampling
 DEFAULT_GUIDANCE = 1.0  # LCM bakes guidance into the distilled model (w in Eq. 4 of the report)
+PIPELINE_TAG = "text-to-image"
+HUB_RELATIONS = ("adapter", "merge", "quantized", "finetune")  # the Hub's documented base_model_relation values
+Relation = Literal["adapter", "merge"]  # an LCM-LoRA is an adapter; a style variant merges two LoRAs
 
 
 class ModelCardError(ValueError):
     """A README.md whose front matter is missing or incomplete; lists every problem."""
 
 
-def render_model_card(*, base_model: str, title: str, tags: list[str] | tuple[str, ...] = DEFAULT_TAGS,
+def is_hub_id(value: str | None) -> bool:
+    """`owner/name` that huggingface_hub accepts as a repo id and that is not a local path."""
+    if not value or Path(value).expanduser().exists() or not re.fullmatch(r"[^/\s]+/[^/\s]+", value):
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return not value.endswith((".safetensors", ".ckpt"))
+
+
+def hub_base_model(reference: str | None, hub_id: str | None = None) -> str | None:
+    """The card's `base_model`: `hub_id`, else the reference when it is a hub id; a local base: None."""
+    return next((v for v in (hub_id, reference) if is_hub_id(v)), None)
+
+
+def render_model_card(*, base_model: str | None, title: str, tags: list[str] | tuple[str, ...] = DEFAULT_TAGS,
                       num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                      body: str = "", extra: dict[str, Any] | None = None) -> str:
-    """A README.md text with the front matter above and a short usage section."""
-    front: dict[str, Any] = {
-        "base_model": base_model,
-        "library_name": "diffusers",
-        "tags": list(dict.fromkeys(tags)),
-        "recommended": {"num_inference_steps": int(num_inference_steps), "guidance_scale": float(guidance_scale),
-                        "scheduler": "LCMScheduler"},
-        **(extra or {}),
-    }
+                      body: str = "", extra: dict[str, Any] | None = None, relation: Relation = "adapter",
+                      hub_id: str | None = None, license: str | None = None) -> str:
+    """A README.md text with the front matter above and a short usage section.
+
+    `base_model` is the base's reference; only a hub id (or `hub_id`) reaches the card.
+    """
+    hub_base = hub_base_model(base_model, hub_id)
+    data = ModelCardData(base_model=hub_base, library_name="diffusers", license=license, pipeline_tag=PIPELINE_TAG,
+                         tags=list(dict.fromkeys(tags)), ignore_metadata_errors=False,
+                         **({"base_model_relation": relation} if hub_base else {}),
+                         recommended={"num_inference_steps": int(num_inference_steps),
+                                      "guidance_scale": float(guidance_scale), "scheduler": "LCMScheduler"},
+                         **(extra or {}))
+    pipe_from = f'"{hub_base}"' if hub_base else '"BASE_MODEL"  # the base this LoRA was trained for'
     usage = (
         f"# {title}\n\n"
-        f"An LCM-LoRA acceleration module for `{base_model}`: sample in {num_inference_steps} steps.\n\n"
+        f"An LCM-LoRA acceleration module for `{hub_base or 'its base model'}`: sample in "
+        f"{num_inference_steps} steps.\n\n"
         "```python\n"
         "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{base_model}")\n'
+        f"pipe = DiffusionPipeline.from_pretrained({pipe_from})\n"
         "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
         'pipe.load_lora_weights("path/to/this/folder")\n'
         f'image = pipe("a prompt", num_inference_steps={num_inference_steps}, '
         f"guidance_scale={guidance_scale}).images[0]\n"
         "```\n"
     )
-    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{usage}{body}"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{usage}{body}", ignore_metadata_errors=False))
 
 
 def parse_model_card(text: str, source: str = "README.md") -> tuple[dict[str, Any], str]:
-    """Split a card into (front matter, body); ModelCardError if there is no front matter."""
+    """Split a card into (front matter, body) as huggingface_hub reads it; ModelCardError if it has none."""
     if not text.startswith("---"):
         raise ModelCardError(f"{source}: no YAML front matter (the file must start with a '---' line)")
-    parts = text.split("\n---", 1)
-    if len(parts) != 2:
+    if "\n---" not in text[3:]:
         raise ModelCardError(f"{source}: YAML front matter is not closed by a '---' line")
     try:
-        front = yaml.safe_load(parts[0][3:]) or {}
+        card = ModelCard(text, ignore_metadata_errors=False)
     except yaml.YAMLError as exc:
         raise ModelCardError(f"{source}: front matter is not valid YAML: {exc}") from None
-    if not isinstance(front, dict):
-        raise ModelCardError(f"{source}: front matter must be a mapping")
-    return front, parts[1].split("\n", 1)[1] if "\n" in parts[1] else ""
+    except ValueError as exc:
+        raise ModelCardError(f"{source}: front matter must be a mapping ({exc})") from None
+    return card.data.to_dict(), card.text
+
+
+def hub_problems(front: dict[str, Any]) -> list[str]:
+    """What the Hub would read wrongly in a card's front matter (older cards named a local base_model)."""
+    problems = []
+    base = front.get("base_model")
+    if base is not None and not is_hub_id(base):
+        problems.append(f"base_model: {base!r} is not a hub id (owner/name); set bases.NAME.hub_id or leave it out")
+    relation = front.get("base_model_relation")
+    if relation is not None and relation not in HUB_RELATIONS:
+        problems.append(f"base_model_relation: {relation!r} is not one of {', '.join(HUB_RELATIONS)}")
+    if base is not None and relation is None:
+        problems.append("base_model_relation: missing (adapter for an LCM-LoRA, merge for a style variant)")
+    if front.get("pipeline_tag") != PIPELINE_TAG:
+        problems.append(f"pipeline_tag: expected {PIPELINE_TAG!r}, found {front.get('pipeline_tag')!r}")
+    return problems
 
 
 def check_model_card(text: str, source: str = "README.md") -> dict[str, Any]:
-    """Validate the front matter; raise ModelCardError listing every missing or wrong key."""
+    """Validate the front matter the registry needs; raise ModelCardError listing every missing or wrong key.
+
+    `base_model` is optional (a local base has none); `hub_problems` checks what the Hub needs.
+    """
     front, _ = parse_model_card(text, source)
     problems = []
-    if not isinstance(front.get("base_model"), str) or not front.get("base_model"):
-        problems.append("base_model: missing (the base reference this LoRA was trained for)")
     if front.get("library_name") != "diffusers":
         problems.append(f"library_name: expected 'diffusers', found {front.get('library_name')!r}")
     tags = front.get("tags")

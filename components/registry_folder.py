@@ -98,7 +98,8 @@ def model_card(src: Path, name: str, base: dict | None) -> bytes | None:
     tags = ["lora", "lcm", "lcm-lora", "text-to-image", "stable-diffusion", "diffusers"]
     if (base or {}).get("family") == "sdxl":
         tags.append("stable-diffusion-xl")
-    return render_model_card(base_model=base_model, title=name, tags=tags).encode()
+    return render_model_card(base_model=base_model, title=name, tags=tags, hub_id=(base or {}).get("hub_id"),
+                             license=(base or {}).get("license")).encode()
 
 
 def small_texts(src: Path, files: list[str]) -> dict[str, bytes]:
@@ -134,6 +135,9 @@ def _base_from_metadata(lineage: Any, card_path: Path) -> dict[str, Any] | None:
     resolved = lineage.get("resolved", {}).get("base", {}) if isinstance(lineage.get("resolved"), dict) else {}
     if "reference" not in base and (resolved.get("reference") or card.get("base_model")):
         base["reference"] = resolved.get("reference") or card["base_model"]
+    for key in ("hub_id", "license"):  # the card's Hub fields (bases.NAME.hub_id / license)
+        if key not in base and resolved.get(key):
+            base[key] = resolved[key]
     if "family" not in base and (resolved.get("family") or lcm.get("family")):
         base["family"] = resolved.get("family") or lcm["family"]
     if "fingerprint" not in base:

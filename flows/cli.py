@@ -331,8 +331,10 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     if dry_run:
         print_config(cfg)
         return
+    from components.preflight import preflight
     from flows.runtime import prefect_environment
 
+    preflight(cfg)  # every base, every stage: fails in seconds, before the flow starts
     typer.echo(prefect_environment())
     from components.run_summary import summary_lines
     from flows.nightly import BasesFailed
@@ -368,6 +370,8 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
                           "that shares its VAE (found when the run fingerprints it); the values above apply otherwise",
                           markup=False, highlight=False)
         return
+    from components.preflight import preflight
+    from flows.new_base import register_config
     from flows.runtime import has_configured_server, prefect_environment
 
     if emit:
@@ -377,6 +381,9 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
 
         typer.echo(f"emitted {BASE_REGISTERED} for {ref} (event {emit_base_registered(ref, name)})")
         return
+    base_name, base_cfg = register_config(cfg, ref, name, family)
+    if ref in cfg.bases:  # else its judges come from the parent it shares a VAE with: the flow checks
+        preflight(cfg, {base_name: base_cfg})
     typer.echo(prefect_environment())
     from components.run_summary import summary_lines
     from flows.new_base import new_base as new_base_flow

@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 
 from components.base_model import resolve_base
 from components.config import BaseConfig, ConfigError, Params, load_params
+from components.preflight import preflight
 from components.run_summary import verdict
 from flows.pipeline import base_pipeline
 from tasks.curate import ensure_toy_source
@@ -69,6 +70,7 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
     if parent:
         get_run_logger().info("%s: shares the VAE of %s (%s): its latent shards are reused",
                               base_name, parent, fingerprints["vae"])
+    preflight(cfg, {base_name: base})  # every stage's inputs, with the judges inherited from the parent
     record = register_base(cfg, base_name, base, fingerprints, parent)
     cfg = cfg.model_copy(update={"bases": {**cfg.bases, base_name: base}})  # the stages look bases up by name
 

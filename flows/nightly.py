@@ -26,6 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params, load_params
+from components.preflight import preflight
 from components.run_summary import summary_markdown, verdict
 from flows.pipeline import base_pipeline
 from tasks.caching import storage_retries
@@ -50,7 +51,9 @@ def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None
     if not cfg.bases:
         raise ValueError(f"{params_file}: no bases to run (add one under `bases:`)")
 
-    # 1. The process, then the toy source, written on first use so a fresh clone runs end to end.
+    # 1. Every stage's inputs and settings for every base, checked before anything runs; then the
+    #    process, then the toy source, written on first use so a fresh clone runs end to end.
+    preflight(cfg)
     set_torch_threads(cfg.orchestrate.torch_threads)
     if cfg.orchestrate.toy_source_if_missing:
         ensure_toy_source(cfg)

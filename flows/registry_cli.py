@@ -1,4 +1,4 @@
-"""`lcmlora registry ...`: publish, list, show, pull, alias set/rollback/history, gc.
+"""`lcmlora registry ...`: publish, list, show, pull, push-hub, alias set/rollback/history, gc.
 
 A typer app mounted by flows/cli.py (`app.add_typer(registry_app, name="registry")`). Every
 command takes `--params FILE` and `--set section.key=value`; registry and storage failures
@@ -147,6 +147,37 @@ def registry_pull(ref: str, to: Annotated[Path, typer.Option("--to", help="folde
     m = result.manifest
     typer.echo(f"pulled {m.name}:{m.version} ({m.digest}) to {result.path} ({len(result.downloaded)} files "
                f"downloaded, {len(result.cached)} from cache, all verified)")
+
+
+@registry_app.command("push-hub")
+def registry_push_hub(ref: str, repo_id: str,
+                      private: bool = typer.Option(False, "--private", help="create the Hub repository private"),
+                      dry_run: bool = typer.Option(False, "--dry-run", help="list what would be uploaded and exit"),
+                      params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Upload REF (NAME@ALIAS, NAME:VERSION, ...) to the Hugging Face Hub as model repository REPO_ID.
+
+    The version is pulled (verified) into a temporary folder, its card checked for the Hub's
+    fields, then uploaded with `HfApi().upload_folder` (token: `hf auth login` or $HF_TOKEN).
+    """
+    import tempfile
+
+    from components.hub_push import hub_upload_plan, push_to_hub
+
+    with _registry_errors(), tempfile.TemporaryDirectory(prefix="lcmlora-hub-") as tmp:
+        reg = _registry(params, set_)
+        pulled = reg.pull(ref, Path(tmp) / "version")
+        m = pulled.manifest
+        plan = hub_upload_plan(pulled.path)
+        if dry_run:
+            typer.echo(f"would upload {m.name}:{m.version} ({m.digest}) to https://huggingface.co/{repo_id}:")
+            for rel in plan.files:
+                typer.echo(f"  {rel}")
+            return
+        from huggingface_hub import HfApi
+
+        url = push_to_hub(plan, repo_id, HfApi(), private=private,
+                          message=f"lcmlora {m.name}:{m.version} ({m.digest})")
+    typer.echo(f"uploaded {m.name}:{m.version} ({len(plan.files)} files) to https://huggingface.co/{repo_id}: {url}")
 
 
 @alias_app.command("set")

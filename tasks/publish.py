@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
 from components.folder_sync import pull_folder
@@ -56,6 +57,9 @@ def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key:
     local = pull_folder(Storage.from_config(cfg.storage), folder_rel) / subdir
     published = run_publish(cfg.publish, registry=Registry.from_params(cfg), folder=local, name=name,
                             registry_root=cfg.registry.root, gate=gate, metrics=metrics)
+    get_run_logger().info("%s %s (%s) for base %s; pull it with: %s",
+                          "already published as" if published.existing else "published", published.reference,
+                          published.digest, base_name, published.pull)
     create_markdown_artifact(
         key=artifact_key("publish", name),
         markdown=f"# Published {published.reference}\n\nRegistry `{published.registry}`, alias "

@@ -87,7 +87,8 @@ def test_folder_holds_every_contract_4_file(tmp_path, lora_sd):
 def test_model_card_front_matter(tmp_path, lora_sd):
     write(tmp_path, lora_sd)
     front = check_model_card((tmp_path / "README.md").read_text())
-    assert front["base_model"] == "data/toy/base" and front["library_name"] == "diffusers"
+    assert "base_model" not in front, "a local base is not a hub id: left out of the card"
+    assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "text-to-image"
     assert "lcm-lora" in front["tags"]
     assert front["recommended"] == {"num_inference_steps": RECOMMENDED_STEPS, "guidance_scale": RECOMMENDED_GUIDANCE,
                                     "scheduler": "LCMScheduler"}
@@ -127,3 +128,21 @@ def test_rerun_drops_the_previous_runs_gate_and_keeps_its_checkpoints(tmp_path, 
     _, metrics = write(tmp_path, lora_sd)
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"distill": metrics}
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_config_and_lineage_hold_no_absolute_local_path(tmp_path, lora_sd):
+    import json
+
+    from components.paths import PROJECT_ROOT
+
+    config = f"storage:\n  root: {tmp_path / 'artifacts'}\nbases:\n  toy:\n    reference: {PROJECT_ROOT}/data/toy/base\n"
+    lineage = {"stage": "distill", "inputs": {"base": {"reference": f"{PROJECT_ROOT}/data/toy/base"},
+                                              "latents": {"index": str(tmp_path / "latents/index.json")}}}
+    write(tmp_path / "art", lora_sd, config_yaml=config, lineage=lineage)
+    config_text = (tmp_path / "art/config.yaml").read_text()
+    written = json.loads((tmp_path / "art/lineage.json").read_text())
+    assert "reference: data/toy/base" in config_text and str(PROJECT_ROOT) not in config_text
+    assert written["inputs"]["base"]["reference"] == "data/toy/base"
+    assert written["inputs"]["latents"]["index"].startswith("file:///")
+    for text in (config_text, (tmp_path / "art/lineage.json").read_text()):
+        assert str(tmp_path) not in text.replace(tmp_path.as_uri(), "file-uri"), text

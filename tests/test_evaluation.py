@@ -167,3 +167,15 @@ def test_cli_evaluate_without_a_feature_extractor_fails_naming_the_key(real_base
                       "--output", str(tmp / "out3"), "--set", "evaluate.feature_extractor=null"])
     assert result.exit_code != 0
     assert "evaluate.feature_extractor is not set" in str(result.exception)
+
+
+def test_flat_metrics_for_dvc_beside_metrics_json(evaluated):
+    from components.flat_metrics import FLAT_METRICS_NAME
+
+    evaluation, paths, _ = evaluated
+    flat = json.loads((paths["metrics.json"].parent / FLAT_METRICS_NAME).read_text())
+    lcm4 = next(m for m in evaluation.doc["methods"] if m["label"] == "lcm-4")
+    assert flat["lcm-4.fd"] == pytest.approx(lcm4["fd"]) and flat["lcm-4.adherence"] == pytest.approx(lcm4["adherence"])
+    assert flat["lcm-1.psnr"] > 0 and "lcm-1.ssim" in flat
+    assert flat["gate.passed"] == 0  # lcm1_psnr_min=1000 fails the gate
+    assert all(isinstance(v, int | float) for v in flat.values()), "flat scalars only: DVC drops lists"

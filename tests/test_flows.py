@@ -59,7 +59,8 @@ def test_nightly_runs_every_stage_and_a_broken_base_does_not_stop_it(harness, wo
     broken = workdir / "broken.ckpt"
     broken.write_bytes(b"not loaded: pickle checkpoints are refused by name")
     params = write_params(workdir, [f"bases.broken.reference={broken}", "bases.broken.family=sd15",
-                                    "bases.broken.resolution=32"], name="two-bases.yaml")
+                                    "bases.broken.resolution=32", "bases.broken.judges=toy"],  # passes preflight:
+                          name="two-bases.yaml")  # its checkpoint fails at run time
     state, result = _run(params)
 
     assert state.is_failed()
@@ -86,6 +87,38 @@ def test_second_nightly_skips_everything_and_says_so(harness, workdir: Path) -> 
     assert all(s["skipped"] for s in toy["stages"]), toy["stages"]
     assert summary["verdict"].startswith("Nothing changed since the last run") and "no training" in summary["verdict"]
     assert _registry(params).list("toy-lcm-lora") == before, "an unchanged LoRA is not published again"
+
+
+def test_flow_runs_are_named_after_base_and_stage_and_publish_logs_the_pull(harness, workdir: Path) -> None:
+    """The runs above and a new-base run (served from the cache) read back from the test server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.new_base import new_base
+
+    state = new_base("toy", params_file=str(write_params(workdir, name="toy-only.yaml")), return_state=True)
+    assert state.is_completed(), state.result(raise_on_failure=False)
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+        by_id = {r.id: r for r in runs}
+        parent_of = {r.id: client.read_task_run(r.parent_task_run_id).flow_run_id
+                     for r in runs if r.parent_task_run_id}
+        publish = [r for r in runs if r.name == "publish-toy"]
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in publish])), limit=200)
+
+    def names_under(parent_name: str) -> set[str]:
+        return {r.name for r in runs if r.id in parent_of and by_id[parent_of[r.id]].name == parent_name}
+
+    assert "base-toy" in names_under("new-base-toy"), "the new-base subflow is named after its base"
+    assert {"base-toy", "base-broken"} <= {r.name for r in runs if r.id in parent_of}, "the nightly's base subflows"
+    stages = names_under("base-toy")
+    assert {"encode-toy", "distill-toy", "evaluate-toy", "merge-toy", "publish-toy"} <= stages, stages
+    assert any(name.startswith("curate-") for name in stages), stages
+    messages = [log.message for log in logs]
+    assert any("published toy-lcm-lora:" in m and "pull it with: lcmlora registry pull toy-lcm-lora@candidate"
+               in m for m in messages), messages
 
 
 def test_failing_gate_fails_the_flow_and_publishes_nothing(harness, workdir: Path) -> None:

@@ -54,3 +54,19 @@ def test_collect_and_write(tmp_path: Path) -> None:
     assert record["started_at"] <= record["finished_at"] and record["run"] == {"steps": 3}
     path = write_lineage(tmp_path, record)
     assert json.loads(path.read_text()) == json.loads(json.dumps(record, default=str))
+
+
+def test_written_records_hold_no_absolute_local_path(tmp_path: Path) -> None:
+    from components.lineage import portable, portable_yaml
+    from components.paths import PROJECT_ROOT
+
+    record = {"base": {"reference": str(PROJECT_ROOT / "data/toy/base"), "hub": "org/model"},
+              "inputs": [str(tmp_path / "style.safetensors"), "s3://bucket/x"], "steps": 3, "note": "a / b"}
+    written = json.loads(write_lineage(tmp_path, record).read_text())
+    assert written["base"] == {"reference": "data/toy/base", "hub": "org/model"}  # inside the repo: relative
+    assert written["inputs"] == [(tmp_path / "style.safetensors").as_uri(), "s3://bucket/x"]  # elsewhere: a URI
+    assert written["steps"] == 3 and written["note"] == "a / b"
+    assert portable(record) == written
+    text = portable_yaml(f"storage:\n  root: {tmp_path / 'artifacts'}\nbases:\n  toy:\n"
+                         f"    reference: {PROJECT_ROOT / 'data/toy/base'}\n")
+    assert f"root: {(tmp_path / 'artifacts').as_uri()}" in text and "reference: data/toy/base" in text

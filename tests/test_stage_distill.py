@@ -106,7 +106,9 @@ def test_sdxl_family_step_and_artifact_loads(tmp_path):
     assert set(lineage["inputs"]["base"]["fingerprints"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert lineage["resolved"]["guidance_scale_range"] == [2.0, 5.0]
     assert lineage["params_digest"] == params.digest()
-    assert (folder / "config.yaml").read_text() == params.to_yaml()
+    from components.lineage import portable_yaml
+
+    assert (folder / "config.yaml").read_text() == portable_yaml(params.to_yaml())  # local paths as file:// URIs
     metrics = json.loads((folder / "metrics.json").read_text())["distill"]
     assert metrics["steps"] == 1 and metrics["lora_trainable_params"] == outcome.lora_trainable_params
     assert metrics == outcome.metrics

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from components.config import BaseConfig, EvaluateConfig, MergeConfig, Params
+from components.lineage import portable_yaml
 from components.stages.merge import MergeOutput, run_merge
 from tests.tiny_merge_pipelines import (
     LCM_UNET,
@@ -54,13 +55,14 @@ def test_run_merge_writes_contract4_folders_and_reports_progress(tmp_path: Path)
     assert [(r.stage, r.step, r.total) for r in reports] == [("merge", i, 9) for i in range(1, 10)]
     for tag in ("0.8_1", "1_1"):
         folder = out.output / f"merged-{tag}"
-        assert (folder / "params.resolved.yaml").read_text() == params.to_yaml()
+        resolved = (folder / "params.resolved.yaml").read_text()  # absolute local paths as file:// URIs
+        assert resolved == portable_yaml(params.to_yaml()) and f"reference: {base_folder.as_uri()}" in resolved
         lineage = json.loads((folder / "lineage.json").read_text())
         assert lineage["params_digest"] == params.digest()
-        assert lineage["base"] == {"name": "tiny", "reference": str(base_folder),
+        assert lineage["base"] == {"name": "tiny", "reference": base_folder.as_uri(),
                                    "fingerprint": out.doc["base_fingerprint"]}
         card = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
-        assert card["base_model"] == str(base_folder)
+        assert "base_model" not in card and card["pipeline_tag"] == "text-to-image"  # a local base: no hub id
         gate = json.loads((folder / "metrics.json").read_text())["gate"]
         assert gate["passed"] and gate["selected"] == (folder == out.best_folder)
     assert not list(out.output.glob("fused-*")), "save_fused=none writes no fused checkpoint"

@@ -191,7 +191,7 @@ def run_distill(
     # 4. The artifact folder: LoRA in both formats, card, metrics, lineage, config, loss curve.
     base_meta = {"name": base_name, "reference": base.reference, "family": loaded.family,
                  "resolution": base.resolution, "prediction_type": settings.prediction_type,
-                 "fingerprint": loaded.fingerprint}
+                 "fingerprint": loaded.fingerprint, "hub_id": base.hub_id, "license": base.license}
     metrics = distill_metrics(result.history, steps=result.steps, seconds=result.seconds,
                               samples_per_second=result.samples_per_second, lora_params=n_params)
     record = lin.collect(

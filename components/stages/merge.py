@@ -21,7 +21,7 @@ from typing import Any
 from components.atomic_dir import atomic_dir
 from components.config import RESOLVED_CONFIG_NAME, BaseConfig, EvaluateConfig, MergeConfig
 from components.content_hash import file_sha256
-from components.lineage import collect, utc_now, write_lineage
+from components.lineage import collect, portable_yaml, utc_now, write_lineage
 from components.lora_io import lora_file
 from components.merge_eval import MergeResult, evaluate_merge, markdown_table, write_merge_report
 from components.model_card import render_model_card
@@ -91,7 +91,8 @@ def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str,
         result.doc["files"] = relocated(result.doc["files"], staging, output)
         # 3. Contract-4 folders and the report.
         finalize_merged_folders(result, staging, cfg, base_reference=base.reference, started_at=started_at,
-                                resolved_yaml=resolved_yaml, params_digest=params_digest)
+                                resolved_yaml=resolved_yaml, params_digest=params_digest, hub_id=base.hub_id,
+                                license=base.license)
         written = write_merge_report(result, staging)
     paths = {name: output / path.relative_to(staging) for name, path in written.items()}
     return MergeOutput(output=output, doc=result.doc, paths=paths)
@@ -107,7 +108,8 @@ def relocated(files: Any, staging: Path, output: Path) -> Any:
 
 
 def finalize_merged_folders(result: MergeResult, output: Path, cfg: MergeConfig, *, base_reference: str,
-                            started_at: str, resolved_yaml: str, params_digest: str) -> None:
+                            started_at: str, resolved_yaml: str, params_digest: str, hub_id: str | None = None,
+                            license: str | None = None) -> None:
     """Complete each `merged-L1_L2` folder as a contract-4 LoRA folder: README.md model card,
     metrics.json (its rows and a `gate` from the selection rule), lineage.json, resolved params."""
     doc = result.doc
@@ -127,9 +129,10 @@ def finalize_merged_folders(result: MergeResult, output: Path, cfg: MergeConfig,
                 "+ l2 tau_LCM, LCM-LoRA report Section 3.2).\n\n" + markdown_table(rows) + "\n")
         card = render_model_card(base_model=base_reference, title=name, tags=CARD_TAGS,
                                  num_inference_steps=cfg.lcm_steps, guidance_scale=cfg.lcm_guidance_scale,
-                                 body=body, extra={"merge": {"l1": merged_row["l1"], "l2": merged_row["l2"]}})
+                                 body=body, extra={"merge": {"l1": merged_row["l1"], "l2": merged_row["l2"]}},
+                                 relation="merge", hub_id=hub_id, license=license)
         (folder / "README.md").write_text(card)
-        (folder / RESOLVED_CONFIG_NAME).write_text(resolved_yaml)
+        (folder / RESOLVED_CONFIG_NAME).write_text(portable_yaml(resolved_yaml))
         write_lineage(folder, collect(
             stage="merge", params_digest=params_digest, started_at=started_at,
             inputs={"style": {"path": doc["style"], "sha256": file_sha256(doc["style"])},
