@@ -175,11 +175,12 @@ def encode_for_base(params: Params, base_name: str, *, manifest_rel: str | None 
     `manifest_rel` (relative to storage.root) defaults to the manifest the curate stage keyed for
     this source, curate section and base resolution (`stages/curate/KEY/manifest.parquet`).
     """
-    from components.base_model import resolve_base
+    from components.base_model import check_reference, resolve_base
     from components.stages.curate import source_storage
     from components.stages.inputs import curated_manifest
 
     name, base = resolve_base(params, base_name)
+    check_reference(base.reference)  # before the source is fingerprinted to find the manifest
     storage = Storage.from_config(params.storage)
     return run_encode(params.encode, base_name=name, base=base, storage=storage,
                       manifest_rel=manifest_rel or curated_manifest(params, storage, base.resolution),
