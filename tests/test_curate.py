@@ -13,15 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import CurateConfig
-from components.curate import (
-    MANIFEST_SCHEMA,
-    CurationEmpty,
-    Filters,
-    SourceError,
-    curate,
-    filter_metadata,
-    iter_metadata,
-)
+from components.curate import CurationEmpty, curate
+from components.curate_filters import Filters, SourceError, filter_metadata, iter_metadata
+from components.curate_schema import MANIFEST_SCHEMA
 from components.quality_gate import ManifestGateFailed
 from components.storage import Storage
 from components.toy.source import EXPECTED_REASON, write_toy_source

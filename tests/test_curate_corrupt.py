@@ -14,11 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from components.config import CurateConfig
+from components.config import CurateConfig, load_params
 from components.curate import curate
+from components.stages.inputs import curate_rel
 from components.storage import Storage
 from components.toy.source import write_toy_source
 
+REPO = Path(__file__).resolve().parents[1]
 TOY_RESOLUTION = 32
 GARBAGE = 4096
 
@@ -52,7 +54,7 @@ def corrupted_copy(toy: Path, tmp_path: Path) -> tuple[Path, int]:
 def test_garbage_in_a_tar_is_reported_as_corrupt_shard_with_its_offset(toy, clean, tmp_path, caplog):
     folder, middle = corrupted_copy(toy, tmp_path)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="components.curate"):
+    with caplog.at_level(logging.WARNING, logger="components.source_shards"):
         result = curate(Storage(str(folder)), Storage(str(out)), "", CurateConfig(max_unreadable_rate=1.0),
                         min_side=TOY_RESOLUTION)
 
@@ -91,8 +93,11 @@ def test_the_gate_fails_on_rows_lost_to_a_corrupt_shard_naming_it(toy, tmp_path,
     assert "failed 1 expectation(s) of the data-quality gate" in err, err
     assert "expect_column_values_to_be_null" in err and '"column": "lost_in_shard"' in err
     assert "00001.tar (corrupt_shard at byte " in err
-    assert not (root / "curated" / "manifest.parquet").exists()
-    summary = json.loads((root / "curated" / "summary.json").read_text())
+    # The CLI writes where the flows do: stages/curate/KEY (components/stages/inputs.py).
+    cfg = load_params(REPO / "params.yaml", [f"curate.source={folder}", f"storage.root={root}"])
+    curated = root / curate_rel(cfg, cfg.bases["toy"].resolution)
+    assert not (curated / "manifest.parquet").exists()
+    summary = json.loads((curated / "summary.json").read_text())
     assert summary["gate"]["success"] is False and "00001.tar" in summary["unreadable_shards"]
 
 

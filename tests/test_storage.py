@@ -112,10 +112,11 @@ def test_put_get_file_with_digest(root: str, tmp_path: Path, monkeypatch: pytest
     import hashlib
 
     from components import storage as storage_module
+    from components import storage_s3
 
     # Small parts and window: the S3 download runs 4 ranged GETs, written out of order.
     monkeypatch.setattr(storage_module, "PART_SIZE", 1024 * 1024)
-    monkeypatch.setattr(storage_module, "WINDOW", 2)
+    monkeypatch.setattr(storage_s3, "WINDOW", 2)
     store = Storage(root)
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
