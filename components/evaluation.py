@@ -32,6 +32,7 @@ LORA_REPORT_DIR = "evaluation"  # report files inside the LoRA artifact folder
 # What a previous evaluation left in its output folder; a folder holding anything else
 # (a LoRA folder passed as --output) is never replaced.
 OUTPUT_OWNS = ("*.json", "*.md", "*.html", "*.png", "*.csv")
+EVALUATED_LORA = "lora"  # the judged copy of the LoRA inside an evaluation folder (publish ships it)
 
 
 @dataclass
@@ -139,7 +140,8 @@ def write_evaluation(evaluation: Evaluation, output: str | Path, lora_folder: st
     fails while writing leaves the previous report, never half of a new one.
     """
     output = Path(output)
-    with atomic_dir(output, owns=OUTPUT_OWNS) as staging:
+    # The judged copy of the LoRA (`lora/`, components/stages/evaluate.py) moves with the report.
+    with atomic_dir(output, owns=(*OUTPUT_OWNS, EVALUATED_LORA), carry=(EVALUATED_LORA,)) as staging:
         written = write_report(evaluation.doc, evaluation.prompts, evaluation.grid_images, staging)
         (staging / "metrics.json").write_text(json.dumps(evaluation.doc, indent=2, sort_keys=False) + "\n")
         write_flat_metrics(staging, evaluation_scalars(evaluation.doc))  # the scalars DVC shows (dvc.yaml metrics:)

@@ -268,7 +268,7 @@ def test_two_ranks_under_accelerate_encode_disjoint_shards(world, tmp_path):
     # plain --cpu would start a single process.
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "flows.cli", "encode", "--base", "tiny", "--params", str(params)]
+           "-m", "flows.cli", "encode", "--base", "tiny", "--params", str(params), "--manifest", "curated/manifest.parquet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr

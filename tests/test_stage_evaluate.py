@@ -104,9 +104,12 @@ def test_missing_inputs_fail_before_sampling(setup, tmp_path):
 
 def test_copy_for_evaluation_leaves_the_distill_folder_alone(tmp_path):
     """The evaluation judges EVALUATION/lora, a copy without checkpoints and markers; the source is untouched."""
+    import torch
+    from safetensors.torch import save_file
+
     lora = tmp_path / "distill"
     (lora / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"w")
+    save_file({"unet.w.lora_A.weight": torch.zeros(1, 1)}, str(lora / "pytorch_lora_weights.safetensors"))
     (lora / "_COMPLETE").write_text("pytorch_lora_weights.safetensors\n")
     judged = copy_for_evaluation(lora, tmp_path / "evaluation")
     assert judged == tmp_path / "evaluation" / "lora"

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
-from components.evaluation import evaluate_lora, load_prompts, write_evaluation
+from components.evaluation import EVALUATED_LORA, evaluate_lora, load_prompts, write_evaluation
 from components.folder_sync import COMPLETE
 from components.judges import Judges, load_judges
 from components.lora_io import lora_file
 from components.paths import project_path
 from components.progress import ProgressFn
 
-EVALUATED_LORA = "lora"  # the evaluated copy of the LoRA folder inside the evaluation's folder
 NOT_EVALUATED = [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"]  # left out of that copy
 
 
@@ -39,6 +38,7 @@ def copy_for_evaluation(lora_folder: Path, evaluation_folder: Path) -> Path:
     The evaluation writes its gate and report into the LoRA folder it judges, so it judges a
     copy; the distill output stays as distillation wrote it.
     """
+    lora_file(lora_folder)  # the user's file named when it is unreadable, not the copy's
     local = Path(evaluation_folder) / EVALUATED_LORA
     shutil.copytree(lora_folder, local, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_EVALUATED))
     return local
