@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
+from components.image_prep import decode_image, resize_and_crop, to_model_input
 from components.progress import Progress, ProgressFn
 from components.read_ahead import read_ahead
 from components.shards import (
@@ -51,12 +51,10 @@ from components.shards import (
     sample_members,
 )
 from components.storage import AlreadyExists, Storage
+from components.text_embeddings import TextEmbedder
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 QUEUE_DEPTH = 4  # prepared batches waiting for the VAE, and encoded batches waiting to be written
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-TextEmbedder = Callable[[list[str]], dict[str, np.ndarray]]  # captions -> {"emb": BxLxD, ["pooled": BxD]}
 
 
 class EncodeError(RuntimeError):
@@ -78,38 +76,6 @@ def check_resolution(vae: Any, resolution: int) -> None:
         raise ResolutionMismatch(
             f"VAE/resolution mismatch: resolution {resolution} is not a positive multiple of the VAE's "
             f"downsample factor {factor}; set bases.NAME.resolution to a multiple of {factor}")
-
-
-def resize_and_crop(image: Image.Image, resolution: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-    """Shorter side to `resolution`, centre crop to a square (as SDXL's training scripts).
-
-    Returns (uint8 HxWx3 array, original_size (h, w), crop_top_left (top, left)); the crop
-    corner is in resized pixels, which is what SDXL's add_time_ids expect.
-    """
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC) if (new_w, new_h) != (w, h) else image
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(cropped, dtype=np.uint8), (h, w), (top, left)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode image bytes (lazy PIL decoding would hide truncation until later)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def to_model_input(pixels: np.ndarray, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 BxHxWx3 -> Bx3xHxW in [-1, 1] on `device`. The uint8 batch moves first (4x fewer
-    bytes than float32) and is converted there, off the host's critical path."""
-    pixels = pixels if pixels.flags.writeable else pixels.copy()  # torch refuses read-only views
-    x = torch.from_numpy(pixels).to(device, non_blocking=True).permute(0, 3, 1, 2)
-    return x.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
 
 
 @torch.no_grad()
@@ -436,28 +402,3 @@ def append_rejections(storage: Storage, manifest_rel: str, rejected: list[dict[s
     pq.write_table(pa.concat_tables([table, extra]), buf, compression="zstd")
     storage.write_bytes(rel, buf.getvalue())
     return len(new)
-
-
-def pipeline_text_embedder(pipe: Any, family: str, device: str = "cpu") -> TextEmbedder:
-    """Captions -> prompt embeddings with the base's own text encoder(s) (no CFG pass).
-
-    sd15: `emb` (B x 77 x D). sdxl: `emb` (both encoders' hidden states, concatenated) and
-    `pooled` (B x D2), as `StableDiffusionXLPipeline.encode_prompt` builds them.
-    """
-
-    @torch.no_grad()
-    def embed(captions: list[str]) -> dict[str, np.ndarray]:
-        if family == "sdxl":
-            emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
-                                                   do_classifier_free_guidance=False)
-            return {"emb": emb.float().cpu().numpy(), "pooled": pooled.float().cpu().numpy()}
-        emb, _ = pipe.encode_prompt(captions, device, 1, False)
-        return {"emb": emb.float().cpu().numpy()}
-
-    return embed
-
-
-def text_encoder_fingerprint(fingerprints: dict[str, str]) -> str:
-    """One fingerprint for the text encoder(s) of a base (both of them for SDXL)."""
-    parts = [fingerprints["text_encoder"]] + ([fingerprints["text_encoder_2"]] if "text_encoder_2" in fingerprints else [])
-    return parts[0] if len(parts) == 1 else hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -19,11 +19,11 @@ from typing import Any
 import pyarrow as pa
 
 from components.curate_schema import MANIFEST_SCHEMA, REJECTED_SCHEMA
+from components.image_prep import IMAGE_EXTENSIONS
 from components.storage import Storage
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TAR_CACHE = 4  # tar member tables kept in memory (rows of one shard are contiguous)
 
 

@@ -24,17 +24,12 @@ from PIL import Image
 from components.base_model import module_fingerprint
 from components.config import CurateConfig, parse_params
 from components.curate import curate
-from components.encode import (
-    EncodeError,
-    encode_dataset,
-    pipeline_text_embedder,
-    resize_and_crop,
-    text_encoder_fingerprint,
-    to_model_input,
-)
+from components.encode import EncodeError, encode_dataset
+from components.image_prep import resize_and_crop, to_model_input
 from components.shards import ResolutionMismatch, read_index
 from components.stages.encode import encode_for_base
 from components.storage import Storage
+from components.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
 from components.toy.source import write_toy_source
 
 REPO = Path(__file__).resolve().parents[1]

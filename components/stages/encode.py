@@ -20,16 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import BaseConfig, EncodeConfig, Params
-from components.encode import (
-    DTYPES,
-    encode_dataset,
-    pipeline_text_embedder,
-    text_encoder_fingerprint,
-)
+from components.encode import DTYPES, encode_dataset
 from components.progress import Progress, ProgressFn
 from components.shards import index_path, latent_dir
 from components.stages.inputs import stored_sha256
 from components.storage import AlreadyExists, Storage
+from components.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
 
 CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
 CLAIM_STALE_S = 600.0  # a claim not refreshed for this long belongs to a dead process
