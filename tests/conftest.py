@@ -31,6 +31,13 @@ import pytest
 
 from components.executables import venv_executable
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs on two xdist workers (pyproject addopts) sharing the machine's cores: one
+    # thread each, set before torch is imported (torch's default, one per core, collapses when
+    # two processes oversubscribe the cores). Subprocesses inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ACCESS_KEY = "lcmlora-test"
 SECRET_KEY = "lcmlora-test-secret-key"
 REGION = "us-east-1"
