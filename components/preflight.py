@@ -14,7 +14,6 @@ only look: nothing is loaded, downloaded or written, and S3 locations are left t
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -64,14 +63,14 @@ def _cuda_missing(key: str, device: str) -> list[str]:
 
 
 def base_problems(params: Params, name: str, base: BaseConfig) -> list[str]:
-    """The base's weights: a local folder or .safetensors that exists, or a hub id."""
-    ref = base.reference
-    if Path(ref).expanduser().exists():
-        return []
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", ref) and not ref.endswith(".safetensors") and not ref.startswith("."):
-        return []  # a hub id: resolved (and downloaded) by the stage itself
-    return [(f"bases.{name}.reference={ref}: no such folder or file, and not a hub id (owner/name); "
-            "point it at a diffusers folder, a .safetensors checkpoint or a hub id")]
+    """The base's weights: a local folder or .safetensors that exists, or a hub id (the loaders' own check)."""
+    from components.base_model import check_reference
+
+    try:
+        check_reference(base.reference)
+    except FileNotFoundError as err:
+        return [f"bases.{name}.reference: {err}"]
+    return []
 
 
 def storage_problems(params: Params, name: str, base: BaseConfig) -> list[str]:

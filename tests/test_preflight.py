@@ -59,7 +59,7 @@ def test_every_stage_s_problem_is_listed_at_once(tmp_path: Path, toy_copy: Path)
     finally:
         locked.chmod(0o700)
     text = "\n".join(found)
-    assert "bases.gone.reference=/nonexistent/base: no such folder or file" in text
+    assert "bases.gone.reference: base reference /nonexistent/base: no such file or folder" in text
     assert "ft: bases.ft.judges='nosuch': no entry point" in text
     assert f"curate.source={tmp_path / 'no-source'}: no such folder" in text
     assert "merge.style_file=" in text and "evaluate.prompts=" in text
