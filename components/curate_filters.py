@@ -264,24 +264,22 @@ def filter_metadata(batches: Iterator[pa.RecordBatch], filters: Filters,
             counts[entry["values"]] += entry["counts"]
         on_rejected(_rejected_batch(keys, reason, value, filters))
 
+    def keep_passing(table: pa.RecordBatch, checks) -> pa.RecordBatch:
+        """The rows of `table` every check passes; the others rejected with their first reason."""
+        reason, value = checks(table, filters)
+        keep = pc.is_null(reason)
+        kept = table.filter(keep)
+        if kept.num_rows < table.num_rows:
+            drop = pc.invert(keep)
+            reject(table.column("key").filter(drop), reason.filter(drop), value.filter(drop))
+        return kept
+
     for batch in batches:
         rows += batch.num_rows
-        # 1. Cheap numeric checks on every row.
-        reason, value = numeric_checks(batch, filters)
-        alive = pc.is_null(reason)
-        survivors = batch.filter(alive)
-        if survivors.num_rows < batch.num_rows:
-            drop = pc.invert(alive)
-            reject(batch.column("key").filter(drop), reason.filter(drop), value.filter(drop))
+        survivors = keep_passing(batch, numeric_checks)  # 1. cheap numeric checks on every row
         if not survivors.num_rows:
             continue
-        # 2. String checks on the survivors only.
-        reason, value = string_checks(survivors, filters)
-        keep = pc.is_null(reason)
-        kept = survivors.filter(keep)
-        if kept.num_rows < survivors.num_rows:
-            drop = pc.invert(keep)
-            reject(survivors.column("key").filter(drop), reason.filter(drop), value.filter(drop))
+        kept = keep_passing(survivors, string_checks)  # 2. string checks on the survivors only
         if kept.num_rows:
             on_candidates(_to_candidates(kept))
     return rows, {METADATA_REASONS[i]: c for i, c in enumerate(counts) if c}
