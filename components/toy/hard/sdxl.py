@@ -133,11 +133,11 @@ def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.r
 
 
 def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor, ids: torch.Tensor,
-                         uncond_ids: torch.Tensor, add_time_ids: torch.Tensor, s, progress=None) -> int:
+                         add_time_ids: torch.Tensor, s, progress=None) -> int:
     """Train UNet and both text encoders in place on scaled latents (N x 4 x 16 x 16), ids (N x 32), time ids (N x 6).
 
     Same recipe as the SD-1.5 family (`components/toy/hard/base.py:train_hard_unet`): caption
-    dropout to the empty prompt, AdamW with warm-up and cosine decay, an EMA copied into the
+    dropout (zeroed embeddings, as SDXL's empty prompt), AdamW with warm-up and cosine decay, an EMA copied into the
     pipeline at the end, stopped at `budget_s`. Returns the step reached.
     """
     import copy
@@ -156,11 +156,14 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     started, step = time.time(), 0
     for step in range(1, s.train_steps + 1):
         idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
-        batch_ids = ids[idx].clone()
-        batch_ids[torch.rand(s.batch_size, generator=generator) < s.caption_dropout] = uncond_ids[0]
+        dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, s)
-        embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], batch_ids)
+        embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], ids[idx])
+        # A dropped caption is all-zero embeddings: what the pipeline's force_zeros_for_empty_prompt feeds
+        # the unconditional branch of CFG (Podell et al. 2023 trained SDXL so).
+        keep = (~dropped).to(embeds.dtype)
+        embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         loss = sdxl_epsilon_loss(models["unet"], noise_scheduler, latents[idx], embeds, pooled, add_time_ids[idx],
                                  generator)
         opt.zero_grad(set_to_none=True)

@@ -111,8 +111,8 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     latents = encode_latents(vae, images) * vae.config.scaling_factor
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
-    ids, uncond_ids = token_ids(pipe.tokenizer, captions), token_ids(pipe.tokenizer, [""])
-    step = train_hard_sdxl_unet(pipe, latents, ids, uncond_ids, add_time_ids, s, progress)
+    ids = token_ids(pipe.tokenizer, captions)
+    step = train_hard_sdxl_unet(pipe, latents, ids, add_time_ids, s, progress)
     folder = Path(s.sdxl_dir)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
