@@ -18,8 +18,9 @@ imported only then, so the registry works without a server.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -29,7 +30,9 @@ from components.storage import AlreadyExists, Storage
 
 EVENT = "lcmlora.alias.moved"
 SEQUENCE_DIGITS = 10
-DELIVERY_TIMEOUT_S = 10.0  # how long an alias move waits for the Prefect API to take its event
+DELIVERY_TIMEOUT_S = 30.0  # how long an alias move waits for the Prefect API to confirm its event
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,32 @@ def prefect_api_configured() -> bool:
 
 
 def emit_prefect(event: AliasEvent) -> bool:
-    """Send `lcmlora.alias.moved` to the configured Prefect API and wait for delivery; False if none."""
+    """Send `lcmlora.alias.moved` to the configured Prefect API; True once the server confirmed it.
+
+    The event goes through its own events client (not Prefect's background worker, whose queue
+    a short-lived CLI process could exit before flushing: a real server then missed moves) with a
+    checkpoint after every event, so a True means the server's websocket has taken it. Delivery
+    failures are logged and return False: the log above is the record, an alias move never fails
+    for them.
+    """
     if not prefect_api_configured():
         return False
-    from prefect.events import emit_event
-    from prefect.events.worker import EventsWorker
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    sent = emit_event(event=EVENT, resource={"prefect.resource.id": f"lcmlora.model.{event.name}",
-                                             "prefect.resource.name": event.name},
-                      payload=event.payload())
-    with contextlib.suppress(Exception):  # delivery is best effort; the log above is the record
-        EventsWorker.drain_all(timeout=DELIVERY_TIMEOUT_S)
-    return sent is not None
+    prefect_event = Event(event=EVENT, resource={"prefect.resource.id": f"lcmlora.model.{event.name}",
+                                                 "prefect.resource.name": event.name},
+                          payload=event.payload())
+
+    async def send() -> None:
+        async with get_events_client(reconnection_attempts=2, checkpoint_every=1) as client:
+            await client.emit(prefect_event)
+
+    try:
+        run_coro_as_sync(asyncio.wait_for(send(), DELIVERY_TIMEOUT_S))
+    except Exception as exc:  # noqa: BLE001 - any delivery failure: logged, the move stands
+        logger.warning("%s@%s: Prefect event %s not delivered (%s: %s); the event log has it",
+                       event.name, event.alias, EVENT, type(exc).__name__, exc)
+        return False
+    return True

@@ -203,3 +203,44 @@ def _deployment_update(stack: PrefectStack):
 
     return DeploymentUpdate(parameters={"reference": str(REPO / "data/toy/base"), "params_file": str(stack.params_file),
                                         "overrides": []})
+
+
+ALIAS_EVENT_TIMEOUT_S = 90  # the server persists received events in batches
+
+
+def test_alias_moves_reach_the_prefect_server_as_events(prefect_stack: PrefectStack, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One move by a short-lived CLI process (`registry alias set`), one in-process, both with the
+    stack's API configured: the server's event store holds one `lcmlora.alias.moved` per move, with
+    the payload docs/registry.md gives. (Prefect's background events worker lost the CLI's event on
+    this box: the process exited before its queue drained.)"""
+    import httpx
+
+    from components.registry import Registry
+    from components.storage import Storage
+    from tests.test_registry import make_lora_folder
+
+    root = tmp_path / "registry"
+    reg = Registry(Storage(str(root)), cache_dir=tmp_path / "cache")
+    digests = {v: reg.publish(make_lora_folder(tmp_path / f"v{v}", seed=v), "evt").manifest.digest for v in (1, 2)}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "alias", "set", "evt", "production", "1",
+                          "--params", str(prefect_stack.params_file), "--set", f"registry.root={root}"], cwd=REPO,
+                         env=prefect_stack.env, capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, f"registry alias set failed:\n{out.stdout}\n{out.stderr}"
+    settings, _ = _client(prefect_stack, monkeypatch)
+    with settings:
+        reg.alias_set("evt", "production", "2")
+    body = {"filter": {"event": {"name": ["lcmlora.alias.moved"]}, "any_resource": {"id": ["lcmlora.model.evt"]},
+                       "order": "ASC"}, "limit": 50}
+    events: list[dict] = []
+    deadline = time.monotonic() + ALIAS_EVENT_TIMEOUT_S
+    while time.monotonic() < deadline and len(events) < 2:
+        resp = httpx.post(f"{prefect_stack.api_url}/events/filter", json=body, timeout=10)
+        assert resp.status_code == 200, resp.text
+        events = resp.json()["events"]
+        time.sleep(0.5)
+    moves = sorted((e["payload"]["from"], e["payload"]["to"], e["payload"]["digest"]) for e in events
+                   if e["payload"]["alias"] == "production")
+    assert moves == [(None, 1, digests[1]), (1, 2, digests[2])], (
+        f"events on the server: {events}\nserver log:\n{prefect_stack.log_tail('server', 30)}")
+    assert all(e["resource"]["prefect.resource.id"] == "lcmlora.model.evt" for e in events)
