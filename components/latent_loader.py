@@ -14,9 +14,14 @@
 Shards are split first by rank (node), then by DataLoader worker, so within an epoch without
 resampling every sample is yielded exactly once across all ranks and workers (the shard
 order is shuffled with `seed + epoch`, identical on every rank; call
-`loader.dataset.set_epoch(e)` between epochs). With `resample=True` each rank and worker
-draws shards with replacement forever (multi-epoch training by steps, equal batch counts on
-every rank). Shards are read through `Storage`, so local and `s3://` roots both work.
+`loader.dataset.set_epoch(e)` between epochs). With `resample=True` each DataLoader worker
+draws shards with replacement forever (training by steps) into one GLOBAL stream, the same on
+every rank: its batches hold `batch_size x world_size` samples, and rank r keeps (decodes) rows
+`[r*batch_size, (r+1)*batch_size)`. So 2 ranks of batch b see exactly the samples of 1 process
+of batch 2b, and 1 process sees what it saw before the stream was shared (it is keyed as rank
+0's was). The stream depends on `num_workers` (one per worker, interleaved by the DataLoader):
+compare runs at the same `num_workers`. Shards are read through `Storage`, so local and `s3://`
+roots both work.
 """
 
 from __future__ import annotations
@@ -81,11 +86,16 @@ class LatentDataset(IterableDataset):
         return (self.rank if self.rank is not None else rank,
                 self.world_size if self.world_size is not None else world, worker, workers)
 
+    def _stream_key(self) -> tuple[int, int]:
+        """(stream, worker) keying the random draws: resampled, every rank draws rank 0's (global) stream."""
+        rank, _, worker, _ = self._worker()
+        return (0 if self.resample else rank), worker
+
     def _shard_stream(self) -> Iterator[str]:
         rank, world, worker, workers = self._worker()
         if self.resample:
-            # Distinct, reproducible infinite draws per (seed, epoch, rank, worker).
-            rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 0))
+            # Reproducible infinite draws per (seed, epoch, worker), identical on every rank.
+            rng = random.Random(_seed(self.seed, self.epoch, *self._stream_key(), 0))
             while True:
                 yield rng.choice(self.shards)
         order = list(self.shards)
@@ -100,14 +110,20 @@ class LatentDataset(IterableDataset):
                 yield {"url": self.storage.url(name), "stream": fh}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rank, _, worker, _ = self._worker()
+        rank, world, _, _ = self._worker()
         samples: Iterator[dict[str, Any]] = group_by_keys(tar_file_expander(self._open(self._shard_stream())))
-        samples = map(decode_sample, samples)
         if self.shuffle:
-            rng = random.Random(_seed(self.seed, self.epoch, rank, worker, 1))
+            rng = random.Random(_seed(self.seed, self.epoch, *self._stream_key(), 1))
             samples = wds.filters.shuffle(bufsize=SHUFFLE_BUFFER, initial=min(100, SHUFFLE_BUFFER), rng=rng)(samples)
-        yield from wds.filters.batched(batchsize=self.batch_size, collation_fn=collate,
-                                       partial=not self.drop_last)(samples)
+        if not self.resample:  # this rank's shards: every sample of them, in batches
+            for group in wds.filters.batched(batchsize=self.batch_size, collation_fn=None,
+                                             partial=not self.drop_last)(samples):
+                yield collate([decode_sample(s) for s in group])
+            return
+        # The global batch (batch_size x world_size, endless: never partial); only this rank's rows are decoded.
+        rows = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
+        for group in wds.filters.batched(batchsize=self.batch_size * world, collation_fn=None, partial=False)(samples):
+            yield collate([decode_sample(s) for s in group[rows]])
 
 
 def make_loader(storage: Storage, index_rel: str, batch_size: int, *, shuffle: bool = True, resample: bool = False,

@@ -228,13 +228,19 @@ class LCDSample:
 
 
 def draw_lcd_sample(latents: Tensor, s: LCDSettings, solver_timesteps: Tensor,
-                    generator: torch.Generator) -> LCDSample:
-    """n ~ U{0..N-1}, noise, omega ~ [w_min, w_max] (Algorithm 1, line 3), drawn in this order on the CPU generator."""
+                    generator: torch.Generator, *, rank: int = 0, world_size: int = 1) -> LCDSample:
+    """n ~ U{0..N-1}, noise, omega ~ [w_min, w_max] (Algorithm 1, line 3), drawn in this order on the CPU generator.
+
+    Drawn for the global batch (B x world_size rows, B = latents' batch); this rank keeps rows
+    [rank B, (rank + 1) B), so with the same generator on every rank, N ranks of batch B draw
+    what one process of batch N B draws (and world_size 1 is the plain per-batch draw).
+    """
     b = latents.shape[0]
-    index = torch.randint(0, len(solver_timesteps), (b,), generator=generator)
+    rows = slice(rank * b, (rank + 1) * b)
+    index = torch.randint(0, len(solver_timesteps), (b * world_size,), generator=generator)[rows]
     t_start = solver_timesteps[index]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    w = sample_guidance_w(b, s.guidance_min, s.guidance_max, generator)
+    noise = torch.randn((b * world_size, *latents.shape[1:]), generator=generator, dtype=torch.float32)[rows]
+    w = sample_guidance_w(b * world_size, s.guidance_min, s.guidance_max, generator)[rows]
     dev = latents.device
     return LCDSample(t_start.to(dev), previous_solver_timestep(t_start, s.skip).to(dev),
                      noise.to(dev, latents.dtype), w.to(dev))
@@ -280,14 +286,16 @@ def student_prediction(unet: Any, z_start: Tensor, d: LCDSample, cond: Condition
 
 
 def lcd_loss(student: Any, unet: Any, latents: Tensor, cond: Conditioning, uncond: Conditioning, s: LCDSettings,
-             alpha_bar: Tensor, solver_timesteps: Tensor, generator: torch.Generator) -> Tensor:
+             alpha_bar: Tensor, solver_timesteps: Tensor, generator: torch.Generator, *, rank: int = 0,
+             world_size: int = 1) -> Tensor:
     """L(theta, theta-; Psi) of Algorithm 1 for one batch of scaled latents [B, C, h, w]; scalar.
 
     `student` is the (possibly DDP-wrapped) UNet used for the gradient pass; `unet` the same
-    module unwrapped, used for the no-grad teacher and target passes.
+    module unwrapped, used for the no-grad teacher and target passes. Under DDP, `rank` and
+    `world_size` pick this process's rows of the global batch's draws (`draw_lcd_sample`).
     """
     # 1. Draws: n, noise, w; forward process to z_{t_{n+k}} (lines 3-4).
-    d = draw_lcd_sample(latents, s, solver_timesteps, generator)
+    d = draw_lcd_sample(latents, s, solver_timesteps, generator, rank=rank, world_size=world_size)
     z_start = add_noise(latents, d.noise, d.t_start, alpha_bar)
     # 2. Teacher: one guided DDIM step back to t_n (line 5), no gradients, adapters off.
     z_prev = teacher_solver_step(unet, z_start, d, cond, uncond, s, alpha_bar)

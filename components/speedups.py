@@ -60,12 +60,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def lcd_loss_bf16_teacher(student: Any, unet: Any, latents: Tensor, cond: Conditioning, uncond: Conditioning,
                           s: LCDSettings, alpha_bar: Tensor, solver_timesteps: Tensor,
-                          generator: torch.Generator) -> Tensor:
+                          generator: torch.Generator, *, rank: int = 0, world_size: int = 1) -> Tensor:
     """`lcd.lcd_loss` (Algorithm 1, lines 3-6) with the no-grad teacher and target passes under bf16 autocast.
 
     Same draws in the same order; the student pass and the loss keep the caller's precision.
     """
-    d = draw_lcd_sample(latents, s, solver_timesteps, generator)
+    d = draw_lcd_sample(latents, s, solver_timesteps, generator, rank=rank, world_size=world_size)
     z_start = add_noise(latents, d.noise, d.t_start, alpha_bar)
     with torch.autocast(latents.device.type, dtype=torch.bfloat16):
         z_prev = teacher_solver_step(unet, z_start, d, cond, uncond, s, alpha_bar)

@@ -116,12 +116,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 class _TrainerState:
-    """Step, CPU generator state and loss history: what accelerate's save_state does not keep."""
+    """Step, CPU generator state and loss history: what accelerate's save_state does not keep.
 
-    def __init__(self, seed: int, rank: int):
+    The generator is the same on every rank (seeded as rank 0's always was): each rank draws the
+    global batch's timesteps, noise and guidance and keeps its rows (`lcd.draw_lcd_sample`).
+    """
+
+    def __init__(self, seed: int):
         self.step = 0
         self.history: list[tuple[int, float]] = []
-        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003)
 
     def save(self, folder: Path, rank: int) -> None:
         state = {"step": self.step, "history": self.history, "generator": self.generator.get_state().numpy().tobytes().hex()}
@@ -199,6 +203,13 @@ def train_lcd_lora(
     batches already consumed are skipped, so a resumed run sees the same data as an
     uninterrupted one. `resume`: None, "latest", or a checkpoint folder.
 
+    World-size invariant: every rank draws the global batch's timesteps, noise and guidance from
+    one generator and keeps its rows; DDP averages the ranks' gradients of their batch-mean
+    losses (the global batch's mean loss, for equal per-rank batches) before clipping, which
+    accelerate applies to the all-reduced gradients. So N processes of batch B train the LoRA
+    one process of batch N B trains (to float rounding) when `batches(rank, world_size)` yields
+    the rank's rows of the same global batches, as `make_loader(..., resample=True)` does.
+
     `progress` (rank 0 only) gets `Progress(stage="distill", step, total=max_steps, metrics=
     {"loss", "lr", "grad_norm", "samples_per_s", "step_seconds"})` after every optimizer step, and
     `Progress(..., note="checkpoint-STEP")` after every checkpoint is complete.
@@ -239,7 +250,7 @@ def train_lcd_lora(
     loss_fn = lcd_loss_bf16_teacher if opts.bf16_teacher else lcd_loss
 
     # 3. Resume: LoRA, optimizer, scheduler, RNG states, generator, history; skip consumed batches.
-    state = _TrainerState(opts.seed, accelerator.process_index)
+    state = _TrainerState(opts.seed)
     resumed_from = None
     if resume:
         ckpt = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
@@ -272,7 +283,7 @@ def train_lcd_lora(
             cond = conditioner.conditioning(batch).to(device, weight_dtype)
             uncond = conditioner.unconditional(cond)
             loss = loss_fn(student, unet, latents, cond, uncond, settings, alpha_bar, solver_timesteps,
-                           state.generator)
+                           state.generator, rank=accelerator.process_index, world_size=accelerator.num_processes)
         accelerator.backward(loss)
         if opts.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(params, opts.max_grad_norm)

@@ -106,8 +106,24 @@ def test_resample_keeps_going_past_an_epoch(encoded):
     it = iter(loader)
     seen = [k for _ in range(12) for k in next(it)["keys"]]  # 96 samples from a 40-sample set
     assert len(seen) == 96 and set(seen) <= set(keys)
-    other = iter(make_loader(storage, index_rel, batch_size=8, resample=True, rank=1, world_size=2))
-    assert [k for _ in range(3) for k in next(other)["keys"]] != seen[:24]  # ranks draw differently
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resampled_ranks_hold_their_rows_of_one_process_global_batches(encoded, workers):
+    """2 ranks of batch 3 get, batch by batch, the halves of 1 process's batches of 6 (same seed and workers)."""
+    storage, index_rel, _ = encoded
+
+    def batches(batch_size: int, rank: int, world_size: int) -> list[dict]:
+        it = iter(make_loader(storage, index_rel, batch_size, resample=True, seed=4, num_workers=workers, rank=rank,
+                              world_size=world_size, drop_last=True))
+        return [next(it) for _ in range(10)]  # 60 samples: past one epoch of 40
+
+    one, r0, r1 = batches(6, 0, 1), batches(3, 0, 2), batches(3, 1, 2)
+    for whole, a, b in zip(one, r0, r1, strict=True):
+        assert a["keys"] + b["keys"] == whole["keys"]
+        assert torch.equal(torch.cat([a["latents"], b["latents"]]), whole["latents"])
+        assert a["captions"] + b["captions"] == whole["captions"]
+    assert [a["keys"] for a in r0] != [b["keys"] for b in r1]  # the ranks train on different rows
 
 
 def test_loader_errors_are_clear(encoded, tmp_path):

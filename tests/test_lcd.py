@@ -121,6 +121,19 @@ def test_guidance_scale_embedding_matches_lcm_pipeline():
     assert close(lcd.guidance_scale_embedding(w, 256), ref, 1e-5)
 
 
+def test_ranks_draw_their_rows_of_the_global_batch():
+    """Same generator on every rank: rank r of N (batch 2) draws rows [2r, 2r+2) of one process's batch-2N draws."""
+    settings = lcd.LCDSettings(family="sd15", prediction_type="epsilon", scaling_factor=0.18215,
+                               guidance_min=2.0, guidance_max=8.0)
+    solver = lcd.ddim_solver_timesteps(1000, 50)
+    one = lcd.draw_lcd_sample(torch.zeros(6, 4, 8, 8), settings, solver, torch.Generator().manual_seed(5))
+    ranks = [lcd.draw_lcd_sample(torch.zeros(2, 4, 8, 8), settings, solver, torch.Generator().manual_seed(5),
+                                 rank=r, world_size=3) for r in range(3)]
+    for field in ("t_start", "t_prev", "noise", "w"):
+        assert torch.equal(torch.cat([getattr(d, field) for d in ranks]), getattr(one, field)), field
+    assert ranks[0].noise.shape == (2, 4, 8, 8) and not torch.equal(ranks[0].noise, ranks[1].noise)
+
+
 # --- the composed step against the diffusers reference recipe ------------------------------------
 # An independent re-implementation of one step of diffusers' examples/consistency_distillation/
 # train_lcm_distill_lora_sd_wds.py (a separate frozen teacher UNet, its DDIMSolver with the
