@@ -239,8 +239,8 @@ def test_alias_moves_reach_the_prefect_server_as_events(prefect_stack: PrefectSt
         assert resp.status_code == 200, resp.text
         events = resp.json()["events"]
         time.sleep(0.5)
-    moves = sorted((e["payload"]["from"], e["payload"]["to"], e["payload"]["digest"]) for e in events
-                   if e["payload"]["alias"] == "production")
+    moves = sorted(((e["payload"]["from"], e["payload"]["to"], e["payload"]["digest"]) for e in events
+                    if e["payload"]["alias"] == "production"), key=lambda move: move[1])
     assert moves == [(None, 1, digests[1]), (1, 2, digests[2])], (
         f"events on the server: {events}\nserver log:\n{prefect_stack.log_tail('server', 30)}")
     assert all(e["resource"]["prefect.resource.id"] == "lcmlora.model.evt" for e in events)

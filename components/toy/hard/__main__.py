@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--every", type=int, default=25, help="print one progress line every N steps")
     parser.add_argument("--checkpoint", default=None, help="evaluate: an ema-STEP.pt instead of base_dir")
+    parser.add_argument("--sdxl", action="store_true", help="evaluate: the SDXL-family base in sdxl_dir")
     args = parser.parse_args(argv)
     s = _config(args.sets)
     torch.set_num_threads(s.threads)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build_hard_sdxl(s, progress)
     else:
         from components.toy.hard.evaluate import evaluate_base
-        report = evaluate_base(s, args.checkpoint, progress)
+        report = evaluate_base(s, args.checkpoint, progress, sdxl=args.sdxl)
     print(json.dumps(report, indent=2, default=str))
     return 0
 

@@ -101,9 +101,15 @@ def checkpoint_vae(s: HardToyConfig, scenes: int = 500) -> AutoencoderKL:
     return vae
 
 
-def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: ProgressFn | None = None) -> dict:
-    """The difficulty table of `base_dir`, or of an EMA checkpoint (VAE from base_dir, else from checkpoint_dir)."""
-    if checkpoint is None:
+def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: ProgressFn | None = None,
+                  sdxl: bool = False) -> dict:
+    """The difficulty table of `base_dir` (`sdxl_dir` with `sdxl`), or of an SD-1.5-family EMA
+    checkpoint (VAE from base_dir, else from checkpoint_dir)."""
+    if sdxl:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(s.sdxl_dir)
+    elif checkpoint is None:
         pipe = StableDiffusionPipeline.from_pretrained(s.base_dir, safety_checker=None, requires_safety_checker=False)
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,5 +122,5 @@ def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: Pro
         pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
     judges = load_judges(s.judges_dir)
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
-    report["model"] = str(checkpoint or Path(s.base_dir))
+    report["model"] = str(Path(s.sdxl_dir) if sdxl else checkpoint or Path(s.base_dir))
     return report
