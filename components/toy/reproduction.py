@@ -107,12 +107,6 @@ def goals_markdown(goals: GateResult) -> str:
     return "\n".join(lines)
 
 
-def run_toy_reproduction(params: Params, output: str | Path, *,
-                         progress: ProgressFn | None = None) -> Reproduction:
-    """The easy toy's reproduction (`run_reproduction` on `EASY_TOY`)."""
-    return run_reproduction(EASY_TOY, params, output, progress=progress)
-
-
 def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
                      progress: ProgressFn | None = None) -> Reproduction:
     """source -> curate -> encode -> distill -> evaluate -> goals of one toy world, all under `output`.
