@@ -69,12 +69,12 @@ HARD_GOALS = [  # issue 12, item 3; FD over the hard judges' features, adherence
 
 
 def hard_overrides(family: str) -> list[str]:
-    """The `--set` overrides that add the family's hard base and the hard recipe."""
+    """The `--set` overrides that add both hard bases (so a user's `--set bases.toy-hard-xl.KEY=...`
+    resolves in every family's run), the hard recipe and the family's own part of it."""
     if family not in FAMILIES:
         raise ValueError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
-    name = FAMILIES[family]
-    return ([f"bases.{name}.{key}={value}" for key, value in HARD_BASES[name].items()]
-            + HARD_RECIPE + FAMILY_RECIPE[family])
+    bases = [f"bases.{name}.{key}={value}" for name, base in HARD_BASES.items() for key, value in base.items()]
+    return bases + HARD_RECIPE + FAMILY_RECIPE[family]
 
 
 def write_source(folder: Path, params: Params) -> dict:
