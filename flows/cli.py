@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
@@ -291,37 +291,58 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
 def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
               output: OutputOpt = None,
               toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
+              hard: Annotated[bool, typer.Option("--hard", help="the hard toy (two coloured digits, 64 px); "
+                                                 "docs/toy-hard.md")] = False,
+              family: Annotated[Literal["sd15", "sdxl", "both"], typer.Option(
+                  "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
               max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None) -> None:
     """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
-    when a reproduction goal is not met. Everything lands under --output (default runs/reproduce)."""
+    when a reproduction goal is not met. Everything lands under --output (default runs/reproduce,
+    runs/reproduce-hard/FAMILY with --hard)."""
     if not toy:
         raise click.UsageError("only the toy reproduction exists: pass --toy")
     import time
 
-    from components.toy.reproduction import TOY_RECIPE, goals_markdown, run_toy_reproduction
+    from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
 
-    out = (output or Path("runs/reproduce")).resolve()
-    isolated = [f"storage.root={out / 'artifacts'}"]
-    cfg = resolve(params, TOY_RECIPE + isolated + list(set_ or []),
-                  [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
+    runs = []  # (title, world, resolved params, output folder)
+    if hard:
+        from components.toy.hard.reproduction import FAMILIES, hard_overrides, hard_world
+
+        for fam in (list(FAMILIES) if family == "both" else [family]):
+            out = ((output or Path("runs/reproduce-hard")) / fam).resolve()
+            recipe = hard_overrides(fam) + [f"storage.root={out / 'artifacts'}"]
+            runs.append((f"hard toy, {fam} family (bases.{FAMILIES[fam]})", hard_world(fam), out, recipe))
+    else:
+        out = (output or Path("runs/reproduce")).resolve()
+        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]))
+    resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
+                                            [f"distill.max_steps={max_steps}"] if max_steps is not None else []))
+                for title, world, out, recipe in runs]
     if dry_run:
-        print_config(cfg)
+        for title, _, _, cfg in resolved:
+            if len(resolved) > 1:
+                typer.echo(f"# {title}")
+            print_config(cfg)
         return
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
     from flows.progress_view import ProgressView
 
-    with ProgressView(console) as view:
-        result = run_toy_reproduction(cfg, out, progress=view)
-    echo_evaluation(result.evaluation_doc)
-    typer.echo("reproduction goals:")
-    typer.echo(goals_markdown(result.goals))
-    typer.echo(f"started {started}; seconds per stage: {result.seconds}")
-    typer.echo(f"machine: {result.machine}")
-    typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
-    if not result.goals.passed:
-        raise click.ClickException(f"{len(result.goals.violations)} reproduction goal(s) not met: "
-                                   + "; ".join(result.goals.violations))
+    unmet = []
+    for title, world, out, cfg in resolved:
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        with ProgressView(console) as view:
+            result = run_reproduction(world, cfg, out, progress=view)
+        typer.echo(f"== {title}")
+        echo_evaluation(result.evaluation_doc)
+        typer.echo("reproduction goals:")
+        typer.echo(goals_markdown(result.goals))
+        typer.echo(f"started {started}; seconds per stage: {result.seconds}")
+        typer.echo(f"machine: {result.machine}")
+        typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
+        unmet += [f"{title}: {violation}" for violation in result.goals.violations]
+    if unmet:
+        raise click.ClickException(f"{len(unmet)} reproduction goal(s) not met: " + "; ".join(unmet))
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`lcmlora toy ...`: build the embedded toy world (source, classifier, base, style, style LoRA).
+"""`lcmlora toy ...`: build the embedded toy world (source, classifier, base, style, style LoRA),
+and the hard toy's bases (`toy base --hard [--sdxl]`, settings under params' `toy.hard`).
 
 The CLI is the edge: it may import the toy package, which production code never does.
 """
@@ -6,10 +7,12 @@ The CLI is the edge: it may import the toy package, which production code never 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import click
 import typer
 
+from components.config import Params
 from components.toy.config import toy_config
 from flows.cli_common import DryRunOpt, OutputOpt, ParamsOpt, SetOpt, console, print_config, resolve
 from flows.progress_view import ProgressView
@@ -58,11 +61,25 @@ def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 @toy_app.command("base")
 def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-             output: OutputOpt = None) -> None:
-    """Train the tiny SD-1.5-family toy base and save it in diffusers layout."""
-    cfg = resolve(params, set_, [f"toy.base_dir={output}"] if output else None)
+             output: OutputOpt = None,
+             hard: Annotated[bool, typer.Option("--hard", help="the hard toy's SD-1.5-family base (64 px, "
+                                                "settings under toy.hard; docs/toy-hard.md)")] = False,
+             sdxl: Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL-family hard base, around "
+                                                "the VAE of toy.hard.base_dir")] = False) -> None:
+    """Train the tiny SD-1.5-family toy base (or, with --hard, a hard toy base) and save it in diffusers layout."""
+    if sdxl and not hard:
+        raise click.UsageError("--sdxl builds the hard toy's SDXL-family base: pass --hard --sdxl")
+    folder_key = ("toy.hard.sdxl_dir" if sdxl else "toy.hard.base_dir") if hard else "toy.base_dir"
+    cfg = resolve(params, set_, [f"{folder_key}={output}"] if output else None)
+    if hard:
+        from components.toy.hard.config import hard_toy_config
+
+        hard_toy_config(cfg)  # a typo under toy.hard fails here, named, also with --dry-run
     if dry_run:
         print_config(cfg)
+        return
+    if hard:
+        _hard_base(cfg, sdxl)
         return
     import json
 
@@ -79,6 +96,26 @@ def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
         raise click.ClickException(f"toy base: prompted-digit accuracy {accuracy:.3f} at guidance {guidance} is below "
                                    f"toy.min_accuracy {toy_config(cfg).min_accuracy}; train longer (toy.train_steps) "
                                    f"or check {toy_config(cfg).base_dir}/training.json")
+
+
+def _hard_base(cfg: Params, sdxl: bool) -> None:
+    """`toy base --hard [--sdxl]`: the hard toy's builders with the `toy.hard` settings."""
+    import json
+
+    import torch
+
+    from components.toy.hard.config import hard_toy_config
+    from components.toy.hard.world import build_hard_base, build_hard_sdxl
+
+    hard = hard_toy_config(cfg)
+    if hard.device != "cpu":
+        raise click.ClickException(f"toy.hard.device={hard.device}: the hard toy's trainers "
+                                   "(components/toy/hard/base.py, sdxl.py) run on the CPU only so far; "
+                                   "set toy.hard.device=cpu")
+    torch.set_num_threads(hard.threads)
+    with ProgressView(console) as view:
+        report = (build_hard_sdxl if sdxl else build_hard_base)(hard, view)
+    typer.echo(json.dumps(report, indent=2))
 
 
 @toy_app.command("style")

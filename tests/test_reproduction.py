@@ -10,11 +10,12 @@ import pytest
 
 from components.config import load_params
 from components.toy.reproduction import (
+    EASY_TOY,
     TOY_GOALS,
     TOY_RECIPE,
     check_goals,
     goals_markdown,
-    run_toy_reproduction,
+    run_reproduction,
 )
 from tests.tiny_pipeline import single_thread
 
@@ -74,7 +75,7 @@ def test_short_reproduction_lcm2_beats_ddim2_on_fd(tmp_path, one_thread):
         f"storage.root={tmp_path / 'artifacts'}", f"curate.source={tmp_path / 'source'}",
         f"toy.source_dir={tmp_path / 'source'}"])
     reports = []
-    result = run_toy_reproduction(cfg, tmp_path / "out", progress=reports.append)
+    result = run_reproduction(EASY_TOY, cfg, tmp_path / "out", progress=reports.append)
     rows = {row["label"]: row for row in result.evaluation_doc["methods"]}
     assert set(rows) == {"lcm-2", "lcm_base-2", "ddim-2"}
     assert rows["lcm-2"]["fd"] < rows["ddim-2"]["fd"], rows

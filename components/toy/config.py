@@ -8,11 +8,13 @@ key`), when a toy command reads it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.config import ConfigError, Params
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ToyConfig(BaseModel):
@@ -54,19 +56,25 @@ class ToyConfig(BaseModel):
     style_batch_size: int = 64  # images per step
     style_lr: float = 2e-3  # AdamW learning rate
     style_seed: int = 0  # data order, noise, init
+    hard: dict[str, Any] = Field(default_factory=dict)  # the hard toy's settings (components/toy/hard/config.py)
+
+
+def validate_section(model: type[M], section: Mapping[str, Any], prefix: str, source: str = "params") -> M:
+    """Validate a mapping with `model`; ConfigError names every bad key as `PREFIX.KEY`."""
+    try:
+        return model.model_validate(dict(section))
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join([prefix, *(str(p) for p in e["loc"])])
+            msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"{source}: {key}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def parse_toy_config(section: Mapping[str, Any], source: str = "params") -> ToyConfig:
     """Validate a `toy:` mapping; ConfigError names every bad key as `toy.KEY`."""
-    try:
-        return ToyConfig.model_validate(dict(section))
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            key = ".".join(["toy", *(str(p) for p in e["loc"])])
-            msg = "unknown key; remove it or fix its spelling" if e["type"] == "extra_forbidden" else e["msg"]
-            lines.append(f"{source}: {key}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+    return validate_section(ToyConfig, section, "toy", source)
 
 
 def toy_config(params: Params) -> ToyConfig:

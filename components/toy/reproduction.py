@@ -1,10 +1,12 @@
 """The toy reproduction of the LCM-LoRA report's central claim: a few LCM steps do the work of
-many teacher steps (`lcmlora reproduce --toy`).
+many teacher steps (`lcmlora reproduce --toy`, and `--toy --hard` for the hard toy).
 
-It runs the stage runners (components/stages/) on the toy world, in order: toy source (if
-missing) -> curate -> encode -> distill -> evaluate, then checks the goals below against the
-evaluation's metric rows. On this easy toy the teacher is already decent at 4 steps, so the
-claim shows at 1 and 2 steps.
+`run_reproduction` runs the stage runners (components/stages/) on one toy world, in order:
+source (if missing) -> curate -> encode -> distill -> evaluate, then checks that world's goals
+against the evaluation's metric rows. A `ToyWorld` names what differs between worlds: the
+base, the source writer and the goals. This module holds the shared runner and the easy toy
+(`EASY_TOY`); the hard toy's world is `components/toy/hard/reproduction.py`. On the easy toy
+the teacher is already decent at 4 steps, so the claim shows at 1 and 2 steps.
 Every cell is reported whatever it shows; a goal that is not met is reported as such.
 """
 
@@ -14,6 +16,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from components.storage import Storage
 from components.toy.config import toy_config
 from components.toy.source import write_toy_source
 
-TOY_BASE = "toy"  # the params base the reproduction runs on
+TOY_BASE = "toy"  # the params base the easy reproduction runs on
 STAGES = ("curate", "encode", "distill", "evaluate")
 
 # The distillation recipe of the toy trial in the issue (rank 16, lr 5e-4, batch 64, 400 steps;
@@ -45,6 +48,20 @@ TOY_GOALS = [  # FD over the digit classifier's features; adherence is digit acc
     Rule("goal lcm1_accuracy_ge_0.9", "adherence", "lcm-1", constant=0.9),
     Rule("goal lcm1_fd_le_half_ddim1", "fd", "lcm-1", ("ddim-1",), 0.5),
 ]
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """What one toy reproduction runs on and checks."""
+
+    base_name: str  # the params base (bases.NAME) distilled and evaluated
+    build_hint: str  # the command that builds that base, named when it is missing
+    write_source: Callable[[Path, Params], Any]  # writes the LAION-format source to a folder
+    goals: list[Rule]  # checked against the evaluation's metric rows
+
+
+EASY_TOY = ToyWorld(TOY_BASE, "lcmlora toy base", lambda folder, p: write_toy_source(folder, seed=toy_config(p).seed),
+                    TOY_GOALS)
 
 
 @dataclass
@@ -90,9 +107,9 @@ def goals_markdown(goals: GateResult) -> str:
     return "\n".join(lines)
 
 
-def run_toy_reproduction(params: Params, output: str | Path, *,
-                         progress: ProgressFn | None = None) -> Reproduction:
-    """toy source -> curate -> encode -> distill -> evaluate -> goals, all under `output`.
+def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
+                     progress: ProgressFn | None = None) -> Reproduction:
+    """source -> curate -> encode -> distill -> evaluate -> goals of one toy world, all under `output`.
 
     Only the stage runners (components/stages/) do the work. `params` should already point
     storage.root under `output` (the CLI does so): the manifest and shards go to their keyed
@@ -111,9 +128,11 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
     output.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t_all = time.perf_counter()
-    base = params.base(TOY_BASE)
+    base_name = world.base_name
+    base = params.base(base_name)
     if not (project_path(base.reference) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{base.reference}: the toy base is missing; build it with `lcmlora toy base`")
+        raise FileNotFoundError(f"bases.{base_name}.reference={base.reference}: the toy base is missing; "
+                                f"build it with `{world.build_hint}`")
 
     def done(step: int, stage: str, note: str) -> None:
         report(Progress(stage="reproduce", step=step, total=len(STAGES), note=f"{stage}: {note}",
@@ -123,7 +142,7 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
     source_dir = project_path(params.curate.source)
     if not source_dir.exists():
         t0 = time.perf_counter()
-        write_toy_source(source_dir, seed=toy_config(params).seed)
+        world.write_source(source_dir, params)
         seconds["toy_source"] = time.perf_counter() - t0
         done(0, "toy_source", f"written to {source_dir}")
     params = params.model_copy(update={"curate": params.curate.model_copy(update={"source": str(source_dir)})})
@@ -139,31 +158,31 @@ def run_toy_reproduction(params: Params, output: str | Path, *,
     done(1, "curate", f"kept {curated.kept} of {curated.rows_in} rows")
     # 3. Encode.
     t0 = time.perf_counter()
-    encoded = run_encode(params.encode, base_name=TOY_BASE, base=base, storage=storage, manifest_rel=curated.manifest,
+    encoded = run_encode(params.encode, base_name=base_name, base=base, storage=storage, manifest_rel=curated.manifest,
                          source=source, progress=progress)
     seconds["encode"] = time.perf_counter() - t0
     done(2, "encode", f"{encoded.samples} latents")
     # 4. Distill.
     t0 = time.perf_counter()
     lora_folder = output / "lora"
-    distilled = run_distill(params.distill, base_name=TOY_BASE, base=base, storage=storage,
+    distilled = run_distill(params.distill, base_name=base_name, base=base, storage=storage,
                             latents_index=encoded.index, output=lora_folder, resolved_yaml=resolved_yaml,
                             params_digest=params.digest(), progress=progress)
     seconds["distill"] = time.perf_counter() - t0
     done(3, "distill", f"{distilled.result.steps} steps -> {lora_folder}")
     # 5. Evaluate.
     t0 = time.perf_counter()
-    evaluated = run_evaluate(params.evaluate, base_name=TOY_BASE, base=base, lora_folder=lora_folder,
+    evaluated = run_evaluate(params.evaluate, base_name=base_name, base=base, lora_folder=lora_folder,
                              output=output / "evaluation", progress=progress)
     seconds["evaluate"] = time.perf_counter() - t0
     done(4, "evaluate", "gate " + ("passed" if evaluated.passed else "FAILED"))
     seconds["total"] = time.perf_counter() - t_all
 
     # 6. Goals, and the record of what ran where.
-    goals = check_goals(evaluated.doc)
+    goals = check_goals(evaluated.doc, world.goals)
     result = Reproduction(evaluated.doc, goals, {k: round(v, 1) for k, v in seconds.items()}, machine_info(),
                           dict(evaluated.paths))
-    record = {"goals": goals.to_dict(), "seconds": result.seconds, "machine": result.machine,
+    record = {"base": base_name, "goals": goals.to_dict(), "seconds": result.seconds, "machine": result.machine,
               "distill": {k: v for k, v in params.distill.model_dump(mode="json").items()},
               "evaluation": evaluated.doc}
     (output / "reproduction.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,8 +1,15 @@
-"""Settings of the hard toy world (frozen pydantic), defaults sized for one CPU thread."""
+"""Settings of the hard toy world (frozen pydantic), defaults sized for one CPU thread.
+
+`lcmlora toy base --hard` reads them from params' `toy.hard` mapping (`--set toy.hard.KEY=VALUE`);
+`python -m components.toy.hard` from bare `--set KEY=VALUE` pairs.
+"""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from components.config import Params
+from components.toy.config import toy_config, validate_section
 
 
 class HardToyConfig(BaseModel):
@@ -40,3 +47,8 @@ class HardToyConfig(BaseModel):
     device: str = "cpu"  # torch device
     final_samples: int = 200  # samples per sampler/step count in the difficulty table
     final_guidance_scales: list[float] = Field(default_factory=lambda: [3.0, 5.0, 7.5])  # adherence table
+
+
+def hard_toy_config(params: Params) -> HardToyConfig:
+    """The `toy.hard` mapping of resolved params as a HardToyConfig; ConfigError names each bad `toy.hard.KEY`."""
+    return validate_section(HardToyConfig, toy_config(params).hard, "toy.hard")

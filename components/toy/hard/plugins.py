@@ -1,0 +1,129 @@
+"""The hard toy's entry points into production: its judges (`toy-hard` in group `lcmlora.judges`)
+and its source writer (`toy-hard` in group `lcmlora.sources`).
+
+- Frechet features: `HardJudges.features`, both halves' 64-d features side by side (128-d).
+- Prompt adherence: the share of images whose four readings (left digit, left colour, right
+  digit, right colour) all equal what the prompt names. Prompts are the captions of
+  `render.py:caption_for`, in either word order; any other prompt is an error.
+- Reference images: real renders of the evaluation prompts' own scenes, jittered as the hard
+  source renders them, each digit drawn from all 1,797 sklearn digits of its label (the source
+  and the bases use all of them too), so the FD compares like with like: the same scenes, real
+  against generated.
+- Default prompts: `data/prompts/toy-hard.txt` (40 captions: every digit and colour on both sides,
+  both word orders).
+- Style: none yet (the merge claim on the hard toy is a later task).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.adherence import AdherenceMetric
+from components.config import EvaluateConfig, Params
+from components.evaluation import load_prompts
+from components.judges import Judges, load_reference_images
+from components.paths import project_path
+from components.toy.hard.config import HardToyConfig, hard_toy_config
+from components.toy.hard.render import (
+    COLOURS,
+    DIGIT_WORDS,
+    Scene,
+    pil_to_tensor_array,
+    render_scene,
+)
+
+HARD_PROMPTS = "data/prompts/toy-hard.txt"  # the hard judges' prompt file when evaluate.prompts is unset
+REFERENCES_PER_PROMPT = 25  # real renders per evaluation prompt in the FD reference set
+_PART = rf"a ({'|'.join(COLOURS)}) ({'|'.join(DIGIT_WORDS)}) on the (left|right)"
+_CAPTION = re.compile(rf"\s*{_PART} and {_PART}\s*")
+
+
+def scene_for_prompt(prompt: str) -> Scene:
+    """The scene a hard caption names, in either word order:
+    "a red seven on the left and a blue two on the right" -> Scene(7, 0, 2, 2)."""
+    found = _CAPTION.fullmatch(prompt.lower())
+    if found is None or found.group(3) == found.group(6):
+        raise ValueError(f"prompt {prompt!r} names no hard toy scene; hard adherence needs captions such as "
+                         "'a red seven on the left and a blue two on the right' (components/toy/hard/render.py)")
+    parts = {found.group(3): found.group(1, 2), found.group(6): found.group(4, 5)}
+    (lc, ld), (rc, rd) = parts["left"], parts["right"]
+    return Scene(DIGIT_WORDS.index(ld), COLOURS.index(lc), DIGIT_WORDS.index(rd), COLOURS.index(rc))
+
+
+def hard_adherence_metric(judges) -> AdherenceMetric:
+    """Share of images (B x 3 x H x W in [-1, 1]) whose four readings all match their prompt's scene."""
+
+    def metric(images: torch.Tensor, prompts: list[str]) -> float:
+        want = torch.tensor([scene_for_prompt(p).parts() for p in prompts])
+        reads = torch.cat([judges.read(images[i:i + 256]) for i in range(0, images.shape[0], 256)])
+        return float((reads.cpu() == want).all(dim=1).double().mean())
+
+    return metric
+
+
+def hard_reference_images(prompts: list[str], per_prompt: int = REFERENCES_PER_PROMPT, seed: int = 0
+                          ) -> torch.Tensor:
+    """`per_prompt` jittered real renders of each prompt's scene: N x 3 x 64 x 64 in [-1, 1].
+
+    Each render draws its two digit images at random among all sklearn digits of the named labels.
+    """
+    from components.toy.hard.data import load_sklearn_digits
+
+    images8, labels = load_sklearn_digits()
+    by_label = [np.flatnonzero(labels == d) for d in range(10)]
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for prompt in prompts:
+        scene = scene_for_prompt(prompt)
+        for _ in range(per_prompt):
+            i, j = rng.choice(by_label[scene.left_digit]), rng.choice(by_label[scene.right_digit])
+            arrays.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng)))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def hard_judges_dir() -> Path:
+    """The committed judges folder (HardToyConfig's judges_dir, found from any working directory)."""
+    return project_path(HardToyConfig().judges_dir)
+
+
+def hard_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
+    """HardJudges features and four-part adherence, prompt-matched real renders (or evaluate.reference_images)."""
+    from components.toy.hard.judges import load_judges
+
+    judges = load_judges(hard_judges_dir(), cfg.device)
+    if cfg.reference_images:
+        reference = load_reference_images(cfg.reference_images, resolution)
+    else:
+        reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed)
+    return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
+                  "hard toy adherence (both digits, colours and sides right)", reference,
+                  default_prompts=HARD_PROMPTS)
+
+
+def hard_judges_problems(cfg: EvaluateConfig) -> list[str]:
+    """What the hard judges lack (no model is loaded)."""
+    folder = hard_judges_dir()
+    if not (folder / "model.safetensors").is_file():
+        return [(f"{folder}: no hard toy judges (model.safetensors); build them with "
+                 "`python -m components.toy.hard judges`")]
+    return []
+
+
+hard_judges.problems = hard_judges_problems  # type: ignore[attr-defined]  # checked by the preflight
+
+
+def ensure_hard_source(params: Params) -> dict[str, Any] | None:
+    """Write the hard source when `curate.source` is the hard toy's folder (toy.hard.source_dir) and
+    holds no metadata yet. Returns the summary, or None when nothing was written."""
+    from components.toy.hard.source import write_hard_source
+
+    hard = hard_toy_config(params)
+    folder = Path(hard.source_dir)
+    if Path(params.curate.source).resolve() != folder.resolve() or any(folder.glob("*.parquet")):
+        return None
+    return {**write_hard_source(folder, rows=hard.source_rows, seed=hard.seed), "output": str(folder)}
