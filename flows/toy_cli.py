@@ -108,10 +108,9 @@ def _hard_base(cfg: Params, sdxl: bool) -> None:
     from components.toy.hard.world import build_hard_base, build_hard_sdxl
 
     hard = hard_toy_config(cfg)
-    if hard.device != "cpu":
-        raise click.ClickException(f"toy.hard.device={hard.device}: the hard toy's trainers "
-                                   "(components/toy/hard/base.py, sdxl.py) run on the CPU only so far; "
-                                   "set toy.hard.device=cpu")
+    if hard.device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.ClickException(f"toy.hard.device={hard.device}: torch sees no CUDA device here; "
+                                   "set toy.hard.device=cpu (or run on a GPU machine)")
     torch.set_num_threads(hard.threads)
     with ProgressView(console) as view:
         report = (build_hard_sdxl if sdxl else build_hard_base)(hard, view)

@@ -69,4 +69,4 @@ def test_toy_base_hard_flags_and_settings_are_checked(tmp_path):
     assert alone.exit_code != 0 and "--hard --sdxl" in said(alone)
     cuda = _cli(["toy", "base", "--hard", "--set", "toy.hard.device=cuda", *tiny(tmp_path)])
     assert cuda.exit_code != 0 and "toy.hard.device=cuda" in said(cuda)
-    assert not (tmp_path / "ckpt").exists()  # refused before training
+    assert "no CUDA device" in said(cuda) and not (tmp_path / "ckpt").exists()  # refused before training

@@ -101,13 +101,13 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
     """Train the VAE on Nx3x64x64 images in [-1, 1], checkpointing to (and resuming from) `vae.pt`."""
     ckpt = Path(s.checkpoint_dir) / "vae.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    vae = hard_vae(s.seed).train()
-    generator = torch.Generator().manual_seed(s.seed + 1)
+    vae = hard_vae(s.seed).to(s.device).train()
+    generator = torch.Generator().manual_seed(s.seed + 1)  # batch indices: CPU, the same on every device
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
     start_step, mse_avg = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt)
+        state = torch.load(ckpt, map_location=s.device)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -115,7 +115,7 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
         start_step, mse_avg = state["step"], state["mse"]
     for step in range(start_step + 1, s.vae_steps + 1):
         idx = torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)
-        loss, mse, kl = vae_loss(vae, images[idx], s.kl_weight)
+        loss, mse, kl = vae_loss(vae, images[idx].to(s.device), s.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,7 +131,8 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """VAE latent means (unscaled), N x 4 x 16 x 16."""
-    return torch.cat([vae.encode(images[i:i + batch_size]).latent_dist.mean
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(images[i:i + batch_size].to(device)).latent_dist.mean.cpu()
                       for i in range(0, len(images), batch_size)])
 
 
@@ -146,16 +147,17 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
     """
     folder = Path(s.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = hard_unet(s.seed).train()
-    text_encoder.train().requires_grad_(True)
+    unet = hard_unet(s.seed).to(s.device).train()
+    text_encoder.to(s.device).train().requires_grad_(True)
     models = torch.nn.ModuleDict({"unet": unet, "text": text_encoder})
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
-    generator = torch.Generator().manual_seed(s.seed + 2)
+    generator = torch.Generator().manual_seed(s.seed + 2)  # indices and dropout: CPU, the same on every device
+    noise_generator = generator if s.device == "cpu" else torch.Generator(s.device).manual_seed(s.seed + 3)
     opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
     start_step, loss_avg = 0, 0.0
     if (folder / "last.pt").exists():
-        state = torch.load(folder / "last.pt")
+        state = torch.load(folder / "last.pt", map_location=s.device)
         models.load_state_dict(state["models"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
@@ -172,7 +174,8 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
         # 2. One AdamW step on the epsilon loss through UNet and text encoder, then the EMA.
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, s)
-        loss = epsilon_loss(unet, noise_scheduler, latents[idx], text_encoder(batch_ids)[0], generator)
+        loss = epsilon_loss(unet, noise_scheduler, latents[idx].to(s.device),
+                            text_encoder(batch_ids.to(s.device))[0], noise_generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)

@@ -101,8 +101,9 @@ def sdxl_epsilon_loss(unet: UNet2DConditionModel, scheduler: DDPMScheduler, late
                       prompt_embeds: torch.Tensor, pooled: torch.Tensor, add_time_ids: torch.Tensor,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """DDPM simple loss (Ho et al. 2020, eq. 14) with SDXL's added conditions (pooled text B x 32, time ids B x 6)."""
-    noise = torch.randn(latents.shape, generator=generator)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    # Drawn on the CPU generator, then moved: the same draws on every device.
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time_ids}).sample
     return torch.nn.functional.mse_loss(pred, noise)
@@ -148,7 +149,7 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     from components.toy.hard.base import lr_at
 
     models = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2})
-    models.train().requires_grad_(True)
+    models.to(s.device).train().requires_grad_(True)
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
     generator = torch.Generator().manual_seed(s.seed + 12)
@@ -159,13 +160,13 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
         dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, s)
-        embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], ids[idx])
+        embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], ids[idx].to(s.device))
         # A dropped caption is all-zero embeddings: what the pipeline's force_zeros_for_empty_prompt feeds
         # the unconditional branch of CFG (Podell et al. 2023 trained SDXL so).
-        keep = (~dropped).to(embeds.dtype)
+        keep = (~dropped).to(s.device, embeds.dtype)
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
-        loss = sdxl_epsilon_loss(models["unet"], noise_scheduler, latents[idx], embeds, pooled, add_time_ids[idx],
-                                 generator)
+        loss = sdxl_epsilon_loss(models["unet"], noise_scheduler, latents[idx].to(s.device), embeds, pooled,
+                                 add_time_ids[idx].to(s.device), generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)

@@ -34,8 +34,10 @@ from components.toy.hard.render import HARD_WORDS
 from components.toy.tokenizer import write_tokenizer_files
 
 
-def device_name() -> str:
-    """The CPU and thread count this process trains on."""
+def device_name(device: str = "cpu") -> str:
+    """The GPU, or the CPU and thread count, this process trains on."""
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -85,7 +87,7 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     pipe.save_pretrained(str(folder), safe_serialization=True)
     write_tokenizer_files(folder / "tokenizer", words=HARD_WORDS)
     report = {"unet_steps": step, "vae_s": round(vae_s, 1), "wall_s": round(time.time() - start, 1),
-              "device": device_name(), "torch": torch.__version__,
+              "device": device_name(s.device), "torch": torch.__version__,
               "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
                              for n in ("unet", "vae", "text_encoder")},
               "params": s.model_dump(mode="json")}
@@ -117,7 +119,7 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer_files(folder / sub, words=HARD_WORDS)
-    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1), "device": device_name(),
+    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1), "device": device_name(s.device),
               "torch": torch.__version__, "params": s.model_dump(mode="json")}
     (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
