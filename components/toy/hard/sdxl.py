@@ -139,10 +139,13 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
 
     Same recipe as the SD-1.5 family (`components/toy/hard/base.py:train_hard_unet`): caption
     dropout (zeroed embeddings, as SDXL's empty prompt), AdamW with warm-up and cosine decay, an EMA copied into the
-    pipeline at the end, stopped at `budget_s`. Returns the step reached.
+    pipeline at the end, stopped at `budget_s`; every `eval_every` steps the full state is saved to
+    `checkpoint_dir/sdxl-last.pt` (and the EMA to `sdxl-ema-STEP.pt`), and a rerun resumes from it.
+    Returns the step reached.
     """
     import copy
     import time
+    from pathlib import Path
 
     from components.progress import Progress
     from components.toy.base import ema_decay_at, ema_update, toy_scheduler
@@ -154,8 +157,18 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
     generator = torch.Generator().manual_seed(s.seed + 12)
     opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
-    started, step = time.time(), 0
-    for step in range(1, s.train_steps + 1):
+    folder = Path(s.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    start_step = 0
+    if (folder / "sdxl-last.pt").exists():
+        state = torch.load(folder / "sdxl-last.pt", map_location=s.device)
+        models.load_state_dict(state["models"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"])
+        start_step = state["step"]
+    started, step = time.time(), start_step
+    for step in range(start_step + 1, s.train_steps + 1):
         idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
         dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
         for group in opt.param_groups:
@@ -174,7 +187,12 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
         ema_update(ema, models, ema_decay_at(step, s.ema_decay))
         if progress is not None:
             progress(Progress("hard-sdxl-unet", step, s.train_steps, {"loss": float(loss.detach())}))
-        if time.time() - started > s.budget_s:
+        over_budget = time.time() - started > s.budget_s
+        if step % s.eval_every == 0 or step == s.train_steps or over_budget:
+            torch.save({"step": step, "ema": ema.state_dict()}, folder / f"sdxl-ema-{step:06d}.pt")
+            torch.save({"step": step, "models": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "generator": generator.get_state()}, folder / "sdxl-last.pt")
+        if over_budget:
             break
     models.load_state_dict(ema.state_dict())
     models.eval().requires_grad_(False)
