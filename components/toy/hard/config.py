@@ -59,6 +59,7 @@ class HardToyConfig(BaseModel):
     style_batch_size: int = 64  # images per step
     style_lr: float = 2.0e-3  # AdamW learning rate
     style_seed: int = 0  # scenes, data order, noise, init
+    style_eval_images: int = 80  # DPM-Solver++-25 samples (hard prompts in turn) scored with and without the LoRA
 
 
 def hard_toy_config(params: Params) -> HardToyConfig:

@@ -20,8 +20,8 @@ from components.config import RESOLVED_CONFIG_NAME, EvaluateConfig, Params
 from components.progress import ProgressFn
 
 
-def run_hard_style_lora(params: Params, output: str | Path | None = None, progress: ProgressFn | None = None,
-                        eval_prompts: int = 40, samples_per_prompt: int = 2) -> dict[str, Any]:
+def run_hard_style_lora(params: Params, output: str | Path | None = None,
+                        progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train the hard style LoRA on toy.hard.base_dir from the style set in toy.hard.style_dir (written
     first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
     from components import lora_io, merge
@@ -63,7 +63,8 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None, progre
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
     # 3. Style strength and adherence with and without the LoRA: 25 DPM-Solver++ steps, the base's guidance.
     judges = hard_judges(EvaluateConfig(), HARD_SIZE)
-    prompts = [p for p in load_prompts(HARD_PROMPTS)[:eval_prompts] for _ in range(samples_per_prompt)]
+    hard_prompts = load_prompts(HARD_PROMPTS)
+    prompts = [hard_prompts[i % len(hard_prompts)] for i in range(hard.style_eval_images)]
     seeds = list(range(len(prompts)))
     noise = initial_noise(seeds, latent_shape(pipe, HARD_SIZE, HARD_SIZE))
     pipe.set_progress_bar_config(disable=True)
