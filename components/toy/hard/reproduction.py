@@ -108,7 +108,7 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
     if not (style_folder / "pytorch_lora_weights.safetensors").is_file():
         run_hard_style_lora(params, style_folder, progress=progress)
     base = params.base(FAMILIES["sd15"])
-    merge_cfg = params.merge.model_copy(update={"weights": [list(CLAIM_WEIGHTS)], "lcm_steps": 4,
+    merge_cfg = params.merge.model_copy(update={"weights": [CLAIM_WEIGHTS], "lcm_steps": 4,
                                                 "reference_steps": 25, "svd_rank": None, "save_fused": "none"})
     judges = hard_judges(params.evaluate, base.resolution)
     prompts = load_prompts(params.evaluate.prompts or HARD_PROMPTS)
