@@ -14,14 +14,14 @@ from typing import Any
 
 from components.config import EvaluateConfig
 
-LOWER_IS_BETTER = {"fd": True, "adherence": False, "psnr": False, "ssim": False}
+LOWER_IS_BETTER = {"fd": True, "adherence": False, "psnr": False, "ssim": False, "style_strength": False}
 Rows = dict[str, dict[str, Any]]  # method label ("lcm-4") -> metric name -> value
 
 
 @dataclass(frozen=True)
 class Rule:
     key: str  # the params key (or goal name) the rule comes from, quoted in its violation
-    metric: str  # fd | adherence | psnr | ssim
+    metric: str  # fd | adherence | psnr | ssim | style_strength
     subject: str  # method label, e.g. "lcm-4"
     references: tuple[str, ...] = ()  # method labels whose best value, times factor, is the bound
     factor: float = 1.0

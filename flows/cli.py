@@ -295,12 +295,17 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
                                                  "docs/toy-hard.md")] = False,
               family: Annotated[Literal["sd15", "sdxl", "both"], typer.Option(
                   "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
-              max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None) -> None:
+              max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None,
+              merge_claim: Annotated[bool, typer.Option("--merge", help="with --hard: then the merge claim on the "
+                                                        "SD-1.5 hard base (style LoRA, merge at 0.8, 1.0)")] = False
+              ) -> None:
     """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
-    when a reproduction goal is not met. Everything lands under --output (default runs/reproduce,
+    when a reproduction goal (or, with --merge, the merge claim) is not met. Everything lands under --output (default runs/reproduce,
     runs/reproduce-hard/FAMILY with --hard)."""
     if not toy:
         raise click.UsageError("only the toy reproduction exists: pass --toy")
+    if merge_claim and not (hard and family in ("sd15", "both")):
+        raise click.UsageError("--merge checks the merge claim on the SD-1.5 hard base: pass --hard (--family sd15)")
     import time
 
     from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
@@ -341,6 +346,14 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         typer.echo(f"machine: {result.machine}")
         typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
         unmet += [f"{title}: {violation}" for violation in result.goals.violations]
+        if merge_claim and world.base_name == "toy-hard":
+            from components.toy.hard.reproduction import run_merge_claim
+
+            with ProgressView(console) as view:
+                _, claim = run_merge_claim(cfg, out / "lora", out / "merge", progress=view)
+            typer.echo("merge claim (issue 12, item 4):")
+            typer.echo(goals_markdown(claim))
+            unmet += [f"{title}: {violation}" for violation in claim.violations]
     if unmet:
         raise click.ClickException(f"{len(unmet)} reproduction goal(s) not met: " + "; ".join(unmet))
 

@@ -119,11 +119,21 @@ def _hard_base(cfg: Params, sdxl: bool) -> None:
 
 @toy_app.command("style")
 def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-              output: OutputOpt = None) -> None:
+              output: OutputOpt = None,
+              hard: Annotated[bool, typer.Option("--hard", help="the hard toy's style set (64 px scenes, "
+                                                 "toy.hard.style_*)")] = False) -> None:
     """Write the toy style set: the same digits in a visibly different style."""
-    cfg = resolve(params, set_, [f"toy.style_dir={output}"] if output else None)
+    cfg = resolve(params, set_, [f"toy.{'hard.' if hard else ''}style_dir={output}"] if output else None)
     if dry_run:
         print_config(cfg)
+        return
+    if hard:
+        from components.toy.hard.config import hard_toy_config
+        from components.toy.hard.style import write_hard_style
+
+        s = hard_toy_config(cfg)
+        folder = write_hard_style(s.style_dir, s.style_count, s.style_seed)
+        typer.echo(f"wrote {s.style_count} hard-style scenes (png + txt, metadata.jsonl) to {folder}")
         return
     from components.toy.style import write_toy_style
 
@@ -133,16 +143,28 @@ def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
 
 @toy_app.command("style-lora")
 def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-                   output: OutputOpt = None) -> None:
+                   output: OutputOpt = None,
+                   hard: Annotated[bool, typer.Option("--hard", help="on the SD-1.5 hard base (toy.hard.base_dir), "
+                                                      "from the hard style set")] = False,
+                   sdxl: Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL hard base "
+                                                      "(not supported yet)")] = False) -> None:
     """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base)."""
+    if sdxl:
+        raise click.UsageError("toy style-lora --hard --sdxl: the style LoRA trainer does not feed SDXL's pooled "
+                               "embeddings and time ids yet; train on the SD-1.5 hard base (--hard)")
     cfg = resolve(params, set_)
+    if hard:
+        from components.toy.hard.config import hard_toy_config
+
+        hard_toy_config(cfg)  # a typo under toy.hard fails here, named
     if dry_run:
         print_config(cfg)
         return
     import json
 
+    from components.toy.hard.style_lora import run_hard_style_lora
     from components.toy.style_lora import run_toy_style_lora
 
     with ProgressView(console) as view:
-        metrics = run_toy_style_lora(cfg, output, progress=view)
+        metrics = (run_hard_style_lora if hard else run_toy_style_lora)(cfg, output, progress=view)
     typer.echo(json.dumps(metrics, indent=2))

@@ -110,7 +110,7 @@ def test_toy_hard_judges_entry_point_builds_the_judges():
     assert judges.default_prompts == HARD_PROMPTS
     assert judges.reference_images.shape == (40 * REFERENCES_PER_PROMPT, 3, 64, 64)
     assert judges.backbone(judges.reference_images[:3]).shape == (3, 128)
-    assert judges.style is None
+    assert judges.style is not None  # the hard style strength (style_metric.py)
 
 
 def test_toy_hard_source_entry_point_writes_the_hard_source_once(tmp_path):

@@ -47,6 +47,19 @@ class HardToyConfig(BaseModel):
     device: str = "cpu"  # torch device
     final_samples: int = 200  # samples per sampler/step count in the difficulty table
     final_guidance_scales: list[float] = Field(default_factory=lambda: [3.0, 5.0, 7.5])  # adherence table
+    # the merge claim (docs/toy-hard.md, "Merge claim"): the hard style set and its style LoRA
+    style_fraction: float = Field(0.0, ge=0.0, le=1.0)  # styled scenes added to the VAE's training set, as a
+    # share of train_scenes; 0 keeps the VAE plain, and a plain VAE cannot draw the style (0.25: the easy toy's)
+    style_dir: str = "data/toy/hard/style"  # where `lcmlora toy style --hard` writes the hard style set
+    style_count: int = 2000  # scenes in the hard style set
+    style_output: str = "data/toy/hard/style_lora"  # where `lcmlora toy style-lora --hard` writes the LoRA
+    style_rank: int = 16  # LoRA rank
+    style_alpha: float = 8.0  # LoRA alpha
+    style_steps: int = 1500  # optimizer steps
+    style_batch_size: int = 64  # images per step
+    style_lr: float = 2.0e-3  # AdamW learning rate
+    style_seed: int = 0  # scenes, data order, noise, init
+    style_eval_images: int = 80  # DPM-Solver++-25 samples (hard prompts in turn) scored with and without the LoRA
 
 
 def hard_toy_config(params: Params) -> HardToyConfig:

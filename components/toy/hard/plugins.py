@@ -11,7 +11,8 @@ and its source writer (`toy-hard` in group `lcmlora.sources`).
   against generated.
 - Default prompts: `data/prompts/toy-hard.txt` (40 captions: every digit and colour on both sides,
   both word orders).
-- Style: none yet (the merge claim on the hard toy is a later task).
+- Style: the hard style strength (`style_metric.py`: LDA over colour and stripe statistics, plain
+  renders 0, hard-style renders 1), fitted on first use.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from components.toy.hard.render import (
     pil_to_tensor_array,
     render_scene,
 )
+from components.toy.hard.style_metric import LazyHardStyle
 
 HARD_PROMPTS = "data/prompts/toy-hard.txt"  # the hard judges' prompt file when evaluate.prompts is unset
 REFERENCES_PER_PROMPT = 25  # real renders per evaluation prompt in the FD reference set
@@ -102,6 +104,7 @@ def hard_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
         reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed)
     return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
                   "hard toy adherence (both digits, colours and sides right)", reference,
+                  style=LazyHardStyle(), style_name="hard toy style strength (LDA over colour and stripe statistics)",
                   default_prompts=HARD_PROMPTS)
 
 

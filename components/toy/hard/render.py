@@ -54,13 +54,15 @@ def _digit_mask(image8x8: np.ndarray) -> np.ndarray:
 
 
 def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
-                 rng: np.random.Generator | None = None) -> Image.Image:
+                 rng: np.random.Generator | None = None, background: np.ndarray | None = None) -> Image.Image:
     """Two 8x8 digits (values 0-16) in their scene's colours as a 64x64 RGB image.
 
     With `rng` each digit moves by up to 2 pixels sideways and 6 up or down, and paper and
     inks vary slightly; with `rng=None` the rendering is canonical (centred, fixed colours).
+    `background` (64 x 64 x 3, 0-255) replaces the plain paper (the hard style, `style.py`).
     """
-    paper = PAPER if rng is None else PAPER + rng.uniform(-10.0, 10.0, size=3)
+    paper = PAPER if background is None else np.asarray(background, dtype=np.float64)
+    paper = paper if rng is None else paper + rng.uniform(-10.0, 10.0, size=3)
     rgb = np.broadcast_to(paper, (HARD_SIZE, HARD_SIZE, 3)).copy()
     margin_x, margin_y = (HALF - DIGIT_BOX) // 2, (HARD_SIZE - DIGIT_BOX) // 2
     for side, (digit, colour) in enumerate([(left8x8, scene.left_colour), (right8x8, scene.right_colour)]):

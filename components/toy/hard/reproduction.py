@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.config import Params
-from components.gate import Rule
+from components.gate import GateResult, Rule
 from components.toy.hard.config import HardToyConfig, hard_toy_config
 from components.toy.reproduction import ToyWorld
 
@@ -90,3 +90,29 @@ def hard_world(family: str) -> ToyWorld:
     if family not in FAMILIES:
         raise ValueError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
     return ToyWorld(FAMILIES[family], BUILD_HINT[family], write_source, HARD_GOALS)
+
+
+def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None) -> tuple[dict, GateResult]:
+    """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA if missing
+    (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
+    in `lcm_folder` on bases.toy-hard, into `output`; returns the merge metrics and the claim's checks."""
+    from components.evaluation import load_prompts
+    from components.paths import project_path
+    from components.stages.merge import run_merge
+    from components.toy.hard.merge_claim import CLAIM_WEIGHTS, check_merge_claim
+    from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
+    from components.toy.hard.style_lora import run_hard_style_lora
+
+    hard = hard_toy_config(params)
+    style_folder = project_path(hard.style_output)
+    if not (style_folder / "pytorch_lora_weights.safetensors").is_file():
+        run_hard_style_lora(params, style_folder, progress=progress)
+    base = params.base(FAMILIES["sd15"])
+    merge_cfg = params.merge.model_copy(update={"weights": [CLAIM_WEIGHTS], "lcm_steps": 4,
+                                                "reference_steps": 25, "svd_rank": None, "save_fused": "none"})
+    judges = hard_judges(params.evaluate, base.resolution)
+    prompts = load_prompts(params.evaluate.prompts or HARD_PROMPTS)
+    result = run_merge(merge_cfg, params.evaluate, base_name=FAMILIES["sd15"], base=base, lcm_folder=lcm_folder,
+                       style_file=style_folder, output=output, judges=judges, prompts=prompts,
+                       resolved_yaml=params.to_yaml(), params_digest=params.digest(), progress=progress)
+    return result.doc, check_merge_claim(result.doc)

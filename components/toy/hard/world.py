@@ -31,6 +31,7 @@ from components.toy.hard.config import HardToyConfig
 from components.toy.hard.data import load_sklearn_digits, render_scenes
 from components.toy.hard.judges import adherence, save_judges, train_judges
 from components.toy.hard.render import HARD_WORDS
+from components.toy.hard.style import vae_training_images
 from components.toy.tokenizer import write_tokenizer_files
 
 
@@ -72,7 +73,7 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     images8, labels = load_sklearn_digits()
     start = time.time()
     train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7))
-    vae = train_hard_vae(train.images, s, progress)
+    vae = train_hard_vae(vae_training_images(train.images, s), s, progress)
     vae_s = time.time() - start
     latents = encode_latents(vae, train.images)
     vae.register_to_config(scaling_factor=unit_variance_scale(latents))

@@ -1,0 +1,89 @@
+"""`lcmlora toy style-lora --hard`: the hard style LoRA, trained with the easy toy's trainer
+(`components/toy/style_lora.py:train_style_lora`, plain DDPM LoRA fine-tuning) on the hard
+style set, on the SD-1.5-family hard base (toy.hard.base_dir).
+
+Its folder has the easy style LoRA's layout: both LoRA formats (alpha kept), `losses.csv`,
+`metrics.json` (hard style strength and adherence of 25-step DPM-Solver++ samples with and
+without the LoRA, at the hard base's guidance) and the resolved params.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from components.config import RESOLVED_CONFIG_NAME, EvaluateConfig, Params
+from components.progress import ProgressFn
+
+
+def run_hard_style_lora(params: Params, output: str | Path | None = None,
+                        progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Train the hard style LoRA on toy.hard.base_dir from the style set in toy.hard.style_dir (written
+    first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
+    from components import lora_io, merge
+    from components.base_model import load_base
+    from components.evaluation import load_prompts
+    from components.paths import project_path
+    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.toy.hard.config import hard_toy_config
+    from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
+    from components.toy.hard.render import HARD_SIZE
+    from components.toy.hard.style import read_hard_style, write_hard_style
+    from components.toy.style_lora import STYLE_ADAPTER, StyleTraining, train_style_lora
+
+    hard = hard_toy_config(params)
+    out = Path(output or hard.style_output)
+    reference = project_path(hard.base_dir)
+    if not (reference / "model_index.json").is_file():
+        raise FileNotFoundError(f"toy.hard.base_dir={hard.base_dir}: no hard base there; build it with "
+                                "`lcmlora toy base --hard` or point toy.hard.base_dir at one")
+    style_dir = project_path(hard.style_dir)
+    if not (style_dir / "metadata.jsonl").is_file():
+        write_hard_style(style_dir, hard.style_count, hard.style_seed)
+    loaded = load_base(str(reference), family="sd15")
+    pipe = loaded.pipe
+    # 1. Training on the style set (plain captions).
+    t0 = time.perf_counter()
+    images, captions = read_hard_style(style_dir)
+    training = StyleTraining(rank=hard.style_rank, alpha=hard.style_alpha, steps=hard.style_steps,
+                             batch_size=hard.style_batch_size, lr=hard.style_lr, seed=hard.style_seed)
+    losses = train_style_lora(pipe, images, captions, training, progress=progress)
+    train_seconds = time.perf_counter() - t0
+    # 2. Both formats, alpha kept.
+    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
+    base_meta = {"name": "toy-hard", "family": "sd15", "resolution": HARD_SIZE, "reference": str(reference),
+                 "fingerprint": loaded.fingerprint}
+    paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title="toy-hard-style-lora",
+                                   description="hard toy style LoRA (blue ruled paper, framed), plain diffusion "
+                                               "LoRA fine-tuning")
+    (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
+    # 3. Style strength and adherence with and without the LoRA: 25 DPM-Solver++ steps, the base's guidance.
+    judges = hard_judges(EvaluateConfig(), HARD_SIZE)
+    hard_prompts = load_prompts(HARD_PROMPTS)
+    prompts = [hard_prompts[i % len(hard_prompts)] for i in range(hard.style_eval_images)]
+    seeds = list(range(len(prompts)))
+    noise = initial_noise(seeds, latent_shape(pipe, HARD_SIZE, HARD_SIZE))
+    pipe.set_progress_bar_config(disable=True)
+    method = Method("dpmpp", 25, hard.guidance_scale, True)
+    kw = {"height": HARD_SIZE, "width": HARD_SIZE, "batch_size": 50}
+    with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
+    pipe.disable_lora()
+    without = run_method(pipe, method, prompts, noise, seeds, **kw).images
+    pipe.enable_lora()
+    metrics = {
+        "train_seconds": round(train_seconds, 1), "first_loss_mean_first50": float(np.mean(losses[:50])),
+        "final_loss_mean_last50": float(np.mean(losses[-50:])),
+        "style_strength_with_lora_dpmpp25": judges.style.mean_strength(with_lora),
+        "style_strength_base_dpmpp25": judges.style.mean_strength(without),
+        "adherence_with_lora_dpmpp25": judges.adherence(with_lora, prompts),
+        "adherence_base_dpmpp25": judges.adherence(without, prompts),
+        "style_metric_separation": judges.style.metric.separation, "rank": hard.style_rank, "alpha": hard.style_alpha,
+        "base": str(reference), "files": {k: str(v) for k, v in paths.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / RESOLVED_CONFIG_NAME).write_text(params.to_yaml())
+    return metrics

@@ -1,0 +1,50 @@
+"""Hard toy style strength: the easy toy's metric (`components/toy/style_metric.py`, an LDA over
+global colour and stripe statistics, calibrated plain = 0, styled = 1) fitted on 64-px hard scenes
+rendered plain (`render.py:render_scene`) and in the hard style (`style.py:render_scene_styled`),
+the same scenes and jitter in both. `LazyHardStyle` is the hard judges' `style` scorer.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from components.toy.style_metric import StyleMetric, fit_style_metric
+
+
+def hard_style_renders(count: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` random scenes rendered plain and styled, same digits and jitter: two N x 3 x 64 x 64 in [-1, 1]."""
+    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.hard.render import pil_to_tensor_array, random_scene, render_scene
+    from components.toy.hard.style import render_scene_styled
+
+    images8, labels = load_sklearn_digits()
+    rng = np.random.default_rng(seed)
+    plain, styled = [], []
+    for _ in range(count):
+        scene, i, j, _ = random_scene(labels, rng)
+        state = rng.bit_generator.state  # both renders draw the same jitter
+        plain.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng)))
+        rng.bit_generator.state = state
+        styled.append(pil_to_tensor_array(render_scene_styled(images8[i], images8[j], scene, rng)))
+    return torch.from_numpy(np.stack(plain)), torch.from_numpy(np.stack(styled))
+
+
+def hard_style_metric(count: int = 400, seed: int = 0) -> StyleMetric:
+    """The hard style metric, fitted on fresh renders (deterministic for a seed; about a second)."""
+    from components.toy.hard.style import STRIPE_HALF_PERIOD
+
+    return fit_style_metric(*hard_style_renders(count, seed), stripe_half_period=STRIPE_HALF_PERIOD)
+
+
+class LazyHardStyle:
+    """The hard style metric, fitted the first time a merge asks for it."""
+
+    @cached_property
+    def metric(self) -> StyleMetric:
+        return hard_style_metric()
+
+    def mean_strength(self, images: torch.Tensor) -> float:
+        return self.metric.mean_strength(images)

@@ -1,0 +1,106 @@
+"""The hard toy style (issue 12, item 4): the styled render, its style strength as the hard judges'
+`style`, the style set writer and the merge claim check."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from components.toy.hard.merge_claim import check_merge_claim
+from components.toy.hard.style import hard_style_set, read_hard_style, write_hard_style
+from components.toy.hard.style_metric import hard_style_metric, hard_style_renders
+from tests.tiny_pipeline import single_thread
+
+one_thread = pytest.fixture(single_thread)
+
+
+@pytest.fixture(scope="module")
+def metric():
+    return hard_style_metric(count=150, seed=0)
+
+
+def test_styled_scenes_are_read_by_the_hard_judges(one_thread):
+    from components.toy.hard.judges import load_judges
+    from components.toy.hard.plugins import hard_judges_dir
+
+    judges = load_judges(hard_judges_dir())
+    images, _, rows = hard_style_set(300, seed=5)
+    want = torch.tensor([r["parts"] for r in rows])
+    assert (judges.read(images) == want).all(dim=1).float().mean() >= 0.9
+
+
+def test_styled_render_differs_from_plain_only_off_the_digits():
+    plain, styled = hard_style_renders(4, seed=2)
+    assert (styled - plain).abs().mean() > 0.1  # visibly different
+    # corners are paper in both, and the style changes them; the same jitter draws: same digit pixels
+    assert not torch.allclose(plain[:, :, :3, :3], styled[:, :, :3, :3])
+
+
+def test_style_strength_is_0_plain_1_styled_and_monotone_in_a_blend(metric):
+    plain, styled = hard_style_renders(100, seed=9)  # fresh renders, not the fitting ones
+    assert metric.separation == 1.0
+    assert abs(metric.mean_strength(plain)) < 0.1
+    assert abs(metric.mean_strength(styled) - 1.0) < 0.1
+    blend = [metric.mean_strength(plain * (1 - a) + styled * a) for a in np.linspace(0, 1, 5)]
+    assert all(b > a for a, b in itertools.pairwise(blend))
+    assert abs(blend[2] - 0.5) < 0.15
+
+
+def test_the_hard_judges_score_style(tmp_path):
+    from components.config import EvaluateConfig
+    from components.toy.hard.plugins import hard_judges
+
+    judges = hard_judges(EvaluateConfig(), 64)
+    assert judges.style is not None and "style" in judges.style_name
+    plain, styled = hard_style_renders(40, seed=4)
+    assert judges.style.mean_strength(styled) > 0.9
+    assert judges.style.mean_strength(plain) < 0.1
+
+
+def test_style_set_writer_layout_and_round_trip(tmp_path):
+    folder = write_hard_style(tmp_path / "style", count=6, seed=3)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"{i:05d}" for i in range(6)]
+    for row in rows:
+        assert (folder / row["file"]).is_file()
+        assert (folder / f"{row['key']}.txt").read_text().strip() == row["caption"]
+        assert " and " in row["caption"] and len(row["parts"]) == 4
+    images, captions = read_hard_style(folder)
+    expected, expected_captions, _ = hard_style_set(6, seed=3)
+    assert captions == expected_captions
+    assert (images - expected).abs().max() <= 1 / 127.5 + 1e-6  # PNG keeps the 8-bit pixels
+
+
+def _doc(ref_strength: float, ref_adherence: float, strength: float, adherence: float) -> dict:
+    return {"config": {"reference_steps": 25, "lcm_steps": 4},
+            "rows": [{"label": "style-alone dpmpp-25", "variant": "reference", "style_strength": ref_strength,
+                      "adherence": ref_adherence},
+                     {"label": "merged LoRA (0.8, 1)", "variant": "merged", "l1": 0.8, "l2": 1.0,
+                      "style_strength": strength, "adherence": adherence},
+                     {"label": "merged LoRA (1, 1)", "variant": "merged", "l1": 1.0, "l2": 1.0,
+                      "style_strength": 2.0, "adherence": 1.0}]}
+
+
+def test_merge_claim_met_and_not_met():
+    met = check_merge_claim(_doc(0.9, 0.8, 0.75, 0.65))  # 0.75 >= 0.72, 0.65 >= 0.64
+    assert met.passed, met.violations
+    weak_style = check_merge_claim(_doc(0.9, 0.8, 0.7, 0.9))
+    assert not weak_style.passed and "merged_style_ge_0.8x_reference" in weak_style.violations[0]
+    weak_adherence = check_merge_claim(_doc(0.9, 0.8, 0.9, 0.6))
+    assert [v.split(":")[0] for v in weak_adherence.violations] == ["claim merged_adherence_ge_0.8x_reference"]
+    vacuous = check_merge_claim(_doc(0.1, 0.8, 0.1, 0.8))  # a style LoRA that drew no style proves nothing
+    assert [v.split(":")[0] for v in vacuous.violations] == ["claim reference_shows_style"]
+    missing = _doc(0.9, 0.8, 0.9, 0.9)
+    missing["rows"] = missing["rows"][::2]
+    assert not check_merge_claim(missing).passed  # no (0.8, 1.0) row: fails closed
+
+
+def test_merge_claim_refuses_other_step_counts():
+    doc = _doc(0.9, 0.8, 0.9, 0.9)
+    doc["config"]["lcm_steps"] = 8
+    with pytest.raises(ValueError, match="merge.lcm_steps=4"):
+        check_merge_claim(doc)

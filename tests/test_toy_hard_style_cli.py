@@ -1,0 +1,48 @@
+"""`lcmlora toy style --hard` and `lcmlora toy style-lora --hard` on a tiny hard base and budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_toy_hard_cli import _cli, said, tiny
+from tests.tiny_pipeline import single_thread
+
+one_thread = pytest.fixture(single_thread)
+
+
+def test_style_then_style_lora_hard_write_a_loadable_lora(tmp_path, one_thread):
+    from components import lora_io
+    from components.base_model import load_base
+
+    base = tmp_path / "base"
+    built = _cli(["toy", "base", "--hard", *tiny(tmp_path), "--set", f"toy.hard.base_dir={base}"])
+    assert built.exit_code == 0, said(built)
+    settings = [f"toy.hard.base_dir={base}", f"toy.hard.style_dir={tmp_path / 'style'}", "toy.hard.style_count=8",
+                "toy.hard.style_steps=3", "toy.hard.style_batch_size=4", "toy.hard.style_rank=4",
+                "toy.hard.style_eval_images=4"]
+    sets = [arg for s in settings for arg in ("--set", s)]
+    styled = _cli(["toy", "style", "--hard", *sets])
+    assert styled.exit_code == 0, said(styled)
+    assert len(list((tmp_path / "style").glob("*.png"))) == 8
+    out = tmp_path / "lora"
+    trained = _cli(["toy", "style-lora", "--hard", *sets, "--output", str(out)])
+    assert trained.exit_code == 0, said(trained)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"style_strength_with_lora_dpmpp25", "adherence_base_dpmpp25"} <= set(metrics)
+    pipe = load_base(str(base), family="sd15").pipe
+    lora_io.load_adapter(pipe, "sd15", lora_io.lora_file(out), "style")
+    assert lora_io.adapter_factors(pipe, "style")  # the LoRA loads into the hard base
+
+
+def test_style_lora_hard_sdxl_is_refused_by_name():
+    result = _cli(["toy", "style-lora", "--hard", "--sdxl"])
+    assert result.exit_code != 0 and "pooled" in said(result)
+
+
+def test_reproduce_merge_needs_the_sd15_hard_family():
+    for args in (["--toy", "--merge"], ["--toy", "--hard", "--family", "sdxl", "--merge"]):
+        result = _cli(["reproduce", *args, "--dry-run"])
+        assert result.exit_code != 0 and "--merge checks the merge claim" in said(result)
+    assert _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--merge", "--dry-run"]).exit_code == 0
