@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import click
 import typer
@@ -24,6 +24,7 @@ from flows.cli_common import (
     ParamsOpt,
     SetOpt,
     console,
+    echo_evaluation,
     pick_base,
     print_config,
     quiet_known_noise,
@@ -31,7 +32,6 @@ from flows.cli_common import (
 )
 from flows.registry_cli import registry_app
 from flows.serve_cli import serve
-from flows.toy_cli import toy_app
 
 app = typer.Typer(
     name="lcmlora",
@@ -40,7 +40,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(toy_app, name="toy")
 app.add_typer(registry_app, name="registry")
 app.command("serve")(serve)
 
@@ -178,19 +177,6 @@ LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact fold
                                               "for these params, stages/distill/BASE/KEY)")]
 
 
-def echo_evaluation(doc: dict) -> None:
-    """The metric table and the gate verdict on stdout."""
-    from components.report import markdown_table, table_rows
-
-    typer.echo(markdown_table(table_rows(doc)))
-    gate = doc["gate"]
-    typer.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'}")
-    for violation in gate["violations"]:
-        typer.echo(f"  violation: {violation}")
-    for key in gate.get("skipped", []):
-        typer.echo(f"  skipped (off in params): {key}")
-
-
 @app.command()
 def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
              base: BaseOpt = None, output: OutputOpt = None, lora: LoraOpt = None) -> None:
@@ -288,77 +274,6 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
 
 
 @app.command()
-def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-              output: OutputOpt = None,
-              toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
-              hard: Annotated[bool, typer.Option("--hard", help="the hard toy (two coloured digits, 64 px); "
-                                                 "docs/toy-hard.md")] = False,
-              family: Annotated[Literal["sd15", "sdxl", "both"], typer.Option(
-                  "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
-              max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None,
-              merge_claim: Annotated[bool, typer.Option("--merge", help="with --hard: then the merge claim on the "
-                                                        "SD-1.5 hard base (style LoRA, merge at 0.8, 1.0)")] = False
-              ) -> None:
-    """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
-    when a reproduction goal (or, with --merge, the merge claim) is not met. Everything lands under --output (default runs/reproduce,
-    runs/reproduce-hard/FAMILY with --hard)."""
-    if not toy:
-        raise click.UsageError("only the toy reproduction exists: pass --toy")
-    if merge_claim and not (hard and family in ("sd15", "both")):
-        raise click.UsageError("--merge checks the merge claim on the SD-1.5 hard base: pass --hard (--family sd15)")
-    import time
-
-    from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
-
-    runs = []  # (title, world, resolved params, output folder)
-    if hard:
-        from components.toy.hard.reproduction import FAMILIES, hard_overrides, hard_world
-
-        for fam in (list(FAMILIES) if family == "both" else [family]):
-            out = ((output or Path("runs/reproduce-hard")) / fam).resolve()
-            recipe = hard_overrides(fam) + [f"storage.root={out / 'artifacts'}"]
-            runs.append((f"hard toy, {fam} family (bases.{FAMILIES[fam]})", hard_world(fam), out, recipe))
-    else:
-        out = (output or Path("runs/reproduce")).resolve()
-        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]))
-    resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
-                                            [f"distill.max_steps={max_steps}"] if max_steps is not None else []))
-                for title, world, out, recipe in runs]
-    if dry_run:
-        for title, _, _, cfg in resolved:
-            if len(resolved) > 1:
-                typer.echo(f"# {title}")
-            print_config(cfg)
-        return
-
-    from flows.progress_view import ProgressView
-
-    unmet = []
-    for title, world, out, cfg in resolved:
-        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        with ProgressView(console) as view:
-            result = run_reproduction(world, cfg, out, progress=view)
-        typer.echo(f"== {title}")
-        echo_evaluation(result.evaluation_doc)
-        typer.echo("reproduction goals:")
-        typer.echo(goals_markdown(result.goals))
-        typer.echo(f"started {started}; seconds per stage: {result.seconds}")
-        typer.echo(f"machine: {result.machine}")
-        typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
-        unmet += [f"{title}: {violation}" for violation in result.goals.violations]
-        if merge_claim and world.base_name == "toy-hard":
-            from components.toy.hard.reproduction import run_merge_claim
-
-            with ProgressView(console) as view:
-                _, claim = run_merge_claim(cfg, out / "lora", out / "merge", progress=view)
-            typer.echo("merge claim (issue 12, item 4):")
-            typer.echo(goals_markdown(claim))
-            unmet += [f"{title}: {violation}" for violation in claim.violations]
-    if unmet:
-        raise click.ClickException(f"{len(unmet)} reproduction goal(s) not met: " + "; ".join(unmet))
-
-
-@app.command()
 def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False) -> None:
     """The main job: every base in params through every stage, skipping unchanged work."""
     cfg = resolve(params, set_)
@@ -435,6 +350,23 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
 
 
 # --- entry point ------------------------------------------------------------------------
+
+
+def add_plugin_commands(target: typer.Typer) -> None:
+    """Mount the commands other packages register under the entry-point group `lcmlora.cli`
+    (a Typer app mounts as a command group, a function as a command; the toy world registers
+    `toy` and `reproduce` so this module never imports it)."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="lcmlora.cli"), key=lambda e: e.name):
+        obj = ep.load()
+        if isinstance(obj, typer.Typer):
+            target.add_typer(obj, name=ep.name)
+        else:
+            target.command(ep.name)(obj)
+
+
+add_plugin_commands(app)
 
 
 def main() -> None:

@@ -76,3 +76,16 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropContaining(text))
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+def echo_evaluation(doc: dict) -> None:
+    """The metric table and the gate verdict on stdout."""
+    from components.report import markdown_table, table_rows
+
+    typer.echo(markdown_table(table_rows(doc)))
+    gate = doc["gate"]
+    typer.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'}")
+    for violation in gate["violations"]:
+        typer.echo(f"  violation: {violation}")
+    for key in gate.get("skipped", []):
+        typer.echo(f"  skipped (off in params): {key}")

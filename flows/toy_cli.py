@@ -1,20 +1,31 @@
 """`lcmlora toy ...`: build the embedded toy world (source, classifier, base, style, style LoRA),
 and the hard toy's bases (`toy base --hard [--sdxl]`, settings under params' `toy.hard`).
 
-The CLI is the edge: it may import the toy package, which production code never does.
+The toy world's command line, mounted by `flows/cli.py` through the entry-point group
+`lcmlora.cli` (pyproject.toml: `toy`, `reproduce`); no other flows module imports the toy package
+(tests/test_import_graph.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
 
 from components.config import Params
 from components.toy.config import toy_config
-from flows.cli_common import DryRunOpt, OutputOpt, ParamsOpt, SetOpt, console, print_config, resolve
+from flows.cli_common import (
+    DryRunOpt,
+    OutputOpt,
+    ParamsOpt,
+    SetOpt,
+    console,
+    echo_evaluation,
+    print_config,
+    resolve,
+)
 from flows.progress_view import ProgressView
 
 toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)
@@ -168,3 +179,73 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     with ProgressView(console) as view:
         metrics = (run_hard_style_lora if hard else run_toy_style_lora)(cfg, output, progress=view)
     typer.echo(json.dumps(metrics, indent=2))
+
+
+def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
+              output: OutputOpt = None,
+              toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
+              hard: Annotated[bool, typer.Option("--hard", help="the hard toy (two coloured digits, 64 px); "
+                                                 "docs/toy-hard.md")] = False,
+              family: Annotated[Literal["sd15", "sdxl", "both"], typer.Option(
+                  "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
+              max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None,
+              merge_claim: Annotated[bool, typer.Option("--merge", help="with --hard: then the merge claim on the "
+                                                        "SD-1.5 hard base (style LoRA, merge at 0.8, 1.0)")] = False
+              ) -> None:
+    """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
+    when a reproduction goal (or, with --merge, the merge claim) is not met. Everything lands under --output (default runs/reproduce,
+    runs/reproduce-hard/FAMILY with --hard)."""
+    if not toy:
+        raise click.UsageError("only the toy reproduction exists: pass --toy")
+    if merge_claim and not (hard and family in ("sd15", "both")):
+        raise click.UsageError("--merge checks the merge claim on the SD-1.5 hard base: pass --hard (--family sd15)")
+    import time
+
+    from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
+
+    runs = []  # (title, world, resolved params, output folder)
+    if hard:
+        from components.toy.hard.reproduction import FAMILIES, hard_overrides, hard_world
+
+        for fam in (list(FAMILIES) if family == "both" else [family]):
+            out = ((output or Path("runs/reproduce-hard")) / fam).resolve()
+            recipe = hard_overrides(fam) + [f"storage.root={out / 'artifacts'}"]
+            runs.append((f"hard toy, {fam} family (bases.{FAMILIES[fam]})", hard_world(fam), out, recipe))
+    else:
+        out = (output or Path("runs/reproduce")).resolve()
+        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]))
+    resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
+                                            [f"distill.max_steps={max_steps}"] if max_steps is not None else []))
+                for title, world, out, recipe in runs]
+    if dry_run:
+        for title, _, _, cfg in resolved:
+            if len(resolved) > 1:
+                typer.echo(f"# {title}")
+            print_config(cfg)
+        return
+
+    from flows.progress_view import ProgressView
+
+    unmet = []
+    for title, world, out, cfg in resolved:
+        started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        with ProgressView(console) as view:
+            result = run_reproduction(world, cfg, out, progress=view)
+        typer.echo(f"== {title}")
+        echo_evaluation(result.evaluation_doc)
+        typer.echo("reproduction goals:")
+        typer.echo(goals_markdown(result.goals))
+        typer.echo(f"started {started}; seconds per stage: {result.seconds}")
+        typer.echo(f"machine: {result.machine}")
+        typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
+        unmet += [f"{title}: {violation}" for violation in result.goals.violations]
+        if merge_claim and world.base_name == "toy-hard":
+            from components.toy.hard.reproduction import run_merge_claim
+
+            with ProgressView(console) as view:
+                _, claim = run_merge_claim(cfg, out / "lora", out / "merge", progress=view)
+            typer.echo("merge claim (issue 12, item 4):")
+            typer.echo(goals_markdown(claim))
+            unmet += [f"{title}: {violation}" for violation in claim.violations]
+    if unmet:
+        raise click.ClickException(f"{len(unmet)} reproduction goal(s) not met: " + "; ".join(unmet))

@@ -1,6 +1,8 @@
 """Production never imports the toy world: every module under components/ (except
-components/toy/) and tasks/ is parsed, and any import of `components.toy` is an error naming
-file:line. The toy plugs in through judges (entry points) and stage inputs instead."""
+components/toy/), tasks/ and flows/ (except flows/toy_cli.py, the toy's own command line) is
+parsed, and any import of `components.toy` or `flows.toy_cli` is an error naming file:line.
+The toy plugs in through entry points instead: judges, sources, and its commands
+(`lcmlora.cli`, mounted by flows/cli.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = "components.toy"
-PRODUCTION = ("components", "tasks")
-EXCLUDED = ("components/toy",)
+TOY_CLI = "flows.toy_cli"
+PRODUCTION = ("components", "tasks", "flows")
+EXCLUDED = ("components/toy", "flows/toy_cli.py")
 
 
 def _is_toy(module: str) -> bool:
-    return module == TOY or module.startswith(TOY + ".")
+    return module in (TOY, TOY_CLI) or module.startswith(TOY + ".")
 
 
 def toy_imports(source: str, filename: str) -> list[str]:
@@ -39,7 +42,7 @@ def toy_imports(source: str, filename: str) -> list[str]:
 
 
 def production_modules(root: Path) -> list[Path]:
-    """Every .py file under root/components and root/tasks, less root/components/toy."""
+    """Every .py file under root/components, root/tasks and root/flows, less the toy's own."""
     files = []
     for top in PRODUCTION:
         for path in sorted((root / top).rglob("*.py")):
@@ -57,7 +60,8 @@ def check_import_graph(root: Path) -> list[str]:
 
 def test_production_never_imports_the_toy_world():
     modules = production_modules(REPO)
-    assert len(modules) > 20 and REPO / "components" / "evaluation.py" in modules
+    assert len(modules) > 20 and REPO / "components" / "evaluation.py" in modules and REPO / "flows" / "cli.py" in modules
+    assert REPO / "flows" / "toy_cli.py" not in modules
     assert not any("components/toy" in m.as_posix() for m in modules)
     violations = check_import_graph(REPO)
     assert violations == [], "production imports the toy world:\n" + "\n".join(violations)
