@@ -281,7 +281,12 @@ def main() -> None:
             subprocess.run([py, "-m", "flows.cli", *cmd, *extra], cwd=REPO, env=env, check=True,
                            capture_output=True)
         print(f"data: toy source, curated, encoded (latents + prompt embeddings) in {time.perf_counter() - t0:.0f}s")
-    shards = write_reference_shards(store / "curated" / "manifest.parquet", work / "source", work / "ref_tars")
+    # curate writes its keyed folder (docs/data.md, "Output layout"): the one manifest under stages/curate/
+    manifests = sorted((store / "stages" / "curate").glob("*/manifest.parquet"))
+    if len(manifests) != 1:
+        raise SystemExit(f"{store}/stages/curate: expected one curated manifest, found {len(manifests)}; "
+                         f"remove {work} and rerun")
+    shards = write_reference_shards(manifests[0], work / "source", work / "ref_tars")
 
     n_steps = args.warmup + args.steps
     variants = dict(v.split("=", 1) for v in args.variant) or {"plain": ""}
@@ -379,6 +384,7 @@ def child_ours(spec: dict) -> None:
     from components.base_model import resolve_base
     from components.config import load_params
     from components.stages.distill import run_distill
+    from components.stages.inputs import encoded_index
     from components.storage import Storage
 
     cfg = load_params(REPO / "params.yaml", spec["sets"])
@@ -404,8 +410,11 @@ def child_ours(spec: dict) -> None:
             while True:
                 yield from ({k: v.clone() if torch.is_tensor(v) else v for k, v in x.items()} for x in pool)
     shutil.rmtree(spec["output"], ignore_errors=True)
-    run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=Storage.from_config(cfg.storage),
-                latents_index=None, output=Path(spec["output"]), resolved_yaml=cfg.to_yaml(),
+    storage = Storage.from_config(cfg.storage)
+    # the shard index the encode pointer names (as the CLI's distill finds it); none for synthetic batches
+    index = None if batches else encoded_index(cfg, storage, base_name)
+    run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=storage,
+                latents_index=index, output=Path(spec["output"]), resolved_yaml=cfg.to_yaml(),
                 params_digest=cfg.digest(), progress=progress,
                 batches=batches, latents_info={"synthetic": True} if batches else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
