@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=25, help="print one progress line every N steps")
     parser.add_argument("--checkpoint", default=None, help="evaluate: an ema-STEP.pt instead of base_dir")
     parser.add_argument("--sdxl", action="store_true", help="evaluate: the SDXL-family base in sdxl_dir")
+    parser.add_argument("--report", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     s = _config(args.sets)
     torch.set_num_threads(s.threads)
@@ -57,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from components.toy.hard.evaluate import evaluate_base
         report = evaluate_base(s, args.checkpoint, progress, sdxl=args.sdxl)
-    print(json.dumps(report, indent=2, default=str))
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text + "\n")
     return 0
 
 

@@ -57,7 +57,7 @@ def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: li
     for i in range(0, len(captions), batch_size):
         images = pipe(captions[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                       generator=generator, output_type="pt").images
-        out.append(images * 2.0 - 1.0)
+        out.append((images * 2.0 - 1.0).cpu())  # the judges read on the CPU
     return torch.cat(out)
 
 
@@ -120,6 +120,7 @@ def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: Pro
         else:
             vae = checkpoint_vae(s)
         pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
+    pipe.to(s.device)
     judges = load_judges(s.judges_dir)
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
     report["model"] = str(Path(s.sdxl_dir) if sdxl else checkpoint or Path(s.base_dir))
