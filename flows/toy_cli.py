@@ -190,7 +190,13 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
                   "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
               max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None,
               merge_claim: Annotated[bool, typer.Option("--merge", help="with --hard: then the merge claim on the "
-                                                        "SD-1.5 hard base (style LoRA, merge at 0.8, 1.0)")] = False
+                                                        "SD-1.5 hard base (style LoRA, merge at 0.8, 1.0)")] = False,
+              seeds: Annotated[str | None, typer.Option("--seeds", help="with --hard: the gate-margin check, one "
+                                                        "distillation per seed (e.g. 0,1,2,3,4); each must pass the "
+                                                        "gate")] = None,
+              broken: Annotated[list[str] | None, typer.Option("--broken", help="with --hard: a deliberately broken "
+                                                               "distillation (no-guidance, ten-steps) that must FAIL "
+                                                               "the gate; repeatable")] = None,
               ) -> None:
     """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
     when a reproduction goal (or, with --merge, the merge claim) is not met. Everything lands under --output (default runs/reproduce,
@@ -199,26 +205,43 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         raise click.UsageError("only the toy reproduction exists: pass --toy")
     if merge_claim and not (hard and family in ("sd15", "both")):
         raise click.UsageError("--merge checks the merge claim on the SD-1.5 hard base: pass --hard (--family sd15)")
+    if (seeds or broken) and not hard:
+        raise click.UsageError("--seeds / --broken check the hard toy's gate: pass --hard")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else []
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: expected comma-separated integers, e.g. 0,1,2,3,4",
+                                 param_hint="--seeds") from None
     import time
 
     from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
 
-    runs = []  # (title, world, resolved params, output folder)
+    runs = []  # (title, world, output folder, overrides, gate it must give: None = judge by the goals)
     if hard:
-        from components.toy.hard.reproduction import FAMILIES, hard_overrides, hard_world
+        from components.toy.hard.reproduction import FAMILIES, gate_runs, hard_overrides, hard_world
 
         for fam in (list(FAMILIES) if family == "both" else [family]):
             out = ((output or Path("runs/reproduce-hard")) / fam).resolve()
             recipe = hard_overrides(fam) + [f"storage.root={out / 'artifacts'}"]
-            runs.append((f"hard toy, {fam} family (bases.{FAMILIES[fam]})", hard_world(fam), out, recipe))
+            title = f"hard toy, {fam} family (bases.{FAMILIES[fam]})"
+            try:
+                checks = gate_runs(fam, seed_list, list(broken or []))
+            except ValueError as err:
+                raise click.BadParameter(str(err), param_hint="--broken") from None
+            if not checks:
+                runs.append((title, hard_world(fam), out, recipe, None))
+            # gate-margin runs share the family's curated and encoded data (storage.root), each its own folder
+            runs += [(f"{title}, {run.label}", hard_world(fam), out / run.label, recipe + list(run.overrides),
+                      run.gate_must_pass) for run in checks]
     else:
         out = (output or Path("runs/reproduce")).resolve()
-        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]))
+        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"], None))
     resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
-                                            [f"distill.max_steps={max_steps}"] if max_steps is not None else []))
-                for title, world, out, recipe in runs]
+                                            [f"distill.max_steps={max_steps}"] if max_steps is not None else []),
+                 must_pass)
+                for title, world, out, recipe, must_pass in runs]
     if dry_run:
-        for title, _, _, cfg in resolved:
+        for title, _, _, cfg, _ in resolved:
             if len(resolved) > 1:
                 typer.echo(f"# {title}")
             print_config(cfg)
@@ -227,7 +250,7 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
     from flows.progress_view import ProgressView
 
     unmet = []
-    for title, world, out, cfg in resolved:
+    for title, world, out, cfg, must_pass in resolved:
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         with ProgressView(console) as view:
             result = run_reproduction(world, cfg, out, progress=view)
@@ -238,8 +261,17 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         typer.echo(f"started {started}; seconds per stage: {result.seconds}")
         typer.echo(f"machine: {result.machine}")
         typer.echo(f"report: {result.paths['report.html']}  record: {result.paths['reproduction.json']}")
-        unmet += [f"{title}: {violation}" for violation in result.goals.violations]
-        if merge_claim and world.base_name == "toy-hard":
+        gate = result.evaluation_doc["gate"]
+        if must_pass is None:
+            unmet += [f"{title}: {violation}" for violation in result.goals.violations]
+        elif must_pass and not gate["passed"]:
+            unmet.append(f"{title}: a good distillation FAILED the gate: {'; '.join(gate['violations'])}")
+        elif not must_pass and gate["passed"]:
+            unmet.append(f"{title}: a broken distillation PASSED the gate")
+        if must_pass is not None:
+            typer.echo(f"gate check: must {'pass' if must_pass else 'fail'}; "
+                       f"{'passed' if gate['passed'] else 'failed: ' + '; '.join(gate['violations'])}")
+        if merge_claim and must_pass is None and world.base_name == "toy-hard":
             from components.toy.hard.reproduction import run_merge_claim
 
             with ProgressView(console) as view:

@@ -88,6 +88,27 @@ def test_dry_run_prints_each_familys_resolved_config_with_its_hard_base(tmp_path
     assert _cli(["reproduce", "--toy", "--hard", "--family", "sd21", "--dry-run"]).exit_code != 0
 
 
+def test_gate_margin_runs_one_per_seed_and_broken_variant_sharing_the_familys_data(tmp_path):
+    """`--seeds` / `--broken` (issue 12, item 5): each seed a run that must pass the gate, each broken
+    variant one that must fail it; all of a family's runs share its curated and encoded data."""
+    result = _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--seeds", "0,3", "--broken", "no-guidance",
+                   "--broken", "ten-steps", "--dry-run", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    titles = [line for line in result.output.splitlines() if line.startswith("# hard toy")]
+    labels = ["seed-0", "seed-3", "broken-no-guidance", "broken-ten-steps"]
+    assert titles == [f"# hard toy, sd15 family (bases.toy-hard), {label}" for label in labels]
+    cfgs = [yaml.safe_load(doc.split("\n", 1)[1]) for doc in result.output.split("# hard toy")[1:]]
+    assert [c["distill"]["seed"] for c in cfgs] == [0, 3, 0, 0]
+    assert {c["storage"]["root"] for c in cfgs} == {str(tmp_path / "sd15" / "artifacts")}
+    assert cfgs[2]["distill"]["guidance_range"] == {"toy-hard": [1.0, 1.0]}  # teacher w = 0
+    assert cfgs[3]["distill"]["max_steps"] == 10
+    assert all(c["distill"]["guidance_range"] == {} for c in (cfgs[0], cfgs[1], cfgs[3]))
+    bad = _cli(["reproduce", "--toy", "--hard", "--broken", "no-teacher", "--dry-run"])
+    assert bad.exit_code != 0 and "no-guidance, ten-steps" in bad.output + str(bad.exception)
+    assert _cli(["reproduce", "--toy", "--seeds", "0,1", "--dry-run"]).exit_code != 0  # the easy toy: no
+    assert _cli(["reproduce", "--toy", "--hard", "--seeds", "0,x", "--dry-run"]).exit_code != 0
+
+
 # --- the short reproduction on the hard base -----------------------------------------------------
 
 SHORT_RECIPE = [

@@ -12,6 +12,7 @@ overridden (`--set bases.toy-hard.reference=/tmp/base`, `--set distill.max_steps
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import Params
@@ -116,3 +117,31 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
                        style_file=style_folder, output=output, judges=judges, prompts=prompts,
                        resolved_yaml=params.to_yaml(), params_digest=params.digest(), progress=progress)
     return result.doc, check_merge_claim(result.doc)
+
+
+# Issue 12, item 5: the gate with margins. A good distillation must pass the gate on any seed, a
+# deliberately broken one must fail it (naming the rule). `--seeds` repeats the family's real
+# distillation with other `distill.seed`s; `--broken NAME` runs one of these instead:
+BROKEN = {
+    "no-guidance": "distill.guidance_range.{base}=[1.0,1.0]",  # teacher w = 0: no CFG distilled into the LoRA
+    "ten-steps": "distill.max_steps=10",  # stopped almost at once
+}
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """One distillation of a gate-margin check: its label, extra overrides and the gate it must give."""
+
+    label: str  # seed-N or broken-NAME: the run's folder under the family's output
+    overrides: tuple[str, ...]
+    gate_must_pass: bool
+
+
+def gate_runs(family: str, seeds: list[int], broken: list[str]) -> list[GateRun]:
+    """The runs of a gate-margin check for one family: each seed (must pass), each broken variant (must fail)."""
+    unknown = [name for name in broken if name not in BROKEN]
+    if unknown:
+        raise ValueError(f"--broken {', '.join(unknown)}: expected one of {', '.join(BROKEN)}")
+    base = FAMILIES[family]
+    return ([GateRun(f"seed-{s}", (f"distill.seed={s}",), True) for s in seeds]
+            + [GateRun(f"broken-{name}", (BROKEN[name].format(base=base),), False) for name in broken])
