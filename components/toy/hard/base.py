@@ -97,6 +97,31 @@ def _report(progress: ProgressFn | None, stage: str, step: int, total: int, metr
         progress(Progress(stage=stage, step=step, total=total, metrics=metrics))
 
 
+def save_training_state(path: Path, step: int, models: torch.nn.Module, ema: torch.nn.Module,
+                        opt: torch.optim.Optimizer, generators: dict[str, torch.Generator], **extra) -> None:
+    """A resumable checkpoint of a hard-toy UNet phase: models, EMA, optimizer, generator states, step."""
+    torch.save({"step": step, "models": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                **{name: g.get_state() for name, g in generators.items()}, **extra}, path)
+
+
+def resume_training_state(path: Path, models: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                          generators: dict[str, torch.Generator]) -> dict | None:
+    """Load `save_training_state`'s checkpoint into the training objects in place; its dict, or None if absent.
+
+    Loaded on the CPU (generator states must stay there); `load_state_dict` copies onto the models' device.
+    """
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu")
+    models.load_state_dict(state["models"])
+    ema.load_state_dict(state["ema"])
+    opt.load_state_dict(state["opt"])
+    for name, generator in generators.items():
+        if name in state:
+            generator.set_state(state[name])
+    return state
+
+
 def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn | None = None) -> AutoencoderKL:
     """Train the VAE on Nx3x64x64 images in [-1, 1], checkpointing to (and resuming from) `vae.pt`."""
     ckpt = Path(s.checkpoint_dir) / "vae.pt"
@@ -107,7 +132,7 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
     start_step, mse_avg = 0, 0.0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=s.device)
+        state = torch.load(ckpt, map_location="cpu")  # generator states stay on the CPU
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -155,14 +180,9 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
     generator = torch.Generator().manual_seed(s.seed + 2)  # indices and dropout: CPU, the same on every device
     noise_generator = generator if s.device == "cpu" else torch.Generator(s.device).manual_seed(s.seed + 3)
     opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
-    start_step, loss_avg = 0, 0.0
-    if (folder / "last.pt").exists():
-        state = torch.load(folder / "last.pt", map_location=s.device)
-        models.load_state_dict(state["models"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
-        start_step, loss_avg = state["step"], state["loss"]
+    generators = {"generator": generator} | ({} if noise_generator is generator else {"noise_generator": noise_generator})
+    state = resume_training_state(folder / "last.pt", models, ema, opt, generators)
+    start_step, loss_avg = (state["step"], state["loss"]) if state else (0, 0.0)
     started = time.time()
     step = start_step
     for step in range(start_step + 1, s.train_steps + 1):
@@ -186,9 +206,7 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict(), "loss": loss_avg}, folder / f"ema-{step:06d}.pt")
-            torch.save({"step": step, "models": models.state_dict(), "ema": ema.state_dict(),
-                        "opt": opt.state_dict(), "generator": generator.get_state(), "loss": loss_avg},
-                       folder / "last.pt")
+            save_training_state(folder / "last.pt", step, models, ema, opt, generators, loss=loss_avg)
         if over_budget:
             break
     return ema["unet"], ema["text"], step

@@ -149,7 +149,7 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
 
     from components.progress import Progress
     from components.toy.base import ema_decay_at, ema_update, toy_scheduler
-    from components.toy.hard.base import lr_at
+    from components.toy.hard.base import lr_at, resume_training_state, save_training_state
 
     models = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2})
     models.to(s.device).train().requires_grad_(True)
@@ -159,14 +159,8 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
     folder = Path(s.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    start_step = 0
-    if (folder / "sdxl-last.pt").exists():
-        state = torch.load(folder / "sdxl-last.pt", map_location=s.device)
-        models.load_state_dict(state["models"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        generator.set_state(state["generator"])
-        start_step = state["step"]
+    state = resume_training_state(folder / "sdxl-last.pt", models, ema, opt, {"generator": generator})
+    start_step = state["step"] if state else 0
     started, step = time.time(), start_step
     for step in range(start_step + 1, s.train_steps + 1):
         idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
@@ -190,8 +184,7 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict()}, folder / f"sdxl-ema-{step:06d}.pt")
-            torch.save({"step": step, "models": models.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "generator": generator.get_state()}, folder / "sdxl-last.pt")
+            save_training_state(folder / "sdxl-last.pt", step, models, ema, opt, {"generator": generator})
         if over_budget:
             break
     models.load_state_dict(ema.state_dict())
