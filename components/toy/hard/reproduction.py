@@ -69,11 +69,17 @@ HARD_GOALS = [  # issue 12, item 3; FD over the hard judges' features, adherence
 ]
 
 
+def family_base(family: str) -> str:
+    """The params base a hard family runs on; ValueError naming the families for any other."""
+    if family not in FAMILIES:
+        raise ValueError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def hard_overrides(family: str) -> list[str]:
     """The `--set` overrides that add both hard bases (so a user's `--set bases.toy-hard-xl.KEY=...`
     resolves in every family's run), the hard recipe and the family's own part of it."""
-    if family not in FAMILIES:
-        raise ValueError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
+    family_base(family)
     bases = [f"bases.{name}.{key}={value}" for name, base in HARD_BASES.items() for key, value in base.items()]
     return bases + HARD_RECIPE + FAMILY_RECIPE[family]
 
@@ -88,9 +94,7 @@ def write_source(folder: Path, params: Params) -> dict:
 
 def hard_world(family: str) -> ToyWorld:
     """The reproduction of one hard family."""
-    if family not in FAMILIES:
-        raise ValueError(f"--family {family!r}: expected one of {', '.join(FAMILIES)}")
-    return ToyWorld(FAMILIES[family], BUILD_HINT[family], write_source, HARD_GOALS)
+    return ToyWorld(family_base(family), BUILD_HINT[family], write_source, HARD_GOALS)
 
 
 def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None) -> tuple[dict, GateResult]:
@@ -142,6 +146,6 @@ def gate_runs(family: str, seeds: list[int], broken: list[str]) -> list[GateRun]
     unknown = [name for name in broken if name not in BROKEN]
     if unknown:
         raise ValueError(f"--broken {', '.join(unknown)}: expected one of {', '.join(BROKEN)}")
-    base = FAMILIES[family]
+    base = family_base(family)
     return ([GateRun(f"seed-{s}", (f"distill.seed={s}",), True) for s in seeds]
             + [GateRun(f"broken-{name}", (BROKEN[name].format(base=base),), False) for name in broken])
