@@ -177,6 +177,7 @@ class EvaluateConfig(Section):
     clip_model: str | None = None  # local CLIP folder (CLIPModel + processor), needed for real bases
     # gate: thresholds; None switches one off (it is then listed as skipped, never as passed)
     lcm4_fd_max_ratio_to_teacher50: float | None = Field(1.3, gt=0)  # FD(lcm-4) <= ratio * best teacher FD at 50 steps
+    gate_teacher_steps: PositiveInt = 50  # the teacher step count both ratio thresholds compare against (hard toy: 25)
     lcm4_fd_below_dpm4: bool = True  # FD(lcm-4) <= FD(dpmpp-4)
     adherence_min_ratio: float | None = Field(0.9, ge=0)  # adherence(lcm-4) >= ratio * best teacher adherence at 50 steps
     lcm1_psnr_min: float | None = None  # PSNR(lcm-1 vs agreement_reference) minimum in dB

@@ -105,7 +105,9 @@ def check_rules(rules: list[Rule], rows: Rows, skipped: list[str] | None = None)
 
 def gate_rules(cfg: EvaluateConfig) -> tuple[list[Rule], list[str]]:
     """(rules, skipped keys) from the evaluate section's thresholds."""
-    teacher50 = tuple(f"{s}-50" for s in cfg.teacher_samplers)
+    # "teacher50" in the two ratio keys: the teacher at gate_teacher_steps (50 unless set); the
+    # rule's record and violation name the rows it compared against
+    teacher50 = tuple(f"{s}-{cfg.gate_teacher_steps}" for s in cfg.teacher_samplers)
     rules, skipped = [], []
     if cfg.lcm4_fd_max_ratio_to_teacher50 is not None:
         rules.append(Rule("evaluate.lcm4_fd_max_ratio_to_teacher50", "fd", "lcm-4", teacher50,

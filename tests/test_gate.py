@@ -99,3 +99,16 @@ def test_rules_with_a_constant_and_higher_is_better():
     result = check_rules([Rule("goal.lcm1_accuracy", "adherence", "lcm-1", constant=0.9),
                           Rule("goal.lcm1_fd_half_ddim1", "fd", "lcm-1", ("ddim-1",), 0.5)], rows)
     assert result.violations == ["goal.lcm1_accuracy: lcm-1 adherence 0.85 falls below 0.9"]
+
+
+def test_gate_teacher_steps_moves_both_ratio_thresholds_to_other_teacher_rows():
+    rows = passing_rows()
+    rows["ddim-25"], rows["dpmpp-25"] = {"fd": 0.10, "adherence": 1.0}, {"fd": 0.12, "adherence": 0.99}
+    cfg = EvaluateConfig(gate_teacher_steps=25, lcm1_psnr_min=None)
+    result = evaluate_gate(rows, cfg)  # lcm-4 FD 0.25 > 1.3 x ddim-25 0.10; adherence 0.95 >= 0.9 x 1.0
+    assert not result.passed and len(result.violations) == 1
+    assert "ddim-25 0.1" in result.violations[0] and "ddim-50" not in result.violations[0]
+    assert {c["rule"] for c in result.checks} >= {"lcm-4 fd <= 1.3 x best of ddim-25 / dpmpp-25",
+                                                 "lcm-4 adherence >= 0.9 x best of ddim-25 / dpmpp-25"}
+    del rows["dpmpp-25"]  # a missing reference row fails closed, not back to the 50-step rows
+    assert "dpmpp-25" in " ".join(evaluate_gate(rows, cfg).violations)
