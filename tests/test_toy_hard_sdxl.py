@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -45,3 +47,16 @@ def test_sdxl_pipeline_generates_at_64(tmp_path):
                width=HARD_SIZE, original_size=(96, 96), crops_coords_top_left=(0, 0), output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, HARD_SIZE, HARD_SIZE)
+
+
+def test_ddim_from_the_sdxl_scheduler_config_does_not_clip_latents():
+    """Real SDXL's scheduler_config.json carries clip_sample: false; DDIM's default (true) clips the
+    predicted latents to [-1, 1], which turned every DDIM image of the hard SDXL base to noise."""
+    from diffusers import DDIMScheduler
+
+    from components.toy.sdxl import sdxl_scheduler
+
+    ddim = DDIMScheduler.from_config(sdxl_scheduler().config)
+    assert ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+    committed = Path(__file__).resolve().parents[1] / "data/toy/hard/sdxl/scheduler"  # the committed base's
+    assert DDIMScheduler.from_pretrained(committed).config.clip_sample is False

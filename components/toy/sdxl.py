@@ -56,10 +56,17 @@ def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def sdxl_scheduler() -> EulerDiscreteScheduler:
-    """SDXL's default scheduler config (scaled_linear 0.00085..0.012, epsilon, trailing-free leading spacing)."""
-    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
-                                  timestep_spacing="leading")
+    """SDXL's default scheduler config (scaled_linear 0.00085..0.012, epsilon, trailing-free leading spacing).
+
+    Like stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json it also carries the
+    DDIM keys Euler ignores (`clip_sample` false, ...): `DDIMScheduler.from_config` on it must not
+    fall back to DDIM's default `clip_sample=True`, which clips the predicted latents to [-1, 1].
+    """
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1,
+                                       timestep_spacing="leading")
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0)
+    return scheduler
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
