@@ -42,6 +42,7 @@ def test_toy_base_hard_then_sdxl_write_loadable_pipelines(tmp_path, one_thread):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["unet_steps"] == 2 and report["params"]["checkpoint_dir"] == str(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "last.pt").is_file()
+    assert report["vae_trained_s"] > 0 and report["unet_trained_s"] > 0  # summed over resumed runs
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "base"), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -16,6 +16,7 @@ from components.toy.hard.base import (
     hard_vae,
     token_ids,
     train_hard_unet,
+    trained_seconds,
 )
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.sdxl import build_untrained_hard_sdxl, train_hard_sdxl_unet
@@ -61,7 +62,12 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_weights(run, tmp_path, one_t
     whole = run(tmp_path / "whole")
     first = run(tmp_path / "split", budget_s=0.0)  # stops after its first step, checkpointed
     assert int(first["step"]) == 1
+    last = next((tmp_path / "split").glob("*last.pt"))
+    state = torch.load(last)
+    assert 0 < state["trained_s"] < 1000
+    torch.save({**state, "trained_s": 1000.0}, last)  # as if the first run had taken 1,000 s
     resumed = run(tmp_path / "split")  # the same folder: resumes from step 1
+    assert 1000 < trained_seconds(last) < 1000 + 600  # the resumed run's seconds add to the earlier runs'
     assert int(resumed["step"]) == int(whole["step"]) == 3
     assert whole.keys() == resumed.keys()
     diff = max(float((whole[k].double() - resumed[k].double()).abs().max()) for k in whole)

@@ -130,14 +130,15 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
     generator = torch.Generator().manual_seed(s.seed + 1)  # batch indices: CPU, the same on every device
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
-    start_step, mse_avg = 0, 0.0
+    start_step, mse_avg, trained_s = 0, 0.0, 0.0
+    started = time.time()
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu")  # generator states stay on the CPU
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         generator.set_state(state["generator"])
-        start_step, mse_avg = state["step"], state["mse"]
+        start_step, mse_avg, trained_s = state["step"], state["mse"], state.get("trained_s", 0.0)
     for step in range(start_step + 1, s.vae_steps + 1):
         idx = torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)
         loss, mse, kl = vae_loss(vae, images[idx].to(s.device), s.kl_weight)
@@ -149,7 +150,8 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
         _report(progress, "hard-vae", step, s.vae_steps, {"mse": mse_avg, "kl": float(kl.detach())})
         if step % 25 == 0 or step == s.vae_steps:
             torch.save({"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "generator": generator.get_state(), "mse": mse_avg}, ckpt)
+                        "generator": generator.get_state(), "mse": mse_avg,
+                        "trained_s": trained_s + time.time() - started}, ckpt)
     return vae.eval().requires_grad_(False)
 
 
@@ -183,6 +185,7 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
     generators = {"generator": generator} | ({} if noise_generator is generator else {"noise_generator": noise_generator})
     state = resume_training_state(folder / "last.pt", models, ema, opt, generators)
     start_step, loss_avg = (state["step"], state["loss"]) if state else (0, 0.0)
+    trained_s = state.get("trained_s", 0.0) if state else 0.0  # wall time of earlier (resumed) runs
     started = time.time()
     step = start_step
     for step in range(start_step + 1, s.train_steps + 1):
@@ -206,7 +209,8 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict(), "loss": loss_avg}, folder / f"ema-{step:06d}.pt")
-            save_training_state(folder / "last.pt", step, models, ema, opt, generators, loss=loss_avg)
+            save_training_state(folder / "last.pt", step, models, ema, opt, generators, loss=loss_avg,
+                                trained_s=trained_s + time.time() - started)
         if over_budget:
             break
     return ema["unet"], ema["text"], step
@@ -224,6 +228,14 @@ def load_ema(path: str | Path, tokenizer: CLIPTokenizer, s: HardToyConfig
     models = torch.nn.ModuleDict({"unet": hard_unet(s.seed), "text": hard_text_encoder(tokenizer, s.seed)})
     models.load_state_dict(torch.load(path)["ema"])
     return models["unet"].eval().requires_grad_(False), models["text"].eval().requires_grad_(False)
+
+
+def trained_seconds(checkpoint: Path) -> float | None:
+    """Wall seconds of training summed over every run that wrote `checkpoint` (resumes included)."""
+    if not checkpoint.exists():
+        return None
+    value = torch.load(checkpoint, map_location="cpu").get("trained_s")
+    return None if value is None else round(float(value), 1)
 
 
 def unit_variance_scale(latents: torch.Tensor) -> float:

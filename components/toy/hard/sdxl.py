@@ -161,6 +161,7 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     folder.mkdir(parents=True, exist_ok=True)
     state = resume_training_state(folder / "sdxl-last.pt", models, ema, opt, {"generator": generator})
     start_step = state["step"] if state else 0
+    trained_s = state.get("trained_s", 0.0) if state else 0.0  # wall time of earlier (resumed) runs
     started, step = time.time(), start_step
     for step in range(start_step + 1, s.train_steps + 1):
         idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
@@ -184,7 +185,8 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict()}, folder / f"sdxl-ema-{step:06d}.pt")
-            save_training_state(folder / "sdxl-last.pt", step, models, ema, opt, {"generator": generator})
+            save_training_state(folder / "sdxl-last.pt", step, models, ema, opt, {"generator": generator},
+                                trained_s=trained_s + time.time() - started)
         if over_budget:
             break
     models.load_state_dict(ema.state_dict())

@@ -25,6 +25,7 @@ from components.toy.hard.base import (
     token_ids,
     train_hard_unet,
     train_hard_vae,
+    trained_seconds,
     unit_variance_scale,
 )
 from components.toy.hard.config import HardToyConfig
@@ -87,7 +88,10 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     folder = Path(s.base_dir)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     write_tokenizer_files(folder / "tokenizer", words=HARD_WORDS)
+    # this run's wall time, and each phase's summed over resumed runs (None: a checkpoint from before they were kept)
     report = {"unet_steps": step, "vae_s": round(vae_s, 1), "wall_s": round(time.time() - start, 1),
+              "vae_trained_s": trained_seconds(Path(s.checkpoint_dir) / "vae.pt"),
+              "unet_trained_s": trained_seconds(Path(s.checkpoint_dir) / "last.pt"),
               "device": device_name(s.device), "torch": torch.__version__,
               "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
                              for n in ("unet", "vae", "text_encoder")},
@@ -120,7 +124,8 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer_files(folder / sub, words=HARD_WORDS)
-    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1), "device": device_name(s.device),
+    report = {"unet_steps": step, "wall_s": round(time.time() - start, 1),
+              "unet_trained_s": trained_seconds(Path(s.checkpoint_dir) / "sdxl-last.pt"), "device": device_name(s.device),
               "torch": torch.__version__, "params": s.model_dump(mode="json")}
     (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
