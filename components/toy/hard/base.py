@@ -2,7 +2,7 @@
 
 Architecture (diffusers / transformers classes, so every stage treats it as a real base):
 - `AutoencoderKL`, 3 blocks (16, 32, 32): 3x64x64 <-> 4x16x16.
-- `UNet2DConditionModel` (32, 64): plain resnets at 16x16, cross-attention at 8x8 and in the
+- `UNet2DConditionModel` (32, 64, 64): plain resnets at 16x16, cross-attention at 8x8, 4x4 and in the
   mid block (cross_attention_dim 64).
 - `CLIPTextModel`, 2 layers, width 64, 32 positions (captions are up to 25 tokens), trained with
   the UNet; a local BPE tokenizer over the caption words.
@@ -49,13 +49,18 @@ def hard_vae(seed: int = 0) -> AutoencoderKL:
 
 
 def hard_unet(seed: int = 0) -> UNet2DConditionModel:
-    """SD-1.5-style UNet at 16x16 and 8x8 latents, cross-attention at 8x8 and mid, ~1.0M parameters."""
+    """SD-1.5-style UNet at 16x16, 8x8 and 4x4 latents, cross-attention at 8x8, 4x4 and mid, ~1.7M parameters.
+
+    The 4x4 level is there for left and right: its convolutions see the zero-padded border from
+    every column, so the cross-attention queries know their side. The 2-level UNet before it
+    (mid block at 8x8) drew the right digits and colours but on a random side (docs/toy-hard.md).
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=HARD_SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_WIDTH,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8, norm_num_groups=16)
 
 

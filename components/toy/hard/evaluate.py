@@ -34,7 +34,7 @@ from components.toy.hard.base import (
 )
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scenes
-from components.toy.hard.judges import HardJudges, adherence, load_judges
+from components.toy.hard.judges import HardJudges, adherence, load_judges, swapped_sides
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
@@ -74,7 +74,8 @@ def difficulty_rule(table: dict[str, dict[str, float]]) -> dict[str, float | boo
 
 def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, guidance: float, seed: int = 0,
                      steps: tuple[int, ...] = (50, 4), progress: ProgressFn | None = None) -> dict:
-    """Adherence and FD (judges' features, vs real renders) for each sampler and step count."""
+    """Adherence, sides swapped (`judges.swapped_sides`) and FD (judges' features, vs real renders)
+    for each sampler and step count."""
     prompts, reference = prompt_set(n, seed + 500), prompt_set(n, seed + 600)
     ref_features = judges.features(reference.images)
     table: dict[str, dict[str, float]] = {}
@@ -82,6 +83,7 @@ def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, 
     for i, (sampler, k) in enumerate(runs):
         images = sample(pipe, sampler, k, prompts.captions, guidance, seed)
         table[f"{sampler}-{k}"] = {"adherence": adherence(judges, images, prompts.parts),
+                                   "swapped": swapped_sides(judges, images, prompts.parts),
                                    "fd": frechet_distance_of_features(judges.features(images), ref_features)}
         if progress is not None:
             progress(Progress("hard-evaluate", i + 1, len(runs), table[f"{sampler}-{k}"], f"{sampler}-{k}"))

@@ -151,6 +151,19 @@ def adherence(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor, bat
     return float((reads == parts.long()).all(dim=1).float().mean())
 
 
+def swapped_sides(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor, batch_size: int = 500) -> float:
+    """Share of N images read as their scene with left and right exchanged (both sides' digit and colour).
+
+    Scenes whose two sides are alike (same digit and colour) count as not swapped. A base that
+    draws the right digits and colours on a random side scores about half its content accuracy.
+    """
+    reads = torch.cat([judges.read(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    parts = parts.long()
+    exchanged = parts[:, [2, 3, 0, 1]]
+    distinct = (parts != exchanged).any(dim=1)
+    return float(((reads == exchanged).all(dim=1) & distinct).float().mean())
+
+
 def save_judges(judges: HardJudges, path: str | Path, meta: dict | None = None) -> Path:
     """Write `model.safetensors` and `config.json` (architecture and `meta`) to `path`."""
     path = Path(path)

@@ -49,14 +49,17 @@ def hard_sdxl_text_encoders(tokenizer: CLIPTokenizer, seed: int = 0
 
 
 def hard_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
-    """SDXL-style UNet at 16x16 and 8x8 latents: text_time added conditioning, linear projections."""
+    """SDXL-style UNet at 16x16, 8x8 and 4x4 latents: text_time added conditioning, linear projections.
+
+    Three levels for the same reason as the SD-1.5 family's (`components/toy/hard/base.py:hard_unet`).
+    """
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=HARD_SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 1), cross_attention_dim=sum(TEXT_WIDTHS), norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        transformer_layers_per_block=(1, 1, 1), cross_attention_dim=sum(TEXT_WIDTHS), norm_num_groups=16,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM)
 
