@@ -30,7 +30,7 @@ def said(result) -> str:
 def tiny(tmp: Path) -> list[str]:
     """A few steps of everything, every file under `tmp` (never the shared checkpoint folder)."""
     settings = ["train_scenes=16", "vae_steps=2", "vae_batch_size=4", "train_steps=2", "batch_size=4",
-                "warmup_steps=1", "eval_every=1", f"checkpoint_dir={tmp / 'ckpt'}"]
+                "warmup_steps=1", "eval_every=1", "text_pretrain_steps=2", f"checkpoint_dir={tmp / 'ckpt'}"]
     return [arg for s in settings for arg in ("--set", f"toy.hard.{s}")]
 
 

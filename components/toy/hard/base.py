@@ -97,6 +97,11 @@ def lr_at(step: int, s: HardToyConfig) -> float:
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def trainable(models: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train (a frozen text encoder's do not)."""
+    return [p for p in models.parameters() if p.requires_grad]
+
+
 def _report(progress: ProgressFn | None, stage: str, step: int, total: int, metrics: dict) -> None:
     if progress is not None:
         progress(Progress(stage=stage, step=step, total=total, metrics=metrics))
@@ -171,7 +176,8 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 2
 def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.Tensor,
                     text_encoder: CLIPTextModel, s: HardToyConfig, progress: ProgressFn | None = None
                     ) -> tuple[UNet2DConditionModel, CLIPTextModel, int]:
-    """Train UNet and text encoder on scaled latents (N x 4 x 16 x 16) and caption ids (N x 32).
+    """Train the UNet (and the text encoder unless `text_frozen`) on scaled latents (N x 4 x 16 x 16)
+    and caption ids (N x 32).
 
     10% of captions become the empty prompt (for CFG); an EMA of both models is kept and
     checkpointed every `eval_every` steps (`unet-STEP.pt`, `last.pt` to resume). Returns the
@@ -180,13 +186,13 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
     folder = Path(s.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     unet = hard_unet(s.seed).to(s.device).train()
-    text_encoder.to(s.device).train().requires_grad_(True)
+    text_encoder.to(s.device).train(not s.text_frozen).requires_grad_(not s.text_frozen)
     models = torch.nn.ModuleDict({"unet": unet, "text": text_encoder})
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
     generator = torch.Generator().manual_seed(s.seed + 2)  # indices and dropout: CPU, the same on every device
     noise_generator = generator if s.device == "cpu" else torch.Generator(s.device).manual_seed(s.seed + 3)
-    opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(trainable(models), lr=s.lr, weight_decay=1e-2)
     generators = {"generator": generator} | ({} if noise_generator is generator else {"noise_generator": noise_generator})
     state = resume_training_state(folder / "last.pt", models, ema, opt, generators)
     start_step, loss_avg = (state["step"], state["loss"]) if state else (0, 0.0)

@@ -36,6 +36,11 @@ class HardToyConfig(BaseModel):
     batch_size: int = 64  # UNet batch
     lr: float = 1.0e-3  # UNet peak learning rate (warm-up, cosine to 10%)
     warmup_steps: int = 200  # UNet learning-rate warm-up steps
+    text_pretrain_steps: int = Field(600, ge=0)  # CLIP steps for each text encoder before the UNet
+    # (components/toy/hard/text_pretrain.py); 0: none, the text encoder starts random (the session-5 bases)
+    text_pretrain_pairs: int = Field(128, ge=1)  # scenes per CLIP batch, each with its mirror
+    text_pretrain_lr: float = 1.0e-3  # AdamW learning rate of the CLIP pre-training
+    text_frozen: bool = True  # the UNet trains against the text encoder(s) frozen (SD's way); False: jointly
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
     ema_decay: float = 0.999  # EMA of the UNet weights (what is evaluated and saved)
     eval_every: int = 500  # steps between DDIM-50 CFG adherence checks of the EMA (best kept)

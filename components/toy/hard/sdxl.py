@@ -138,7 +138,7 @@ def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.r
 
 def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor, ids: torch.Tensor,
                          add_time_ids: torch.Tensor, s, progress=None) -> int:
-    """Train UNet and both text encoders in place on scaled latents (N x 4 x 16 x 16), ids (N x 32), time ids (N x 6).
+    """Train the UNet (and both text encoders unless `text_frozen`) in place on scaled latents (N x 4 x 16 x 16), ids (N x 32), time ids (N x 6).
 
     Same recipe as the SD-1.5 family (`components/toy/hard/base.py:train_hard_unet`): caption
     dropout (zeroed embeddings, as SDXL's empty prompt), AdamW with warm-up and cosine decay, an EMA copied into the
@@ -152,14 +152,22 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
 
     from components.progress import Progress
     from components.toy.base import ema_decay_at, ema_update, toy_scheduler
-    from components.toy.hard.base import lr_at, resume_training_state, save_training_state
+    from components.toy.hard.base import (
+        lr_at,
+        resume_training_state,
+        save_training_state,
+        trainable,
+    )
 
     models = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2})
     models.to(s.device).train().requires_grad_(True)
+    if s.text_frozen:
+        for name in ("text", "text_2"):
+            models[name].eval().requires_grad_(False)
     ema = copy.deepcopy(models).eval().requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(toy_scheduler().config)
     generator = torch.Generator().manual_seed(s.seed + 12)
-    opt = torch.optim.AdamW(models.parameters(), lr=s.lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(trainable(models), lr=s.lr, weight_decay=1e-2)
     folder = Path(s.checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = resume_training_state(folder / "sdxl-last.pt", models, ema, opt, {"generator": generator})

@@ -33,6 +33,7 @@ from components.toy.hard.data import load_sklearn_digits, render_scenes
 from components.toy.hard.judges import adherence, save_judges, train_judges
 from components.toy.hard.render import HARD_WORDS
 from components.toy.hard.style import vae_training_images
+from components.toy.hard.text_pretrain import pretrain_text_encoder
 from components.toy.tokenizer import write_tokenizer_files
 
 
@@ -69,6 +70,16 @@ def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
     return report
 
 
+def pretrain_text(encoder: torch.nn.Module, tokenizer, images8: np.ndarray, labels: np.ndarray, s: HardToyConfig,
+                  progress: ProgressFn | None = None, offset: int = 0) -> dict | None:
+    """CLIP pre-training of one text encoder (`text_pretrain_steps`; 0: none, and None is reported)."""
+    if s.text_pretrain_steps == 0:
+        return None
+    return pretrain_text_encoder(encoder, tokenizer, images8, labels, steps=s.text_pretrain_steps,
+                                 pairs_per_batch=s.text_pretrain_pairs, lr=s.text_pretrain_lr,
+                                 seed=s.seed + 100 * offset, device=s.device, progress=progress)
+
+
 def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
     """Train VAE, UNet and text encoder (resumable, budgeted); save the last EMA as a pipeline in `base_dir`."""
     images8, labels = load_sklearn_digits()
@@ -82,6 +93,7 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = hard_tokenizer(tmp)
     text_encoder = hard_text_encoder(tokenizer, s.seed)
+    text_report = pretrain_text(text_encoder, tokenizer, images8, labels, s, progress)
     ids, uncond_ids = token_ids(tokenizer, train.captions), token_ids(tokenizer, [""])
     unet, text_encoder, step = train_hard_unet(latents, ids, uncond_ids, text_encoder, s, progress)
     pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
@@ -92,7 +104,7 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     report = {"unet_steps": step, "vae_s": round(vae_s, 1), "wall_s": round(time.time() - start, 1),
               "vae_trained_s": trained_seconds(Path(s.checkpoint_dir) / "vae.pt"),
               "unet_trained_s": trained_seconds(Path(s.checkpoint_dir) / "last.pt"),
-              "device": device_name(s.device), "torch": torch.__version__,
+              "text_pretrain": text_report, "device": device_name(s.device), "torch": torch.__version__,
               "parameters": {n: sum(p.numel() for p in getattr(pipe, n).parameters())
                              for n in ("unet", "vae", "text_encoder")},
               "params": s.model_dump(mode="json")}
@@ -118,6 +130,8 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     latents = encode_latents(vae, images) * vae.config.scaling_factor
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
+    text_report = {name: pretrain_text(getattr(pipe, name), pipe.tokenizer, images8, labels, s, progress, offset)
+                   for offset, name in enumerate(("text_encoder", "text_encoder_2"))}
     ids = token_ids(pipe.tokenizer, captions)
     step = train_hard_sdxl_unet(pipe, latents, ids, add_time_ids, s, progress)
     folder = Path(s.sdxl_dir)
@@ -125,7 +139,8 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer_files(folder / sub, words=HARD_WORDS)
     report = {"unet_steps": step, "wall_s": round(time.time() - start, 1),
-              "unet_trained_s": trained_seconds(Path(s.checkpoint_dir) / "sdxl-last.pt"), "device": device_name(s.device),
+              "unet_trained_s": trained_seconds(Path(s.checkpoint_dir) / "sdxl-last.pt"), "text_pretrain": text_report,
+              "device": device_name(s.device),
               "torch": torch.__version__, "params": s.model_dump(mode="json")}
     (folder / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,0 +1,60 @@
+"""CLIP pre-training of the hard toy's text encoders (components/toy/hard/text_pretrain.py), and the
+UNet trainers keeping a pre-trained text encoder frozen."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components.toy.hard.base import hard_text_encoder, hard_tokenizer, token_ids, train_hard_unet
+from components.toy.hard.config import HardToyConfig
+from components.toy.hard.data import load_sklearn_digits
+from components.toy.hard.text_pretrain import mirrored_pairs, pretrain_text_encoder
+from tests.tiny_pipeline import single_thread
+
+one_thread = pytest.fixture(single_thread)  # a shared 2-core machine: more threads only spin
+
+
+def tokenizer():
+    with tempfile.TemporaryDirectory() as tmp:
+        return hard_tokenizer(tmp)
+
+
+def test_mirrored_pairs_exchange_the_sides():
+    images8, labels = load_sklearn_digits()
+    images, captions = mirrored_pairs(images8, labels, 3, np.random.default_rng(0))
+    assert images.shape == (6, 3, 64, 64)
+    for k in range(3):
+        scene, mirror = captions[2 * k], captions[2 * k + 1]
+        # each names the same two digits and colours, on the other sides
+        left = scene.split(" on the left")[0].split(" and ")[-1].removeprefix("a ")
+        assert f"{left} on the right" in mirror
+
+
+def test_pretraining_teaches_the_encoder_which_side_is_which(one_thread):
+    images8, labels = load_sklearn_digits()
+    tok = tokenizer()
+    encoder = hard_text_encoder(tok, 0)
+    report = pretrain_text_encoder(encoder, tok, images8, labels, steps=400, pairs_per_batch=64, scenes=1000)
+    # before: a random encoder cannot tell a caption's render from its mirror (chance 0.5)
+    assert report["mirror_accuracy_before"] <= 0.65
+    assert report["mirror_accuracy_after"] >= 0.8, report
+    assert not any(p.requires_grad for p in encoder.parameters())  # handed back frozen, in eval mode
+    assert not encoder.training
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_unet_trainer_keeps_a_frozen_text_encoder(tmp_path: Path, frozen: bool, one_thread):
+    tok = tokenizer()
+    ids = token_ids(tok, ["a red seven on the left and a blue two on the right"] * 4)
+    s = HardToyConfig(train_steps=3, batch_size=2, warmup_steps=1, eval_every=100, text_frozen=frozen,
+                      checkpoint_dir=str(tmp_path))
+    encoder = hard_text_encoder(tok, 0)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    _, text, _ = train_hard_unet(torch.randn(4, 4, 16, 16), ids, token_ids(tok, [""]), encoder, s)
+    unchanged = all(torch.equal(before[k], v) for k, v in text.state_dict().items())
+    assert unchanged is frozen
