@@ -180,6 +180,9 @@ class EvaluateConfig(Section):
     gate_teacher_steps: PositiveInt = 50  # the teacher step count both ratio thresholds compare against (hard toy: 25)
     lcm4_fd_below_dpm4: bool = True  # FD(lcm-4) <= FD(dpmpp-4)
     adherence_min_ratio: float | None = Field(0.9, ge=0)  # adherence(lcm-4) >= ratio * best teacher adherence at 50 steps
+    # adherence(lcm-2) >= ratio * best teacher adherence at gate_teacher_steps; off unless set (the hard toy: on a
+    # good base LCMScheduler alone reads well at 4 steps, and a distilled LoRA shows at 2)
+    lcm2_adherence_min_ratio: float | None = Field(None, ge=0)
     lcm1_psnr_min: float | None = None  # PSNR(lcm-1 vs agreement_reference) minimum in dB
 
 

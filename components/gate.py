@@ -122,6 +122,11 @@ def gate_rules(cfg: EvaluateConfig) -> tuple[list[Rule], list[str]]:
         rules.append(Rule("evaluate.adherence_min_ratio", "adherence", "lcm-4", teacher50, cfg.adherence_min_ratio))
     else:
         skipped.append("evaluate.adherence_min_ratio")
+    if cfg.lcm2_adherence_min_ratio is not None:
+        rules.append(Rule("evaluate.lcm2_adherence_min_ratio", "adherence", "lcm-2", teacher50,
+                          cfg.lcm2_adherence_min_ratio))
+    else:
+        skipped.append("evaluate.lcm2_adherence_min_ratio")
     if cfg.lcm1_psnr_min is not None:
         rules.append(Rule("evaluate.lcm1_psnr_min", "psnr", "lcm-1", constant=cfg.lcm1_psnr_min))
     else:

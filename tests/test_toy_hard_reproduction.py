@@ -103,10 +103,11 @@ def test_gate_margin_runs_one_per_seed_and_broken_variant_sharing_the_familys_da
     assert cfgs[2]["distill"]["guidance_range"] == {"toy-hard": [1.0, 1.0]}  # teacher w = 0
     assert cfgs[3]["distill"]["max_steps"] == 10
     assert all(c["distill"]["guidance_range"] == {} for c in (cfgs[0], cfgs[1], cfgs[3]))
-    # the gate's rows only (LCM-4; the teacher at 4 and 25), judged by the hard gate against the teacher at 25
-    assert all(c["evaluate"]["steps"] == [4] and c["evaluate"]["teacher_steps"] == [25]
+    # the gate's rows only (LCM-2 and LCM-4; the teacher at 4 and 25), judged by the hard gate against the teacher at 25
+    assert all(c["evaluate"]["steps"] == [2, 4] and c["evaluate"]["teacher_steps"] == [25]
                and not c["evaluate"]["lcm_without_lora"] and c["evaluate"]["gate_teacher_steps"] == 25
-               and c["distill"]["max_steps"] in (600, 10) for c in cfgs)
+               and c["evaluate"]["lcm2_adherence_min_ratio"] == 0.75
+               and c["distill"]["max_steps"] in (1500, 10) for c in cfgs)
     bad = _cli(["reproduce", "--toy", "--hard", "--broken", "no-teacher", "--dry-run"])
     assert bad.exit_code != 0 and "no-guidance, ten-steps" in bad.output + str(bad.exception)
     assert _cli(["reproduce", "--toy", "--seeds", "0,1", "--dry-run"]).exit_code != 0  # the easy toy: no
