@@ -112,22 +112,20 @@ def test_swapped_sides_counts_scenes_drawn_mirrored():
 
 
 @pytest.mark.skipif(not (BASE_DIR.exists() and JUDGES_DIR.exists()), reason="data/toy/hard/base not committed yet")
-# A known, tracked defect (issue 12 stays open on it): the committed base, trained within the 2-hour CPU
-# bound, reads 0.375 here (difficulty table: 0.485 on 200 prompts; the rule asks 0.8). strict: a base
-# that meets the bound turns this into a failure until the mark is removed. The bound is not lowered.
-@pytest.mark.xfail(strict=True, reason="issue 12: the committed hard base is not good yet (0.375 < 0.7 here)")
 def test_committed_base_loads_and_adheres_at_50_steps():
     from diffusers import StableDiffusionPipeline
 
     from components.toy.hard.evaluate import prompt_set, sample
-    from components.toy.hard.judges import adherence, load_judges
+    from components.toy.hard.judges import adherence, load_judges, swapped_sides
 
     pipe = StableDiffusionPipeline.from_pretrained(str(BASE_DIR), safety_checker=None, requires_safety_checker=False)
     training = json.loads((BASE_DIR / "training.json").read_text())
     prompts = prompt_set(40, seed=12)
     images = sample(pipe, "dpm++", 50, prompts.captions, training["params"]["guidance_scale"], seed=0)
     assert images.shape == (40, 3, HARD_SIZE, HARD_SIZE)
-    assert adherence(load_judges(JUDGES_DIR), images, prompts.parts) >= BASE_ADHERENCE_BOUND
+    judges = load_judges(JUDGES_DIR)
+    assert adherence(judges, images, prompts.parts) >= BASE_ADHERENCE_BOUND
+    assert swapped_sides(judges, images, prompts.parts) <= 0.1  # each digit on the side its caption names
 
 
 def test_hard_base_architecture_round_trips_through_the_pipeline(tmp_path):
