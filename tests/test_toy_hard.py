@@ -164,3 +164,12 @@ def test_difficulty_rule_reads_the_table():
     assert not difficulty_rule(table)["four_steps_worse"]
     table["ddim-50"]["adherence"] = table["dpm++-50"]["adherence"] = 0.7
     assert not difficulty_rule(table)["base_good"]
+
+
+def test_the_hard_toys_committed_data_fits_its_20_mb():
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "data/toy/hard", "data/prompts/toy-hard.txt"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert {"data/toy/hard/base/model_index.json", "data/toy/hard/sdxl/model_index.json"} <= set(tracked)
+    assert sum((ROOT / f).stat().st_size for f in tracked) <= 20_000_000  # issue 12's size budget
