@@ -18,7 +18,7 @@ mkdir -p "$W"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "${SMOKE:-0}" = 1 ]; then
   SIZE=(--set train_scenes=64 --set vae_steps=2 --set vae_batch_size=4 --set train_steps=3 --set batch_size=4
-        --set warmup_steps=1 --set eval_every=2 --set final_samples=8)
+        --set warmup_steps=1 --set eval_every=2 --set text_pretrain_steps=2 --set final_samples=8)
 else
   SIZE=(--set train_scenes=8000 --set vae_steps=600 --set vae_batch_size=16 --set train_steps=6000
         --set batch_size=64 --set warmup_steps=100 --set eval_every=500 --set final_samples=200)
