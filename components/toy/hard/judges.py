@@ -145,10 +145,14 @@ def train_judges(images: torch.Tensor, parts: torch.Tensor, *, epochs: int = 8, 
     return HardJudges(net)
 
 
+def read_all(judges: HardJudges, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """N x 4 readings of N images, `batch_size` at a time."""
+    return torch.cat([judges.read(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 def adherence(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor, batch_size: int = 500) -> float:
     """Share of N images (Nx3xHxW in [-1, 1]) whose four readings all equal `parts` (N x 4)."""
-    reads = torch.cat([judges.read(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    return float((reads == parts.long()).all(dim=1).float().mean())
+    return float((read_all(judges, images, batch_size) == parts.long()).all(dim=1).float().mean())
 
 
 def swapped_sides(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor, batch_size: int = 500) -> float:
@@ -157,7 +161,7 @@ def swapped_sides(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor,
     Scenes whose two sides are alike (same digit and colour) count as not swapped. A base that
     draws the right digits and colours on a random side scores about half its content accuracy.
     """
-    reads = torch.cat([judges.read(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    reads = read_all(judges, images, batch_size)
     parts = parts.long()
     exchanged = parts[:, [2, 3, 0, 1]]
     distinct = (parts != exchanged).any(dim=1)
