@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,3 +105,39 @@ def test_merge_claim_refuses_other_step_counts():
     doc["config"]["lcm_steps"] = 8
     with pytest.raises(ValueError, match="merge.lcm_steps=4"):
         check_merge_claim(doc)
+
+
+class _RoundTrip(torch.nn.Module):
+    """A stand-in autoencoder with the AutoencoderKL call shape: `blur` pixels of box blur, or none."""
+
+    def __init__(self, blur: int = 0):
+        super().__init__()
+        self.blur = blur
+        self.register_buffer("anchor", torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        if self.blur:
+            k = self.blur
+            z = torch.nn.functional.avg_pool2d(z, k, stride=1, padding=k // 2, count_include_pad=False)[..., :64, :64]
+        return SimpleNamespace(sample=z)
+
+
+def test_style_through_vae_is_the_styles_ceiling(metric):
+    from components.toy.hard.style_metric import style_through_vae
+
+    exact = style_through_vae(_RoundTrip(), count=40, metric=metric)
+    assert exact["styled_through_vae"] == pytest.approx(exact["styled"], abs=1e-6) and exact["styled"] > 0.9
+    assert abs(exact["plain_through_vae"]) < 0.1
+    blurred = style_through_vae(_RoundTrip(blur=5), count=40, metric=metric)  # the 4-px stripes wash out
+    assert blurred["styled_through_vae"] < 0.8 * blurred["styled"]

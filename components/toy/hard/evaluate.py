@@ -35,6 +35,7 @@ from components.toy.hard.base import (
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scenes
 from components.toy.hard.judges import HardJudges, adherence, load_judges, swapped_sides
+from components.toy.hard.style_metric import style_through_vae
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
@@ -126,4 +127,5 @@ def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: Pro
     judges = load_judges(s.judges_dir)
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
     report["model"] = str(Path(s.sdxl_dir) if sdxl else checkpoint or Path(s.base_dir))
+    report["style_strength"] = style_through_vae(pipe.vae)  # the ceiling any sampler on this base has
     return report

@@ -39,6 +39,26 @@ def hard_style_metric(count: int = 400, seed: int = 0) -> StyleMetric:
     return fit_style_metric(*hard_style_renders(count, seed), stripe_half_period=STRIPE_HALF_PERIOD)
 
 
+def style_through_vae(vae, count: int = 200, seed: int = 1, metric: StyleMetric | None = None) -> dict[str, float]:
+    """How much of the hard style `vae` can show at all: mean style strength of `count` fresh scenes
+    rendered plain and styled, as rendered and after an encode / decode round trip (latent mean).
+    A sampler on this base cannot draw more style than `styled_through_vae`; the merge claim's
+    reference is read against it (docs/toy-hard.md, "Merge claim")."""
+    metric = metric or hard_style_metric()
+    plain, styled = hard_style_renders(count, seed)
+    device, dtype = vae.device, vae.dtype
+
+    @torch.no_grad()
+    def round_trip(images: torch.Tensor) -> torch.Tensor:
+        out = [vae.decode(vae.encode(b.to(device, dtype)).latent_dist.mean).sample.float().clamp(-1, 1).cpu()
+               for b in images.split(50)]
+        return torch.cat(out)
+
+    return {"plain": metric.mean_strength(plain), "styled": metric.mean_strength(styled),
+            "plain_through_vae": metric.mean_strength(round_trip(plain)),
+            "styled_through_vae": metric.mean_strength(round_trip(styled))}
+
+
 class LazyHardStyle:
     """The hard style metric, fitted the first time a merge asks for it."""
 
