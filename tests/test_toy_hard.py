@@ -173,3 +173,30 @@ def test_the_hard_toys_committed_data_fits_its_20_mb():
                              capture_output=True, text=True, check=True).stdout.split()
     assert {"data/toy/hard/base/model_index.json", "data/toy/hard/sdxl/model_index.json"} <= set(tracked)
     assert sum((ROOT / f).stat().st_size for f in tracked) <= 20_000_000  # issue 12's size budget
+
+
+def test_decoder_finetune_keeps_the_encoder_and_lowers_the_reconstruction_error():
+    """The decoder-only fine-tune (`toy.hard.decoder_steps`): the latent space a UNet was trained on
+    stays bit-identical, the decoder draws the training images better, and 0 steps is a no-op."""
+    from components.toy.hard.base import finetune_decoder, hard_vae
+    from components.toy.hard.config import HardToyConfig
+    from components.toy.hard.data import load_sklearn_digits, render_scenes
+
+    torch.manual_seed(0)
+    images8, labels = load_sklearn_digits()
+    images = render_scenes(images8, labels, 32, np.random.default_rng(0)).images
+    vae = hard_vae(0).eval()
+    encoder = {k: v.clone() for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+    def mse() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(vae.decode(vae.encode(images).latent_dist.mean).sample, images))
+
+    before = mse()
+    assert finetune_decoder(vae, images, HardToyConfig(decoder_steps=0)) is vae
+    assert mse() == before
+    finetune_decoder(vae, images, HardToyConfig(decoder_steps=30, vae_batch_size=8, decoder_lr=1e-3))
+    after = vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in encoder.items())
+    assert mse() < 0.7 * before
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training

@@ -30,7 +30,8 @@ def said(result) -> str:
 def tiny(tmp: Path) -> list[str]:
     """A few steps of everything, every file under `tmp` (never the shared checkpoint folder)."""
     settings = ["train_scenes=16", "vae_steps=2", "vae_batch_size=4", "train_steps=2", "batch_size=4",
-                "warmup_steps=1", "eval_every=1", "text_pretrain_steps=2", f"checkpoint_dir={tmp / 'ckpt'}"]
+                "warmup_steps=1", "eval_every=1", "text_pretrain_steps=2", "decoder_steps=2",
+                f"checkpoint_dir={tmp / 'ckpt'}"]
     return [arg for s in settings for arg in ("--set", f"toy.hard.{s}")]
 
 
@@ -50,6 +51,21 @@ def test_toy_base_hard_then_sdxl_write_loadable_pipelines(tmp_path, one_thread):
     out = pipe([caption], num_inference_steps=2, guidance_scale=5.0, output_type="pt",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, 64, 64)
+
+    # the decoder fine-tune of a saved base, in place: its encoder (the UNet's latent space) unchanged
+    from safetensors.torch import load_file
+
+    from components.toy.hard.__main__ import main as hard_main
+
+    vae_file = tmp_path / "base" / "vae" / "diffusion_pytorch_model.safetensors"
+    old = load_file(vae_file)
+    assert hard_main(["decoder", "--set", f"base_dir={tmp_path / 'base'}", "--set", "train_scenes=16",
+                      "--set", "decoder_steps=2", "--set", "vae_batch_size=4"]) == 0
+    new = load_file(vae_file)
+    assert all(torch.equal(new[k], v) for k, v in old.items() if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(new[k], v) for k, v in old.items() if k.startswith("decoder."))
+    decoder_report = json.loads((tmp_path / "base" / "decoder.json").read_text())
+    assert set(decoder_report["after"]["style_strength"]) >= {"styled", "styled_through_vae"}
 
     result = _cli(["toy", "base", "--hard", "--sdxl", "--output", str(tmp_path / "xl"), *tiny(tmp_path),
                    "--set", f"toy.hard.base_dir={tmp_path / 'base'}"])

@@ -1,4 +1,4 @@
-"""`python -m components.toy.hard judges|base|sdxl|evaluate [--set key=value ...]`: build the hard toy.
+"""`python -m components.toy.hard judges|base|sdxl|decoder|evaluate [--set key=value ...]`: build the hard toy.
 
 The edge of the hard toy: it parses `--set` overrides into `HardToyConfig`, pins the torch
 thread count, and prints progress one line per report (every `--every` steps).
@@ -31,11 +31,11 @@ def _config(pairs: list[str]) -> HardToyConfig:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m components.toy.hard")
-    parser.add_argument("command", choices=["judges", "base", "sdxl", "evaluate"])
+    parser.add_argument("command", choices=["judges", "base", "sdxl", "decoder", "evaluate"])
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--every", type=int, default=25, help="print one progress line every N steps")
     parser.add_argument("--checkpoint", default=None, help="evaluate: an ema-STEP.pt instead of base_dir")
-    parser.add_argument("--sdxl", action="store_true", help="evaluate: the SDXL-family base in sdxl_dir")
+    parser.add_argument("--sdxl", action="store_true", help="evaluate, decoder: the SDXL-family base in sdxl_dir")
     parser.add_argument("--report", default=None, help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     s = _config(args.sets)
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "sdxl":
         from components.toy.hard.world import build_hard_sdxl
         report = build_hard_sdxl(s, progress)
+    elif args.command == "decoder":
+        from components.toy.hard.world import finetune_base_decoder
+        report = finetune_base_decoder(s, args.sdxl, progress)
     else:
         from components.toy.hard.evaluate import evaluate_base
         report = evaluate_base(s, args.checkpoint, progress, sdxl=args.sdxl)

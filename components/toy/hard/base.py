@@ -165,6 +165,33 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
     return vae.eval().requires_grad_(False)
 
 
+def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, s: HardToyConfig,
+                     progress: ProgressFn | None = None) -> AutoencoderKL:
+    """Fine-tune the decoder (and post_quant_conv) of `vae` for `s.decoder_steps` steps of pixel MSE on
+    Nx3x64x64 images in [-1, 1], decoding the frozen encoder's latent means: the latent space (and a UNet
+    trained on it) is unchanged, only what is drawn from it improves. Deterministic for `s.seed`."""
+    if s.decoder_steps == 0:
+        return vae
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.requires_grad_(False).train()
+    for p in trainable:
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(s.seed + 3)  # batch indices: CPU, the same on every device
+    opt = torch.optim.AdamW(trainable, lr=s.decoder_lr, weight_decay=0.0)
+    mse_avg = 0.0
+    for step in range(1, s.decoder_steps + 1):
+        batch = images[torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)].to(s.device)
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.mean
+        mse = F.mse_loss(vae.decode(latents).sample, batch)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        opt.step()
+        mse_avg = 0.95 * mse_avg + 0.05 * float(mse.detach()) if step > 1 else float(mse.detach())
+        _report(progress, "hard-decoder", step, s.decoder_steps, {"mse": mse_avg})
+    return vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """VAE latent means (unscaled), N x 4 x 16 x 16."""
