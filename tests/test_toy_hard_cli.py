@@ -66,6 +66,7 @@ def test_toy_base_hard_then_sdxl_write_loadable_pipelines(tmp_path, one_thread):
     assert any(not torch.equal(new[k], v) for k, v in old.items() if k.startswith("decoder."))
     decoder_report = json.loads((tmp_path / "base" / "decoder.json").read_text())
     assert set(decoder_report["after"]["style_strength"]) >= {"styled", "styled_through_vae"}
+    assert "_name_or_path" not in json.loads((tmp_path / "base" / "vae" / "config.json").read_text())
 
     result = _cli(["toy", "base", "--hard", "--sdxl", "--output", str(tmp_path / "xl"), *tiny(tmp_path),
                    "--set", f"toy.hard.base_dir={tmp_path / 'base'}"])

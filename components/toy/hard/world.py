@@ -175,6 +175,9 @@ def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: Progre
     vae = finetune_decoder(vae, vae_training_images(train.images, s), s, progress)
     after = _decoder_report(vae, held_out)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
+    config = folder / "vae" / "config.json"  # from_pretrained recorded where it was loaded from: not part of the model
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
+                                 indent=2, sort_keys=True) + "\n")
     report = {"folder": str(folder), "before": before, "after": after, "wall_s": round(time.time() - start, 1),
               "device": device_name(s.device), "torch": torch.__version__,
               "params": {k: getattr(s, k) for k in ("decoder_steps", "decoder_lr", "vae_batch_size", "style_fraction",
