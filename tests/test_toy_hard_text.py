@@ -58,3 +58,28 @@ def test_unet_trainer_keeps_a_frozen_text_encoder(tmp_path: Path, frozen: bool, 
     _, text, _ = train_hard_unet(torch.randn(4, 4, 16, 16), ids, token_ids(tok, [""]), encoder, s)
     unchanged = all(torch.equal(before[k], v) for k, v in text.state_dict().items())
     assert unchanged is frozen
+
+
+def test_a_resumed_base_run_loads_the_pretrained_text_encoder(tmp_path: Path, monkeypatch, one_thread):
+    """`world.pretrain_text` keeps its result in checkpoint_dir: the same settings load it (no second
+    pre-training, the same weights), other settings train afresh."""
+    from components.toy.hard import world
+
+    images8, labels = load_sklearn_digits()
+    tok = tokenizer()
+    s = HardToyConfig(text_pretrain_steps=2, text_pretrain_pairs=4, checkpoint_dir=str(tmp_path))
+    first = hard_text_encoder(tok, 0)
+    report = world.pretrain_text(first, tok, images8, labels, s)
+    assert report["steps"] == 2 and (tmp_path / "text-0.pt").is_file()
+
+    calls = []
+    real = world.pretrain_text_encoder
+    monkeypatch.setattr(world, "pretrain_text_encoder", lambda *a, **k: calls.append(k) or real(*a, **k))
+    again = hard_text_encoder(tok, 0)
+    resumed = world.pretrain_text(again, tok, images8, labels, s)
+    assert calls == [] and resumed["resumed_from"] == str(tmp_path / "text-0.pt")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not any(p.requires_grad for p in again.parameters())
+
+    other = world.pretrain_text(hard_text_encoder(tok, 0), tok, images8, labels, s.model_copy(update={"text_pretrain_steps": 3}))
+    assert len(calls) == 1 and other["steps"] == 3 and "resumed_from" not in other

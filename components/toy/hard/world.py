@@ -73,12 +73,26 @@ def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
 
 def pretrain_text(encoder: torch.nn.Module, tokenizer, images8: np.ndarray, labels: np.ndarray, s: HardToyConfig,
                   progress: ProgressFn | None = None, offset: int = 0) -> dict | None:
-    """CLIP pre-training of one text encoder (`text_pretrain_steps`; 0: none, and None is reported)."""
+    """CLIP pre-training of one text encoder (`text_pretrain_steps`; 0: none, and None is reported).
+    The result is kept in `checkpoint_dir/text-OFFSET.pt` with its settings: a resumed base run loads
+    it instead of training again; one with other settings trains afresh and replaces it."""
     if s.text_pretrain_steps == 0:
         return None
-    return pretrain_text_encoder(encoder, tokenizer, images8, labels, steps=s.text_pretrain_steps,
-                                 pairs_per_batch=s.text_pretrain_pairs, lr=s.text_pretrain_lr,
-                                 seed=s.seed + 100 * offset, device=s.device, progress=progress)
+    settings = {"steps": s.text_pretrain_steps, "pairs": s.text_pretrain_pairs, "lr": s.text_pretrain_lr,
+                "seed": s.seed + 100 * offset}
+    ckpt = Path(s.checkpoint_dir) / f"text-{offset}.pt"
+    if ckpt.exists():
+        saved = torch.load(ckpt, map_location="cpu")
+        if saved["settings"] == settings:
+            encoder.load_state_dict(saved["encoder"])
+            encoder.to(s.device).eval().requires_grad_(False)
+            return {**saved["report"], "resumed_from": str(ckpt)}
+    report = pretrain_text_encoder(encoder, tokenizer, images8, labels, steps=s.text_pretrain_steps,
+                                   pairs_per_batch=s.text_pretrain_pairs, lr=s.text_pretrain_lr,
+                                   seed=settings["seed"], device=s.device, progress=progress)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"settings": settings, "encoder": encoder.state_dict(), "report": report}, ckpt)
+    return report
 
 
 def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
