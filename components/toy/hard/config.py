@@ -32,9 +32,9 @@ class HardToyConfig(BaseModel):
     vae_batch_size: int = 32  # VAE batch
     vae_lr: float = 1.0e-3  # VAE peak learning rate (one-cycle)
     kl_weight: float = 1.0e-4  # weight of the VAE's KL term (per latent element)
-    decoder_steps: int = Field(0, ge=0)  # decoder-only fine-tune after the VAE phase (encoder frozen, so the
+    decoder_steps: int = Field(400, ge=0)  # decoder-only fine-tune after the VAE phase (encoder frozen, so the
     # latents and everything trained on them stay valid: sd-vae-ft-mse's way); 0: none. Session 7: 400 steps lift
-    # the hard style the decoder shows from 0.32 to 1.0 (`python -m components.toy.hard decoder`, docs/toy.md)
+    # the hard style the decoder shows from 0.33 to 0.94 (`python -m components.toy.hard decoder`, docs/toy-hard.md)
     decoder_lr: float = 1.0e-3  # AdamW learning rate of the decoder fine-tune
     train_steps: int = 6000  # UNet training steps (the wall-clock budget may stop it earlier)
     batch_size: int = 64  # UNet batch
