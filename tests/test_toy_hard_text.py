@@ -70,16 +70,25 @@ def test_a_resumed_base_run_loads_the_pretrained_text_encoder(tmp_path: Path, mo
     s = HardToyConfig(text_pretrain_steps=2, text_pretrain_pairs=4, checkpoint_dir=str(tmp_path))
     first = hard_text_encoder(tok, 0)
     report = world.pretrain_text(first, tok, images8, labels, s)
-    assert report["steps"] == 2 and (tmp_path / "text-0.pt").is_file()
+    assert report["steps"] == 2 and (tmp_path / "text-sd15.pt").is_file()
 
     calls = []
     real = world.pretrain_text_encoder
     monkeypatch.setattr(world, "pretrain_text_encoder", lambda *a, **k: calls.append(k) or real(*a, **k))
     again = hard_text_encoder(tok, 0)
     resumed = world.pretrain_text(again, tok, images8, labels, s)
-    assert calls == [] and resumed["resumed_from"] == str(tmp_path / "text-0.pt")
+    assert calls == [] and resumed["resumed_from"] == str(tmp_path / "text-sd15.pt")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
     assert not any(p.requires_grad for p in again.parameters())
 
     other = world.pretrain_text(hard_text_encoder(tok, 0), tok, images8, labels, s.model_copy(update={"text_pretrain_steps": 3}))
     assert len(calls) == 1 and other["steps"] == 3 and "resumed_from" not in other
+
+    # an encoder of another shape with the same settings (the SDXL family's, same folder) never loads it
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    small = CLIPTextModel(CLIPTextConfig(**{**first.config.to_dict(), "hidden_size": 16, "intermediate_size": 32,
+                                            "projection_dim": 16}))
+    s3 = s.model_copy(update={"text_pretrain_steps": 3})
+    smaller = world.pretrain_text(small, tok, images8, labels, s3)
+    assert len(calls) == 2 and "resumed_from" not in smaller

@@ -72,15 +72,17 @@ def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
 
 
 def pretrain_text(encoder: torch.nn.Module, tokenizer, images8: np.ndarray, labels: np.ndarray, s: HardToyConfig,
-                  progress: ProgressFn | None = None, offset: int = 0) -> dict | None:
+                  progress: ProgressFn | None = None, offset: int = 0, name: str = "sd15") -> dict | None:
     """CLIP pre-training of one text encoder (`text_pretrain_steps`; 0: none, and None is reported).
-    The result is kept in `checkpoint_dir/text-OFFSET.pt` with its settings: a resumed base run loads
-    it instead of training again; one with other settings trains afresh and replaces it."""
+    The result is kept in `checkpoint_dir/text-NAME.pt` with its settings and the encoder's shapes: a
+    resumed base run loads it instead of training again; other settings or another encoder (the SDXL
+    family's share the folder) train afresh and replace it."""
     if s.text_pretrain_steps == 0:
         return None
     settings = {"steps": s.text_pretrain_steps, "pairs": s.text_pretrain_pairs, "lr": s.text_pretrain_lr,
-                "seed": s.seed + 100 * offset}
-    ckpt = Path(s.checkpoint_dir) / f"text-{offset}.pt"
+                "seed": s.seed + 100 * offset,
+                "shapes": {k: list(v.shape) for k, v in encoder.state_dict().items()}}
+    ckpt = Path(s.checkpoint_dir) / f"text-{name}.pt"
     if ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu")
         if saved["settings"] == settings:
@@ -146,7 +148,8 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     latents = encode_latents(vae, images) * vae.config.scaling_factor
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
-    text_report = {name: pretrain_text(getattr(pipe, name), pipe.tokenizer, images8, labels, s, progress, offset)
+    text_report = {name: pretrain_text(getattr(pipe, name), pipe.tokenizer, images8, labels, s, progress, offset,
+                                       name=f"sdxl-{name}")
                    for offset, name in enumerate(("text_encoder", "text_encoder_2"))}
     ids = token_ids(pipe.tokenizer, captions)
     step = train_hard_sdxl_unet(pipe, latents, ids, add_time_ids, s, progress)
