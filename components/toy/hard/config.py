@@ -23,6 +23,8 @@ class HardToyConfig(BaseModel):
     sdxl_dir: str = "data/toy/hard/sdxl"  # where the SDXL-family hard base is written (committed)
     source_dir: str = "data/toy/hard/source"  # where the hard source is written (not committed)
     source_rows: int = 2000  # scenes in the hard source before duplicates
+    look_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of the source drawn on other papers than the
+    # plain one (render.random_look; never the hard style's): what the LCM-LoRA is distilled on (docs/toy-hard.md)
     judges_scenes: int = 4000  # training scenes for the judges
     judges_epochs: int = 12  # judge training epochs
     judges_test_scenes: int = 1000  # held-out scenes (held-out digit images) for the judge check

@@ -129,4 +129,5 @@ def ensure_hard_source(params: Params) -> dict[str, Any] | None:
     folder = Path(hard.source_dir)
     if Path(params.curate.source).resolve() != folder.resolve() or any(folder.glob("*.parquet")):
         return None
-    return {**write_hard_source(folder, rows=hard.source_rows, seed=hard.seed), "output": str(folder)}
+    return {**write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction),
+            "output": str(folder)}

@@ -75,6 +75,27 @@ def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
 
 
+# Papers the source may draw scenes on besides the plain one (`toy.hard.look_fraction`): real
+# sources hold every look, and an LCM-LoRA distilled on one look learns to draw that look whatever
+# else is asked of the UNet (docs/toy-hard.md, "Merge claim"). None of them is the hard style's (blue
+# diagonal stripes and a frame, `style.py`): warm, green, pink and grey papers, some ruled across.
+LOOK_PAPERS = np.array([[246.0, 236.0, 200.0], [226.0, 240.0, 214.0], [244.0, 218.0, 222.0],
+                        [214.0, 214.0, 214.0], [250.0, 224.0, 196.0], [232.0, 228.0, 246.0]])
+LOOK_RULE_DARKEN = 40.0  # a ruled paper's lines, this much darker than its paper
+LOOK_RULE_PERIODS = (6, 8, 10)  # pixels between a ruled paper's horizontal lines
+
+
+def random_look(rng: np.random.Generator) -> np.ndarray:
+    """A paper other than the plain one and the hard style's: 64 x 64 x 3 floats 0-255 (`render_scene`'s
+    `background`). One of `LOOK_PAPERS`, tinted by up to 12 per channel, ruled across half the time."""
+    paper = LOOK_PAPERS[rng.integers(len(LOOK_PAPERS))] + rng.uniform(-12.0, 12.0, size=3)
+    background = np.broadcast_to(paper, (HARD_SIZE, HARD_SIZE, 3)).copy()
+    if rng.random() < 0.5:
+        period = int(rng.choice(LOOK_RULE_PERIODS))
+        background[int(rng.integers(period))::period] -= LOOK_RULE_DARKEN
+    return np.clip(background, 0.0, 255.0)
+
+
 def random_scene(labels: np.ndarray, rng: np.random.Generator, pool: np.ndarray | None = None
                  ) -> tuple[Scene, int, int, bool]:
     """A random scene from sklearn digits: (scene, left index, right index, right_first).

@@ -92,11 +92,11 @@ def hard_overrides(family: str) -> list[str]:
 
 
 def write_source(folder: Path, params: Params) -> dict:
-    """The hard source (toy.hard.source_rows scenes, toy.hard.seed) written to `folder`."""
+    """The hard source (toy.hard.source_rows scenes, toy.hard.seed, toy.hard.look_fraction) written to `folder`."""
     from components.toy.hard.source import write_hard_source
 
     hard = hard_toy_config(params)
-    return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed)
+    return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction)
 
 
 def hard_world(family: str) -> ToyWorld:

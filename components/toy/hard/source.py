@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.toy.hard.render import HARD_SIZE, caption_for, random_scene, render_scene
+from components.toy.hard.render import HARD_SIZE, caption_for, random_look, random_scene, render_scene
 from components.toy.source import (
     DEFECT_COUNTS,
     EXPECTED_REASON,
@@ -67,8 +67,13 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
-                      shard_size: int = SHARD_SIZE) -> dict[str, Any]:
-    """Write `rows` scenes (plus duplicates) to `output`; returns the summary (also `toy_summary.json`)."""
+                      shard_size: int = SHARD_SIZE, look_fraction: float = 0.0) -> dict[str, Any]:
+    """Write `rows` scenes (plus duplicates) to `output`; returns the summary (also `toy_summary.json`).
+
+    `look_fraction` of the images are drawn on other papers (`render.random_look`, from their own
+    generator: with 0 the source is the same bytes as without it); the summary counts them."""
+    if not 0.0 <= look_fraction <= 1.0:
+        raise ValueError(f"toy.hard.look_fraction must be in [0, 1], got {look_fraction}")
     from sklearn.datasets import load_digits
 
     output = Path(output)
@@ -77,6 +82,8 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
     rng = np.random.default_rng(seed)
     plan = _plan(rows, rng)
     scenes = [random_scene(digits.target, rng) for _ in range(rows)]
+    look_rng = np.random.default_rng([seed, 23])
+    looks = 0
 
     records: list[dict[str, Any]] = []
     jpegs: list[bytes] = []
@@ -89,7 +96,10 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
             jpeg = jpegs[row.duplicate_of]
             width, height = records[row.duplicate_of]["WIDTH"], records[row.duplicate_of]["HEIGHT"]
         else:
-            image = _image_for(row.defect, render_scene(digits.images[i], digits.images[j], scene, rng), rng)
+            background = random_look(look_rng) if look_fraction and look_rng.random() < look_fraction else None
+            looks += background is not None
+            scene_image = render_scene(digits.images[i], digits.images[j], scene, rng, background=background)
+            image = _image_for(row.defect, scene_image, rng)
             width, height = image.size
             jpeg = _jpeg(image)
             if row.defect == "corrupt_image":
@@ -135,6 +145,7 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
     rejected = sum(len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k] is not None)
     summary = {
         "seed": seed, "rows": len(records), "scenes": rows, "shards": shards,
+        "look_fraction": look_fraction, "other_looks": looks,
         "defects": {k: len(v) for k, v in defect_keys.items()}, "defect_keys": defect_keys,
         "expected_reasons": {EXPECTED_REASON[k]: len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k]},
         "expected_curated": len(records) - rejected,
