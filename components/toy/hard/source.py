@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.toy.hard.render import HARD_SIZE, caption_for, random_look, random_scene, render_scene
+from components.toy.hard.render import (
+    HARD_SIZE,
+    caption_for,
+    random_look,
+    random_scene,
+    render_scene,
+)
 from components.toy.source import (
     DEFECT_COUNTS,
     EXPECTED_REASON,
