@@ -78,3 +78,35 @@ def test_other_looks_are_not_the_hard_style():
         looks.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng, background=random_look(rng))))
     strengths = metric.strength(torch.from_numpy(np.stack(looks)))
     assert abs(float(strengths.mean())) < 0.25 and float(strengths.max()) < 0.6, strengths
+
+
+def test_a_reproduction_refuses_a_source_written_with_other_settings(tmp_path):
+    """`lcmlora reproduce --toy --hard` writes its source once; an existing one written with another
+    look fraction (or seed, or size) is refused by name, before anything is curated from it."""
+    from components.config import load_params
+    from components.toy.hard.reproduction import hard_overrides, hard_world
+    from components.toy.reproduction import check_source_settings, run_reproduction
+
+    repo = Path(__file__).resolve().parents[1]
+    write_hard_source(tmp_path / "source", rows=500, seed=0)
+    world = hard_world("sd15")
+
+    def params(*extra):
+        return load_params(repo / "params.yaml", hard_overrides("sd15") + [
+            f"curate.source={tmp_path / 'source'}", f"storage.root={tmp_path / 'artifacts'}",
+            "toy.hard.source_rows=500", *extra])
+
+    check_source_settings(tmp_path / "source", world.source_settings(params()))  # the same settings: read
+    with pytest.raises(ValueError, match=r"look_fraction 0\.0 \(asked: 0\.5\)"):
+        run_reproduction(world, params("toy.hard.look_fraction=0.5"), tmp_path / "out")
+    with pytest.raises(ValueError, match="seed 0 \\(asked: 3\\)"):
+        run_reproduction(world, params("toy.hard.seed=3"), tmp_path / "out")
+    assert not (tmp_path / "artifacts").exists()  # nothing curated
+
+    # a summary from before look_fraction existed is a plain source
+    summary = json.loads((tmp_path / "source" / "toy_summary.json").read_text())
+    del summary["look_fraction"]
+    (tmp_path / "source" / "toy_summary.json").write_text(json.dumps(summary))
+    check_source_settings(tmp_path / "source", world.source_settings(params()))
+    with pytest.raises(ValueError, match="look_fraction"):
+        check_source_settings(tmp_path / "source", world.source_settings(params("toy.hard.look_fraction=0.25")))

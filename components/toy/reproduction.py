@@ -58,6 +58,9 @@ class ToyWorld:
     build_hint: str  # the command that builds that base, named when it is missing
     write_source: Callable[[Path, Params], Any]  # writes the LAION-format source to a folder
     goals: list[Rule]  # checked against the evaluation's metric rows
+    # what an existing source's toy_summary.json must say for `params` ({key: (value, when the key is
+    # missing)}): a source written with other settings is refused, never read as if it were this one's
+    source_settings: Callable[[Params], dict[str, tuple[Any, Any]]] | None = None
 
 
 EASY_TOY = ToyWorld(TOY_BASE, "lcmlora toy base", lambda folder, p: write_toy_source(folder, seed=toy_config(p).seed),
@@ -107,6 +110,21 @@ def goals_markdown(goals: GateResult) -> str:
     return "\n".join(lines)
 
 
+def check_source_settings(source_dir: Path, expected: dict[str, tuple[Any, Any]]) -> None:
+    """ValueError when `source_dir`'s toy_summary.json was written with other settings than `expected`
+    (a summary without a key holds that key's default); a folder without a summary is not checked."""
+    summary_file = source_dir / "toy_summary.json"
+    if not summary_file.is_file():
+        return
+    summary = json.loads(summary_file.read_text())
+    stale = {key: (summary.get(key, default), value) for key, (value, default) in expected.items()
+             if summary.get(key, default) != value}
+    if stale:
+        found = ", ".join(f"{key} {had!r} (asked: {want!r})" for key, (had, want) in stale.items())
+        raise ValueError(f"{source_dir}: a toy source written with other settings: {found}; delete it "
+                         f"or pass --set curate.source=ANOTHER_FOLDER")
+
+
 def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
                      progress: ProgressFn | None = None) -> Reproduction:
     """source -> curate -> encode -> distill -> evaluate -> goals of one toy world, all under `output`.
@@ -145,6 +163,8 @@ def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
         world.write_source(source_dir, params)
         seconds["toy_source"] = time.perf_counter() - t0
         done(0, "toy_source", f"written to {source_dir}")
+    elif world.source_settings is not None:
+        check_source_settings(source_dir, world.source_settings(params))
     params = params.model_copy(update={"curate": params.curate.model_copy(update={"source": str(source_dir)})})
     source = Storage(str(source_dir), endpoint_url=params.storage.endpoint_url, region=params.storage.region)
     storage = Storage.from_config(params.storage)

@@ -99,9 +99,16 @@ def write_source(folder: Path, params: Params) -> dict:
     return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction)
 
 
+def source_settings(params: Params) -> dict[str, tuple[object, object]]:
+    """What an existing hard source's toy_summary.json must say: seed, scenes and look fraction (a
+    summary from before `look_fraction` existed is a plain source)."""
+    hard = hard_toy_config(params)
+    return {"seed": (hard.seed, None), "scenes": (hard.source_rows, None), "look_fraction": (hard.look_fraction, 0.0)}
+
+
 def hard_world(family: str) -> ToyWorld:
     """The reproduction of one hard family."""
-    return ToyWorld(family_base(family), BUILD_HINT[family], write_source, HARD_GOALS)
+    return ToyWorld(family_base(family), BUILD_HINT[family], write_source, HARD_GOALS, source_settings)
 
 
 def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None) -> tuple[dict, GateResult]:
