@@ -76,9 +76,10 @@ def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
 
 
 # Papers the source may draw scenes on besides the plain one (`toy.hard.look_fraction`): real
-# sources hold every look, and an LCM-LoRA distilled on one look learns to draw that look whatever
-# else is asked of the UNet (docs/toy-hard.md, "Merge claim"). None of them is the hard style's (blue
-# diagonal stripes and a frame, `style.py`): warm, green, pink and grey papers, some ruled across.
+# sources hold many looks, the toy's one. Made to test whether an LCM-LoRA distilled on one look
+# overrides a style LoRA's (docs/results.md, "Session 8": distilled on half other looks, it still
+# does). None of them is the hard style's (blue diagonal stripes and a frame, `style.py`): warm,
+# green, pink, grey and lilac papers, some ruled across.
 LOOK_PAPERS = np.array([[246.0, 236.0, 200.0], [226.0, 240.0, 214.0], [244.0, 218.0, 222.0],
                         [214.0, 214.0, 214.0], [250.0, 224.0, 196.0], [232.0, 228.0, 246.0]])
 LOOK_RULE_DARKEN = 40.0  # a ruled paper's lines, this much darker than its paper
