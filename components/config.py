@@ -184,6 +184,10 @@ class EvaluateConfig(Section):
     # good base LCMScheduler alone reads well at 4 steps, and a distilled LoRA shows at 2)
     lcm2_adherence_min_ratio: float | None = Field(None, ge=0)
     lcm1_psnr_min: float | None = None  # PSNR(lcm-1 vs agreement_reference) minimum in dB
+    # PSNR(lcm-2 vs agreement_reference) minimum in dB: how closely 2 LCM steps follow the teacher's own
+    # trajectory from the same noise, what consistency distillation trains (the hard toy: a 10-step LoRA
+    # reads like a good one on adherence, not here)
+    lcm2_psnr_min: float | None = None
 
 
 class MergeConfig(Section):

@@ -131,6 +131,10 @@ def gate_rules(cfg: EvaluateConfig) -> tuple[list[Rule], list[str]]:
         rules.append(Rule("evaluate.lcm1_psnr_min", "psnr", "lcm-1", constant=cfg.lcm1_psnr_min))
     else:
         skipped.append("evaluate.lcm1_psnr_min")
+    if cfg.lcm2_psnr_min is not None:
+        rules.append(Rule("evaluate.lcm2_psnr_min", "psnr", "lcm-2", constant=cfg.lcm2_psnr_min))
+    else:
+        skipped.append("evaluate.lcm2_psnr_min")
     return rules, skipped
 
 

@@ -9,14 +9,14 @@ import pytest
 from components.config import EvaluateConfig
 from components.gate import Rule, check_rules, evaluate_gate
 
-CFG = EvaluateConfig(lcm1_psnr_min=20.0, lcm2_adherence_min_ratio=0.8)  # every threshold on: 1.3x teacher-50 FD,
-# below DPM-4, 0.9 adherence (lcm-4), 0.8 adherence (lcm-2)
+CFG = EvaluateConfig(lcm1_psnr_min=20.0, lcm2_adherence_min_ratio=0.8, lcm2_psnr_min=21.0)  # every threshold on:
+# 1.3x teacher-50 FD, below DPM-4, 0.9 adherence (lcm-4), 0.8 adherence (lcm-2), PSNR of lcm-1 and lcm-2
 
 
 def passing_rows() -> dict[str, dict[str, float]]:
     return {
         "lcm-1": {"fd": 0.5, "adherence": 0.90, "psnr": 22.0},
-        "lcm-2": {"fd": 0.35, "adherence": 0.90},
+        "lcm-2": {"fd": 0.35, "adherence": 0.90, "psnr": 21.5},
         "lcm-4": {"fd": 0.25, "adherence": 0.95},
         "ddim-50": {"fd": 0.22, "adherence": 0.97},
         "dpmpp-50": {"fd": 0.20, "adherence": 1.00},
@@ -29,7 +29,8 @@ def test_passing_rows_pass_with_every_check_recorded():
     assert result.passed and result.violations == []
     assert [c["key"] for c in result.checks] == [
         "evaluate.lcm4_fd_max_ratio_to_teacher50", "evaluate.lcm4_fd_below_dpm4",
-        "evaluate.adherence_min_ratio", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min"]
+        "evaluate.adherence_min_ratio", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min",
+        "evaluate.lcm2_psnr_min"]
     fd_check = result.checks[0]
     assert fd_check["bound"] == pytest.approx(1.3 * 0.20) and fd_check["value"] == 0.25  # best teacher-50 is dpmpp
 
@@ -40,6 +41,7 @@ def test_passing_rows_pass_with_every_check_recorded():
     ("evaluate.adherence_min_ratio", "dpmpp-50", "adherence", 1.10),  # 0.9 x 1.10 = 0.99 > 0.95 (lcm-2: 0.88 <= 0.9)
     ("evaluate.lcm2_adherence_min_ratio", "lcm-2", "adherence", 0.79),  # 0.8 x 1.0 = 0.8 > 0.79
     ("evaluate.lcm1_psnr_min", "lcm-1", "psnr", 19.0),
+    ("evaluate.lcm2_psnr_min", "lcm-2", "psnr", 20.9),
 ])
 def test_each_threshold_fails_alone(key, label, metric, value):
     rows = passing_rows()
@@ -54,11 +56,13 @@ def test_all_violations_are_listed_together():
     rows["lcm-4"].update(fd=1.0, adherence=0.1)
     rows["lcm-2"]["adherence"] = 0.1
     rows["lcm-1"]["psnr"] = 5.0
+    rows["lcm-2"]["psnr"] = 5.0
     result = evaluate_gate(rows, CFG)
     assert not result.passed
     assert [v.split(":")[0] for v in result.violations] == [
         "evaluate.lcm4_fd_max_ratio_to_teacher50", "evaluate.lcm4_fd_below_dpm4",
-        "evaluate.adherence_min_ratio", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min"]
+        "evaluate.adherence_min_ratio", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min",
+        "evaluate.lcm2_psnr_min"]
     assert "lcm-4 fd 1 exceeds 1.3 x dpmpp-50 0.2 = 0.26" in result.violations[0]
 
 
@@ -88,7 +92,8 @@ def test_switched_off_thresholds_are_skipped_not_passed():
     cfg = EvaluateConfig(lcm4_fd_below_dpm4=False, lcm1_psnr_min=None)
     result = evaluate_gate(passing_rows(), cfg)
     assert result.passed
-    assert result.skipped == ["evaluate.lcm4_fd_below_dpm4", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min"]
+    assert result.skipped == ["evaluate.lcm4_fd_below_dpm4", "evaluate.lcm2_adherence_min_ratio", "evaluate.lcm1_psnr_min",
+                              "evaluate.lcm2_psnr_min"]
     assert result.to_dict()["skipped"] == result.skipped
 
 

@@ -50,6 +50,11 @@ HARD_RECIPE = [
     # session 6, on the 3-level bases: LCMScheduler without the LoRA reads 0.85 at 4 steps (SDXL family)
     # and 0.565 at 2, where the distilled LoRA reads 0.865: at 2 steps a broken distillation shows
     "evaluate.lcm2_adherence_min_ratio=0.75",
+    # session 8, SD-1.5 family on its decoder-tuned base: the 10-step LoRA passed both adherence rules (LCM-2
+    # 0.885, LCMScheduler alone 0.855) and the FD rule; its LCM-2 PSNR against the teacher's DDIM-25 image from
+    # the same noise was 20.07 dB (LCMScheduler alone 19.46), the good seeds' 21.93-22.89: the rule sits between,
+    # chosen before seed 4 and the no-guidance run finished (docs/results.md, "Session 8")
+    "evaluate.lcm2_psnr_min=21.0",
     f"curate.source={HardToyConfig().source_dir}",
 ]
 # The SD-1.5 family does not know crops: only square originals, whose centre crop is the whole
