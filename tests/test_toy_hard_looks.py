@@ -3,7 +3,6 @@ them the hard style's, and with 0 the very same source as before."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -16,10 +15,7 @@ from PIL import Image
 
 from components.toy.hard.render import PAPER, pil_to_tensor_array, random_scene, render_scene
 from components.toy.hard.source import write_hard_source
-
-
-def _digest(folder: Path) -> str:
-    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
+from tests.test_toy_hard import _digest
 
 
 def _corner_colours(folder: Path) -> list[np.ndarray]:
