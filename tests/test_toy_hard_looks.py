@@ -106,3 +106,30 @@ def test_a_reproduction_refuses_a_source_written_with_other_settings(tmp_path):
     check_source_settings(tmp_path / "source", world.source_settings(params()))
     with pytest.raises(ValueError, match="look_fraction"):
         check_source_settings(tmp_path / "source", world.source_settings(params("toy.hard.look_fraction=0.25")))
+
+
+def test_the_nightlys_source_writer_refuses_a_source_written_with_other_settings(tmp_path):
+    """The `toy-hard` source writer (lcmlora.sources, run before curation by the nightly and new-base
+    flows) writes the hard source once and then refuses one written with other settings, as the
+    reproduction does, instead of curating a stale source."""
+    from components.config import load_params
+    from components.toy.hard.plugins import ensure_hard_source
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = tmp_path / "source"
+
+    def params(*extra):
+        return load_params(repo / "params.yaml", [f"toy.hard.source_dir={folder}", f"curate.source={folder}",
+                                                  "toy.hard.source_rows=500", "toy.hard.seed=0", *extra])
+
+    written = ensure_hard_source(params())
+    assert written is not None and written["output"] == str(folder) and any(folder.glob("*.parquet"))
+    before = _digest(folder)
+    assert ensure_hard_source(params()) is None and _digest(folder) == before  # the same settings: kept
+    with pytest.raises(ValueError, match=r"look_fraction 0\.0 \(asked: 0\.5\)"):
+        ensure_hard_source(params("toy.hard.look_fraction=0.5"))
+    with pytest.raises(ValueError, match=r"scenes 500 \(asked: 600\)"):
+        ensure_hard_source(params("toy.hard.source_rows=600"))
+    assert _digest(folder) == before
+    # another curate.source is not the hard toy's: nothing is written or checked
+    assert ensure_hard_source(params("toy.hard.seed=3", f"curate.source={tmp_path / 'elsewhere'}")) is None

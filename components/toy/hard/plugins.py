@@ -122,12 +122,19 @@ hard_judges.problems = hard_judges_problems  # type: ignore[attr-defined]  # che
 
 def ensure_hard_source(params: Params) -> dict[str, Any] | None:
     """Write the hard source when `curate.source` is the hard toy's folder (toy.hard.source_dir) and
-    holds no metadata yet. Returns the summary, or None when nothing was written."""
+    holds no metadata yet. Returns the summary, or None when nothing was written. An existing source
+    written with other settings (seed, scenes, look fraction) is refused by name, as by
+    `lcmlora reproduce --toy --hard` (components/toy/reproduction.py:check_source_settings)."""
+    from components.toy.hard.reproduction import source_settings
     from components.toy.hard.source import write_hard_source
+    from components.toy.reproduction import check_source_settings
 
     hard = hard_toy_config(params)
     folder = Path(hard.source_dir)
-    if Path(params.curate.source).resolve() != folder.resolve() or any(folder.glob("*.parquet")):
+    if Path(params.curate.source).resolve() != folder.resolve():
+        return None
+    if any(folder.glob("*.parquet")):
+        check_source_settings(folder, source_settings(params))
         return None
     return {**write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction),
             "output": str(folder)}
