@@ -158,11 +158,17 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
                    hard: Annotated[bool, typer.Option("--hard", help="on the SD-1.5 hard base (toy.hard.base_dir), "
                                                       "from the hard style set")] = False,
                    sdxl: Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL hard base "
-                                                      "(not supported yet)")] = False) -> None:
+                                                      "(not supported yet)")] = False,
+                   rescore: Annotated[bool, typer.Option("--rescore", help="with --hard: score the style LoRA "
+                                                         "already in --output (default toy.hard.style_output) on "
+                                                         "the hard base as it is now, without training")] = False,
+                   ) -> None:
     """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base)."""
     if sdxl:
         raise click.UsageError("toy style-lora --hard --sdxl: the style LoRA trainer does not feed SDXL's pooled "
                                "embeddings and time ids yet; train on the SD-1.5 hard base (--hard)")
+    if rescore and not hard:
+        raise click.UsageError("toy style-lora --rescore scores the hard style LoRA: add --hard")
     cfg = resolve(params, set_)
     if hard:
         from components.toy.hard.config import hard_toy_config
@@ -173,9 +179,12 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
         return
     import json
 
-    from components.toy.hard.style_lora import run_hard_style_lora
+    from components.toy.hard.style_lora import rescore_hard_style_lora, run_hard_style_lora
     from components.toy.style_lora import run_toy_style_lora
 
+    if rescore:
+        typer.echo(json.dumps(rescore_hard_style_lora(cfg, output), indent=2))
+        return
     with ProgressView(console) as view:
         metrics = (run_hard_style_lora if hard else run_toy_style_lora)(cfg, output, progress=view)
     typer.echo(json.dumps(metrics, indent=2))

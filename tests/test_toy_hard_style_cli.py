@@ -35,6 +35,21 @@ def test_style_then_style_lora_hard_write_a_loadable_lora(tmp_path, one_thread):
     lora_io.load_adapter(pipe, "sd15", lora_io.lora_file(out), "style")
     assert lora_io.adapter_factors(pipe, "style")  # the LoRA loads into the hard base
 
+    # --rescore: the saved LoRA scored again on the base, no training; the same base and noise give the
+    # scores measured at training time, the training figures are kept and the weights are not touched
+    weights = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    stale = {**metrics, "style_strength_with_lora_dpmpp25": 123.0, "adherence_base_dpmpp25": -1.0}
+    (out / "metrics.json").write_text(json.dumps(stale))
+    rescored = _cli(["toy", "style-lora", "--hard", "--rescore", *sets, "--output", str(out)])
+    assert rescored.exit_code == 0, said(rescored)
+    after = json.loads((out / "metrics.json").read_text())
+    for key in ("style_strength_with_lora_dpmpp25", "style_strength_base_dpmpp25", "adherence_with_lora_dpmpp25",
+                "adherence_base_dpmpp25"):
+        assert after[key] == pytest.approx(metrics[key], abs=1e-4), key
+    assert after["train_seconds"] == metrics["train_seconds"] and after["scored_base_fingerprint"]
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert _cli(["toy", "style-lora", "--rescore"]).exit_code != 0  # without --hard: refused
+
 
 def test_style_lora_hard_sdxl_is_refused_by_name():
     result = _cli(["toy", "style-lora", "--hard", "--sdxl"])

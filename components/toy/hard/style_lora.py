@@ -26,11 +26,8 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
     from components import lora_io, merge
     from components.base_model import load_base
-    from components.evaluation import load_prompts
     from components.paths import project_path
-    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
     from components.toy.hard.config import hard_toy_config
-    from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.render import HARD_SIZE
     from components.toy.hard.style import read_hard_style, write_hard_style
     from components.toy.style_lora import STYLE_ADAPTER, StyleTraining, train_style_lora
@@ -61,29 +58,73 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
                                    description="hard toy style LoRA (blue ruled paper, framed), plain diffusion "
                                                "LoRA fine-tuning")
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
-    # 3. Style strength and adherence with and without the LoRA: 25 DPM-Solver++ steps, the base's guidance.
+    # 3. Style strength and adherence with and without the LoRA.
+    scores = score_hard_style_lora(pipe, hard.style_eval_images, hard.guidance_scale)
+    metrics = {
+        "train_seconds": round(train_seconds, 1), "first_loss_mean_first50": float(np.mean(losses[:50])),
+        "final_loss_mean_last50": float(np.mean(losses[-50:])),
+        **scores, "rank": hard.style_rank, "alpha": hard.style_alpha,
+        "base": str(reference), "files": {k: str(v) for k, v in paths.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / RESOLVED_CONFIG_NAME).write_text(params.to_yaml())
+    return metrics
+
+
+def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float) -> dict[str, float]:
+    """Hard style strength and adherence of `images` samples (the hard prompts in turn, seeds 0..) with
+    the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
+    from components.evaluation import load_prompts
+    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
+    from components.toy.hard.render import HARD_SIZE
+
     judges = hard_judges(EvaluateConfig(), HARD_SIZE)
     hard_prompts = load_prompts(HARD_PROMPTS)
-    prompts = [hard_prompts[i % len(hard_prompts)] for i in range(hard.style_eval_images)]
+    prompts = [hard_prompts[i % len(hard_prompts)] for i in range(images)]
     seeds = list(range(len(prompts)))
     noise = initial_noise(seeds, latent_shape(pipe, HARD_SIZE, HARD_SIZE))
     pipe.set_progress_bar_config(disable=True)
-    method = Method("dpmpp", 25, hard.guidance_scale, True)
+    method = Method("dpmpp", 25, guidance_scale, True)
     kw = {"height": HARD_SIZE, "width": HARD_SIZE, "batch_size": 50}
     with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
     pipe.disable_lora()
     without = run_method(pipe, method, prompts, noise, seeds, **kw).images
     pipe.enable_lora()
-    metrics = {
-        "train_seconds": round(train_seconds, 1), "first_loss_mean_first50": float(np.mean(losses[:50])),
-        "final_loss_mean_last50": float(np.mean(losses[-50:])),
+    return {
         "style_strength_with_lora_dpmpp25": judges.style.mean_strength(with_lora),
         "style_strength_base_dpmpp25": judges.style.mean_strength(without),
         "adherence_with_lora_dpmpp25": judges.adherence(with_lora, prompts),
         "adherence_base_dpmpp25": judges.adherence(without, prompts),
-        "style_metric_separation": judges.style.metric.separation, "rank": hard.style_rank, "alpha": hard.style_alpha,
-        "base": str(reference), "files": {k: str(v) for k, v in paths.items()},
+        "style_metric_separation": judges.style.metric.separation,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / RESOLVED_CONFIG_NAME).write_text(params.to_yaml())
+
+
+def rescore_hard_style_lora(params: Params, folder: str | Path | None = None) -> dict[str, Any]:
+    """`lcmlora toy style-lora --hard --rescore`: score the style LoRA already in `folder` (default
+    toy.hard.style_output) on the hard base as it is now (toy.hard.base_dir, e.g. after a decoder
+    fine-tune) without training it again; its metrics.json gets the new scores, the base's
+    fingerprint and `scored_at` (training figures kept). Returns the metrics."""
+    from datetime import UTC, datetime
+
+    from components import lora_io
+    from components.base_model import load_base
+    from components.paths import project_path
+    from components.toy.hard.config import hard_toy_config
+    from components.toy.style_lora import STYLE_ADAPTER
+
+    hard = hard_toy_config(params)
+    out = project_path(folder or hard.style_output)
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        raise FileNotFoundError(f"{out}: no style LoRA folder (metrics.json); train one with "
+                                "`lcmlora toy style-lora --hard`")
+    reference = project_path(hard.base_dir)
+    loaded = load_base(str(reference), family="sd15")
+    lora_io.load_adapter(loaded.pipe, "sd15", lora_io.lora_file(out), STYLE_ADAPTER)
+    metrics = json.loads(metrics_file.read_text())
+    metrics.update(score_hard_style_lora(loaded.pipe, hard.style_eval_images, hard.guidance_scale))
+    metrics.update({"base": str(reference), "scored_base_fingerprint": loaded.fingerprint,
+                    "scored_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
