@@ -128,6 +128,26 @@ def test_committed_base_loads_and_adheres_at_50_steps():
     assert swapped_sides(judges, images, prompts.parts) <= 0.1  # each digit on the side its caption names
 
 
+def test_difficulty_sampling_at_another_spacing_does_not_leak_into_the_next_row():
+    """The difficulty table samples each row from the base's own scheduler config: a trailing row
+    changes only itself (`sample(..., scheduler_config=...)`)."""
+    from diffusers import StableDiffusionPipeline
+
+    from components.toy.hard.evaluate import prompt_set, sample
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_DIR), safety_checker=None, requires_safety_checker=False)
+    own = dict(pipe.scheduler.config)
+    assert own["timestep_spacing"] == "leading"
+    captions = prompt_set(2, seed=12).captions
+    leading = sample(pipe, "ddim", 4, captions, 5.0, seed=0, scheduler_config=own)
+    assert pipe.scheduler.timesteps.tolist() == [751, 501, 251, 1]  # leading, steps_offset 1
+    trailing = sample(pipe, "ddim", 4, captions, 5.0, seed=0, timestep_spacing="trailing", scheduler_config=own)
+    assert pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    again = sample(pipe, "ddim", 4, captions, 5.0, seed=0, scheduler_config=own)
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    assert torch.equal(again, leading) and not torch.equal(trailing, leading)
+
+
 def test_hard_base_architecture_round_trips_through_the_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -164,6 +184,24 @@ def test_difficulty_rule_reads_the_table():
     assert not difficulty_rule(table)["four_steps_worse"]
     table["ddim-50"]["adherence"] = table["dpm++-50"]["adherence"] = 0.7
     assert not difficulty_rule(table)["base_good"]
+    assert "best_of_spacings" not in difficulty_rule(table)
+
+
+def test_difficulty_rule_takes_the_teachers_best_spacing():
+    """With trailing-spacing rows, the rule is also read over both spacings: a teacher that is
+    clearly worse at 4 steps only at its own (leading) spacing is not clearly worse."""
+    from components.toy.hard.evaluate import difficulty_rule
+
+    table = {"ddim-50": {"adherence": 1.0, "fd": 500.0}, "dpm++-50": {"adherence": 1.0, "fd": 490.0},
+             "ddim-4": {"adherence": 0.69, "fd": 810.0}, "dpm++-4": {"adherence": 0.70, "fd": 760.0},
+             "ddim-50-trailing": {"adherence": 1.0, "fd": 520.0}, "dpm++-50-trailing": {"adherence": 1.0, "fd": 495.0},
+             "ddim-4-trailing": {"adherence": 0.96, "fd": 570.0}, "dpm++-4-trailing": {"adherence": 0.85, "fd": 440.0}}
+    rule = difficulty_rule(table)
+    assert rule["four_steps_worse"] and rule["teacher4_adherence"] == 0.70  # the base's own spacing
+    both = rule["best_of_spacings"]
+    assert both["teacher4"] == "ddim-4-trailing" and both["teacher4_adherence"] == 0.96
+    assert both["teacher4_best_fd"] == 440.0 and both["teacher50"] == "dpm++-50"
+    assert not both["four_steps_worse"]  # 0.96 > 0.85 x 1.0 and 440 < 2 x 490
 
 
 def test_the_hard_toys_committed_data_fits_its_20_mb():

@@ -49,9 +49,12 @@ def prompt_set(n: int, seed: int) -> SceneSet:
 
 @torch.no_grad()
 def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: list[str], guidance: float,
-           seed: int, batch_size: int = 100) -> torch.Tensor:
-    """N x 3 x 64 x 64 images in [-1, 1] from the pipeline with `sampler` at `steps` steps."""
-    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+           seed: int, batch_size: int = 100, timestep_spacing: str | None = None,
+           scheduler_config: dict | None = None) -> torch.Tensor:
+    """N x 3 x 64 x 64 images in [-1, 1] from the pipeline with `sampler` at `steps` steps, from
+    `scheduler_config` (default: the pipe's scheduler's), at `timestep_spacing` when given."""
+    spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
+    pipe.scheduler = SAMPLERS[sampler].from_config(scheduler_config or pipe.scheduler.config, **spacing)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     out = []
@@ -62,34 +65,53 @@ def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: li
     return torch.cat(out)
 
 
-def difficulty_rule(table: dict[str, dict[str, float]]) -> dict[str, float | bool]:
-    """Issue 12's rule from `table[f"{sampler}-{steps}"] = {"adherence", "fd"}`."""
-    best50 = max(("ddim-50", "dpm++-50"), key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
-    best4 = max(("ddim-4", "dpm++-4"), key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
+def _rule(table: dict[str, dict[str, float]], suffixes: tuple[str, ...]) -> dict[str, float | bool | str]:
+    """The rule over the rows `{sampler}-{steps}{suffix}` for every sampler and suffix."""
+    def best(steps: int) -> str:
+        keys = [f"{s}-{steps}{x}" for x in suffixes for s in SAMPLERS if f"{s}-{steps}{x}" in table]
+        return max(keys, key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
+
+    best50, best4 = best(50), best(4)
     a50, fd50 = table[best50]["adherence"], table[best50]["fd"]
-    a4, fd4 = table[best4]["adherence"], min(table["ddim-4"]["fd"], table["dpm++-4"]["fd"])
-    return {"teacher50": best50, "teacher50_adherence": a50, "teacher50_fd": fd50,
+    a4 = table[best4]["adherence"]
+    fd4 = min(table[f"{s}-4{x}"]["fd"] for x in suffixes for s in SAMPLERS if f"{s}-4{x}" in table)
+    return {"teacher50": best50, "teacher50_adherence": a50, "teacher50_fd": fd50, "teacher4": best4,
             "teacher4_adherence": a4, "teacher4_best_fd": fd4,
             "base_good": a50 >= 0.8, "four_steps_worse": a4 <= 0.85 * a50 or fd4 >= 2.0 * fd50}
 
 
+def difficulty_rule(table: dict[str, dict[str, float]]) -> dict:
+    """Issue 12's rule from `table[f"{sampler}-{steps}"] = {"adherence", "fd"}` (the base's own timestep
+    spacing). With rows `{sampler}-{steps}-trailing` too, `best_of_spacings` holds the rule over both
+    spacings: the teacher's best at 4 and at 50 steps, whichever spacing gives it."""
+    rule: dict = _rule(table, ("",))
+    if any(k.endswith("-trailing") for k in table):
+        rule["best_of_spacings"] = _rule(table, ("", "-trailing"))
+    return rule
+
+
 def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, guidance: float, seed: int = 0,
-                     steps: tuple[int, ...] = (50, 4), progress: ProgressFn | None = None) -> dict:
+                     steps: tuple[int, ...] = (50, 4), progress: ProgressFn | None = None,
+                     spacings: tuple[str | None, ...] = (None, "trailing")) -> dict:
     """Adherence, sides swapped (`judges.swapped_sides`) and FD (judges' features, vs real renders)
-    for each sampler and step count."""
+    for each sampler, step count and timestep spacing (None: the base's own, rows `SAMPLER-STEPS`;
+    else rows `SAMPLER-STEPS-SPACING`: the evaluate stage samples the teacher at `trailing`)."""
     prompts, reference = prompt_set(n, seed + 500), prompt_set(n, seed + 600)
     ref_features = judges.features(reference.images)
+    base_config = dict(pipe.scheduler.config)
     table: dict[str, dict[str, float]] = {}
-    runs = [(s, k) for k in steps for s in SAMPLERS]
-    for i, (sampler, k) in enumerate(runs):
-        images = sample(pipe, sampler, k, prompts.captions, guidance, seed)
-        table[f"{sampler}-{k}"] = {"adherence": adherence(judges, images, prompts.parts),
-                                   "swapped": swapped_sides(judges, images, prompts.parts),
-                                   "fd": frechet_distance_of_features(judges.features(images), ref_features)}
+    runs = [(s, k, x) for x in spacings for k in steps for s in SAMPLERS]
+    for i, (sampler, k, spacing) in enumerate(runs):
+        label = f"{sampler}-{k}" + (f"-{spacing}" if spacing else "")
+        images = sample(pipe, sampler, k, prompts.captions, guidance, seed, timestep_spacing=spacing,
+                        scheduler_config=base_config)
+        table[label] = {"adherence": adherence(judges, images, prompts.parts),
+                        "swapped": swapped_sides(judges, images, prompts.parts),
+                        "fd": frechet_distance_of_features(judges.features(images), ref_features)}
         if progress is not None:
-            progress(Progress("hard-evaluate", i + 1, len(runs), table[f"{sampler}-{k}"], f"{sampler}-{k}"))
-    return {"guidance_scale": guidance, "samples": n, "table": table,
-            "real_renders_adherence": adherence(judges, prompts.images, prompts.parts),
+            progress(Progress("hard-evaluate", i + 1, len(runs), table[label], label))
+    return {"guidance_scale": guidance, "samples": n, "own_timestep_spacing": base_config.get("timestep_spacing"),
+            "table": table, "real_renders_adherence": adherence(judges, prompts.images, prompts.parts),
             **(difficulty_rule(table) if set(steps) >= {50, 4} else {})}
 
 
