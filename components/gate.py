@@ -127,14 +127,12 @@ def gate_rules(cfg: EvaluateConfig) -> tuple[list[Rule], list[str]]:
                           cfg.lcm2_adherence_min_ratio))
     else:
         skipped.append("evaluate.lcm2_adherence_min_ratio")
-    if cfg.lcm1_psnr_min is not None:
-        rules.append(Rule("evaluate.lcm1_psnr_min", "psnr", "lcm-1", constant=cfg.lcm1_psnr_min))
-    else:
-        skipped.append("evaluate.lcm1_psnr_min")
-    if cfg.lcm2_psnr_min is not None:
-        rules.append(Rule("evaluate.lcm2_psnr_min", "psnr", "lcm-2", constant=cfg.lcm2_psnr_min))
-    else:
-        skipped.append("evaluate.lcm2_psnr_min")
+    for steps, bound in ((1, cfg.lcm1_psnr_min), (2, cfg.lcm2_psnr_min)):
+        key = f"evaluate.lcm{steps}_psnr_min"
+        if bound is not None:
+            rules.append(Rule(key, "psnr", f"lcm-{steps}", constant=bound))
+        else:
+            skipped.append(key)
     return rules, skipped
 
 

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-)
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from components.frechet import frechet_distance_of_features
 from components.progress import Progress, ProgressFn
+from components.sampler_matrix import Method, make_scheduler
 from components.toy.classifier import digit_split
 from components.toy.hard.base import (
     assemble_hard_pipeline,
@@ -37,7 +33,7 @@ from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scene
 from components.toy.hard.judges import HardJudges, adherence, load_judges, swapped_sides
 from components.toy.hard.style_metric import style_through_vae
 
-SAMPLERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+SAMPLERS = {"ddim": "ddim", "dpm++": "dpmpp"}  # table label -> sampler of components/sampler_matrix.py
 
 
 def prompt_set(n: int, seed: int) -> SceneSet:
@@ -53,8 +49,8 @@ def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: li
            scheduler_config: dict | None = None) -> torch.Tensor:
     """N x 3 x 64 x 64 images in [-1, 1] from the pipeline with `sampler` at `steps` steps, from
     `scheduler_config` (default: the pipe's scheduler's), at `timestep_spacing` when given."""
-    spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
-    pipe.scheduler = SAMPLERS[sampler].from_config(scheduler_config or pipe.scheduler.config, **spacing)
+    pipe.scheduler = make_scheduler(Method(SAMPLERS[sampler], steps, guidance, False),
+                                    scheduler_config or pipe.scheduler.config, timestep_spacing)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     out = []
@@ -67,14 +63,16 @@ def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: li
 
 def _rule(table: dict[str, dict[str, float]], suffixes: tuple[str, ...]) -> dict[str, float | bool | str]:
     """The rule over the rows `{sampler}-{steps}{suffix}` for every sampler and suffix."""
+    def rows(steps: int) -> list[str]:
+        return [f"{s}-{steps}{x}" for x in suffixes for s in SAMPLERS if f"{s}-{steps}{x}" in table]
+
     def best(steps: int) -> str:
-        keys = [f"{s}-{steps}{x}" for x in suffixes for s in SAMPLERS if f"{s}-{steps}{x}" in table]
-        return max(keys, key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
+        return max(rows(steps), key=lambda k: (table[k]["adherence"], -table[k]["fd"]))
 
     best50, best4 = best(50), best(4)
     a50, fd50 = table[best50]["adherence"], table[best50]["fd"]
     a4 = table[best4]["adherence"]
-    fd4 = min(table[f"{s}-4{x}"]["fd"] for x in suffixes for s in SAMPLERS if f"{s}-4{x}" in table)
+    fd4 = min(table[k]["fd"] for k in rows(4))
     return {"teacher50": best50, "teacher50_adherence": a50, "teacher50_fd": fd50, "teacher4": best4,
             "teacher4_adherence": a4, "teacher4_best_fd": fd4,
             "base_good": a50 >= 0.8, "four_steps_worse": a4 <= 0.85 * a50 or fd4 >= 2.0 * fd50}

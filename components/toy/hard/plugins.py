@@ -125,8 +125,7 @@ def ensure_hard_source(params: Params) -> dict[str, Any] | None:
     holds no metadata yet. Returns the summary, or None when nothing was written. An existing source
     written with other settings (seed, scenes, look fraction) is refused by name, as by
     `lcmlora reproduce --toy --hard` (components/toy/reproduction.py:check_source_settings)."""
-    from components.toy.hard.reproduction import source_settings
-    from components.toy.hard.source import write_hard_source
+    from components.toy.hard.reproduction import source_settings, write_source
     from components.toy.reproduction import check_source_settings
 
     hard = hard_toy_config(params)
@@ -136,5 +135,4 @@ def ensure_hard_source(params: Params) -> dict[str, Any] | None:
     if any(folder.glob("*.parquet")):
         check_source_settings(folder, source_settings(params))
         return None
-    return {**write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction),
-            "output": str(folder)}
+    return {**write_source(folder, params), "output": str(folder)}
