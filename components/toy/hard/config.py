@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from components.config import Params
@@ -23,6 +25,8 @@ class HardToyConfig(BaseModel):
     sdxl_dir: str = "data/toy/hard/sdxl"  # where the SDXL-family hard base is written (committed)
     source_dir: str = "data/toy/hard/source"  # where the hard source is written (not committed)
     source_rows: int = 2000  # scenes in the hard source before duplicates
+    layout: Literal["narrow", "wide"] = "narrow"  # where digits sit in every render (render.py:render_scene):
+    # narrow (the committed judges and bases) or wide (any place and 18-26 px in its half: session 10's trial)
     look_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of the source drawn on other papers than the
     # plain one (render.random_look; never the hard style's): what the LCM-LoRA is distilled on (docs/toy-hard.md)
     judges_scenes: int = 4000  # training scenes for the judges

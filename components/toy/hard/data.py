@@ -39,12 +39,13 @@ def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def render_scenes(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
-                  pool: np.ndarray | None = None, jitter: bool = True) -> SceneSet:
-    """`n` random scenes from the digits in `pool` (default all), rendered with or without jitter."""
+                  pool: np.ndarray | None = None, jitter: bool = True, layout: str = "narrow") -> SceneSet:
+    """`n` random scenes from the digits in `pool` (default all), rendered with or without jitter
+    (in `layout`, render.py:render_scene)."""
     arrays, scenes, captions = [], [], []
     for _ in range(n):
         scene, i, j, right_first = random_scene(labels, rng, pool)
-        image = render_scene(images8[i], images8[j], scene, rng if jitter else None)
+        image = render_scene(images8[i], images8[j], scene, rng if jitter else None, layout=layout)
         arrays.append(pil_to_tensor_array(image))
         scenes.append(scene)
         captions.append(caption_for(scene, right_first))

@@ -36,11 +36,11 @@ from components.toy.hard.style_metric import style_through_vae
 SAMPLERS = {"ddim": "ddim", "dpm++": "dpmpp"}  # table label -> sampler of components/sampler_matrix.py
 
 
-def prompt_set(n: int, seed: int) -> SceneSet:
-    """`n` held-out scenes (digits outside the judges' training split), rendered with jitter."""
+def prompt_set(n: int, seed: int, layout: str = "narrow") -> SceneSet:
+    """`n` held-out scenes (digits outside the judges' training split), rendered with jitter in `layout`."""
     images8, labels = load_sklearn_digits()
     _, test_idx = digit_split(labels, 0)
-    return render_scenes(images8, labels, n, np.random.default_rng(seed), test_idx)
+    return render_scenes(images8, labels, n, np.random.default_rng(seed), test_idx, layout=layout)
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def difficulty_table(pipe: StableDiffusionPipeline, judges: HardJudges, n: int, 
     """Adherence, sides swapped (`judges.swapped_sides`) and FD (judges' features, vs real renders)
     for each sampler, step count and timestep spacing (None: the base's own, rows `SAMPLER-STEPS`;
     else rows `SAMPLER-STEPS-SPACING`: the evaluate stage samples the teacher at `trailing`)."""
-    prompts, reference = prompt_set(n, seed + 500), prompt_set(n, seed + 600)
+    prompts, reference = prompt_set(n, seed + 500, judges.layout), prompt_set(n, seed + 600, judges.layout)
     ref_features = judges.features(reference.images)
     base_config = dict(pipe.scheduler.config)
     table: dict[str, dict[str, float]] = {}
@@ -119,7 +119,7 @@ def checkpoint_vae(s: HardToyConfig, scenes: int = 500) -> AutoencoderKL:
     vae.load_state_dict(torch.load(Path(s.checkpoint_dir) / "vae.pt")["vae"])
     vae.eval().requires_grad_(False)
     images8, labels = load_sklearn_digits()
-    renders = render_scenes(images8, labels, scenes, np.random.default_rng(s.seed + 7))
+    renders = render_scenes(images8, labels, scenes, np.random.default_rng(s.seed + 7), layout=s.layout)
     vae.register_to_config(scaling_factor=unit_variance_scale(encode_latents(vae, renders.images)))
     return vae
 
@@ -145,6 +145,9 @@ def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: Pro
         pipe = assemble_hard_pipeline(vae, unet, text_encoder, tokenizer)
     pipe.to(s.device)
     judges = load_judges(s.judges_dir)
+    if judges.layout != s.layout:
+        raise ValueError(f"{s.judges_dir}: judges trained on the {judges.layout} layout, toy.hard.layout is "
+                         f"{s.layout}; build judges for it (`python -m components.toy.hard judges`)")
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
     report["model"] = str(Path(s.sdxl_dir) if sdxl else checkpoint or Path(s.base_dir))
     report["style_strength"] = style_through_vae(pipe.vae)  # the ceiling any sampler on this base has

@@ -81,6 +81,11 @@ class HardJudges:
     def __post_init__(self) -> None:
         self.net.eval().requires_grad_(False)
 
+    @property
+    def layout(self) -> str:
+        """The render layout the judges were trained on (render.py:LAYOUTS; judges from before it: narrow)."""
+        return self.meta.get("layout", "narrow")
+
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> torch.Tensor:
         """B x 4 readings: (left digit, left colour, right digit, right colour)."""

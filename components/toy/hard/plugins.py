@@ -68,9 +68,9 @@ def hard_adherence_metric(judges) -> AdherenceMetric:
     return metric
 
 
-def hard_reference_images(prompts: list[str], per_prompt: int = REFERENCES_PER_PROMPT, seed: int = 0
-                          ) -> torch.Tensor:
-    """`per_prompt` jittered real renders of each prompt's scene: N x 3 x 64 x 64 in [-1, 1].
+def hard_reference_images(prompts: list[str], per_prompt: int = REFERENCES_PER_PROMPT, seed: int = 0,
+                          layout: str = "narrow") -> torch.Tensor:
+    """`per_prompt` jittered real renders of each prompt's scene in `layout`: N x 3 x 64 x 64 in [-1, 1].
 
     Each render draws its two digit images at random among all sklearn digits of the named labels.
     """
@@ -84,7 +84,7 @@ def hard_reference_images(prompts: list[str], per_prompt: int = REFERENCES_PER_P
         scene = scene_for_prompt(prompt)
         for _ in range(per_prompt):
             i, j = rng.choice(by_label[scene.left_digit]), rng.choice(by_label[scene.right_digit])
-            arrays.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng)))
+            arrays.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng, layout=layout)))
     return torch.from_numpy(np.stack(arrays))
 
 
@@ -101,7 +101,8 @@ def hard_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
     if cfg.reference_images:
         reference = load_reference_images(cfg.reference_images, resolution)
     else:
-        reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed)
+        reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed,
+                                          layout=judges.layout)
     return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
                   "hard toy adherence (both digits, colours and sides right)", reference,
                   style=LazyHardStyle(), style_name="hard toy style strength (LDA over colour and stripe statistics)",

@@ -22,6 +22,8 @@ COLOURS = ["red", "green", "blue", "yellow"]
 INKS = np.array([[205.0, 30.0, 30.0], [25.0, 140.0, 45.0], [35.0, 55.0, 210.0], [225.0, 175.0, 0.0]])
 PAPER = np.array([236.0, 232.0, 222.0])  # light grey-warm paper
 SIDES = ["left", "right"]
+LAYOUTS = ("narrow", "wide")  # where jittered digits may sit (`render_scene`); the committed bases: narrow
+WIDE_MIN_BOX = 18  # the wide layout's smallest digit box (largest: DIGIT_BOX)
 HARD_WORDS = ["a", "on", "the", "and", *SIDES, *COLOURS, *DIGIT_WORDS]  # every caption word
 
 
@@ -46,32 +48,45 @@ def caption_for(scene: Scene, right_first: bool = False) -> str:
     return f"{right} and {left}" if right_first else f"{left} and {right}"
 
 
-def _digit_mask(image8x8: np.ndarray) -> np.ndarray:
+def _digit_mask(image8x8: np.ndarray, size: int = DIGIT_BOX) -> np.ndarray:
     arr = np.asarray(image8x8, dtype=np.float64).reshape(8, 8)
     small = Image.fromarray((np.clip(arr / 16.0, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
-    box = small.resize((DIGIT_BOX, DIGIT_BOX), Image.Resampling.BICUBIC)
+    box = small.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(box, dtype=np.float64) / 255.0
 
 
 def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
-                 rng: np.random.Generator | None = None, background: np.ndarray | None = None) -> Image.Image:
+                 rng: np.random.Generator | None = None, background: np.ndarray | None = None,
+                 layout: str = "narrow") -> Image.Image:
     """Two 8x8 digits (values 0-16) in their scene's colours as a 64x64 RGB image.
 
-    With `rng` each digit moves by up to 2 pixels sideways and 6 up or down, and paper and
-    inks vary slightly; with `rng=None` the rendering is canonical (centred, fixed colours).
-    `background` (64 x 64 x 3, 0-255) replaces the plain paper (the hard style, `style.py`).
+    With `rng` paper and inks vary slightly and each digit moves: in the `narrow` layout by up to
+    2 pixels sideways and 6 up or down (26-pixel box); in the `wide` layout its box is 18-26 pixels
+    and sits anywhere in its half, so a caption leaves the digit's place and size open (what a
+    few-step sampler must then settle). With `rng=None` the rendering is canonical (centred 26-pixel
+    box, fixed colours) in either layout. `background` (64 x 64 x 3, 0-255) replaces the plain paper
+    (the hard style, `style.py`).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     paper = PAPER if background is None else np.asarray(background, dtype=np.float64)
     paper = paper if rng is None else paper + rng.uniform(-10.0, 10.0, size=3)
     rgb = np.broadcast_to(paper, (HARD_SIZE, HARD_SIZE, 3)).copy()
     margin_x, margin_y = (HALF - DIGIT_BOX) // 2, (HARD_SIZE - DIGIT_BOX) // 2
     for side, (digit, colour) in enumerate([(left8x8, scene.left_colour), (right8x8, scene.right_colour)]):
-        mask = _digit_mask(digit)[..., None]
         ink = INKS[colour] if rng is None else np.clip(INKS[colour] + rng.uniform(-18.0, 18.0, size=3), 0, 255)
-        dx, dy = (0, 0) if rng is None else (int(rng.integers(-2, 3)), int(rng.integers(-6, 7)))
-        top, left = margin_y + dy, side * HALF + margin_x + dx
-        window = rgb[top:top + DIGIT_BOX, left:left + DIGIT_BOX]
-        rgb[top:top + DIGIT_BOX, left:left + DIGIT_BOX] = window * (1.0 - mask) + ink * mask
+        if rng is None:
+            size, top, left = DIGIT_BOX, margin_y, side * HALF + margin_x
+        elif layout == "narrow":
+            dx, dy = int(rng.integers(-2, 3)), int(rng.integers(-6, 7))
+            size, top, left = DIGIT_BOX, margin_y + dy, side * HALF + margin_x + dx
+        else:
+            size = int(rng.integers(WIDE_MIN_BOX, DIGIT_BOX + 1))
+            left = side * HALF + int(rng.integers(0, HALF - size + 1))
+            top = int(rng.integers(0, HARD_SIZE - size + 1))
+        mask = _digit_mask(digit, size)[..., None]
+        window = rgb[top:top + size, left:left + size]
+        rgb[top:top + size, left:left + size] = window * (1.0 - mask) + ink * mask
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
 
 

@@ -97,18 +97,20 @@ def hard_overrides(family: str) -> list[str]:
 
 
 def write_source(folder: Path, params: Params) -> dict:
-    """The hard source (toy.hard.source_rows scenes, toy.hard.seed, toy.hard.look_fraction) written to `folder`."""
+    """The hard source (toy.hard.source_rows scenes, seed, look_fraction, layout) written to `folder`."""
     from components.toy.hard.source import write_hard_source
 
     hard = hard_toy_config(params)
-    return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction)
+    return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction,
+                             layout=hard.layout)
 
 
 def source_settings(params: Params) -> dict[str, tuple[object, object]]:
-    """What an existing hard source's toy_summary.json must say: seed, scenes and look fraction (a
-    summary from before `look_fraction` existed is a plain source)."""
+    """What an existing hard source's toy_summary.json must say: seed, scenes, look fraction and layout (a
+    summary from before `look_fraction` or `layout` existed is a plain, narrow source)."""
     hard = hard_toy_config(params)
-    return {"seed": (hard.seed, None), "scenes": (hard.source_rows, None), "look_fraction": (hard.look_fraction, 0.0)}
+    return {"seed": (hard.seed, None), "scenes": (hard.source_rows, None), "look_fraction": (hard.look_fraction, 0.0),
+            "layout": (hard.layout, "narrow")}
 
 
 def hard_world(family: str) -> ToyWorld:

@@ -119,8 +119,8 @@ def build_untrained_hard_sdxl(vae: AutoencoderKL, folder: str | Path, seed: int 
     return assemble_hard_sdxl(vae, hard_sdxl_unet(seed + 2), text_encoder, text_encoder_2, tokenizer)
 
 
-def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
+                      layout: str = "narrow") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`n` scenes at varied original sizes, randomly cropped: (N x 3 x 64 x 64, N x 6 time ids, captions)."""
     from components.toy.hard.render import caption_for, random_scene, render_scene
     from components.toy.hard.source import original_canvas
@@ -128,7 +128,7 @@ def sdxl_training_set(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.r
     arrays, ids, captions = [], [], []
     for _ in range(n):
         scene, i, j, right_first = random_scene(labels, rng)
-        canvas = original_canvas(render_scene(images8[i], images8[j], scene, rng), rng)
+        canvas = original_canvas(render_scene(images8[i], images8[j], scene, rng, layout=layout), rng)
         array, add_time_ids = random_crop(canvas, rng)
         arrays.append(array)
         ids.append(add_time_ids)

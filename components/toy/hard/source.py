@@ -73,11 +73,12 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
-                      shard_size: int = SHARD_SIZE, look_fraction: float = 0.0) -> dict[str, Any]:
+                      shard_size: int = SHARD_SIZE, look_fraction: float = 0.0, layout: str = "narrow") -> dict[str, Any]:
     """Write `rows` scenes (plus duplicates) to `output`; returns the summary (also `toy_summary.json`).
 
     `look_fraction` of the images are drawn on other papers (`render.random_look`, from their own
-    generator: with 0 the source is the same bytes as without it); the summary counts them."""
+    generator: with 0 the source is the same bytes as without it); the summary counts them. Digits sit
+    as `layout` places them (render.py:render_scene)."""
     if not 0.0 <= look_fraction <= 1.0:
         raise ValueError(f"toy.hard.look_fraction must be in [0, 1], got {look_fraction}")
     from sklearn.datasets import load_digits
@@ -104,7 +105,7 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
         else:
             background = random_look(look_rng) if look_fraction and look_rng.random() < look_fraction else None
             looks += background is not None
-            scene_image = render_scene(digits.images[i], digits.images[j], scene, rng, background=background)
+            scene_image = render_scene(digits.images[i], digits.images[j], scene, rng, background=background, layout=layout)
             image = _image_for(row.defect, scene_image, rng)
             width, height = image.size
             jpeg = _jpeg(image)
@@ -151,7 +152,7 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
     rejected = sum(len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k] is not None)
     summary = {
         "seed": seed, "rows": len(records), "scenes": rows, "shards": shards,
-        "look_fraction": look_fraction, "other_looks": looks,
+        "look_fraction": look_fraction, "other_looks": looks, "layout": layout,
         "defects": {k: len(v) for k, v in defect_keys.items()}, "defect_keys": defect_keys,
         "expected_reasons": {EXPECTED_REASON[k]: len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k]},
         "expected_curated": len(records) - rejected,

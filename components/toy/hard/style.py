@@ -48,12 +48,12 @@ def style_background() -> np.ndarray:
 
 
 def render_scene_styled(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
-                        rng: np.random.Generator | None = None) -> Image.Image:
+                        rng: np.random.Generator | None = None, layout: str = "narrow") -> Image.Image:
     """`render_scene` in the hard style (same arguments, same jitter and random draws)."""
-    return render_scene(left8x8, right8x8, scene, rng, background=style_background())
+    return render_scene(left8x8, right8x8, scene, rng, background=style_background(), layout=layout)
 
 
-def hard_style_set(count: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[dict]]:
+def hard_style_set(count: int, seed: int = 0, layout: str = "narrow") -> tuple[torch.Tensor, list[str], list[dict]]:
     """`count` random scenes in the hard style: N x 3 x 64 x 64 in [-1, 1], their plain captions, and
     one row per scene (key, caption, parts, digit indices)."""
     from components.toy.hard.data import load_sklearn_digits
@@ -65,7 +65,7 @@ def hard_style_set(count: int, seed: int = 0) -> tuple[torch.Tensor, list[str], 
     arrays, captions, rows = [], [], []
     for n in range(count):
         scene, i, j, right_first = random_scene(labels, rng)
-        arrays.append(pil_to_tensor_array(render_scene_styled(images8[i], images8[j], scene, rng)))
+        arrays.append(pil_to_tensor_array(render_scene_styled(images8[i], images8[j], scene, rng, layout)))
         captions.append(caption_for(scene, right_first))
         rows.append({"key": f"{n:05d}", "caption": captions[-1], "parts": list(scene.parts()),
                      "left_index": i, "right_index": j})
@@ -104,4 +104,4 @@ def vae_training_images(images: torch.Tensor, s) -> torch.Tensor:
     extra = round(s.style_fraction * len(images))
     if extra == 0:
         return images
-    return torch.cat([images, hard_style_set(extra, s.seed + 11)[0]])
+    return torch.cat([images, hard_style_set(extra, s.seed + 11, s.layout)[0]])

@@ -35,15 +35,15 @@ from components.toy.hard.render import (
 )
 
 
-def mirrored_pairs(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator
-                   ) -> tuple[torch.Tensor, list[str]]:
+def mirrored_pairs(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
+                   layout: str = "narrow") -> tuple[torch.Tensor, list[str]]:
     """2n jittered renders and captions: scene k at 2k, its mirror (sides exchanged) at 2k + 1."""
     arrays, captions = [], []
     for _ in range(n):
         scene, i, j, _ = random_scene(labels, rng)
         mirror = Scene(scene.right_digit, scene.right_colour, scene.left_digit, scene.left_colour)
         for shown, left, right in ((scene, i, j), (mirror, j, i)):
-            arrays.append(pil_to_tensor_array(render_scene(images8[left], images8[right], shown, rng)))
+            arrays.append(pil_to_tensor_array(render_scene(images8[left], images8[right], shown, rng, layout=layout)))
             captions.append(caption_for(shown, right_first=bool(rng.random() < 0.5)))
     return torch.from_numpy(np.stack(arrays)), captions
 
@@ -89,11 +89,11 @@ def mirror_accuracy(encoder: nn.Module, head: nn.Module, tower: ImageTower, ids:
 def pretrain_text_encoder(encoder: nn.Module, tokenizer: CLIPTokenizer, images8: np.ndarray, labels: np.ndarray,
                           *, steps: int, pairs_per_batch: int = 128, lr: float = 1e-3, scenes: int = 4000,
                           seed: int = 0, device: str = "cpu", progress: ProgressFn | None = None,
-                          stage: str = "hard-text") -> dict:
+                          stage: str = "hard-text", layout: str = "narrow") -> dict:
     """Train `encoder` in place for `steps` CLIP steps; report held-out mirror accuracy before and after."""
     rng = np.random.default_rng(seed + 31)
-    images, captions = mirrored_pairs(images8, labels, scenes, rng)
-    test_images, test_captions = mirrored_pairs(images8, labels, 500, np.random.default_rng(seed + 32))
+    images, captions = mirrored_pairs(images8, labels, scenes, rng, layout)
+    test_images, test_captions = mirrored_pairs(images8, labels, 500, np.random.default_rng(seed + 32), layout)
     ids, test_ids = token_ids(tokenizer, captions), token_ids(tokenizer, test_captions)
     dim = int(pooled_text(encoder, ids[:1].to(device)).shape[-1])
     torch.manual_seed(seed + 33)

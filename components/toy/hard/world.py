@@ -53,20 +53,20 @@ def build_judges(s: HardToyConfig, progress: ProgressFn | None = None) -> dict:
     images8, labels = load_sklearn_digits()
     train_idx, test_idx = digit_split(labels, s.seed)
     start = time.time()
-    train = render_scenes(images8, labels, s.judges_scenes, np.random.default_rng(s.seed), train_idx)
+    train = render_scenes(images8, labels, s.judges_scenes, np.random.default_rng(s.seed), train_idx, layout=s.layout)
     judges = train_judges(train.images, train.parts, epochs=s.judges_epochs, seed=s.seed,
                           callback=None if progress is None else
                           lambda i, n, loss: progress(Progress("hard-judges", i, n, {"loss": loss})))
     report = {}
     for name, jitter in (("canonical", False), ("jittered", True)):
         held = render_scenes(images8, labels, s.judges_test_scenes, np.random.default_rng(s.seed + 100),
-                             test_idx, jitter=jitter)
+                             test_idx, jitter=jitter, layout=s.layout)
         report[f"heldout_adherence_{name}"] = adherence(judges, held.images, held.parts)
     if report["heldout_adherence_canonical"] < s.min_judge_adherence:
         raise ValueError(f"hard judges: held-out adherence {report['heldout_adherence_canonical']:.4f} < "
                          f"{s.min_judge_adherence}; raise judges_epochs or judges_scenes")
     report.update(train_scenes=s.judges_scenes, heldout_scenes=s.judges_test_scenes, epochs=s.judges_epochs,
-                  seed=s.seed, train_s=round(time.time() - start, 1), device=device_name())
+                  seed=s.seed, layout=s.layout, train_s=round(time.time() - start, 1), device=device_name())
     save_judges(judges, s.judges_dir, report)
     return report
 
@@ -80,7 +80,7 @@ def pretrain_text(encoder: torch.nn.Module, tokenizer, images8: np.ndarray, labe
     if s.text_pretrain_steps == 0:
         return None
     settings = {"steps": s.text_pretrain_steps, "pairs": s.text_pretrain_pairs, "lr": s.text_pretrain_lr,
-                "seed": s.seed + 100 * offset,
+                "seed": s.seed + 100 * offset, **({} if s.layout == "narrow" else {"layout": s.layout}),
                 "shapes": {k: list(v.shape) for k, v in encoder.state_dict().items()}}
     ckpt = Path(s.checkpoint_dir) / f"text-{name}.pt"
     if ckpt.exists():
@@ -91,7 +91,7 @@ def pretrain_text(encoder: torch.nn.Module, tokenizer, images8: np.ndarray, labe
             return {**saved["report"], "resumed_from": str(ckpt)}
     report = pretrain_text_encoder(encoder, tokenizer, images8, labels, steps=s.text_pretrain_steps,
                                    pairs_per_batch=s.text_pretrain_pairs, lr=s.text_pretrain_lr,
-                                   seed=settings["seed"], device=s.device, progress=progress)
+                                   seed=settings["seed"], device=s.device, progress=progress, layout=s.layout)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"settings": settings, "encoder": encoder.state_dict(), "report": report}, ckpt)
     return report
@@ -101,7 +101,7 @@ def build_hard_base(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     """Train VAE, UNet and text encoder (resumable, budgeted); save the last EMA as a pipeline in `base_dir`."""
     images8, labels = load_sklearn_digits()
     start = time.time()
-    train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7))
+    train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7), layout=s.layout)
     vae_images = vae_training_images(train.images, s)
     vae = finetune_decoder(train_hard_vae(vae_images, s, progress), vae_images, s, progress)
     vae_s = time.time() - start
@@ -144,7 +144,7 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
     start = time.time()
     vae = AutoencoderKL.from_pretrained(s.base_dir, subfolder="vae").eval().requires_grad_(False)
     images, add_time_ids, captions = sdxl_training_set(images8, labels, s.train_scenes,
-                                                       np.random.default_rng(s.seed + 17))
+                                                       np.random.default_rng(s.seed + 17), s.layout)
     latents = encode_latents(vae, images) * vae.config.scaling_factor
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_untrained_hard_sdxl(vae, tmp, s.seed)
@@ -186,8 +186,8 @@ def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: Progre
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(s.device).eval()
     images8, labels = load_sklearn_digits()
     start = time.time()
-    train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7))
-    held_out = render_scenes(images8, labels, 200, np.random.default_rng(s.seed + 900)).images
+    train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7), layout=s.layout)
+    held_out = render_scenes(images8, labels, 200, np.random.default_rng(s.seed + 900), layout=s.layout).images
     before = _decoder_report(vae, held_out)
     vae = finetune_decoder(vae, vae_training_images(train.images, s), s, progress)
     after = _decoder_report(vae, held_out)
