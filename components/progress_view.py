@@ -1,4 +1,5 @@
-"""The CLI's edge of the progress channel: `Progress` reports rendered for a person.
+"""The command line's edge of the progress channel: `Progress` reports rendered for a person
+(flows/cli.py and the toy's components/toy/cli.py draw with it).
 
 On a terminal: a live rich bar per stage with step, total, metrics (loss, images/s) and ETA.
 When stdout is not a terminal, or `CI` is set: one plain line per 10% of each stage instead

@@ -16,20 +16,18 @@ from typing import Annotated
 import click
 import typer
 
-from components.config import ConfigError
-from flows.cli_common import (
-    BaseOpt,
+from components.cli_conventions import (
     DryRunOpt,
     OutputOpt,
     ParamsOpt,
     SetOpt,
     console,
     echo_evaluation,
-    pick_base,
     print_config,
-    quiet_known_noise,
     resolve,
 )
+from components.config import ConfigError
+from flows.cli_common import BaseOpt, pick_base, quiet_known_noise
 from flows.registry_cli import registry_app
 from flows.serve_cli import serve
 
@@ -58,8 +56,8 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
     if dry_run:
         print_config(cfg)
         return
+    from components.progress_view import ProgressView
     from components.stages.curate import curate_for_base
-    from flows.progress_view import ProgressView
 
     with ProgressView(console) as view:
         result, storage = curate_for_base(cfg, base, str(output) if output else None, view)
@@ -89,8 +87,8 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
         return
     import os
 
+    from components.progress_view import ProgressView
     from components.stages.encode import encode_for_base
-    from flows.progress_view import ProgressView
 
     rank, world, barrier = 0, 1, None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
@@ -144,9 +142,9 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     import os
 
     from components.folder_sync import COMPLETE, push_folder
+    from components.progress_view import ProgressView
     from components.stages.distill import prepare_run_folder, run_distill, run_for_base
     from components.storage import Storage
-    from flows.progress_view import ProgressView
 
     storage = Storage.from_config(cfg.storage)
     run = run_for_base(cfg, storage, base_name, base_cfg, output)
@@ -191,10 +189,10 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
         return
     from components.base_model import resolve_base
     from components.folder_sync import pull_folder, push_folder, work_dir
+    from components.progress_view import ProgressView
     from components.stages.evaluate import copy_for_evaluation, run_evaluate
     from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
     from components.storage import Storage
-    from flows.progress_view import ProgressView
 
     name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)
@@ -243,11 +241,11 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     from components.judges import load_judges
     from components.merge_eval import markdown_table
     from components.paths import project_path
+    from components.progress_view import ProgressView
     from components.stages.evaluate import prompts_for
     from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
     from components.stages.merge import run_merge
     from components.storage import Storage
-    from flows.progress_view import ProgressView
 
     name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)
@@ -285,10 +283,10 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
 
     preflight(cfg)  # every base, every stage: fails in seconds, before the flow starts
     typer.echo(prefect_environment())
+    from components.progress_view import ProgressView
     from components.run_summary import summary_lines
     from flows.nightly import BasesFailed
     from flows.nightly import nightly as nightly_flow
-    from flows.progress_view import ProgressView
     from tasks.progress import showing
 
     with ProgressView(console) as view, showing(view):  # the flow runs here: its tasks report to the view
@@ -334,9 +332,9 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
     if ref in cfg.bases:  # else its judges come from the parent it shares a VAE with: the flow checks
         preflight(cfg, {base_name: base_cfg})
     typer.echo(prefect_environment())
+    from components.progress_view import ProgressView
     from components.run_summary import summary_lines
     from flows.new_base import new_base as new_base_flow
-    from flows.progress_view import ProgressView
     from tasks.progress import showing
 
     with ProgressView(console) as view, showing(view):

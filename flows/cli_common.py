@@ -1,37 +1,20 @@
-"""What every `lcmlora` command shares: the options of DESIGN.md's CLI conventions, the resolved
-params (`--params` + `--set`), `--dry-run` printing, and the stderr console progress is drawn on."""
+"""What only the production `lcmlora` commands share: `--base` and its default, and the known
+harmless library messages the CLI's entry point drops. The options of DESIGN.md's CLI
+conventions, shared with the toy's command line, live in components/cli_conventions.py."""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
 
-from components.config import Params, load_params
+from components.config import Params
 
-console = Console(stderr=True)
-
-ParamsOpt = Annotated[Path, typer.Option("--params", help="params file", show_default=True)]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="print the resolved config and exit")]
-OutputOpt = Annotated[Path | None, typer.Option("--output", help="output folder")]
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", help="base name in params.yaml, or a path / hub id (default: the only base in params)")]
-
-
-def resolve(params: Path, overrides: list[str] | None, extra: list[str] | None = None) -> Params:
-    """Load params.yaml with the command's `--set` overrides, then its own flags on top."""
-    return load_params(params, list(overrides or []) + list(extra or []))
-
-
-def print_config(cfg: Params, *, as_json: bool = False) -> None:
-    """`--dry-run`: the resolved config on stdout."""
-    typer.echo(cfg.to_json() if as_json else cfg.to_yaml())
 
 
 def pick_base(cfg: Params, base: str | None) -> str:
@@ -76,16 +59,3 @@ def quiet_known_noise() -> None:
             logger.addFilter(_DropContaining(text))
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-
-
-def echo_evaluation(doc: dict) -> None:
-    """The metric table and the gate verdict on stdout."""
-    from components.report import markdown_table, table_rows
-
-    typer.echo(markdown_table(table_rows(doc)))
-    gate = doc["gate"]
-    typer.echo(f"gate: {'passed' if gate['passed'] else 'FAILED'}")
-    for violation in gate["violations"]:
-        typer.echo(f"  violation: {violation}")
-    for key in gate.get("skipped", []):
-        typer.echo(f"  skipped (off in params): {key}")

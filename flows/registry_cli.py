@@ -16,7 +16,7 @@ from typing import Annotated
 import click
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt, console
+from components.cli_conventions import ParamsOpt, SetOpt, console
 
 registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.",
                            no_args_is_help=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 import click
 import typer
 
-from flows.cli_common import ParamsOpt, SetOpt
+from components.cli_conventions import ParamsOpt, SetOpt
 
 
 def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VERSION or NAME@sha256:HEX")],

@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from components.progress import Progress
-from flows.progress_view import ProgressView, plain_line, wants_live
+from components.progress_view import ProgressView, plain_line, wants_live
 
 
 class _Tty(io.StringIO):

@@ -2,8 +2,9 @@
 and the hard toy's bases (`toy base --hard [--sdxl]`, settings under params' `toy.hard`).
 
 The toy world's command line, mounted by `flows/cli.py` through the entry-point group
-`lcmlora.cli` (pyproject.toml: `toy`, `reproduce`); no other flows module imports the toy package
-(tests/test_import_graph.py).
+`lcmlora.cli` (pyproject.toml: `toy`, `reproduce`), so no production module imports the toy
+package; it shares DESIGN.md's CLI conventions through components/cli_conventions.py
+(tests/test_import_graph.py checks both directions).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from typing import Annotated, Literal
 import click
 import typer
 
-from components.config import Params
-from components.toy.config import toy_config
-from flows.cli_common import (
+from components.cli_conventions import (
     DryRunOpt,
     OutputOpt,
     ParamsOpt,
@@ -26,7 +25,9 @@ from flows.cli_common import (
     print_config,
     resolve,
 )
-from flows.progress_view import ProgressView
+from components.config import Params
+from components.progress_view import ProgressView
+from components.toy.config import toy_config
 
 toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)
 
@@ -255,8 +256,6 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
                 typer.echo(f"# {title}")
             print_config(cfg)
         return
-
-    from flows.progress_view import ProgressView
 
     unmet = []
     for title, world, out, cfg, must_pass in resolved:
