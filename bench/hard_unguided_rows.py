@@ -12,8 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from components.frechet import frechet_distance_of_features
-from components.sampler_matrix import Method, make_scheduler
-from components.toy.hard.evaluate import prompt_set
+from components.toy.hard.evaluate import prompt_set, sample
 from components.toy.hard.judges import adherence, load_judges, swapped_sides
 
 torch.set_num_threads(1)
@@ -23,20 +22,13 @@ n, seed = 200, 0
 prompts, reference = prompt_set(n, seed + 500, judges.layout), prompt_set(n, seed + 600, judges.layout)
 ref = judges.features(reference.images)
 pipe = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
-pipe.set_progress_bar_config(disable=True)
 config = dict(pipe.scheduler.config)
 out = {"base": base_dir, "judges": judges_dir, "layout": judges.layout, "rows": {}}
 for sampler, steps, g, spacing in [("lcm_base", 4, 1.0, None), ("lcm_base", 2, 1.0, None), ("dpmpp", 25, 1.0, None),
                                    ("dpmpp", 25, 5.0, None), ("ddim", 4, 5.0, "trailing"), ("ddim", 8, 5.0, "trailing"),
                                    ("dpmpp", 8, 5.0, "trailing")]:
     t = time.time()
-    pipe.scheduler = make_scheduler(Method(sampler, steps, g, False), config, spacing)
-    gen = torch.Generator().manual_seed(seed)
-    imgs = []
-    for i in range(0, n, 100):
-        imgs.append(pipe(prompts.captions[i:i + 100], num_inference_steps=steps, guidance_scale=g, generator=gen,
-                         output_type="pt").images * 2 - 1)
-    imgs = torch.cat(imgs)
+    imgs = sample(pipe, sampler, steps, prompts.captions, g, seed, timestep_spacing=spacing, scheduler_config=config)
     label = f"{sampler}-{steps}-cfg{g}" + (f"-{spacing}" if spacing else "")
     row = {"adherence": adherence(judges, imgs, prompts.parts), "swapped": swapped_sides(judges, imgs, prompts.parts),
            "fd": frechet_distance_of_features(judges.features(imgs), ref), "s": round(time.time() - t)}

@@ -49,7 +49,7 @@ def sample(pipe: StableDiffusionPipeline, sampler: str, steps: int, captions: li
            scheduler_config: dict | None = None) -> torch.Tensor:
     """N x 3 x 64 x 64 images in [-1, 1] from the pipeline with `sampler` at `steps` steps, from
     `scheduler_config` (default: the pipe's scheduler's), at `timestep_spacing` when given."""
-    pipe.scheduler = make_scheduler(Method(SAMPLERS[sampler], steps, guidance, False),
+    pipe.scheduler = make_scheduler(Method(SAMPLERS.get(sampler, sampler), steps, guidance, False),
                                     scheduler_config or pipe.scheduler.config, timestep_spacing)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
