@@ -27,6 +27,7 @@ from components.cli_conventions import (
     resolve,
 )
 from components.config import ConfigError
+from components.progress_view import ProgressView
 from flows.cli_common import BaseOpt, pick_base, quiet_known_noise
 from flows.registry_cli import registry_app
 from flows.serve_cli import serve
@@ -56,7 +57,6 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
     if dry_run:
         print_config(cfg)
         return
-    from components.progress_view import ProgressView
     from components.stages.curate import curate_for_base
 
     with ProgressView(console) as view:
@@ -87,7 +87,6 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
         return
     import os
 
-    from components.progress_view import ProgressView
     from components.stages.encode import encode_for_base
 
     rank, world, barrier = 0, 1, None
@@ -142,7 +141,6 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     import os
 
     from components.folder_sync import COMPLETE, push_folder
-    from components.progress_view import ProgressView
     from components.stages.distill import prepare_run_folder, run_distill, run_for_base
     from components.storage import Storage
 
@@ -189,7 +187,6 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
         return
     from components.base_model import resolve_base
     from components.folder_sync import pull_folder, push_folder, work_dir
-    from components.progress_view import ProgressView
     from components.stages.evaluate import copy_for_evaluation, run_evaluate
     from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
     from components.storage import Storage
@@ -241,7 +238,6 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     from components.judges import load_judges
     from components.merge_eval import markdown_table
     from components.paths import project_path
-    from components.progress_view import ProgressView
     from components.stages.evaluate import prompts_for
     from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
     from components.stages.merge import run_merge
@@ -283,7 +279,6 @@ def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
 
     preflight(cfg)  # every base, every stage: fails in seconds, before the flow starts
     typer.echo(prefect_environment())
-    from components.progress_view import ProgressView
     from components.run_summary import summary_lines
     from flows.nightly import BasesFailed
     from flows.nightly import nightly as nightly_flow
@@ -332,7 +327,6 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
     if ref in cfg.bases:  # else its judges come from the parent it shares a VAE with: the flow checks
         preflight(cfg, {base_name: base_cfg})
     typer.echo(prefect_environment())
-    from components.progress_view import ProgressView
     from components.run_summary import summary_lines
     from flows.new_base import new_base as new_base_flow
     from tasks.progress import showing

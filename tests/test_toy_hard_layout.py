@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from components.toy.hard.render import (
@@ -100,3 +101,34 @@ def test_judges_record_their_layout_and_evaluation_refuses_another(tmp_path) -> 
     s = HardToyConfig(judges_dir=str(tmp_path / "j"), base_dir="data/toy/hard/base")
     with pytest.raises(ValueError, match="judges trained on the wide layout, toy.hard.layout is narrow"):
         evaluate_base(s)
+
+
+def test_style_set_records_its_layout_and_a_style_lora_refuses_another(tmp_path) -> None:
+    from components.toy.hard.style import STYLE_SET_SETTINGS, read_hard_style, write_hard_style
+
+    folder = write_hard_style(tmp_path / "wide", count=4, seed=3, layout="wide")
+    assert json.loads((folder / STYLE_SET_SETTINGS).read_text()) == {"count": 4, "seed": 3, "layout": "wide"}
+    images, captions = read_hard_style(folder, "wide")
+    assert images.shape == (4, 3, HARD_SIZE, HARD_SIZE) and len(captions) == 4
+    with pytest.raises(ValueError, match="a hard style set of the wide layout, toy.hard.layout is narrow"):
+        read_hard_style(folder, "narrow")
+    narrow = write_hard_style(tmp_path / "narrow", count=4, seed=3)
+    assert not np.array_equal(images.numpy(), read_hard_style(narrow, "narrow")[0].numpy())  # other places
+    (narrow / STYLE_SET_SETTINGS).unlink()  # a set written before settings.json: narrow scenes
+    read_hard_style(narrow, "narrow")
+    with pytest.raises(ValueError, match="of the narrow layout, toy.hard.layout is wide"):
+        read_hard_style(narrow, "wide")
+
+
+def test_style_metric_renders_follow_the_layout_and_still_separate() -> None:
+    from components.toy.hard.style_metric import hard_style_metric, hard_style_renders
+
+    plain, styled = hard_style_renders(60, seed=9, layout="wide")
+    narrow_plain, _ = hard_style_renders(60, seed=9)
+    assert not torch.equal(plain, narrow_plain)
+    # the same scenes and jitter plain and styled: where the plain render has ink, so has the styled one
+    ink = (plain.mean(dim=1) < 0.0)  # digits are dark ink on light paper
+    assert ink.any() and (styled.mean(dim=1)[ink] < 0.2).float().mean() > 0.95
+    metric = hard_style_metric(count=150, seed=0, layout="wide")
+    assert metric.separation == 1.0
+    assert abs(metric.mean_strength(plain)) < 0.1 and abs(metric.mean_strength(styled) - 1.0) < 0.1

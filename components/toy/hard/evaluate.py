@@ -150,5 +150,5 @@ def evaluate_base(s: HardToyConfig, checkpoint: str | None = None, progress: Pro
                          f"{s.layout}; build judges for it (`python -m components.toy.hard judges`)")
     report = difficulty_table(pipe, judges, s.final_samples, s.guidance_scale, s.seed, progress=progress)
     report["model"] = str(Path(s.sdxl_dir) if sdxl else checkpoint or Path(s.base_dir))
-    report["style_strength"] = style_through_vae(pipe.vae)  # the ceiling any sampler on this base has
+    report["style_strength"] = style_through_vae(pipe.vae, layout=s.layout)  # the ceiling any sampler on this base has
     return report

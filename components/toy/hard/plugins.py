@@ -105,7 +105,7 @@ def hard_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
                                           layout=judges.layout)
     return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
                   "hard toy adherence (both digits, colours and sides right)", reference,
-                  style=LazyHardStyle(), style_name="hard toy style strength (LDA over colour and stripe statistics)",
+                  style=LazyHardStyle(judges.layout), style_name="hard toy style strength (LDA over colour and stripe statistics)",
                   default_prompts=HARD_PROMPTS)
 
 

@@ -9,7 +9,8 @@ darker papers are not read: the judges learned light paper only).
 The style set on disk (`lcmlora toy style --hard`) has the easy style set's layout
 (`components/toy/style.py`): `NNNNN.png` (64x64 RGB), `NNNNN.txt` (the plain hard caption) and
 `metadata.jsonl` with one `{"key", "file", "caption", "parts", "left_index", "right_index"}` row
-per sample. Deterministic for a seed.
+per sample, plus `settings.json` (`count`, `seed`, `layout`: the scene layout, toy.hard.layout).
+Deterministic for a seed; a set of another layout is refused by name when read for a given one.
 """
 
 from __future__ import annotations
@@ -72,26 +73,43 @@ def hard_style_set(count: int, seed: int = 0, layout: str = "narrow") -> tuple[t
     return torch.from_numpy(np.stack(arrays)), captions, rows
 
 
-def write_hard_style(folder: str | Path, count: int = 2000, seed: int = 0) -> Path:
-    """Write `count` hard-style images with their plain captions and metadata.jsonl into `folder`."""
+STYLE_SET_SETTINGS = "settings.json"
+
+
+def write_hard_style(folder: str | Path, count: int = 2000, seed: int = 0, layout: str = "narrow") -> Path:
+    """Write `count` hard-style images (scenes in `layout`) with their plain captions, metadata.jsonl and
+    settings.json into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    images, _, rows = hard_style_set(count, seed)
+    images, _, rows = hard_style_set(count, seed, layout)
     pixels = ((images.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
     for row, array in zip(rows, pixels, strict=True):
         Image.fromarray(array, mode="RGB").save(folder / f"{row['key']}.png")
         (folder / f"{row['key']}.txt").write_text(row["caption"] + "\n")
         row["file"] = f"{row['key']}.png"
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    settings = {"count": count, "seed": seed, "layout": layout}
+    (folder / STYLE_SET_SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return folder
 
 
-def read_hard_style(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions."""
+def style_set_layout(folder: str | Path) -> str:
+    """The scene layout of the style set in `folder` (settings.json; sets written before it existed
+    hold narrow scenes)."""
+    settings = Path(folder) / STYLE_SET_SETTINGS
+    return json.loads(settings.read_text())["layout"] if settings.is_file() else "narrow"
+
+
+def read_hard_style(folder: str | Path, layout: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions. With
+    `layout`, a set drawn in another layout is refused (a style LoRA would learn the wrong scenes)."""
     folder = Path(folder)
     index = folder / "metadata.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index}: no hard style set; write it with `lcmlora toy style --hard`")
+    if layout is not None and (found := style_set_layout(folder)) != layout:
+        raise ValueError(f"{folder}: a hard style set of the {found} layout, toy.hard.layout is {layout}; "
+                         "write it again (`lcmlora toy style --hard`) or point toy.hard.style_dir elsewhere")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     arrays = [pil_to_tensor_array(Image.open(folder / r["file"])) for r in rows]
     return torch.from_numpy(np.stack(arrays)), [r["caption"] for r in rows]

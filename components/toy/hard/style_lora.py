@@ -40,12 +40,12 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
                                 "`lcmlora toy base --hard` or point toy.hard.base_dir at one")
     style_dir = project_path(hard.style_dir)
     if not (style_dir / "metadata.jsonl").is_file():
-        write_hard_style(style_dir, hard.style_count, hard.style_seed)
+        write_hard_style(style_dir, hard.style_count, hard.style_seed, hard.layout)
     loaded = load_base(str(reference), family="sd15")
     pipe = loaded.pipe
     # 1. Training on the style set (plain captions).
     t0 = time.perf_counter()
-    images, captions = read_hard_style(style_dir)
+    images, captions = read_hard_style(style_dir, hard.layout)
     training = StyleTraining(rank=hard.style_rank, alpha=hard.style_alpha, steps=hard.style_steps,
                              batch_size=hard.style_batch_size, lr=hard.style_lr, seed=hard.style_seed)
     losses = train_style_lora(pipe, images, captions, training, progress=progress)

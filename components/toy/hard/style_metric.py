@@ -14,8 +14,9 @@ import torch
 from components.toy.style_metric import StyleMetric, fit_style_metric
 
 
-def hard_style_renders(count: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` random scenes rendered plain and styled, same digits and jitter: two N x 3 x 64 x 64 in [-1, 1]."""
+def hard_style_renders(count: int = 400, seed: int = 0, layout: str = "narrow") -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` random scenes (in `layout`) rendered plain and styled, same digits and jitter: two
+    N x 3 x 64 x 64 in [-1, 1]."""
     from components.toy.hard.data import load_sklearn_digits
     from components.toy.hard.render import pil_to_tensor_array, random_scene, render_scene
     from components.toy.hard.style import render_scene_styled
@@ -26,26 +27,27 @@ def hard_style_renders(count: int = 400, seed: int = 0) -> tuple[torch.Tensor, t
     for _ in range(count):
         scene, i, j, _ = random_scene(labels, rng)
         state = rng.bit_generator.state  # both renders draw the same jitter
-        plain.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng)))
+        plain.append(pil_to_tensor_array(render_scene(images8[i], images8[j], scene, rng, layout=layout)))
         rng.bit_generator.state = state
-        styled.append(pil_to_tensor_array(render_scene_styled(images8[i], images8[j], scene, rng)))
+        styled.append(pil_to_tensor_array(render_scene_styled(images8[i], images8[j], scene, rng, layout)))
     return torch.from_numpy(np.stack(plain)), torch.from_numpy(np.stack(styled))
 
 
-def hard_style_metric(count: int = 400, seed: int = 0) -> StyleMetric:
-    """The hard style metric, fitted on fresh renders (deterministic for a seed; about a second)."""
+def hard_style_metric(count: int = 400, seed: int = 0, layout: str = "narrow") -> StyleMetric:
+    """The hard style metric, fitted on fresh renders in `layout` (deterministic for a seed; about a second)."""
     from components.toy.hard.style import STRIPE_HALF_PERIOD
 
-    return fit_style_metric(*hard_style_renders(count, seed), stripe_half_period=STRIPE_HALF_PERIOD)
+    return fit_style_metric(*hard_style_renders(count, seed, layout), stripe_half_period=STRIPE_HALF_PERIOD)
 
 
-def style_through_vae(vae, count: int = 200, seed: int = 1, metric: StyleMetric | None = None) -> dict[str, float]:
+def style_through_vae(vae, count: int = 200, seed: int = 1, metric: StyleMetric | None = None,
+                      layout: str = "narrow") -> dict[str, float]:
     """How much of the hard style `vae` can show at all: mean style strength of `count` fresh scenes
     rendered plain and styled, as rendered and after an encode / decode round trip (latent mean).
     A sampler on this base cannot draw more style than `styled_through_vae`; the merge claim's
     reference is read against it (docs/toy-hard.md, "Merge claim")."""
-    metric = metric or hard_style_metric()
-    plain, styled = hard_style_renders(count, seed)
+    metric = metric or hard_style_metric(layout=layout)
+    plain, styled = hard_style_renders(count, seed, layout)
     device, dtype = vae.device, vae.dtype
 
     @torch.no_grad()
@@ -60,11 +62,14 @@ def style_through_vae(vae, count: int = 200, seed: int = 1, metric: StyleMetric 
 
 
 class LazyHardStyle:
-    """The hard style metric, fitted the first time a merge asks for it."""
+    """The hard style metric (fitted on renders in `layout`, the judges'), fitted the first time a merge asks for it."""
+
+    def __init__(self, layout: str = "narrow") -> None:
+        self.layout = layout
 
     @cached_property
     def metric(self) -> StyleMetric:
-        return hard_style_metric()
+        return hard_style_metric(layout=self.layout)
 
     def mean_strength(self, images: torch.Tensor) -> float:
         return self.metric.mean_strength(images)

@@ -166,13 +166,13 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
 
 
 @torch.no_grad()
-def _decoder_report(vae, held_out: torch.Tensor) -> dict:
+def _decoder_report(vae, held_out: torch.Tensor, layout: str) -> dict:
     """What the decoder shows: the hard style's strength through the VAE, and the plain scenes' MSE."""
     from components.toy.hard.style_metric import style_through_vae
 
     batch = held_out.to(vae.device)
     mse = float(torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch))
-    return {"style_strength": style_through_vae(vae), "heldout_plain_mse": mse}
+    return {"style_strength": style_through_vae(vae, layout=layout), "heldout_plain_mse": mse}
 
 
 def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: ProgressFn | None = None) -> dict:
@@ -188,9 +188,9 @@ def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: Progre
     start = time.time()
     train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7), layout=s.layout)
     held_out = render_scenes(images8, labels, 200, np.random.default_rng(s.seed + 900), layout=s.layout).images
-    before = _decoder_report(vae, held_out)
+    before = _decoder_report(vae, held_out, s.layout)
     vae = finetune_decoder(vae, vae_training_images(train.images, s), s, progress)
-    after = _decoder_report(vae, held_out)
+    after = _decoder_report(vae, held_out, s.layout)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     config = folder / "vae" / "config.json"  # from_pretrained recorded where it was loaded from: not part of the model
     config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
