@@ -113,13 +113,12 @@ def goals_markdown(goals: GateResult) -> str:
 def check_source_settings(source_dir: Path, expected: dict[str, tuple[Any, Any]]) -> None:
     """ValueError when `source_dir`'s toy_summary.json was written with other settings than `expected`
     (a summary without a key holds that key's default); a folder without a summary is not checked."""
+    from components.toy.folder_settings import stale_settings
+
     summary_file = source_dir / "toy_summary.json"
     if not summary_file.is_file():
         return
-    summary = json.loads(summary_file.read_text())
-    stale = {key: (summary.get(key, default), value) for key, (value, default) in expected.items()
-             if summary.get(key, default) != value}
-    if stale:
+    if stale := stale_settings(summary_file, expected):
         found = ", ".join(f"{key} {had!r} (asked: {want!r})" for key, (had, want) in stale.items())
         raise ValueError(f"{source_dir}: a toy source written with other settings: {found}; delete it "
                          f"or pass --set curate.source=ANOTHER_FOLDER")

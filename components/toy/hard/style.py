@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.toy.folder_settings import stale_settings
 from components.toy.hard.render import (
     HARD_SIZE,
     Scene,
@@ -93,13 +94,6 @@ def write_hard_style(folder: str | Path, count: int = 2000, seed: int = 0, layou
     return folder
 
 
-def style_set_layout(folder: str | Path) -> str:
-    """The scene layout of the style set in `folder` (settings.json; sets written before it existed
-    hold narrow scenes)."""
-    settings = Path(folder) / STYLE_SET_SETTINGS
-    return json.loads(settings.read_text())["layout"] if settings.is_file() else "narrow"
-
-
 def read_hard_style(folder: str | Path, layout: str | None = None) -> tuple[torch.Tensor, list[str]]:
     """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions. With
     `layout`, a set drawn in another layout is refused (a style LoRA would learn the wrong scenes)."""
@@ -107,8 +101,9 @@ def read_hard_style(folder: str | Path, layout: str | None = None) -> tuple[torc
     index = folder / "metadata.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index}: no hard style set; write it with `lcmlora toy style --hard`")
-    if layout is not None and (found := style_set_layout(folder)) != layout:
-        raise ValueError(f"{folder}: a hard style set of the {found} layout, toy.hard.layout is {layout}; "
+    # a set written before settings.json holds narrow scenes
+    if layout is not None and (stale := stale_settings(folder / STYLE_SET_SETTINGS, {"layout": (layout, "narrow")})):
+        raise ValueError(f"{folder}: a hard style set of the {stale['layout'][0]} layout, toy.hard.layout is {layout}; "
                          "write it again (`lcmlora toy style --hard`) or point toy.hard.style_dir elsewhere")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
     arrays = [pil_to_tensor_array(Image.open(folder / r["file"])) for r in rows]
