@@ -118,6 +118,23 @@ def test_style_set_records_its_layout_and_a_style_lora_refuses_another(tmp_path)
     read_hard_style(narrow, "narrow")
     with pytest.raises(ValueError, match="of the narrow layout, toy.hard.layout is wide"):
         read_hard_style(narrow, "wide")
+    read_hard_style(narrow, "narrow", count=4, seed=0)  # the old set: its rows' count, seed 0
+    with pytest.raises(ValueError, match="written with seed 0, toy.hard.style_seed is 3"):
+        read_hard_style(narrow, "narrow", count=4, seed=3)
+
+
+def test_style_set_of_another_count_or_seed_is_refused_by_name(tmp_path) -> None:
+    from components.toy.hard.style import read_hard_style, write_hard_style
+
+    folder = write_hard_style(tmp_path / "set", count=3, seed=5)
+    assert len(read_hard_style(folder, "narrow", count=3, seed=5)[1]) == 3
+    with pytest.raises(ValueError, match="written with count 3, toy.hard.style_count is 4"):
+        read_hard_style(folder, "narrow", count=4, seed=5)
+    with pytest.raises(ValueError, match="written with seed 5, toy.hard.style_seed is 0"):
+        read_hard_style(folder, count=3, seed=0)
+    with pytest.raises(ValueError, match="of the narrow layout, toy.hard.layout is wide; written with count 3, "
+                                         "toy.hard.style_count is 2000; written with seed 5, toy.hard.style_seed is 0"):
+        read_hard_style(folder, "wide", count=2000, seed=0)
 
 
 def test_style_metric_renders_follow_the_layout_and_still_separate() -> None:

@@ -94,18 +94,25 @@ def write_hard_style(folder: str | Path, count: int = 2000, seed: int = 0, layou
     return folder
 
 
-def read_hard_style(folder: str | Path, layout: str | None = None) -> tuple[torch.Tensor, list[str]]:
-    """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions. With
-    `layout`, a set drawn in another layout is refused (a style LoRA would learn the wrong scenes)."""
+def read_hard_style(folder: str | Path, layout: str | None = None, count: int | None = None,
+                    seed: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions. Each of
+    `layout`, `count`, `seed` that is given must be what the set was written with, else the set is refused
+    by name (a style LoRA would learn other scenes than the ones asked for). A set written before
+    settings.json holds its rows' count of narrow scenes drawn with seed 0 (the only seed written then)."""
     folder = Path(folder)
     index = folder / "metadata.jsonl"
     if not index.is_file():
         raise FileNotFoundError(f"{index}: no hard style set; write it with `lcmlora toy style --hard`")
-    # a set written before settings.json holds narrow scenes
-    if layout is not None and (stale := stale_settings(folder / STYLE_SET_SETTINGS, {"layout": (layout, "narrow")})):
-        raise ValueError(f"{folder}: a hard style set of the {stale['layout'][0]} layout, toy.hard.layout is {layout}; "
-                         "write it again (`lcmlora toy style --hard`) or point toy.hard.style_dir elsewhere")
     rows = [json.loads(line) for line in index.read_text().splitlines() if line.strip()]
+    asked = {"layout": (layout, "narrow"), "count": (count, len(rows)), "seed": (seed, 0)}
+    stale = stale_settings(folder / STYLE_SET_SETTINGS, {k: v for k, v in asked.items() if v[0] is not None})
+    if stale:
+        said = "; ".join(f"a hard style set of the {was} layout, toy.hard.layout is {now}" if key == "layout"
+                         else f"written with {key} {was}, toy.hard.style_{key} is {now}"
+                         for key, (was, now) in stale.items())
+        raise ValueError(f"{folder}: {said}; write it again (`lcmlora toy style --hard`) or point "
+                         "toy.hard.style_dir elsewhere")
     arrays = [pil_to_tensor_array(Image.open(folder / r["file"])) for r in rows]
     return torch.from_numpy(np.stack(arrays)), [r["caption"] for r in rows]
 

@@ -45,7 +45,7 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     pipe = loaded.pipe
     # 1. Training on the style set (plain captions).
     t0 = time.perf_counter()
-    images, captions = read_hard_style(style_dir, hard.layout)
+    images, captions = read_hard_style(style_dir, hard.layout, hard.style_count, hard.style_seed)
     training = StyleTraining(rank=hard.style_rank, alpha=hard.style_alpha, steps=hard.style_steps,
                              batch_size=hard.style_batch_size, lr=hard.style_lr, seed=hard.style_seed)
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
