@@ -99,7 +99,7 @@ def read_hard_style(folder: str | Path, layout: str | None = None, count: int | 
     """The style set written by `write_hard_style`: N x 3 x 64 x 64 in [-1, 1] and the captions. Each of
     `layout`, `count`, `seed` that is given must be what the set was written with, else the set is refused
     by name (a style LoRA would learn other scenes than the ones asked for). A set written before
-    settings.json holds its rows' count of narrow scenes drawn with seed 0 (the only seed written then)."""
+    settings.json does not say: it is read as narrow scenes, its rows' count, seed 0 (the defaults then)."""
     folder = Path(folder)
     index = folder / "metadata.jsonl"
     if not index.is_file():
