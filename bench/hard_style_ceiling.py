@@ -18,7 +18,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -30,8 +29,8 @@ def prepare(out: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     from components.paths import project_path
-    from components.toy.hard import source
     from components.toy.hard.config import HardToyConfig
+    from components.toy.hard.source import write_hard_source
     from components.toy.hard.style import style_background
 
     hard = HardToyConfig()
@@ -48,9 +47,8 @@ def prepare(out: Path) -> None:
     pipe.unet.save_pretrained(base / "unet")
     print(f"{base}: {hard.style_output} fused at 1.0 into {hard.base_dir} ({changed} of {len(before)} UNet tensors)")
     # every image on the style's paper: the source's "other looks" at fraction 1.0, the style the only look
-    with mock.patch.object(source, "random_look", lambda rng: style_background()):
-        summary = source.write_hard_source(out / STYLED_SOURCE, rows=hard.source_rows, seed=hard.seed,
-                                           look_fraction=1.0, layout=hard.layout)
+    summary = write_hard_source(out / STYLED_SOURCE, rows=hard.source_rows, seed=hard.seed, look_fraction=1.0,
+                                layout=hard.layout, look=lambda rng: style_background())
     print(f"{out / STYLED_SOURCE}: {summary['scenes']} scenes, {summary['other_looks']} on the style's paper")
 
 
@@ -59,7 +57,8 @@ def measure(base_dir: Path, lora: Path) -> None:
     from components.base_model import load_base
     from components.cli_conventions import resolve
     from components.evaluation import load_prompts
-    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.merge_eval import sample_plan
+    from components.sampler_matrix import Method, run_method
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.reproduction import hard_overrides
 
@@ -67,11 +66,9 @@ def measure(base_dir: Path, lora: Path) -> None:
     base, m = cfg.base("toy-hard"), cfg.merge
     judges = hard_judges(cfg.evaluate, base.resolution)
     prompts = load_prompts(cfg.evaluate.prompts or HARD_PROMPTS)
-    image_prompts = [p for p in prompts for _ in range(m.samples_per_prompt)]
-    seeds = [m.seed + i for i in range(len(image_prompts))]
     pipe = load_base(str(base_dir), family="sd15").pipe
     pipe.set_progress_bar_config(disable=True)
-    noise = initial_noise(seeds, latent_shape(pipe, base.resolution, base.resolution))
+    image_prompts, seeds, noise = sample_plan(pipe, prompts, m, base.resolution)
 
     def row(label: str, method: Method) -> float:
         t = time.perf_counter()

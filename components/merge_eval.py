@@ -83,6 +83,17 @@ def _row(label: str, variant: str, weights: tuple[float, float] | None, images: 
     }
 
 
+def sample_plan(pipe: Any, prompts: list[str], cfg: MergeConfig,
+                resolution: int) -> tuple[list[str], list[int], torch.Tensor]:
+    """What every row of the merge stage samples: each prompt `cfg.samples_per_prompt` times, seeds
+    `cfg.seed`, `cfg.seed + 1`, ..., and their initial noise (the same for every row)."""
+    from components.sampler_matrix import initial_noise, latent_shape
+
+    image_prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    seeds = [cfg.seed + i for i in range(len(image_prompts))]
+    return image_prompts, seeds, initial_noise(seeds, latent_shape(pipe, resolution, resolution))
+
+
 def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lcm_path: Path, cfg: MergeConfig,
                    judges: Any, prompts: list[str], *, teacher_guidance: float, resolution: int,
                    output: Path, base_meta: dict[str, Any], progress: ProgressFn | None = None) -> MergeResult:
@@ -94,16 +105,14 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
     `mean_strength(images) -> float`, named `judges.style_name`). `progress` hears of every row
     as it is measured: `Progress(stage="merge", step=rows done, total=rows, note=row label)`.
     """
-    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.sampler_matrix import Method, run_method
 
     # 1. Inputs as diffusers reads them; same noise for every row.
     style_path, lcm_path = lora_io.lora_file(style_path), lora_io.lora_file(lcm_path)
     lora_io.load_adapter(pipe, family, style_path, STYLE)
     lora_io.load_adapter(pipe, family, lcm_path, LCM)
     style_f, lcm_f = lora_io.adapter_factors(pipe, STYLE), lora_io.adapter_factors(pipe, LCM)
-    image_prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    seeds = [cfg.seed + i for i in range(len(image_prompts))]
-    noise = initial_noise(seeds, latent_shape(pipe, resolution, resolution))
+    image_prompts, seeds, noise = sample_plan(pipe, prompts, cfg, resolution)
     pipe.set_progress_bar_config(disable=True)
     fused_pipe.set_progress_bar_config(disable=True)
     lcm_method = Method("lcm", cfg.lcm_steps, cfg.lcm_guidance_scale, True)

@@ -27,6 +27,7 @@ from components.paths import project_path
 from components.progress import Progress, ProgressFn, no_progress
 from components.storage import Storage
 from components.toy.config import toy_config
+from components.toy.folder_settings import stale_settings
 from components.toy.source import write_toy_source
 
 TOY_BASE = "toy"  # the params base the easy reproduction runs on
@@ -113,8 +114,6 @@ def goals_markdown(goals: GateResult) -> str:
 def check_source_settings(source_dir: Path, expected: dict[str, tuple[Any, Any]]) -> None:
     """ValueError when `source_dir`'s toy_summary.json was written with other settings than `expected`
     (a summary without a key holds that key's default); a folder without a summary is not checked."""
-    from components.toy.folder_settings import stale_settings
-
     summary_file = source_dir / "toy_summary.json"
     if not summary_file.is_file():
         return

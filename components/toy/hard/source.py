@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,13 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
-                      shard_size: int = SHARD_SIZE, look_fraction: float = 0.0, layout: str = "narrow") -> dict[str, Any]:
+                      shard_size: int = SHARD_SIZE, look_fraction: float = 0.0, layout: str = "narrow",
+                      look: Callable[[np.random.Generator], np.ndarray] = random_look) -> dict[str, Any]:
     """Write `rows` scenes (plus duplicates) to `output`; returns the summary (also `toy_summary.json`).
 
-    `look_fraction` of the images are drawn on other papers (`render.random_look`, from their own
-    generator: with 0 the source is the same bytes as without it); the summary counts them. Digits sit
-    as `layout` places them (render.py:render_scene)."""
+    `look_fraction` of the images are drawn on other papers (`look`, by default `render.random_look`,
+    from their own generator: with 0 the source is the same bytes as without it); the summary counts
+    them. Digits sit as `layout` places them (render.py:render_scene)."""
     if not 0.0 <= look_fraction <= 1.0:
         raise ValueError(f"toy.hard.look_fraction must be in [0, 1], got {look_fraction}")
     from sklearn.datasets import load_digits
@@ -103,7 +105,7 @@ def write_hard_source(output: str | Path, rows: int = 2000, seed: int = 0,
             jpeg = jpegs[row.duplicate_of]
             width, height = records[row.duplicate_of]["WIDTH"], records[row.duplicate_of]["HEIGHT"]
         else:
-            background = random_look(look_rng) if look_fraction and look_rng.random() < look_fraction else None
+            background = look(look_rng) if look_fraction and look_rng.random() < look_fraction else None
             looks += background is not None
             scene_image = render_scene(digits.images[i], digits.images[j], scene, rng, background=background, layout=layout)
             image = _image_for(row.defect, scene_image, rng)
