@@ -85,10 +85,10 @@ def run_filter(path: Path, batch_rows: int | None = None) -> dict:
     pa.set_cpu_count(cores)
     pa.set_io_thread_count(cores)
     from components.config import CurateConfig
-    from components.curate import REJECTED_WRITE_OPTIONS
-    from components.curate_filters import BATCH_ROWS, Filters, filter_metadata, iter_metadata
-    from components.curate_schema import CANDIDATE_SCHEMA, REJECTED_SCHEMA
-    from components.storage import Storage
+    from components.data.curate import REJECTED_WRITE_OPTIONS
+    from components.data.curate_filters import BATCH_ROWS, Filters, filter_metadata, iter_metadata
+    from components.data.curate_schema import CANDIDATE_SCHEMA, REJECTED_SCHEMA
+    from components.storage.storage import Storage
 
     filters = Filters.from_config(CurateConfig(), min_side=512)
     source = Storage(str(path.parent))
@@ -129,7 +129,7 @@ def current_rss_mib() -> float:
 def baseline_rss() -> float:
     """Peak RSS of a process that only imports what the filter imports (subtracted for clarity)."""
     repo = str(Path(__file__).resolve().parents[1])
-    code = (f"import resource, sys; sys.path.insert(0, {repo!r}); import components.curate_filters; "
+    code = (f"import resource, sys; sys.path.insert(0, {repo!r}); import components.data.curate_filters; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 

@@ -9,7 +9,7 @@
 One LCD step holds three UNet passes: the teacher (adapters off, cond + uncond batched, 2B,
 no grad), the target (LoRA on, B, no grad) and the student (LoRA on, B, forward + backward).
 In the same run this script times
-  1. the real training loop (`components.trainer.train_lcd_lora`): median step time,
+  1. the real training loop (`components.distill.trainer.train_lcd_lora`): median step time,
   2. an instrumented step split into data, teacher, target, student fwd+bwd and optimizer,
   3. the bare UNet passes alone on the same inputs,
 interleaved in time (2 and 3 run in the loop's progress callback, outside its timed step), and
@@ -43,24 +43,24 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from components import lcd
-from components.conditioning import TextConditioner
 from components.config import DistillConfig
-from components.lcd import (
+from components.distill import lcd
+from components.distill.lcd import (
     LCDSettings,
     consistency_target,
     draw_lcd_sample,
     student_prediction,
     teacher_solver_step,
 )
-from components.lora import (
+from components.distill.trainer import TrainOptions, train_lcd_lora
+from components.lora.adapter import (
     adapters_disabled,
     add_lora,
     lora_config,
     lora_parameters,
     trainable_parameters,
 )
-from components.trainer import TrainOptions, train_lcd_lora
+from components.models.conditioning import TextConditioner
 
 
 def sync(device: torch.device) -> None:
@@ -160,7 +160,7 @@ def build(args: argparse.Namespace):
     if args.random_weights or args.arch:
         from diffusers import UNet2DConditionModel
 
-        from components.lora import unet_config
+        from components.lora.adapter import unet_config
 
         arch = Path(args.arch or REPO / "data" / "arch" / "sd15")
         config = unet_config(arch)
@@ -176,7 +176,7 @@ def build(args: argparse.Namespace):
         return unet, cond, family, sched, float(vae.get("scaling_factor", 0.18215)), shape, f"{arch} (random weights)"
     toy = REPO / "data" / "toy" / "base"
     if (toy / "model_index.json").exists():
-        from components.base_model import load_base
+        from components.models.base_model import load_base
 
         pipe = load_base(str(toy)).pipe
         desc = "data/toy/base"

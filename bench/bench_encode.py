@@ -39,9 +39,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from components.encode import DTYPES, encode_dataset, encode_latent_mean, plan_shards
-from components.image_prep import decode_image, resize_and_crop, to_model_input
-from components.storage import Storage
+from components.data.encode import DTYPES, encode_dataset, encode_latent_mean, plan_shards
+from components.data.image_prep import decode_image, resize_and_crop, to_model_input
+from components.storage.storage import Storage
 
 PER_TAR = 1000
 

@@ -76,7 +76,7 @@ def main() -> None:
         pipe, guidance = random_pipeline(Path(args.arch), Path(args.tokenizer), dtype)
         desc = f"{args.arch} (random weights)"
     else:
-        from components.base_model import load_base
+        from components.models.base_model import load_base
 
         pipe, guidance, desc = load_base(args.base).pipe, 2.0, args.base
         training = Path(args.base) / "training.json"

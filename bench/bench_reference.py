@@ -381,11 +381,11 @@ def child_ours(spec: dict) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from components.base_model import resolve_base
     from components.config import load_params
+    from components.models.base_model import resolve_base
     from components.stages.distill import run_distill
     from components.stages.inputs import encoded_index
-    from components.storage import Storage
+    from components.storage.storage import Storage
 
     cfg = load_params(REPO / "params.yaml", spec["sets"])
     base_name, base_cfg = resolve_base(cfg, "toy")

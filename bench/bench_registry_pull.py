@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from components.registry import Registry
-from components.storage import Storage
+from components.registry.registry import Registry
+from components.storage.storage import Storage
 
 
 def make_version_folder(folder: Path, megabytes: int) -> Path:

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/bench_serve.py [--requests 200] [--concurrency 8]
 
-Publishes a random toy LoRA to a temporary local registry, serves it with components/serve.py
+Publishes a random toy LoRA to a temporary local registry, serves it with components/serve/server.py
 under uvicorn on 127.0.0.1 (adapter loaded, then fused: `lcmlora serve --fuse`) and drives it
 with httpx. Prints the command and one line per mode for docs/benchmarks.md.
 """
@@ -94,10 +94,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from components.base_model import load_base
-    from components.registry import Registry
-    from components.serve import LoraSwapper, copying_factory, create_app
-    from components.storage import Storage
+    from components.models.base_model import load_base
+    from components.registry.registry import Registry
+    from components.serve.server import LoraSwapper, copying_factory, create_app
+    from components.storage.storage import Storage
 
     print("command: OMP_NUM_THREADS=1 python bench/bench_serve.py " + " ".join(sys.argv[1:]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.requests} requests, "

@@ -53,12 +53,12 @@ def prepare(out: Path) -> None:
 
 
 def measure(base_dir: Path, lora: Path) -> None:
-    from components import lora_io
-    from components.base_model import load_base
-    from components.cli_conventions import resolve
-    from components.evaluation import load_prompts
-    from components.merge_eval import sample_plan
-    from components.sampler_matrix import Method, run_method
+    from components.cli.conventions import resolve
+    from components.evaluate.evaluation import load_prompts
+    from components.evaluate.merge_eval import sample_plan
+    from components.evaluate.sampler_matrix import Method, run_method
+    from components.lora import io as lora_io
+    from components.models.base_model import load_base
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.reproduction import hard_overrides
 

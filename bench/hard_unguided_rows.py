@@ -11,7 +11,7 @@ import time
 import torch
 from diffusers import StableDiffusionPipeline
 
-from components.frechet import frechet_distance_of_features
+from components.evaluate.frechet import frechet_distance_of_features
 from components.toy.hard.evaluate import prompt_set, sample
 from components.toy.hard.judges import adherence, load_judges, swapped_sides
 

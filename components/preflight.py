@@ -7,7 +7,7 @@ with one error naming every problem at once:
     preflight(params, {"my-ft": base_cfg})  # the bases of this run (new-base)
 
 Each stage has its own small check `(params, base_name, base) -> list[str]`; the judges
-provider a base declares (`bases.NAME.judges`) checks itself (components/judges.py). Checks
+provider a base declares (`bases.NAME.judges`) checks itself (components/evaluate/judges.py). Checks
 only look: nothing is loaded, downloaded or written, and S3 locations are left to the stages.
 """
 
@@ -64,7 +64,7 @@ def _cuda_missing(key: str, device: str) -> list[str]:
 
 def base_problems(params: Params, name: str, base: BaseConfig) -> list[str]:
     """The base's weights: a local folder or .safetensors that exists, or a hub id (the loaders' own check)."""
-    from components.base_model import check_reference
+    from components.models.base_model import check_reference
 
     try:
         check_reference(base.reference)
@@ -113,7 +113,7 @@ def distill_problems(params: Params, name: str, base: BaseConfig) -> list[str]:
 
 def evaluate_problems(params: Params, name: str, base: BaseConfig) -> list[str]:
     """The judges the base declares (bases.NAME.judges), the prompt file, the device."""
-    from components.judges import judges_problems
+    from components.evaluate.judges import judges_problems
 
     problems = judges_problems(params.evaluate, base, name)
     prompts = params.evaluate.prompts

@@ -16,7 +16,7 @@ from typing import Annotated
 import click
 import typer
 
-from components.cli_conventions import (
+from components.cli.conventions import (
     DryRunOpt,
     OutputOpt,
     ParamsOpt,
@@ -26,8 +26,8 @@ from components.cli_conventions import (
     print_config,
     resolve,
 )
+from components.cli.progress_view import ProgressView
 from components.config import ConfigError
-from components.progress_view import ProgressView
 from flows.cli_common import BaseOpt, pick_base, quiet_known_noise
 from flows.registry_cli import registry_app
 from flows.serve_cli import serve
@@ -122,7 +122,7 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
 
     cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
     base = pick_base(cfg, base)
-    from components.base_model import resolve_base
+    from components.models.base_model import resolve_base
 
     base_name, base_cfg = resolve_base(cfg, base)
     if dry_run:
@@ -140,9 +140,9 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
         raise click.UsageError("--restart starts over; --resume continues: pass one of them")
     import os
 
-    from components.folder_sync import COMPLETE, push_folder
     from components.stages.distill import prepare_run_folder, run_distill, run_for_base
-    from components.storage import Storage
+    from components.storage.folder_sync import COMPLETE, push_folder
+    from components.storage.storage import Storage
 
     storage = Storage.from_config(cfg.storage)
     run = run_for_base(cfg, storage, base_name, base_cfg, output)
@@ -185,11 +185,11 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     if dry_run:
         print_config(cfg)
         return
-    from components.base_model import resolve_base
-    from components.folder_sync import pull_folder, push_folder, work_dir
+    from components.models.base_model import resolve_base
     from components.stages.evaluate import copy_for_evaluation, run_evaluate
     from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
-    from components.storage import Storage
+    from components.storage.folder_sync import pull_folder, push_folder, work_dir
+    from components.storage.storage import Storage
 
     name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)
@@ -233,15 +233,15 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
     if dry_run:
         print_config(cfg)
         return
-    from components.base_model import resolve_base
-    from components.folder_sync import pull_folder, push_folder, work_dir
-    from components.judges import load_judges
-    from components.merge_eval import markdown_table
+    from components.evaluate.judges import load_judges
+    from components.evaluate.merge_eval import markdown_table
+    from components.models.base_model import resolve_base
     from components.paths import project_path
     from components.stages.evaluate import prompts_for
     from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
     from components.stages.merge import run_merge
-    from components.storage import Storage
+    from components.storage.folder_sync import pull_folder, push_folder, work_dir
+    from components.storage.storage import Storage
 
     name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)

@@ -1,6 +1,6 @@
 """What only the production `lcmlora` commands share: `--base` and its default, and the known
 harmless library messages the CLI's entry point drops. The options of DESIGN.md's CLI
-conventions, shared with the toy's command line, live in components/cli_conventions.py."""
+conventions, shared with the toy's command line, live in components/cli/conventions.py."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from components.base_model import resolve_base
 from components.config import BaseConfig, ConfigError, Params, load_params
+from components.models.base_model import resolve_base
 from components.preflight import preflight
 from components.run_summary import verdict
 from flows.pipeline import base_pipeline
@@ -30,7 +30,7 @@ def register_config(cfg: Params, reference: str, name: str | None = None,
     """The base's name and config: from params.yaml when REF names a base there, else detected."""
     base_name, base = resolve_base(cfg, reference)
     if name:
-        from components.registry_manifest import validate_name
+        from components.registry.manifest import validate_name
 
         base_name = validate_name(name, "base name")
     if family:

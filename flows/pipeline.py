@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
 from components.run_summary import stage_row
-from components.storage import Storage
+from components.storage.storage import Storage
 from flows.stages import (
     curate_flow,
     distill_flow,

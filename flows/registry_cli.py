@@ -16,7 +16,7 @@ from typing import Annotated
 import click
 import typer
 
-from components.cli_conventions import ParamsOpt, SetOpt, console
+from components.cli.conventions import ParamsOpt, SetOpt, console
 
 registry_app = typer.Typer(help="Versioned LoRA registry: publish, list, show, pull, aliases, gc.",
                            no_args_is_help=True)
@@ -29,7 +29,7 @@ ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why: recorded i
 def _registry(params: Path, set_: list[str] | None):
     """The Registry of params.registry.root (endpoint and retries from params.storage)."""
     from components.config import load_params
-    from components.registry import Registry
+    from components.registry.registry import Registry
 
     return Registry.from_params(load_params(params, list(set_ or [])))
 
@@ -45,8 +45,8 @@ def _force_reason(force: bool, reason: str | None) -> str | None:
 @contextlib.contextmanager
 def _registry_errors() -> Iterator[None]:
     """Registry and storage failures become one-line CLI errors."""
-    from components.registry_manifest import RegistryError
-    from components.storage import StorageError
+    from components.registry.manifest import RegistryError
+    from components.storage.storage import StorageError
 
     try:
         yield
@@ -161,7 +161,7 @@ def registry_push_hub(ref: str, repo_id: str,
     """
     import tempfile
 
-    from components.hub_push import hub_upload_plan, push_to_hub
+    from components.registry.hub_push import hub_upload_plan, push_to_hub
 
     with _registry_errors(), tempfile.TemporaryDirectory(prefix="lcmlora-hub-") as tmp:
         reg = _registry(params, set_)

@@ -1,4 +1,4 @@
-"""`lcmlora serve NAME@ALIAS --base REF`: the reference server (components/serve.py) under uvicorn.
+"""`lcmlora serve NAME@ALIAS --base REF`: the reference server (components/serve/server.py) under uvicorn.
 
 flows/cli.py mounts it: `app.command("serve")(serve)`.
 """
@@ -11,7 +11,7 @@ from typing import Annotated
 import click
 import typer
 
-from components.cli_conventions import ParamsOpt, SetOpt
+from components.cli.conventions import ParamsOpt, SetOpt
 
 
 def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VERSION or NAME@sha256:HEX")],
@@ -32,15 +32,15 @@ def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VE
         return
     import uvicorn
 
-    from components.registry import Registry
-    from components.registry_manifest import RegistryError
-    from components.serve import LoraSwapper, copying_factory, create_app
-    from components.storage import StorageError
+    from components.registry.manifest import RegistryError
+    from components.registry.registry import Registry
+    from components.serve.server import LoraSwapper, copying_factory, create_app
+    from components.storage.storage import StorageError
     from flows.registry_cli import console
 
     registry = Registry.from_params(cfg)
     with console.status(f"loading base {base}"):
-        from components.pipeline_loader import load_base_pipeline
+        from components.serve.pipeline_loader import load_base_pipeline
 
         pipe, family = load_base_pipeline(base)
     swapper = LoraSwapper(registry, ref, copying_factory(pipe, family), fuse=fuse, poll_s=poll_s)

@@ -15,7 +15,6 @@ from typing import Any
 from prefect import flow
 
 from components.config import BaseConfig, Params
-from components.folder_sync import COMPLETE
 from components.stages.evaluate import EVALUATED_LORA
 from components.stages.inputs import lora_sha256
 from components.stages.keys import (
@@ -29,6 +28,7 @@ from components.stages.keys import (
     publish_key,
 )
 from components.stages.publish import registry_name
+from components.storage.folder_sync import COMPLETE
 from tasks.caching import result_storage_block, retrying, run_cached
 from tasks.curate import curate_manifest, fingerprint_source
 from tasks.distill import distill_lora

@@ -19,7 +19,7 @@ from prefect import Task
 from prefect.tasks import exponential_backoff
 
 from components.config import Params
-from components.storage import Storage, StorageUnavailable
+from components.storage.storage import Storage, StorageUnavailable
 
 
 def key_parameter(context: Any, parameters: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from components.plugins import load_plugin
 from components.stages.curate import run_curate, source_storage, stored_output
 from components.stages.inputs import source_digest
 from components.stages.keys import output_rel
-from components.storage import Storage
+from components.storage.storage import Storage
 from tasks.caching import key_parameter, storage_retries
 from tasks.progress import task_progress
 

@@ -21,11 +21,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.folder_sync import is_complete, pull_folder, push_folder, work_dir
 from components.progress import Progress, ProgressFn
 from components.stages.inputs import lora_sha256
 from components.stages.keys import output_rel
-from components.storage import Storage
+from components.storage.folder_sync import is_complete, pull_folder, push_folder, work_dir
+from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
 from tasks.progress import task_progress
@@ -80,7 +80,7 @@ def _launch(cfg: Params, base_name: str, folder: Path, resume: str | None, progr
 
 def _steps_logged(folder: Path) -> int:
     """Newest complete checkpoint's step (the progress a separate process leaves on disk)."""
-    from components.trainer import latest_checkpoint
+    from components.distill.trainer import latest_checkpoint
 
     latest = latest_checkpoint(folder)
     return int(latest.name.split("-")[1]) if latest else 0
@@ -92,7 +92,7 @@ def distill_for_task(cfg: Params, base_name: str, folder: Path, progress: Progre
     A killed earlier attempt left checkpoints in the same keyed folder: the run resumes from
     them (`prepare_run_folder`, as `lcmlora distill` does).
     """
-    from components.base_model import resolve_base
+    from components.models.base_model import resolve_base
     from components.stages.distill import prepare_run_folder, run_distill
 
     name, base = resolve_base(cfg, base_name)

@@ -11,7 +11,7 @@ from prefect.logging import get_run_logger
 from components.config import BaseConfig, Params
 from components.stages.curate import source_storage
 from components.stages.encode import run_encode
-from components.storage import Storage
+from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
 from tasks.progress import task_progress
@@ -28,7 +28,7 @@ def fingerprint_base(base: BaseConfig) -> dict[str, str]:
 @task(name="fingerprint-vae")
 def fingerprint_vae(base: BaseConfig) -> str:
     """Fingerprint of the base's VAE alone (the UNet is not loaded for a folder or hub id)."""
-    from components.base_model import load_vae
+    from components.models.base_model import load_vae
 
     return load_vae(base.reference)[1]
 

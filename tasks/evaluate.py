@@ -16,7 +16,7 @@ from tasks.progress import task_progress
 
 def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str) -> None:
     """The evaluation's Markdown report and metric table as Prefect artifacts of the current run."""
-    from components.report import table_rows
+    from components.evaluate.report import table_rows
 
     gate = doc["gate"]
     status = "passed" if gate["passed"] else f"FAILED ({len(gate['violations'])} violations)"
@@ -30,7 +30,7 @@ def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str)
 def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str) -> dict[str, Any]:
     """Evaluate one LoRA folder against its base; metrics.json and report land in `output` and the
     LoRA folder. Returns the gate, so the calling flow can stop before publishing a failed LoRA."""
-    from components.base_model import resolve_base
+    from components.models.base_model import resolve_base
     from components.stages.evaluate import run_evaluate
 
     logger = get_run_logger()

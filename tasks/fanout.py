@@ -19,7 +19,7 @@ from prefect.logging import get_run_logger
 
 from components.config import Params
 from components.stages.keys import STAGE_OUTPUTS
-from components.storage import Storage
+from components.storage.storage import Storage
 
 
 def base_deployment(cfg: Params) -> Any | None:

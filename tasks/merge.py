@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.lora.formats import LORA_WEIGHT_NAME
 from components.paths import project_path
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
@@ -40,8 +40,8 @@ def find_style_lora(cfg: Params, base_name: str) -> str | None:
 def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: str, output: str, output_rel: str,
                    key: str) -> dict[str, Any]:
     """Runtime-adapter, exact merged, fused (and SVD) variants, evaluated; the best by the rule in params."""
-    from components.base_model import resolve_base
-    from components.judges import load_judges
+    from components.evaluate.judges import load_judges
+    from components.models.base_model import resolve_base
     from components.stages.evaluate import prompts_for
     from components.stages.merge import run_merge
 

@@ -10,11 +10,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
-from components.folder_sync import pull_folder
 from components.lineage import utc_now
-from components.registry import Registry
+from components.registry.registry import Registry
 from components.stages.publish import run_publish
-from components.storage import Storage
+from components.storage.folder_sync import pull_folder
+from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter, storage_retries
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import task
 
 from components.config import Params
-from components.folder_sync import is_complete, pull_folder, push_folder, work_dir
 from components.stages.evaluate import EVALUATED_LORA, copy_for_evaluation
-from components.storage import Storage
+from components.storage.folder_sync import is_complete, pull_folder, push_folder, work_dir
+from components.storage.storage import Storage
 from tasks.caching import storage_retries
 
 

@@ -142,8 +142,8 @@ class S3Server:
         return name
 
     def storage(self, bucket: str, prefix: str = "") -> Any:
-        """A components.storage.Storage on s3://bucket/prefix (credentials must be in env)."""
-        from components.storage import Storage
+        """A components.storage.storage.Storage on s3://bucket/prefix (credentials must be in env)."""
+        from components.storage.storage import Storage
 
         root = f"s3://{bucket}/{prefix}".rstrip("/")
         return Storage(root, endpoint_url=self.endpoint_url, region=self.region)

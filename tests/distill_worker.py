@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.conditioning import TextConditioner
-from components.lcd import schedule_from_scheduler_config
-from components.lora import add_lora, lora_config
-from components.trainer import TrainOptions, train_lcd_lora
+from components.distill.lcd import schedule_from_scheduler_config
+from components.distill.trainer import TrainOptions, train_lcd_lora
+from components.lora.adapter import add_lora, lora_config
+from components.models.conditioning import TextConditioner
 from tests.test_trainer import SETTINGS_SD15, TARGETS, memory_batches
 from tests.tiny_models import tiny_pipeline
 

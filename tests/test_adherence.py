@@ -6,7 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.adherence import clip_score_from_embeddings, clip_score_metric, to_uint8_hwc
+from components.evaluate.adherence import (
+    clip_score_from_embeddings,
+    clip_score_metric,
+    to_uint8_hwc,
+)
 from tests.tiny_pipeline import tiny_clip_folder
 
 

@@ -1,5 +1,5 @@
 """Artifact folders are complete or absent and get the umask's permissions
-(components/atomic_dir.py and its writers, issue 16 item 2)."""
+(components/storage/atomic_dir.py and its writers, issue 16 item 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.atomic_dir import FolderNotReplaceable, atomic_dir, write_text_atomic
+from components.storage.atomic_dir import FolderNotReplaceable, atomic_dir, write_text_atomic
 from tests.test_distill_artifact import lora_sd, write  # noqa: F401 - lora_sd is a fixture
 
 OWNS = ("*.txt", "keep")
@@ -95,7 +95,7 @@ def test_write_text_atomic_keeps_old_text_on_failure(tmp_path, monkeypatch):
     def full_disk(*_args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("components.atomic_dir.os.replace", full_disk)
+    monkeypatch.setattr("components.storage.atomic_dir.os.replace", full_disk)
     with pytest.raises(OSError, match="No space left"):
         write_text_atomic(target, "new")
     assert target.read_text() == "old" and entries(tmp_path) == ["metrics.json"]
@@ -105,7 +105,7 @@ def test_write_text_atomic_keeps_old_text_on_failure(tmp_path, monkeypatch):
 
 
 def test_distill_artifact_enospc_after_the_first_file_leaves_no_folder(tmp_path, lora_sd, monkeypatch):  # noqa: F811
-    from components import lora_formats
+    from components.lora import formats as lora_formats
 
     monkeypatch.setattr(lora_formats, "save_file", enospc_after_first(lora_formats.save_file))
     with pytest.raises(OSError, match="No space left"):
@@ -114,7 +114,7 @@ def test_distill_artifact_enospc_after_the_first_file_leaves_no_folder(tmp_path,
 
 
 def test_distill_artifact_enospc_keeps_the_previous_complete_folder(tmp_path, lora_sd, monkeypatch):  # noqa: F811
-    from components import lora_formats
+    from components.lora import formats as lora_formats
 
     write(tmp_path / "art", lora_sd)
     before = {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()}
@@ -136,7 +136,7 @@ def test_distill_safetensors_follow_the_umask(tmp_path, lora_sd, umask_022):  # 
 
 
 def test_evaluation_enospc_mid_report_keeps_previous_outputs(tmp_path, monkeypatch):
-    from components import evaluation as ev
+    from components.evaluate import evaluation as ev
 
     out, lora = tmp_path / "runs" / "evaluate" / "toy", tmp_path / "lora"
     (lora / "evaluation").mkdir(parents=True)
@@ -159,7 +159,7 @@ def test_evaluation_enospc_mid_report_keeps_previous_outputs(tmp_path, monkeypat
 
 
 def test_evaluation_refuses_to_replace_a_lora_folder_passed_as_output(tmp_path, lora_sd):  # noqa: F811
-    from components.evaluation import Evaluation, write_evaluation
+    from components.evaluate.evaluation import Evaluation, write_evaluation
 
     write(tmp_path / "art", lora_sd)
     before = entries(tmp_path / "art")

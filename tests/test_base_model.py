@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from components.base_model import (
+from components.config import ConfigError, load_params
+from components.models.base_model import (
     PickleRefused,
     check_reference,
     detect_family,
@@ -17,7 +18,6 @@ from components.base_model import (
     refuse_pickle,
     resolve_base,
 )
-from components.config import ConfigError, load_params
 from tests.tiny_models import tiny_pipeline
 
 

@@ -1,11 +1,11 @@
-"""Text conditioning (components/conditioning.py): SD-1.5 / SDXL embeddings, unconditional, micro-conditioning."""
+"""Text conditioning (components/models/conditioning.py): SD-1.5 / SDXL embeddings, unconditional, micro-conditioning."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from components.conditioning import Conditioning, TextConditioner, sdxl_time_ids
+from components.models.conditioning import Conditioning, TextConditioner, sdxl_time_ids
 from tests.tiny_models import tiny_pipeline
 
 CAPTIONS = ["a handwritten digit one", "a handwritten digit seven", "a handwritten digit nine"]

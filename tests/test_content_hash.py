@@ -1,4 +1,4 @@
-"""components/content_hash.py: tree digests follow content, not names of the root or mtimes."""
+"""components/storage/content_hash.py: tree digests follow content, not names of the root or mtimes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.content_hash import canonical_digest, tree_digest
-from components.storage import Storage
+from components.storage.content_hash import canonical_digest, tree_digest
+from components.storage.storage import Storage
 
 
 def _tree(root: Path) -> None:
@@ -53,7 +53,7 @@ def test_canonical_digest_ignores_key_order() -> None:
 def test_file_sha256_streams_a_file_larger_than_one_chunk(tmp_path) -> None:
     import hashlib
 
-    from components.content_hash import CHUNK, file_sha256
+    from components.storage.content_hash import CHUNK, file_sha256
 
     data = bytes(range(256)) * (CHUNK // 256 * 2 + 3)  # two chunks and a partial third
     (tmp_path / "blob").write_bytes(data)

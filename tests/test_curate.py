@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import CurateConfig
-from components.curate import CurationEmpty, curate
-from components.curate_filters import Filters, SourceError, filter_metadata, iter_metadata
-from components.curate_schema import MANIFEST_SCHEMA
-from components.quality_gate import ManifestGateFailed
-from components.storage import Storage
+from components.data.curate import CurationEmpty, curate
+from components.data.curate_filters import Filters, SourceError, filter_metadata, iter_metadata
+from components.data.curate_schema import MANIFEST_SCHEMA
+from components.data.quality_gate import ManifestGateFailed
+from components.storage.storage import Storage
 from components.toy.source import EXPECTED_REASON, write_toy_source
 
 TOY_RESOLUTION = 32

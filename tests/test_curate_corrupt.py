@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import CurateConfig, load_params
-from components.curate import curate
+from components.data.curate import curate
 from components.stages.inputs import curate_rel
-from components.storage import Storage
+from components.storage.storage import Storage
 from components.toy.source import write_toy_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def corrupted_copy(toy: Path, tmp_path: Path) -> tuple[Path, int]:
 def test_garbage_in_a_tar_is_reported_as_corrupt_shard_with_its_offset(toy, clean, tmp_path, caplog):
     folder, middle = corrupted_copy(toy, tmp_path)
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="components.source_shards"):
+    with caplog.at_level(logging.WARNING, logger="components.data.source_shards"):
         result = curate(Storage(str(folder)), Storage(str(out)), "", CurateConfig(max_unreadable_rate=1.0),
                         min_side=TOY_RESOLUTION)
 

@@ -1,5 +1,5 @@
 """A failed or empty curation leaves no file of a previous run beside no manifest (issue 16 item 12):
-the curate folder is replaced whole (local) or cleared first (S3) by components/curate.py."""
+the curate folder is replaced whole (local) or cleared first (S3) by components/data/curate.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import CurateConfig
-from components.curate import CurationEmpty, curate
-from components.quality_gate import ManifestGateFailed
-from components.storage import Storage
+from components.data.curate import CurationEmpty, curate
+from components.data.quality_gate import ManifestGateFailed
+from components.storage.storage import Storage
 from components.toy.source import write_toy_source
 
 TOY_RESOLUTION = 32

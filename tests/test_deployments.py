@@ -152,7 +152,7 @@ def test_new_base_deployment_publishes_a_version(prefect_stack: PrefectStack, mo
     from prefect.deployments import run_deployment
 
     from components.config import load_params
-    from components.registry import Registry
+    from components.registry.registry import Registry
 
     settings, client = _client(prefect_stack, monkeypatch)
     with settings, client:
@@ -216,8 +216,8 @@ def test_alias_moves_reach_the_prefect_server_as_events(prefect_stack: PrefectSt
     this box: the process exited before its queue drained.)"""
     import httpx
 
-    from components.registry import Registry
-    from components.storage import Storage
+    from components.registry.registry import Registry
+    from components.storage.storage import Storage
     from tests.test_registry import make_lora_folder
 
     root = tmp_path / "registry"

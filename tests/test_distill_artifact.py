@@ -1,4 +1,4 @@
-"""The LoRA artifact folder of a distillation run (components/distill_artifact.py, DESIGN contract 4)."""
+"""The LoRA artifact folder of a distillation run (components/distill/artifact.py, DESIGN contract 4)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,21 @@ import torch
 from safetensors import safe_open
 
 from components.config import DistillConfig
-from components.distill_artifact import (
+from components.distill.artifact import (
     RECOMMENDED_GUIDANCE,
     RECOMMENDED_STEPS,
     distill_metrics,
     write_distill_artifact,
 )
-from components.lora import add_lora, lora_config, unet_lora_state_dict
-from components.lora_formats import (
+from components.lora.adapter import add_lora, lora_config, unet_lora_state_dict
+from components.lora.formats import (
     KOHYA_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     lora_delta,
     read_lora_file,
     read_metadata,
 )
-from components.model_card import check_model_card
+from components.lora.model_card import check_model_card
 from tests.tiny_models import tiny_unet_config
 
 BASE_META = {"name": "tiny", "reference": "data/toy/base", "family": "sd15", "resolution": 32,

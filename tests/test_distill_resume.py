@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from components.config import BaseConfig, ConfigError, DistillConfig
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.lora.formats import LORA_WEIGHT_NAME
 from components.stages.distill import prepare_run_folder
 from tests.test_encode import RES, world  # noqa: F401 - the module fixture
 
@@ -60,7 +60,7 @@ def _lora(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _crash_after_checkpoint(monkeypatch):
-    from components import trainer
+    from components.distill import trainer
 
     original = trainer._save_checkpoint
 

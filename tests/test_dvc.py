@@ -90,7 +90,11 @@ def test_metrics_show_and_diff_print_the_flat_quality_figures_and_plots_render_o
     """The repository's `metrics:` and `plots:` in a real DVC repo over the files the stages write."""
     from PIL import Image
 
-    from components.flat_metrics import evaluation_scalars, merge_scalars, write_flat_metrics
+    from components.evaluate.flat_metrics import (
+        evaluation_scalars,
+        merge_scalars,
+        write_flat_metrics,
+    )
 
     repo, dvc = tmp_path / "repo", dvc_executable()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}

@@ -21,15 +21,15 @@ import pytest
 import torch
 from PIL import Image
 
-from components.base_model import module_fingerprint
 from components.config import CurateConfig, parse_params
-from components.curate import curate
-from components.encode import EncodeError, encode_dataset
-from components.image_prep import resize_and_crop, to_model_input
-from components.shards import ResolutionMismatch, read_index
+from components.data.curate import curate
+from components.data.encode import EncodeError, encode_dataset
+from components.data.image_prep import resize_and_crop, to_model_input
+from components.data.shards import ResolutionMismatch, read_index
+from components.data.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.models.base_model import module_fingerprint
 from components.stages.encode import encode_for_base
-from components.storage import Storage
-from components.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.storage.storage import Storage
 from components.toy.source import write_toy_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,9 +145,9 @@ KILLED_RUN = """
 import sys, time, torch
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from test_encode import tiny_vae
-from components.base_model import module_fingerprint
-from components.encode import encode_dataset
-from components.storage import Storage
+from components.models.base_model import module_fingerprint
+from components.data.encode import encode_dataset
+from components.storage.storage import Storage
 vae = tiny_vae()
 encode_dataset(Storage({root!r}), "curated/manifest.parquet", Storage({source!r}), vae, module_fingerprint(vae),
                resolution={res}, output="latents-kill", batch_size=8, shard_size=9,
@@ -225,7 +225,7 @@ def test_text_embeddings_per_text_encoder(world, tmp_path, family):
     sys.path.insert(0, str(REPO / "tests"))
     from tiny_models import tiny_pipeline
 
-    from components.base_model import fingerprints_of
+    from components.models.base_model import fingerprints_of
 
     pipe = tiny_pipeline(family, tmp_path)
     te_fp = text_encoder_fingerprint(fingerprints_of(pipe))

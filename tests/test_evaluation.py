@@ -13,8 +13,8 @@ import yaml
 from PIL import Image
 
 from components.config import ConfigError, EvaluateConfig
-from components.evaluation import evaluate_lora, write_evaluation
-from components.judges import Judges, real_judges
+from components.evaluate.evaluation import evaluate_lora, write_evaluation
+from components.evaluate.judges import Judges, real_judges
 from tests.tiny_pipeline import (
     random_lora_folder,
     single_thread,
@@ -170,7 +170,7 @@ def test_cli_evaluate_without_a_feature_extractor_fails_naming_the_key(real_base
 
 
 def test_flat_metrics_for_dvc_beside_metrics_json(evaluated):
-    from components.flat_metrics import FLAT_METRICS_NAME
+    from components.evaluate.flat_metrics import FLAT_METRICS_NAME
 
     evaluation, paths, _ = evaluated
     flat = json.loads((paths["metrics.json"].parent / FLAT_METRICS_NAME).read_text())

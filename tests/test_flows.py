@@ -48,7 +48,7 @@ def _run(params: Path):
 
 def _registry(params: Path):
     from components.config import load_params
-    from components.registry import Registry
+    from components.registry.registry import Registry
 
     return Registry.from_params(load_params(params))
 

@@ -1,4 +1,4 @@
-"""components/folder_sync.py: artifact folders to and from the storage root (local and S3)."""
+"""components/storage/folder_sync.py: artifact folders to and from the storage root (local and S3)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from components.folder_sync import COMPLETE, is_complete, pull_folder, push_folder, work_dir
-from components.storage import Storage
+from components.storage.folder_sync import COMPLETE, is_complete, pull_folder, push_folder, work_dir
+from components.storage.storage import Storage
 
 
 def _folder(path: Path) -> Path:

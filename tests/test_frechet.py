@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from components.frechet import (
+from components.evaluate.frechet import (
     extract_features,
     feature_statistics,
     frechet_distance,

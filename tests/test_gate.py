@@ -7,7 +7,7 @@ import math
 import pytest
 
 from components.config import EvaluateConfig
-from components.gate import Rule, check_rules, evaluate_gate
+from components.evaluate.gate import Rule, check_rules, evaluate_gate
 
 CFG = EvaluateConfig(lcm1_psnr_min=20.0, lcm2_adherence_min_ratio=0.8, lcm2_psnr_min=21.0)  # every threshold on:
 # 1.3x teacher-50 FD, below DPM-4, 0.9 adherence (lcm-4), 0.8 adherence (lcm-2), PSNR of lcm-1 and lcm-2

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from components.lineage import write_lineage
 from components.paths import PROJECT_ROOT
-from components.registry import Registry
-from components.registry_manifest import RegistryError
-from components.storage import Storage
+from components.registry.manifest import RegistryError
+from components.registry.registry import Registry
+from components.storage.storage import Storage
 from flows.cli import app
 from tests.test_registry import make_lora_folder
 
@@ -84,8 +84,8 @@ def test_upload_gets_the_checked_folder_and_the_repo(published: Path, monkeypatc
 
 
 def test_a_folder_naming_local_paths_is_refused(tmp_path: Path) -> None:
-    from components.hub_push import hub_upload_plan
-    from components.model_card import render_model_card
+    from components.lora.model_card import render_model_card
+    from components.registry.hub_push import hub_upload_plan
 
     folder = make_lora_folder(tmp_path / "old", card=False)
     (folder / "README.md").write_text(render_model_card(base_model="org/base", title="old"))

@@ -7,7 +7,7 @@ import pytest
 import scipy.ndimage
 import torch
 
-from components.image_metrics import SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
+from components.evaluate.image_metrics import SSIM_K1, SSIM_K2, SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
 
 
 def test_psnr_of_a_constant_offset():

@@ -6,7 +6,7 @@
    (`lcmlora.cli`: components/toy/cli.py, mounted by flows/cli.py).
 2. The library never climbs: no module under components/ (components/toy/ included) imports
    `flows` or `tasks`. What the command lines share lives in the library
-   (components/cli_conventions.py, components/progress_view.py).
+   (components/cli/conventions.py, components/cli/progress_view.py).
 
 Both rules see absolute imports, imports inside functions, and `import_module` / `__import__`
 calls with a literal module name."""
@@ -93,7 +93,7 @@ def check_library_layer(root: Path) -> list[str]:
 
 def test_production_never_imports_the_toy_world():
     modules = production_modules(REPO)
-    assert len(modules) > 20 and REPO / "components" / "evaluation.py" in modules and REPO / "flows" / "cli.py" in modules
+    assert len(modules) > 20 and REPO / "components" / "evaluate" / "evaluation.py" in modules and REPO / "flows" / "cli.py" in modules
     for top in ("flows", "tasks"):  # no exception: every module of the upper layers is checked
         assert set((REPO / top).rglob("*.py")) <= set(modules), top
     assert not any("components/toy" in m.as_posix() for m in modules)
@@ -103,7 +103,7 @@ def test_production_never_imports_the_toy_world():
 
 def test_the_library_never_imports_flows_or_tasks():
     modules = library_modules(REPO)
-    assert len(modules) > 20 and REPO / "components" / "cli_conventions.py" in modules
+    assert len(modules) > 20 and REPO / "components" / "cli" / "conventions.py" in modules
     assert REPO / "components" / "toy" / "cli.py" in modules and REPO / "components" / "toy" / "hard" / "world.py" in modules
     violations = check_library_layer(REPO)
     assert violations == [], "components/ imports a layer above it:\n" + "\n".join(violations)
@@ -112,10 +112,10 @@ def test_the_library_never_imports_flows_or_tasks():
 def test_the_checker_finds_every_form_of_toy_import(tmp_path):
     (tmp_path / "components" / "toy").mkdir(parents=True)
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "components" / "toy" / "judges.py").write_text("from components.judges import Judges\n")
+    (tmp_path / "components" / "toy" / "judges.py").write_text("from components.evaluate.judges import Judges\n")
     (tmp_path / "components" / "clean.py").write_text(
         "import components.toys_are_not_toy\nfrom components import judges\nimport importlib\n"
-        "importlib.import_module('components.judges')\n")
+        "importlib.import_module('components.evaluate.judges')\n")
     (tmp_path / "components" / "bad.py").write_text(
         "import os\n"
         "import components.toy.render\n"

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig, load_params
-from components.evaluation import load_prompts
-from components.judges import JUDGES_GROUP, SD_PROMPTS, Judges, load_judges, real_judges
+from components.evaluate.evaluation import load_prompts
+from components.evaluate.judges import JUDGES_GROUP, SD_PROMPTS, Judges, load_judges, real_judges
 from components.plugins import installed, load_plugin
 from components.toy.judges import (
     TOY_PROMPTS,
@@ -34,7 +34,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 def test_real_and_toy_providers_are_installed_entry_points():
     points = {ep.name: ep.value for ep in entry_points(group=JUDGES_GROUP)}
-    assert points["real"] == "components.judges:real_judges"
+    assert points["real"] == "components.evaluate.judges:real_judges"
     assert points["toy"] == "components.toy.judges:toy_judges"
     assert load_plugin(JUDGES_GROUP, "real", "k") is real_judges
     assert load_plugin(JUDGES_GROUP, "toy", "k") is toy_judges

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from components.base_model import fingerprints_of, module_fingerprint
-from components.encode import encode_dataset
-from components.latent_loader import make_loader
-from components.shards import index_shards
-from components.storage import Storage
-from components.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.data.encode import encode_dataset
+from components.data.latent_loader import make_loader
+from components.data.shards import index_shards
+from components.data.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.models.base_model import fingerprints_of, module_fingerprint
+from components.storage.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))

@@ -1,4 +1,4 @@
-"""components/lcd.py against diffusers' schedulers (the reference implementation), tolerance 1e-6."""
+"""components/distill/lcd.py against diffusers' schedulers (the reference implementation), tolerance 1e-6."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
-from components import lcd
+from components.distill import lcd
 
 TOL = 1e-6
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -138,7 +138,7 @@ def test_ranks_draw_their_rows_of_the_global_batch():
 # An independent re-implementation of one step of diffusers' examples/consistency_distillation/
 # train_lcm_distill_lora_sd_wds.py (a separate frozen teacher UNet, its DDIMSolver with the
 # previous-alpha table, LCM-form guidance, boundary scalings with timestep_scaling 10, the target
-# under no_grad from x_prev at t_n, the student at t_{n+k}). Nothing below calls components.lcd.
+# under no_grad from x_prev at t_n, the student at t_{n+k}). Nothing below calls components.distill.lcd.
 
 STEP_TOL = 1e-5
 
@@ -217,9 +217,9 @@ def test_composed_lcd_step_matches_reference_recipe(tmp_path, prediction_type, l
 
     from diffusers import UNet2DConditionModel
 
-    from components.conditioning import Conditioning
     from components.config import DistillConfig
-    from components.lora import add_lora, lora_config, lora_parameters
+    from components.lora.adapter import add_lora, lora_config, lora_parameters
+    from components.models.conditioning import Conditioning
     from tests.tiny_models import tiny_unet_config
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from components.ldm_layout import LayoutError, pipeline_to_ldm, unet_key_to_ldm
+from components.models.ldm_layout import LayoutError, pipeline_to_ldm, unet_key_to_ldm
 from tests.tiny_merge_pipelines import tiny_sd15, tiny_sdxl
 
 

@@ -1,4 +1,4 @@
-"""LoRA on the UNet (components/lora.py): injection, teacher via disabled adapters, counts, state dicts."""
+"""LoRA on the UNet (components/lora/adapter.py): injection, teacher via disabled adapters, counts, state dicts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from components.config import DistillConfig
-from components.lora import (
+from components.lora.adapter import (
     adapters_disabled,
     add_lora,
     cast_lora_to_fp32,

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from components import lora as lora_mod
-from components import lora_formats as lf
 from components.config import DistillConfig
+from components.lora import adapter as lora_mod
+from components.lora import formats as lf
 from tests.tiny_models import tiny_pipeline, unet_inputs
 
 RANK, ALPHA = 4, 12  # alpha != rank: a loader that assumes alpha = rank is off by 3x

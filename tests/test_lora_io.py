@@ -1,4 +1,4 @@
-"""components/lora_io.py: LoRA files of every format read as diffusers reads them, and every
+"""components/lora/io.py: LoRA files of every format read as diffusers reads them, and every
 incompatible input refused with an error naming the module (tiny random pipelines, seconds on CPU)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from components import lora_io
-from components.base_model import PickleRefused
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.lora import io as lora_io
+from components.lora.formats import LORA_WEIGHT_NAME
+from components.models.base_model import PickleRefused
 from tests.tiny_merge_pipelines import (
     make_loras,
     outputs,
@@ -132,12 +132,12 @@ def test_a_corrupt_file_inside_the_lcm_folder_is_named_by_merge(lcmlora_cli, tmp
 
 
 def test_a_corrupt_lora_given_to_evaluate_is_named_before_the_base_loads(lcmlora_cli, tmp_path, monkeypatch) -> None:
-    import components.base_model
+    import components.models.base_model
 
     def no_base(*_a, **_k):
         raise AssertionError("the base was loaded before the LoRA file was checked")
 
-    monkeypatch.setattr(components.base_model, "load_base", no_base)
+    monkeypatch.setattr(components.models.base_model, "load_base", no_base)
     bad = _corrupt(tmp_path / "lora", "truncated")
     code, err = lcmlora_cli("evaluate", "--lora", str(bad.parent), "--output", str(tmp_path / "e"))
     assert code != 0
@@ -145,7 +145,7 @@ def test_a_corrupt_lora_given_to_evaluate_is_named_before_the_base_loads(lcmlora
 
 
 def test_reading_a_corrupt_file_directly_names_it(tmp_path) -> None:
-    from components.lora_formats import UnreadableLoraFile, read_lora_file, read_metadata
+    from components.lora.formats import UnreadableLoraFile, read_lora_file, read_metadata
 
     bad = _corrupt(tmp_path / "x", "garbage")
     for read in (read_lora_file, read_metadata):

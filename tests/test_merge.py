@@ -1,4 +1,4 @@
-"""components/merge.py: the style-LoRA merge variants on tiny random pipelines (seconds on CPU).
+"""components/lora/merge.py: the style-LoRA merge variants on tiny random pipelines (seconds on CPU).
 
 Variant 2 (exact merged LoRA) and variant 3 (fused base) are compared with variant 1 (diffusers
 runtime adapters) on UNet and text-encoder outputs; SVD compression; both written formats.
@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from components import lora_io, merge
-from components.lora_factors import LoraFactors, peft_state_dict
+from components.lora import io as lora_io
+from components.lora import merge
+from components.lora.factors import LoraFactors, peft_state_dict
 from tests.tiny_merge_pipelines import (
     WEIGHTS,
     make_loras,
@@ -133,7 +134,7 @@ def sdxl_outputs(pipe, seed: int = 0) -> torch.Tensor:
 def test_sdxl_kohya_sgm_names_with_both_text_encoders(tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from components.ldm_layout import unet_key_to_ldm
+    from components.models.ldm_layout import unet_key_to_ldm
 
     # 1. A kohya SDXL style LoRA named as kohya's SDXL trainer names it (input_blocks_4_1_...).
     pipe = tiny_sdxl()

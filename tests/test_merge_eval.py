@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from components.config import MergeConfig, Params
-from components.merge_eval import evaluate_merge, select_best, write_merge_report
+from components.evaluate.merge_eval import evaluate_merge, select_best, write_merge_report
 from components.stages.merge import finalize_merged_folders
 from components.toy.style_metric import toy_style_metric
 from tests.tiny_merge_pipelines import (

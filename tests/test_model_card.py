@@ -1,10 +1,10 @@
-"""components/model_card.py: README.md front matter as the registry and the Hub expect it."""
+"""components/lora/model_card.py: README.md front matter as the registry and the Hub expect it."""
 
 from __future__ import annotations
 
 import pytest
 
-from components.model_card import (
+from components.lora.model_card import (
     ModelCardError,
     check_model_card,
     parse_model_card,
@@ -68,7 +68,7 @@ def _hub_round_trip(text: str) -> dict:
 def test_adapter_card_has_the_hub_fields_from_params() -> None:
     from huggingface_hub.utils import validate_repo_id
 
-    from components.model_card import HUB_RELATIONS, hub_problems
+    from components.lora.model_card import HUB_RELATIONS, hub_problems
 
     text = render_model_card(base_model="/models/my-ft", hub_id="stabilityai/stable-diffusion-xl-base-1.0",
                              license="openrail++", title="sdxl-lcm-lora")
@@ -84,7 +84,7 @@ def test_adapter_card_has_the_hub_fields_from_params() -> None:
 
 
 def test_merged_variant_is_a_merge_and_a_hub_reference_is_kept() -> None:
-    from components.model_card import hub_problems
+    from components.lora.model_card import hub_problems
 
     front = _hub_round_trip(render_model_card(base_model="runwayml/stable-diffusion-v1-5", title="v",
                                               relation="merge"))
@@ -93,7 +93,7 @@ def test_merged_variant_is_a_merge_and_a_hub_reference_is_kept() -> None:
 
 
 def test_hub_problems_name_a_local_base_model_of_an_older_card() -> None:
-    from components.model_card import hub_problems
+    from components.lora.model_card import hub_problems
 
     problems = hub_problems({"base_model": "data/toy/base", "base_model_relation": "fork", "pipeline_tag": None})
     assert [p.split(":")[0] for p in problems] == ["base_model", "base_model_relation", "pipeline_tag"]

@@ -8,7 +8,7 @@ batch); rank 0 saves the LoRA.
 
 - 2 nodes x 1 process (batch 4 each) give the same LoRA (1e-6) as ONE process of batch 8, same
   seed: every rank draws the global batch's samples, timesteps, noise and guidance from the
-  same generators and keeps its rows (components/latent_loader.py, lcd.draw_lcd_sample), and
+  same generators and keeps its rows (components/data/latent_loader.py, lcd.draw_lcd_sample), and
   DDP's averaged gradient of the per-rank mean losses is the global mean loss's gradient.
 - 2 nodes x 1 process give the same LoRA (1e-6) and loss history as 1 node x 2 processes: the
   node boundary changes nothing.
@@ -44,12 +44,12 @@ def worker(root: str, index_rel: str, out: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from components.conditioning import TextConditioner
-    from components.latent_loader import make_loader
-    from components.lcd import schedule_from_scheduler_config
-    from components.lora import add_lora, lora_config
-    from components.storage import Storage
-    from components.trainer import TrainOptions, train_lcd_lora
+    from components.data.latent_loader import make_loader
+    from components.distill.lcd import schedule_from_scheduler_config
+    from components.distill.trainer import TrainOptions, train_lcd_lora
+    from components.lora.adapter import add_lora, lora_config
+    from components.models.conditioning import TextConditioner
+    from components.storage.storage import Storage
     from tests.test_trainer import SETTINGS_SD15, TARGETS
     from tests.tiny_models import tiny_pipeline
 

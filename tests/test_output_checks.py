@@ -1,4 +1,4 @@
-"""Distill checks its output folder before training (components/output_checks.py, issue 16 item 2):
+"""Distill checks its output folder before training (components/distill/output_checks.py, issue 16 item 2):
 writable, replaceable, and with room for the artifact; every failure comes before step 1."""
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from components.atomic_dir import FolderNotReplaceable
 from components.config import load_params
-from components.output_checks import NotEnoughSpace, OutputNotWritable, distill_artifact_bytes
+from components.distill.output_checks import (
+    NotEnoughSpace,
+    OutputNotWritable,
+    distill_artifact_bytes,
+)
+from components.storage.atomic_dir import FolderNotReplaceable
 from tests.test_stage_distill import distill
 from tests.test_trainer import memory_batches
 from tests.tiny_models import tiny_pipeline
@@ -72,7 +76,7 @@ def test_too_little_free_space_fails_before_step_1_naming_folder_and_bytes(tmp_p
         seen.append(str(path))
         return usage(real(path).total, real(path).total - 1000, 1000)
 
-    monkeypatch.setattr("components.output_checks.shutil.disk_usage", small_disk)
+    monkeypatch.setattr("components.distill.output_checks.shutil.disk_usage", small_disk)
     reports: list = []
     with pytest.raises(NotEnoughSpace) as err:
         run(base_dir, tmp_path / "runs" / "out", reports)

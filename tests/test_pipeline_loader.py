@@ -1,4 +1,4 @@
-"""components/pipeline_loader.py: a registry version loaded into a diffusers pipeline for 4-step use."""
+"""components/serve/pipeline_loader.py: a registry version loaded into a diffusers pipeline for 4-step use."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from components.pipeline_loader import load_lcm_pipeline
-from components.registry import Registry
-from components.registry_manifest import RegistryError
-from components.storage import Storage
+from components.registry.manifest import RegistryError
+from components.registry.registry import Registry
+from components.serve.pipeline_loader import load_lcm_pipeline
+from components.storage.storage import Storage
 
 CARD = ("---\nbase_model: data/toy/base\nlibrary_name: diffusers\ntags: [lora, lcm]\n"
         "recommended:\n  num_inference_steps: 4\n  guidance_scale: 1.0\n---\n\n# test lora\n")

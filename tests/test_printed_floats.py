@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from components.config import MergeConfig
-from components.merge_eval import select_best
+from components.evaluate.merge_eval import select_best
 
 LONG_FLOAT = re.compile(r"\d+\.\d{5,}")  # a float with more than 4 decimals
 

@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
+from components.cli.progress_view import ProgressView, plain_line, wants_live
 from components.progress import Progress
-from components.progress_view import ProgressView, plain_line, wants_live
 
 
 class _Tty(io.StringIO):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from components.quality_gate import GateLimits, failure_message, run_manifest_gate
+from components.data.quality_gate import GateLimits, failure_message, run_manifest_gate
 
 COLUMNS = ("key", "caption", "shard", "member", "width", "height", "image_sha256", "aesthetic", "pwatermark",
            "punsafe", "similarity")

@@ -1,4 +1,4 @@
-"""components/registry.py (+ registry_manifest.py) and `lcmlora registry` on local disk and on a real
+"""components/registry/registry.py (+ registry_manifest.py) and `lcmlora registry` on local disk and on a real
 SeaweedFS."""
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from components import registry as registry_module
-from components import registry_gc
-from components.model_card import check_model_card
-from components.registry import Registry
-from components.registry_aliases import GateRefused
-from components.registry_manifest import Reference, RegistryError, parse_reference, validate_name
-from components.registry_pull import VerificationError
-from components.storage import Storage, StorageUnavailable
+from components.lora.model_card import check_model_card
+from components.registry import gc as registry_gc
+from components.registry import registry as registry_module
+from components.registry.aliases import GateRefused
+from components.registry.manifest import Reference, RegistryError, parse_reference, validate_name
+from components.registry.pull import VerificationError
+from components.registry.registry import Registry
+from components.storage.storage import Storage, StorageUnavailable
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
 CARD = ("---\nbase_model: data/toy/base\nlibrary_name: diffusers\ntags: [lora, lcm]\n"
@@ -538,7 +538,7 @@ def test_an_edited_manifest_is_refused_and_list_marks_it(root: str, tmp_path: Pa
     weights = b"evil weights"
     body["files"]["pytorch_lora_weights.safetensors"] = {"sha256": hashlib.sha256(weights).hexdigest(),
                                                          "size": len(weights)}
-    from components.registry_manifest import content_digest
+    from components.registry.manifest import content_digest
     body["digest"] = "sha256:" + content_digest({k: body[k] for k in ("format", "files", "base", "metrics",
                                                                        "gate", "lineage")})
     reg.storage.write_bytes("edit/versions/2/pytorch_lora_weights.safetensors", weights)

@@ -1,4 +1,4 @@
-"""components/registry_events.py: every alias move appends one create-only event object under the
+"""components/registry/events.py: every alias move appends one create-only event object under the
 registry root (read back here with plain boto3 on SeaweedFS) and sends `lcmlora.alias.moved` to
 Prefect when an API is configured."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from components.registry import Registry
-from components.registry_events import EVENT, event_key, read_events
-from components.storage import Storage
+from components.registry.events import EVENT, event_key, read_events
+from components.registry.registry import Registry
+from components.storage.storage import Storage
 from tests.test_registry import make_lora_folder
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
@@ -65,7 +65,7 @@ def test_a_consumer_tails_the_log_with_plain_boto3(s3_bucket: str, tmp_path: Pat
     assert [(b["event"], b["name"], b["alias"], b["sequence"], b["from"], b["to"], b["digest"]) for b in bodies] == [
         (EVENT, "ev", "production", 3, 2, 3, v[2].digest), (EVENT, "ev", "production", 4, 3, 2, v[1].digest)]
     # Create-only: an event object is never replaced.
-    from components.registry_events import AliasEvent, write_event
+    from components.registry.events import AliasEvent, write_event
 
     forged = AliasEvent("ev", "production", 4, 3, 1, v[0].digest, "set", None, "2020-01-01T00:00:00Z")
     assert write_event(reg.storage, forged) is False
@@ -87,7 +87,7 @@ def test_an_unreachable_prefect_api_logs_and_the_move_stands(tmp_path: Path, cap
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components import registry_events
+    from components.registry import events as registry_events
 
     reg = Registry(Storage(str(tmp_path / "registry")), cache_dir=tmp_path / "cache")
     reg.publish(make_lora_folder(tmp_path / "a"), "down")
@@ -105,7 +105,7 @@ def test_an_unreachable_prefect_api_logs_and_the_move_stands(tmp_path: Path, cap
 def test_no_prefect_event_without_an_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from components import registry_events
+    from components.registry import events as registry_events
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings({PREFECT_API_URL: None}):

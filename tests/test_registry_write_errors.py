@@ -1,4 +1,4 @@
-"""components/registry.py: an OSError while publishing (full disk, no permission) names the path
+"""components/registry/registry.py: an OSError while publishing (full disk, no permission) names the path
 being written, at the `lcmlora registry publish` entry point."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import components.storage_local
+import components.storage.local
 from tests.test_registry import make_lora_folder
 
 
@@ -24,7 +24,7 @@ def test_no_space_left_names_the_path_being_written(lcmlora_cli, tmp_path: Path,
     params = tmp_path / "params.yaml"
     params.write_text(f"registry:\n  root: {root}\n  cache_dir: {tmp_path / 'cache'}\n")
     folder = make_lora_folder(tmp_path / "lora")
-    original = getattr(components.storage_local.LocalBackend, writer)
+    original = getattr(components.storage.local.LocalBackend, writer)
 
     def disk_full_at_target(self, *args):  # the disk fills up when `target` is written
         rel = args[0] if writer == "write_bytes" else args[1]  # (rel, data, ...) / (local, rel, ...)
@@ -32,7 +32,7 @@ def test_no_space_left_names_the_path_being_written(lcmlora_cli, tmp_path: Path,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(self, *args)
 
-    monkeypatch.setattr(components.storage_local.LocalBackend, writer, disk_full_at_target)
+    monkeypatch.setattr(components.storage.local.LocalBackend, writer, disk_full_at_target)
 
     code, err = lcmlora_cli("registry", "publish", str(folder), "--name", "full-disk", "--params", str(params))
 

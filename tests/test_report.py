@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.report import REPORT_FILES, sample_grid, table_rows, write_report
+from components.evaluate.report import REPORT_FILES, sample_grid, table_rows, write_report
 
 
 def synthetic_doc() -> dict:

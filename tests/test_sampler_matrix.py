@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.sampler_matrix import (
+from components.evaluate.sampler_matrix import (
     Method,
     build_matrix,
     initial_noise,

@@ -1,4 +1,4 @@
-"""components/serve.py: the reference server, started with uvicorn on 127.0.0.1 and driven by a real
+"""components/serve/server.py: the reference server, started with uvicorn on 127.0.0.1 and driven by a real
 HTTP client (httpx), on a local and a SeaweedFS registry, generating from the toy base."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from components.registry import Registry
-from components.serve import LoraSwapper, copying_factory, create_app
-from components.storage import Storage
+from components.registry.registry import Registry
+from components.serve.server import LoraSwapper, copying_factory, create_app
+from components.storage.storage import Storage
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
 CARD = ("---\nbase_model: data/toy/base\nlibrary_name: diffusers\ntags: [lora, lcm]\n"
@@ -38,7 +38,7 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture(scope="module")
 def toy_base():
     """The toy base pipeline, loaded once; every server gets deep copies."""
-    from components.base_model import load_base
+    from components.models.base_model import load_base
 
     loaded = load_base(str(TOY_BASE))
     loaded.pipe.set_progress_bar_config(disable=True)

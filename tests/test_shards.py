@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from components.shards import (
+from components.data.shards import (
     INDEX_FORMAT,
     ResolutionMismatch,
     ShardError,
@@ -20,7 +20,7 @@ from components.shards import (
     read_index,
     sample_members,
 )
-from components.storage import Storage
+from components.storage.storage import Storage
 
 
 def test_latent_dir_is_keyed_by_vae_resolution_manifest_and_text_encoder():

@@ -13,9 +13,9 @@ import time
 from collections import Counter
 
 from components.config import EncodeConfig, parse_params
-from components.shards import index_path
+from components.data.shards import index_path
 from components.stages.encode import CLAIM, claim_folder, run_encode
-from components.storage import Storage
+from components.storage.storage import Storage
 from tests.test_encode import RES, tiny_vae, world  # noqa: F401 - the module fixture
 
 

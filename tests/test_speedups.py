@@ -1,4 +1,4 @@
-"""Speed-up flags of the distillation loop (components/speedups.py, DistillConfig): exact ones are
+"""Speed-up flags of the distillation loop (components/distill/speedups.py, DistillConfig): exact ones are
 bit-identical to the plain path, the others stay within stated bounds of it on CPU."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from components.conditioning import TextConditioner
 from components.config import DistillConfig
-from components.lcd import ddim_solver_timesteps, lcd_loss, schedule_from_scheduler_config
-from components.lora import add_lora, lora_config, lora_parameters
+from components.distill.lcd import ddim_solver_timesteps, lcd_loss, schedule_from_scheduler_config
+from components.distill.speedups import lcd_loss_bf16_teacher, make_optimizer, prefetched
+from components.distill.trainer import NonFiniteLoss, TrainOptions, latest_checkpoint
+from components.lora.adapter import add_lora, lora_config, lora_parameters
+from components.models.conditioning import TextConditioner
 from components.progress import Progress
-from components.speedups import lcd_loss_bf16_teacher, make_optimizer, prefetched
-from components.trainer import NonFiniteLoss, TrainOptions, latest_checkpoint
 from tests.test_trainer import SETTINGS_SD15, TARGETS, train_tiny
 from tests.tiny_models import tiny_pipeline
 
@@ -170,7 +170,7 @@ def test_precomputed_text_embeddings_are_used_without_text_encoders(tmp_path):
     assert torch.equal(conditioner.conditioning(batch).embeds, batch["prompt_embeds"])
     torch.manual_seed(0)
     add_lora(pipe.unet, lora_config(4, 8, TARGETS))
-    from components.trainer import train_lcd_lora
+    from components.distill.trainer import train_lcd_lora
 
     result = train_lcd_lora(pipe.unet, conditioner, batches, SETTINGS_SD15,
                             schedule_from_scheduler_config(dict(pipe.scheduler.config)),

@@ -9,7 +9,7 @@ import pytest
 from components.config import CurateConfig
 from components.progress import Progress
 from components.stages.curate import CurateOutput, run_curate
-from components.storage import Storage
+from components.storage.storage import Storage
 from components.toy.source import write_toy_source
 
 

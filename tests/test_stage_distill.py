@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.base_model import resolve_base
 from components.config import ConfigError, Params, load_params
-from components.content_hash import file_sha256
-from components.lcd import schedule_from_scheduler_config
+from components.distill.lcd import schedule_from_scheduler_config
+from components.models.base_model import resolve_base
 from components.stages.distill import dry_run, guidance_bounds, run_distill
-from components.storage import Storage
+from components.storage.content_hash import file_sha256
+from components.storage.storage import Storage
 from tests.test_trainer import memory_batches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,8 +76,8 @@ def test_sdxl_family_step_and_artifact_loads(tmp_path):
     """run_distill on the tiny SDXL-family base (components/toy/sdxl.py): one step, contract-4 folder, LoRA loads."""
     from diffusers import StableDiffusionXLPipeline
 
-    from components.lora_formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
-    from components.model_card import check_model_card
+    from components.lora.formats import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+    from components.lora.model_card import check_model_card
     from components.toy.sdxl import build_tiny_sdxl_pipeline
 
     base_dir = tmp_path / "tiny-sdxl"
@@ -141,8 +141,8 @@ def lcm_samples(pipe, n_per_digit: int, steps: int = 4) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def eval_lcd_loss(pipe, params, latents: torch.Tensor, captions: list[str]) -> float:
     """Mean LCD loss (Algorithm 1) over `latents` with draws from a fixed seed: the same for every LoRA."""
-    from components.conditioning import Conditioning, TextConditioner
-    from components.lcd import ddim_solver_timesteps, lcd_loss
+    from components.distill.lcd import ddim_solver_timesteps, lcd_loss
+    from components.models.conditioning import Conditioning, TextConditioner
     from components.stages.distill import lcd_settings
 
     settings = lcd_settings(params.distill, "toy", params.base("toy"), "sd15", dict(pipe.scheduler.config),
@@ -165,8 +165,8 @@ def test_toy_distillation_lowers_loss_and_improves_4_step_sampling(tmp_path):
         pytest.fail(f"{TOY_BASE}: the toy base is missing; build it with `lcmlora toy base`")
     from sklearn.datasets import load_digits
 
-    from components.base_model import load_base
-    from components.frechet import frechet_distance_of_features
+    from components.evaluate.frechet import frechet_distance_of_features
+    from components.models.base_model import load_base
     from components.toy.classifier import load_digit_classifier, render_set
     from components.toy.render import caption_for
 

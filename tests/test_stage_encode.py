@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 from components.config import EncodeConfig, parse_params
-from components.shards import read_index
+from components.data.shards import read_index
 from components.stages.encode import run_encode
-from components.storage import Storage
+from components.storage.storage import Storage
 from tests.test_encode import RES, tiny_vae, world  # noqa: F401 - the module fixture
 
 
 def test_run_encode_uses_the_configured_dtype_and_the_base_fingerprint(world, tmp_path):  # noqa: F811
     import shutil
 
-    from components.base_model import load_vae
+    from components.models.base_model import load_vae
 
     root = tmp_path / "root"
     shutil.copytree(world["storage"].url("curated"), root / "curated")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
-from components.judges import Judges
+from components.evaluate.judges import Judges
 from components.stages.evaluate import EvaluateOutput, copy_for_evaluation, run_evaluate
 from tests.tiny_pipeline import (
     random_lora_folder,

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from components.config import parse_params
-from components.folder_sync import push_folder, work_dir
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.lora.formats import LORA_WEIGHT_NAME
 from components.stages.inputs import (
     curate_rel,
     curated_manifest,
@@ -36,7 +35,8 @@ from components.stages.keys import (
     merge_key,
     output_rel,
 )
-from components.storage import Storage
+from components.storage.folder_sync import push_folder, work_dir
+from components.storage.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = {"unet": "u" * 64, "vae": "v" * 64, "text_encoder": "t" * 64}  # fingerprints as fingerprint_base returns them

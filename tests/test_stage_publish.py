@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from components.config import PublishConfig
-from components.registry import Registry
+from components.registry.registry import Registry
 from components.stages.publish import pull_command, registry_name, run_publish
-from components.storage import Storage
+from components.storage.storage import Storage
 from tests.test_registry import make_lora_folder
 
 

@@ -1,4 +1,4 @@
-"""components/storage.py on local disk and on a real SeaweedFS (tests/conftest.py `s3_server`)."""
+"""components/storage/storage.py on local disk and on a real SeaweedFS (tests/conftest.py `s3_server`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components.storage import (
+from components.storage.storage import (
     AlreadyExists,
     NotFound,
     PreconditionFailed,
@@ -111,8 +111,8 @@ def test_write_read_ls_exists_delete(root: str) -> None:
 def test_put_get_file_with_digest(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from components import storage as storage_module
-    from components import storage_s3
+    from components.storage import storage as storage_module
+    from components.storage import s3 as storage_s3
 
     # Small parts and window: the S3 download runs 4 ranged GETs, written out of order.
     monkeypatch.setattr(storage_module, "PART_SIZE", 1024 * 1024)

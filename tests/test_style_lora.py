@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components import lora_io
+from components.lora import io as lora_io
 from components.toy.style_lora import STYLE_ADAPTER, StyleTraining, toy_style_set, train_style_lora
 from tests.tiny_merge_pipelines import tiny_sd15
 

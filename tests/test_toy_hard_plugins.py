@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from components.config import ConfigError, EvaluateConfig, load_params
-from components.evaluation import load_prompts
+from components.evaluate.evaluation import load_prompts
 from components.plugins import load_plugin
 from components.toy.hard.plugins import (
     HARD_PROMPTS,

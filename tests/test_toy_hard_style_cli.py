@@ -13,8 +13,8 @@ one_thread = pytest.fixture(single_thread)
 
 
 def test_style_then_style_lora_hard_write_a_loadable_lora(tmp_path, one_thread):
-    from components import lora_io
-    from components.base_model import load_base
+    from components.lora import io as lora_io
+    from components.models.base_model import load_base
 
     base = tmp_path / "base"
     built = _cli(["toy", "base", "--hard", *tiny(tmp_path), "--set", f"toy.hard.base_dir={base}"])

@@ -1,4 +1,4 @@
-"""The LCD-LoRA training loop (components/trainer.py): resume equality, NaN stop, bf16, DDP, progress."""
+"""The LCD-LoRA training loop (components/distill/trainer.py): resume equality, NaN stop, bf16, DDP, progress."""
 
 from __future__ import annotations
 
@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.conditioning import TextConditioner
 from components.config import DistillConfig
-from components.lcd import LCDSettings, schedule_from_scheduler_config
-from components.lora import add_lora, lora_config
-from components.progress import Progress
-from components.trainer import (
+from components.distill.lcd import LCDSettings, schedule_from_scheduler_config
+from components.distill.trainer import (
     NonFiniteLoss,
     TrainOptions,
     latest_checkpoint,
@@ -24,6 +21,9 @@ from components.trainer import (
     loss_curve_rows,
     train_lcd_lora,
 )
+from components.lora.adapter import add_lora, lora_config
+from components.models.conditioning import TextConditioner
+from components.progress import Progress
 from tests.tiny_models import tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

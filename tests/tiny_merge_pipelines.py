@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from components import lora_io
-from components.judges import Judges
-from components.lora_formats import LORA_WEIGHT_NAME
+from components.evaluate.judges import Judges
+from components.lora import io as lora_io
+from components.lora.formats import LORA_WEIGHT_NAME
 
 MAX_TOKENS = 32  # prompt length in tokens (one per character)
 VOCAB = 514  # 256 byte symbols, the same at word ends (</w>), <|startoftext|>, <|endoftext|>

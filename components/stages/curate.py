@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import CurateConfig, Params, StorageConfig
-from components.curate import curate
+from components.data.curate import curate
 from components.progress import ProgressFn
-from components.storage import Storage
+from components.storage.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def curate_for_base(params: Params, base_name: str, output: str | None = None,
     (a folder or s3:// URL) replaces that folder and always curates. Returns the output and
     the storage it was written to.
     """
-    from components.base_model import resolve_base
+    from components.models.base_model import resolve_base
     from components.stages.inputs import curate_rel
 
     _, base = resolve_base(params, base_name)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from components.config import BaseConfig, ConfigError, DistillConfig, Params
-from components.lcd import LCDSettings
+from components.distill.lcd import LCDSettings
 from components.progress import ProgressFn
 from components.stages.inputs import stored_sha256
 from components.stages.keys import RESUMABLE
-from components.storage import Storage
+from components.storage.storage import Storage
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "arch"
 
@@ -56,7 +56,7 @@ def lcd_settings(cfg: DistillConfig, base_name: str, base: BaseConfig, family: s
 
 def unet_config_for(base: BaseConfig) -> tuple[dict[str, Any], str]:
     """The base's UNet config and where it came from (its folder, or data/arch/FAMILY for a single file)."""
-    from components.base_model import check_reference
+    from components.models.base_model import check_reference
 
     check_reference(base.reference)
     ref = Path(base.reference)
@@ -80,7 +80,7 @@ def unet_config_for(base: BaseConfig) -> tuple[dict[str, Any], str]:
 
 def dry_run(cfg: DistillConfig, *, base_name: str, base: BaseConfig) -> dict[str, Any]:
     """The resolved run plus `lora_trainable_params` from the meta-device UNet (no weights)."""
-    from components.lora import count_lora_parameters
+    from components.lora.adapter import count_lora_parameters
 
     config, source = unet_config_for(base)
     n = count_lora_parameters(config, cfg.lora_rank, cfg.lora_alpha, cfg.target_modules)
@@ -134,18 +134,23 @@ def run_distill(
     import torch
 
     from components import lineage as lin
-    from components.base_model import load_base
-    from components.conditioning import TextConditioner
-    from components.content_hash import file_sha256
-    from components.distill_artifact import (
+    from components.distill.artifact import (
         check_distill_output,
         distill_metrics,
         write_distill_artifact,
     )
-    from components.lcd import schedule_from_scheduler_config
-    from components.lora import add_lora, lora_config, trainable_parameters
-    from components.lora_formats import LORA_WEIGHT_NAME
-    from components.trainer import CHECKPOINT_DIR, TrainOptions, loss_curve_rows, train_lcd_lora
+    from components.distill.lcd import schedule_from_scheduler_config
+    from components.distill.trainer import (
+        CHECKPOINT_DIR,
+        TrainOptions,
+        loss_curve_rows,
+        train_lcd_lora,
+    )
+    from components.lora.adapter import add_lora, lora_config, trainable_parameters
+    from components.lora.formats import LORA_WEIGHT_NAME
+    from components.models.base_model import load_base
+    from components.models.conditioning import TextConditioner
+    from components.storage.content_hash import file_sha256
 
     started_at = lin.utc_now()
     # 1. Base: weights, family, fingerprints; LoRA on its UNet.
@@ -160,8 +165,8 @@ def run_distill(
 
     # 2. Data: the latent shards encoded for this base's VAE (or the given batches).
     if batches is None:
-        from components.latent_loader import make_loader
-        from components.shards import read_index
+        from components.data.latent_loader import make_loader
+        from components.data.shards import read_index
 
         index_rel = latents_index or cfg.latents_index
         if not index_rel:
@@ -246,7 +251,7 @@ def prepare_run_folder(cfg: DistillConfig, base_name: str, base: BaseConfig, fol
     settings are refused, naming the keys that differ. `restart` removes the checkpoints and
     starts at step 0. Only rank 0 (env RANK) changes the folder.
     """
-    from components.trainer import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints
+    from components.distill.trainer import CHECKPOINT_DIR, latest_checkpoint, list_checkpoints
 
     folder = Path(folder)
     checkpoints, record = folder / CHECKPOINT_DIR, folder / CHECKPOINT_DIR / RESUME_RECORD
@@ -289,8 +294,8 @@ class DistillRun:
 def run_for_base(params: Params, storage: Storage, base_name: str, base: BaseConfig,
                  output: Path | None = None) -> DistillRun:
     """The run folder of a base: `output`, else the keyed folder the flows use (stages/distill/BASE/KEY)."""
-    from components.folder_sync import is_complete, work_dir
     from components.stages.inputs import base_fingerprints, distill_rel, encoded_index
+    from components.storage.folder_sync import is_complete, work_dir
 
     if output is not None:
         return DistillRun(Path(output), None, encoded_index(params, storage, base_name), False)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.config import BaseConfig, EncodeConfig, Params
-from components.encode import DTYPES, encode_dataset
+from components.data.encode import DTYPES, encode_dataset
+from components.data.shards import index_path, latent_dir
+from components.data.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
 from components.progress import Progress, ProgressFn
-from components.shards import index_path, latent_dir
 from components.stages.inputs import stored_sha256
-from components.storage import AlreadyExists, Storage
-from components.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.storage.storage import AlreadyExists, Storage
 
 CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
 CLAIM_STALE_S = 600.0  # a claim not refreshed for this long belongs to a dead process
@@ -58,7 +58,7 @@ class EncodeOutput:
 
 def _models(cfg: EncodeConfig, base: BaseConfig, fingerprints: dict[str, str] | None):
     """VAE, its fingerprint, the text embedder and its fingerprint (None without text embeddings)."""
-    from components.base_model import load_base, load_vae
+    from components.models.base_model import load_base, load_vae
 
     dtype = DTYPES[cfg.dtype]
     if cfg.text_embeddings:
@@ -171,7 +171,7 @@ def encode_for_base(params: Params, base_name: str, *, manifest_rel: str | None 
     `manifest_rel` (relative to storage.root) defaults to the manifest the curate stage keyed for
     this source, curate section and base resolution (`stages/curate/KEY/manifest.parquet`).
     """
-    from components.base_model import check_reference, resolve_base
+    from components.models.base_model import check_reference, resolve_base
     from components.stages.curate import source_storage
     from components.stages.inputs import curated_manifest
 

@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
-from components.evaluation import EVALUATED_LORA, evaluate_lora, load_prompts, write_evaluation
-from components.folder_sync import COMPLETE
-from components.judges import Judges, load_judges
-from components.lora_io import lora_file
+from components.evaluate.evaluation import (
+    EVALUATED_LORA,
+    evaluate_lora,
+    load_prompts,
+    write_evaluation,
+)
+from components.evaluate.judges import Judges, load_judges
+from components.lora.io import lora_file
 from components.paths import project_path
 from components.progress import ProgressFn
+from components.storage.folder_sync import COMPLETE
 
 NOT_EVALUATED = [COMPLETE, "checkpoints", "params.launch.yaml", "launch.log"]  # left out of that copy
 
@@ -56,7 +61,7 @@ def prompts_for(cfg: EvaluateConfig, judges: Judges, base_name: str, base: BaseC
 def run_evaluate(cfg: EvaluateConfig, *, base_name: str, base: BaseConfig, lora_folder: Path, output: Path,
                  judges: Judges | None = None, progress: ProgressFn | None = None) -> EvaluateOutput:
     """Evaluate the LoRA in `lora_folder` on `base`; judges default to the base's provider."""
-    from components.base_model import load_base
+    from components.models.base_model import load_base
 
     lora_folder = Path(lora_folder)
     if not lora_folder.is_dir():

@@ -17,12 +17,12 @@ import json
 from pathlib import Path
 
 from components.config import BaseConfig, Params
-from components.content_hash import file_sha256, tree_digest
-from components.folder_sync import is_complete
-from components.lora_io import lora_file
+from components.lora.io import lora_file
 from components.stages.curate import manifest_rel, source_storage
 from components.stages.keys import curate_key, distill_key, evaluate_key, merge_key, output_rel
-from components.storage import Storage
+from components.storage.content_hash import file_sha256, tree_digest
+from components.storage.folder_sync import is_complete
+from components.storage.storage import Storage
 
 
 class MissingInput(FileNotFoundError):
@@ -39,7 +39,7 @@ def source_digest(params: Params) -> str:
 
 def base_fingerprints(base: BaseConfig) -> dict[str, str]:
     """Fingerprints of the base's UNet, VAE and text encoder(s) (contract 1); loads the base once."""
-    from components.base_model import load_base
+    from components.models.base_model import load_base
 
     return dict(load_base(base.reference, base.family).fingerprints)
 

@@ -15,10 +15,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from components.config import BaseConfig, Params
-from components.content_hash import canonical_digest, file_sha256
-from components.shards import index_path, latent_dir
-from components.storage import Storage
-from components.text_embeddings import text_encoder_fingerprint
+from components.data.shards import index_path, latent_dir
+from components.data.text_embeddings import text_encoder_fingerprint
+from components.storage.content_hash import canonical_digest, file_sha256
+from components.storage.storage import Storage
 
 KEY_VERSION = 2  # bump to invalidate every cached stage (e.g. when an output layout changes)
 STAGE_OUTPUTS = "stages"  # the keyed stage outputs below storage.root

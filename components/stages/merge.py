@@ -2,7 +2,7 @@
 
 theta' = theta_pre + l1 * tau_style + l2 * tau_LCM (LCM-LoRA report, Section 3.2, eq. 4),
 over the `merge.weights` grid. The runner loads the base twice (one copy carries adapters, the
-other fused deltas), evaluates every variant (`components/merge_eval.py`), completes each
+other fused deltas), evaluates every variant (`components/evaluate/merge_eval.py`), completes each
 `merged-L1_L2` folder as a contract-4 LoRA folder and writes the report. The CLI, the Prefect
 task and the toy reproduction call `run_merge` and nothing else.
 
@@ -18,14 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.atomic_dir import atomic_dir
 from components.config import RESOLVED_CONFIG_NAME, BaseConfig, EvaluateConfig, MergeConfig
-from components.content_hash import file_sha256
+from components.evaluate.merge_eval import (
+    MergeResult,
+    evaluate_merge,
+    markdown_table,
+    write_merge_report,
+)
 from components.lineage import collect, portable_yaml, utc_now, write_lineage
-from components.lora_io import lora_file
-from components.merge_eval import MergeResult, evaluate_merge, markdown_table, write_merge_report
-from components.model_card import render_model_card
+from components.lora.io import lora_file
+from components.lora.model_card import render_model_card
 from components.progress import ProgressFn
+from components.storage.atomic_dir import atomic_dir
+from components.storage.content_hash import file_sha256
 
 # What a previous merge left in its output folder; a folder holding anything else is never replaced.
 OWNS = ("merged-*", "fused-*", "svd*-*", "*.md", "*.json", "*.png", "*.html", "*.csv")
@@ -61,11 +66,11 @@ def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str,
               resolved_yaml: str, params_digest: str, progress: ProgressFn | None = None) -> MergeOutput:
     """Evaluate every merge variant over the grid, complete the merged folders, write the report.
 
-    `judges` (components/judges.py) gives the FD backbone, adherence scorer and optional style
+    `judges` (components/evaluate/judges.py) gives the FD backbone, adherence scorer and optional style
     scorer; `evaluate_cfg.device` is where sampling and metrics run. `resolved_yaml` and
     `params_digest` are the resolved params, recorded in every merged folder.
     """
-    from components.base_model import load_base
+    from components.models.base_model import load_base
     from components.paths import project_path
 
     t0 = time.perf_counter()
@@ -79,7 +84,7 @@ def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str,
     base_meta = {"name": base_name, "family": base.family, "resolution": base.resolution,
                  "reference": base.reference, "fingerprint": loaded.fingerprint}
     # 2. Every variant over the grid, sampled and measured, written into a staging folder that
-    #    becomes `output` when everything is there (`components/atomic_dir.py`).
+    #    becomes `output` when everything is there (`components/storage/atomic_dir.py`).
     output = Path(output)
     with atomic_dir(output, owns=OWNS) as staging:
         result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), base.family, style_path, lcm_path,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import PublishConfig, RegistryConfig
-from components.registry import Registry
+from components.registry.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ and the hard toy's bases (`toy base --hard [--sdxl]`, settings under params' `to
 
 The toy world's command line, mounted by `flows/cli.py` through the entry-point group
 `lcmlora.cli` (pyproject.toml: `toy`, `reproduce`), so no production module imports the toy
-package; it shares DESIGN.md's CLI conventions through components/cli_conventions.py
+package; it shares DESIGN.md's CLI conventions through components/cli/conventions.py
 (tests/test_import_graph.py checks both directions).
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import click
 import typer
 
-from components.cli_conventions import (
+from components.cli.conventions import (
     DryRunOpt,
     OutputOpt,
     ParamsOpt,
@@ -25,8 +25,8 @@ from components.cli_conventions import (
     print_config,
     resolve,
 )
+from components.cli.progress_view import ProgressView
 from components.config import Params
-from components.progress_view import ProgressView
 from components.toy.config import toy_config
 
 toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)

@@ -16,10 +16,10 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from components.adherence import AdherenceMetric
 from components.config import EvaluateConfig
-from components.frechet import FeatureBackbone
-from components.judges import Judges, load_reference_images
+from components.evaluate.adherence import AdherenceMetric
+from components.evaluate.frechet import FeatureBackbone
+from components.evaluate.judges import Judges, load_reference_images
 from components.toy.render import DIGIT_WORDS
 
 TOY_PROMPTS = "data/prompts/toy.txt"  # the toy judges' prompt file when evaluate.prompts is unset

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.gate import GateResult, Rule, check_rules
+from components.evaluate.gate import GateResult, Rule, check_rules
 from components.paths import project_path
 from components.progress import Progress, ProgressFn, no_progress
-from components.storage import Storage
+from components.storage.storage import Storage
 from components.toy.config import toy_config
 from components.toy.folder_settings import stale_settings
 from components.toy.source import write_toy_source

@@ -127,11 +127,12 @@ def run_toy_style_lora(params, output=None, progress: ProgressFn | None = None) 
     import time
     from pathlib import Path
 
-    from components import lora_io, merge
-    from components.base_model import load_base, resolve_base
     from components.config import RESOLVED_CONFIG_NAME
+    from components.evaluate.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.lora import io as lora_io
+    from components.lora import merge
+    from components.models.base_model import load_base, resolve_base
     from components.paths import project_path
-    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
     from components.toy.config import toy_config
     from components.toy.style_metric import toy_style_metric
 

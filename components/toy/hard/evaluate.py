@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from components.frechet import frechet_distance_of_features
+from components.evaluate.frechet import frechet_distance_of_features
+from components.evaluate.sampler_matrix import Method, make_scheduler
 from components.progress import Progress, ProgressFn
-from components.sampler_matrix import Method, make_scheduler
 from components.toy.classifier import digit_split
 from components.toy.hard.base import (
     assemble_hard_pipeline,
@@ -33,7 +33,7 @@ from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scene
 from components.toy.hard.judges import HardJudges, adherence, load_judges, swapped_sides
 from components.toy.hard.style_metric import style_through_vae
 
-SAMPLERS = {"ddim": "ddim", "dpm++": "dpmpp"}  # table label -> sampler of components/sampler_matrix.py
+SAMPLERS = {"ddim": "ddim", "dpm++": "dpmpp"}  # table label -> sampler of components/evaluate/sampler_matrix.py
 
 
 def prompt_set(n: int, seed: int, layout: str = "narrow") -> SceneSet:

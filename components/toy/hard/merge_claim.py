@@ -3,7 +3,7 @@
 The LCM-LoRA report's Section 3.2 claim, as issue 12 states it for the hard toy: the 4-step merged
 variant at (l1 style, l2 LCM) = (0.8, 1.0) keeps >= 80% of the style strength of the style LoRA
 alone at 25 DPM-Solver++ steps, with adherence >= 0.8 x that reference's. The rows are the merge
-stage's (`components/merge_eval.py`): "style-alone dpmpp-25" (the reference) and
+stage's (`components/evaluate/merge_eval.py`): "style-alone dpmpp-25" (the reference) and
 "merged LoRA (0.8, 1)". One more check keeps the claim from passing vacuously: the reference
 itself shows the style (strength >= 0.5 on the plain 0 / styled 1 scale); a style LoRA that drew
 plain scenes would make any merged row "keep 80%" of nothing.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.gate import GateResult, Rule, check_rules
+from components.evaluate.gate import GateResult, Rule, check_rules
 
 CLAIM_WEIGHTS = (0.8, 1.0)  # (l1 style, l2 LCM)
 MIN_STYLE_RETENTION = 0.8  # merged style strength / the reference's

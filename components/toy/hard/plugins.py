@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.adherence import AdherenceMetric
 from components.config import EvaluateConfig, Params
-from components.evaluation import load_prompts
-from components.judges import Judges, load_reference_images
+from components.evaluate.adherence import AdherenceMetric
+from components.evaluate.evaluation import load_prompts
+from components.evaluate.judges import Judges, load_reference_images
 from components.paths import project_path
 from components.toy.hard.config import HardToyConfig, hard_toy_config
 from components.toy.hard.render import (

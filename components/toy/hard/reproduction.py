@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import Params
-from components.gate import GateResult, Rule
+from components.evaluate.gate import GateResult, Rule
 from components.toy.hard.config import HardToyConfig, hard_toy_config
 from components.toy.reproduction import ToyWorld
 
@@ -122,7 +122,7 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
     """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA if missing
     (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
     in `lcm_folder` on bases.toy-hard, into `output`; returns the merge metrics and the claim's checks."""
-    from components.evaluation import load_prompts
+    from components.evaluate.evaluation import load_prompts
     from components.paths import project_path
     from components.stages.merge import run_merge
     from components.toy.hard.merge_claim import CLAIM_WEIGHTS, check_merge_claim

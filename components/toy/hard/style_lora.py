@@ -24,8 +24,9 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
                         progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train the hard style LoRA on toy.hard.base_dir from the style set in toy.hard.style_dir (written
     first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
-    from components import lora_io, merge
-    from components.base_model import load_base
+    from components.lora import io as lora_io
+    from components.lora import merge
+    from components.models.base_model import load_base
     from components.paths import project_path
     from components.toy.hard.config import hard_toy_config
     from components.toy.hard.render import HARD_SIZE
@@ -74,8 +75,8 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
 def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float) -> dict[str, float]:
     """Hard style strength and adherence of `images` samples (the hard prompts in turn, seeds 0..) with
     the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
-    from components.evaluation import load_prompts
-    from components.sampler_matrix import Method, initial_noise, latent_shape, run_method
+    from components.evaluate.evaluation import load_prompts
+    from components.evaluate.sampler_matrix import Method, initial_noise, latent_shape, run_method
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.render import HARD_SIZE
 
@@ -107,8 +108,8 @@ def rescore_hard_style_lora(params: Params, folder: str | Path | None = None) ->
     fingerprint and `scored_at` (training figures kept). Returns the metrics."""
     from datetime import UTC, datetime
 
-    from components import lora_io
-    from components.base_model import load_base
+    from components.lora import io as lora_io
+    from components.models.base_model import load_base
     from components.paths import project_path
     from components.toy.hard.config import hard_toy_config
     from components.toy.style_lora import STYLE_ADAPTER
