@@ -111,8 +111,8 @@ def test_write_read_ls_exists_delete(root: str) -> None:
 def test_put_get_file_with_digest(root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import hashlib
 
-    from components.storage import storage as storage_module
     from components.storage import s3 as storage_s3
+    from components.storage import storage as storage_module
 
     # Small parts and window: the S3 download runs 4 ranged GETs, written out of order.
     monkeypatch.setattr(storage_module, "PART_SIZE", 1024 * 1024)
