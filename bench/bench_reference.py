@@ -382,7 +382,7 @@ def child_ours(spec: dict) -> None:
     import torch
 
     from components.config import load_params
-    from components.models.base_model import resolve_base
+    from components.models.base_model import fingerprint_base, resolve_base
     from components.stages.distill import run_distill
     from components.stages.inputs import encoded_index
     from components.storage.storage import Storage
@@ -413,7 +413,7 @@ def child_ours(spec: dict) -> None:
     storage = Storage.from_config(cfg.storage)
     # the shard index the encode pointer names (as the CLI's distill finds it); none for synthetic batches
     index = None if batches else encoded_index(cfg, storage, base_name)
-    run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=storage,
+    run_distill(cfg.distill, base=fingerprint_base(base_name, base_cfg, keep_loaded=True), storage=storage,
                 latents_index=index, output=Path(spec["output"]), resolved_yaml=cfg.to_yaml(),
                 params_digest=cfg.digest(), progress=progress,
                 batches=batches, latents_info={"synthetic": True} if batches else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -53,14 +53,20 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
     Writes to storage.root/stages/curate/KEY (the folder the flows use; reused when already there)
     unless --output names a folder."""
     cfg = resolve(params, set_)
-    base = pick_base(cfg, base)
+    name = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
-    from components.stages.curate import curate_for_base
+    from components.models.base_model import resolve_base
+    from components.stages.curate import curate_stage
+    from components.stages.inputs import source_storage
+    from components.storage.storage import Storage
 
+    _, base_cfg = resolve_base(cfg, name)  # its resolution only: curation loads no model
+    storage = source_storage(str(output), cfg.storage) if output else Storage.from_config(cfg.storage)
     with ProgressView(console) as view:
-        result, storage = curate_for_base(cfg, base, str(output) if output else None, view)
+        result = curate_stage(cfg, storage, min_side=base_cfg.resolution, output="" if output else None,
+                              progress=view)
     where = storage.url(result.folder)
     if result.reused:
         typer.echo(f"curate: unchanged source and curate section: reused {result.kept} of {result.rows_in} rows "
@@ -81,33 +87,43 @@ def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
            base: BaseOpt = None, manifest: ManifestOpt = None) -> None:
     """VAE-encode the curated manifest into latent webdataset shards (runs under `accelerate launch`)."""
     cfg = resolve(params, set_)
-    base = pick_base(cfg, base)
+    name = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
-    import os
+    from components.models.base_model import resolved_base
+    from components.stages.encode import encode_stage
+    from components.storage.storage import Storage
 
-    from components.stages.encode import encode_for_base
-
-    rank, world, barrier = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under accelerate launch / torchrun
-        from accelerate import PartialState
-
-        state = PartialState(cpu=cfg.encode.device == "cpu")
-        rank, world, barrier = state.process_index, state.num_processes, state.wait_for_everyone
+    rank, world, barrier = launched_rank(cfg.encode.device)
+    resolved = resolved_base(cfg, name, vae_only=not cfg.encode.text_embeddings)  # encoding needs no UNet
     with ProgressView(console, live=None if rank == 0 else False) as view:
-        result = encode_for_base(cfg, base, manifest_rel=manifest, rank=rank, world_size=world, barrier=barrier,
-                                 progress=view if rank == 0 else None)
+        result = encode_stage(cfg, resolved, Storage.from_config(cfg.storage), manifest=manifest, rank=rank,
+                              world_size=world, barrier=barrier, progress=view if rank == 0 else None)
     if rank == 0:
         what = "reused" if result.reused else f"encoded {result.encoded_shards} new shard(s) of {result.shards}"
-        typer.echo(f"encode --base {base}: {result.samples} samples, {what}, "
+        typer.echo(f"encode --base {name}: {result.samples} samples, {what}, "
                    f"{result.rejected} rejected -> {cfg.storage.root}/{result.index} (pointer {result.pointer})")
+
+
+def launched_rank(device: str) -> tuple[int, int, Any]:
+    """(rank, world size, barrier) under `accelerate launch` / torchrun, else (0, 1, None)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 @app.command()
 def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
             base: BaseOpt = None, output: OutputOpt = None,
             max_steps: Annotated[int | None, typer.Option("--max-steps", help="optimizer steps (distill.max_steps)")] = None,
+            latents: Annotated[str | None, typer.Option("--latents", help="shard index.json, relative to storage.root "
+                                                        "(default: the one the base's encode pointer names)")] = None,
             restart: Annotated[bool, typer.Option("--restart", help="start at step 0: remove the run folder's "
                                                   "checkpoints (by default a rerun resumes from the latest)")] = False,
             resume: Annotated[str | None, typer.Option("--resume", help="a checkpoint folder to resume from "
@@ -118,55 +134,48 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     Trains into storage.root/stages/distill/BASE/KEY (the folder the flows use) unless --output
     names a folder, on the shards the base's encode pointer names. A rerun after a crash resumes
     from the run folder's latest checkpoint; --restart starts over."""
-    import json
-
     cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
-    base = pick_base(cfg, base)
-    from components.models.base_model import resolve_base
-
-    base_name, base_cfg = resolve_base(cfg, base)
+    name = pick_base(cfg, base)
     if dry_run:
-        from components.stages.distill import dry_run as distill_dry_run
-
-        summary = distill_dry_run(cfg.distill, base_name=base_name, base=base_cfg)
-        if as_json:
-            typer.echo(json.dumps({"config": json.loads(cfg.to_json()), **summary}, indent=2))
-        else:
-            print_config(cfg)
-            typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
-            typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
+        print_distill_plan(cfg, name, as_json)
         return
     if restart and resume:
         raise click.UsageError("--restart starts over; --resume continues: pass one of them")
-    import os
-
-    from components.stages.distill import prepare_run_folder, run_distill, run_for_base
-    from components.storage.folder_sync import COMPLETE, push_folder
+    from components.models.base_model import resolved_base
+    from components.stages.distill import distill_stage
     from components.storage.storage import Storage
 
     storage = Storage.from_config(cfg.storage)
-    run = run_for_base(cfg, storage, base_name, base_cfg, output)
-    if run.complete and not restart and resume is None:
-        typer.echo(f"distill --base {base_name}: unchanged: the LoRA of this config is at {storage.url(run.rel)} "
-                   "(--restart trains it again)")
-        return
-    if run.rel and restart:
-        storage.delete(f"{run.rel}/{COMPLETE}")  # no longer the finished run until this one is stored
-    if resume is None:
-        resume, note = prepare_run_folder(cfg.distill, base_name, base_cfg, run.folder, restart=restart)
-        if note and int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(note)
     with ProgressView(console) as view:
-        outcome = run_distill(cfg.distill, base_name=base_name, base=base_cfg, storage=storage,
-                              latents_index=run.index, output=run.folder, resolved_yaml=cfg.to_yaml(),
-                              params_digest=cfg.digest(), resume=resume, progress=view)
-    if outcome.result.is_main_process:
-        if run.rel:
-            push_folder(storage, run.folder, run.rel)
-        m = outcome.metrics
-        typer.echo(f"distilled {outcome.result.steps} steps in {outcome.result.seconds:.0f}s, final loss "
-                   f"{m['final_loss_mean20']:.4g}; LoRA ({outcome.lora_trainable_params:,} params) in "
-                   f"{storage.url(run.rel) if run.rel else outcome.folder}")
+        out = distill_stage(cfg, resolved_base(cfg, name), storage, index=latents, output=output, restart=restart,
+                            resume=resume, progress=view)
+    if out.reused:
+        typer.echo(f"distill --base {name}: unchanged: the LoRA of this config is at {storage.url(out.rel)} "
+                   "(--restart trains it again)")
+    elif out.main_process:
+        if out.note:
+            typer.echo(out.note)
+        m = out.metrics
+        typer.echo(f"distilled {m['steps']} steps in {m['seconds']:.0f}s, final loss "
+                   f"{m['final_loss_mean20']:.4g}; LoRA ({m['lora_trainable_params']:,} params) in "
+                   f"{storage.url(out.rel) if out.rel else out.folder}")
+
+
+def print_distill_plan(cfg: Any, name: str, as_json: bool) -> None:
+    """`distill --dry-run`: the resolved config and the LoRA's size on the meta-device UNet (no weights)."""
+    import json
+
+    from components.models.base_model import resolve_base
+    from components.stages.distill import dry_run
+
+    base_name, base_cfg = resolve_base(cfg, name)
+    summary = dry_run(cfg.distill, base_name=base_name, base=base_cfg)
+    if as_json:
+        typer.echo(json.dumps({"config": json.loads(cfg.to_json()), **summary}, indent=2))
+        return
+    print_config(cfg)
+    typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
+    typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
 
 
 LoraOpt = Annotated[Path | None, typer.Option("--lora", help="LoRA artifact folder (default: the distill stage's "
@@ -181,42 +190,32 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     Judges a copy of the LoRA in OUTPUT/lora (the folder publish ships); OUTPUT defaults to
     storage.root/stages/evaluate/BASE/KEY, the folder the flows use."""
     cfg = resolve(params, set_)
-    base = pick_base(cfg, base)
+    name = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
-    from components.models.base_model import resolve_base
-    from components.stages.evaluate import copy_for_evaluation, run_evaluate
-    from components.stages.inputs import base_fingerprints, distilled_lora, evaluation_rel
-    from components.storage.folder_sync import pull_folder, push_folder, work_dir
+    from components.models.base_model import resolved_base
+    from components.stages.evaluate import evaluate_stage
     from components.storage.storage import Storage
 
-    name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)
-    fingerprints = base_fingerprints(base_cfg) if lora is None or output is None else {}
-    lora_dir = lora or pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
-    rel = None if output else evaluation_rel(cfg, name, base_cfg, fingerprints, lora_dir)
-    out_dir = Path(output) if output else work_dir(storage, rel)
-    judged = copy_for_evaluation(Path(lora_dir), out_dir)
     with ProgressView(console) as view:
-        out = run_evaluate(cfg.evaluate, base_name=name, base=base_cfg, lora_folder=judged, output=out_dir,
-                           progress=view)
-    if rel:
-        push_folder(storage, out_dir, rel)
-    echo_evaluation(out.doc)
-    typer.echo(f"report: {out.paths['report.html']}  metrics: {out.paths['metrics.json']}  "
-               f"evaluated LoRA: {storage.url(rel) + '/lora' if rel else judged}")
-    if not out.passed:
-        raise click.ClickException(f"evaluation gate failed with {len(out.violations)} violation(s): "
-                                   + "; ".join(out.violations))
+        out = evaluate_stage(cfg, resolved_base(cfg, name), storage, lora=lora, output=output, progress=view)
+    evaluation = out.evaluation
+    echo_evaluation(evaluation.doc)
+    typer.echo(f"report: {evaluation.paths['report.html']}  metrics: {evaluation.paths['metrics.json']}  "
+               f"evaluated LoRA: {storage.url(out.rel) + '/lora' if out.rel else out.lora_folder}")
+    if not evaluation.passed:
+        raise click.ClickException(f"evaluation gate failed with {len(evaluation.violations)} violation(s): "
+                                   + "; ".join(evaluation.violations))
 
 
 @app.command()
 def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
           base: BaseOpt = None, output: OutputOpt = None,
-          lcm: Annotated[str | None, typer.Option("--lcm", help="LCM-LoRA folder (default: the distill stage's for "
-                                                  "these params, stages/distill/BASE/KEY)")] = None,
-          style: Annotated[str | None, typer.Option("--style", help="style LoRA .safetensors (default merge.style_file)")] = None,
+          lcm: Annotated[Path | None, typer.Option("--lcm", help="LCM-LoRA folder (default: the distill stage's for "
+                                                   "these params, stages/distill/BASE/KEY)")] = None,
+          style: Annotated[Path | None, typer.Option("--style", help="style LoRA .safetensors (default merge.style_file)")] = None,
           weights: Annotated[str | None, typer.Option("--weights", help="one l1,l2 pair instead of the merge.weights grid")] = None) -> None:
     """Combine the LCM-LoRA with style LoRAs (theta_pre + l1 tau_style + l2 tau_LCM).
 
@@ -229,38 +228,22 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
             raise click.BadParameter(f"--weights {weights!r}: expected two numbers l1,l2 (e.g. 0.8,1.0)") from None
         extra.append(f"merge.weights=[[{l1}, {l2}]]")
     cfg = resolve(params, set_, extra)
-    base = pick_base(cfg, base)
+    name = pick_base(cfg, base)
     if dry_run:
         print_config(cfg)
         return
-    from components.evaluate.judges import load_judges
     from components.evaluate.merge_eval import markdown_table
-    from components.models.base_model import resolve_base
-    from components.paths import project_path
-    from components.stages.evaluate import prompts_for
-    from components.stages.inputs import base_fingerprints, distilled_lora, merge_rel
-    from components.stages.merge import run_merge
-    from components.storage.folder_sync import pull_folder, push_folder, work_dir
+    from components.models.base_model import resolved_base
+    from components.stages.merge import merge_stage
     from components.storage.storage import Storage
 
-    name, base_cfg = resolve_base(cfg, base)
     storage = Storage.from_config(cfg.storage)
-    style_file = project_path(style or cfg.merge.style_file)
-    # Judges and prompts first: a missing backbone fails before any sampling.
-    judges = load_judges(cfg.evaluate, base_cfg, name)
-    prompts = prompts_for(cfg.evaluate, judges, name, base_cfg)
-    fingerprints = base_fingerprints(base_cfg) if lcm is None or output is None else {}
-    lcm_dir = Path(lcm) if lcm else pull_folder(storage, distilled_lora(cfg, storage, name, base_cfg, fingerprints))
-    rel = None if output else merge_rel(cfg, name, base_cfg, fingerprints, lcm_dir, style_file)
-    out_dir = Path(output) if output else work_dir(storage, rel)
     with ProgressView(console) as view:
-        result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base_cfg, lcm_folder=lcm_dir,
-                           style_file=style_file, output=out_dir, judges=judges, prompts=prompts,
-                           resolved_yaml=cfg.to_yaml(), params_digest=cfg.digest(), progress=view)
-    if rel:
-        push_folder(storage, out_dir, rel)
+        out = merge_stage(cfg, resolved_base(cfg, name), storage, lcm=lcm, style=style, output=output,
+                          progress=view)
+    result = out.merge
     typer.echo(markdown_table(result.doc["rows"]))
-    typer.echo(f"report: {result.paths['report.md']}  variants: {storage.url(rel) if rel else out_dir}")
+    typer.echo(f"report: {result.paths['report.md']}  variants: {storage.url(out.rel) if out.rel else result.output}")
     selection = result.selection
     if not selection["passed"]:
         raise click.ClickException(f"no (l1, l2) passes the merge rule: {'; '.join(selection['violations'])}")

@@ -15,11 +15,11 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, ConfigError, Params, load_params
-from components.models.base_model import resolve_base
+from components.models.base_model import ResolvedBase, resolve_base
 from components.preflight import preflight
 from components.run_summary import verdict
 from flows.pipeline import base_pipeline
-from tasks.curate import ensure_toy_source
+from tasks.curate import ensure_source
 from tasks.encode import fingerprint_base, fingerprint_vae
 from tasks.publish import register_base
 from tasks.runtime import set_torch_threads
@@ -40,16 +40,16 @@ def register_config(cfg: Params, reference: str, name: str | None = None,
     return base_name, base
 
 
-def inherit_from_parent(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-                        parents: dict[str, str]) -> tuple[BaseConfig, str | None]:
+def inherit_from_parent(cfg: Params, base: ResolvedBase, parents: dict[str, str]) -> tuple[ResolvedBase, str | None]:
     """Resolution and guidance of the params base that shares this base's VAE (its parent), if any."""
-    if base_name in cfg.bases:
+    if base.name in cfg.bases:
         return base, None
     for parent, vae_fp in parents.items():
-        if vae_fp == fingerprints["vae"]:
+        if vae_fp == base.fingerprints["vae"]:
             p = cfg.bases[parent]
-            return base.model_copy(update={"resolution": p.resolution, "guidance_scale": p.guidance_scale,
-                                           "prediction_type": p.prediction_type, "judges": p.judges}), parent
+            return base.with_config(base.config.model_copy(update={
+                "resolution": p.resolution, "guidance_scale": p.guidance_scale,
+                "prediction_type": p.prediction_type, "judges": p.judges})), parent
     return base, None
 
 
@@ -62,20 +62,19 @@ def new_base(reference: str, name: str | None = None, family: str | None = None,
     # 1. Name, family and fingerprints of the new base; its parent is the params base with its VAE.
     set_torch_threads(cfg.orchestrate.torch_threads)
     if cfg.orchestrate.toy_source_if_missing:
-        ensure_toy_source(cfg)
-    base_name, base = register_config(cfg, reference, name or None, family or None)
-    fingerprints = fingerprint_base(base)
+        ensure_source(cfg)
+    base_name, config = register_config(cfg, reference, name or None, family or None)
+    resolved = fingerprint_base(base_name, config)
     parents = {n: fingerprint_vae(b) for n, b in cfg.bases.items() if n != base_name}
-    base, parent = inherit_from_parent(cfg, base_name, base, fingerprints, parents)
+    resolved, parent = inherit_from_parent(cfg, resolved, parents)
     if parent:
         get_run_logger().info("%s: shares the VAE of %s (%s): its latent shards are reused",
-                              base_name, parent, fingerprints["vae"])
-    preflight(cfg, {base_name: base})  # every stage's inputs, with the judges inherited from the parent
-    record = register_base(cfg, base_name, base, fingerprints, parent)
-    cfg = cfg.model_copy(update={"bases": {**cfg.bases, base_name: base}})  # the stages look bases up by name
+                              base_name, parent, resolved.fingerprints["vae"])
+    preflight(cfg, {base_name: resolved.config})  # every stage's inputs, with the judges inherited from the parent
+    record = register_base(cfg, resolved, parent)
 
     # 2. The stages (curate and encode come from the cache when the VAE matches).
-    result = base_pipeline(cfg, base_name, base, fingerprints=fingerprints)
+    result = base_pipeline(cfg, base_name, resolved.config, resolved=resolved)
     summary = {"bases": {base_name: {"status": "completed", "registered": record, **result}}}
     summary["verdict"] = verdict(summary)
     return summary

@@ -30,7 +30,7 @@ from components.preflight import preflight
 from components.run_summary import summary_markdown, verdict
 from flows.pipeline import base_pipeline
 from tasks.caching import storage_retries
-from tasks.curate import ensure_toy_source
+from tasks.curate import ensure_source
 from tasks.dvc import dvc_push
 from tasks.fanout import base_deployment, fan_out
 from tasks.runtime import set_torch_threads
@@ -56,7 +56,7 @@ def nightly(params_file: str = "params.yaml", overrides: list[str] | None = None
     preflight(cfg)
     set_torch_threads(cfg.orchestrate.torch_threads)
     if cfg.orchestrate.toy_source_if_missing:
-        ensure_toy_source(cfg)
+        ensure_source(cfg)
 
     # 2. Each base independently: fanned out to the base deployment's pool, or in-process in order.
     deployment = base_deployment(cfg)

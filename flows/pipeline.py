@@ -14,6 +14,7 @@ from prefect import flow
 from prefect.logging import get_run_logger
 
 from components.config import BaseConfig, Params
+from components.models.base_model import ResolvedBase
 from components.run_summary import stage_row
 from components.storage.storage import Storage
 from flows.stages import (
@@ -30,10 +31,11 @@ from tasks.runtime import set_torch_threads
 
 
 @flow(name="base-pipeline", flow_run_name="base-{base_name}")
-def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
-                  fingerprints: dict[str, str] | None = None, report_rel: str | None = None) -> dict[str, Any]:
+def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: ResolvedBase | None = None,
+                  report_rel: str | None = None) -> dict[str, Any]:
     """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base.
 
+    `resolved`: the base already fingerprinted (the new-base flow), else it is here.
     `report_rel`: also write the returned summary there (storage root), for a nightly elsewhere.
     """
     logger = get_run_logger()
@@ -41,28 +43,29 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig,
     if report_rel:  # a deployment run in its own process: the nightly's thread setting
         set_torch_threads(cfg.orchestrate.torch_threads)
 
-    # 1. Fingerprints of the base's modules: they key every later stage.
-    fingerprints = fingerprints or fingerprint_base(base)
+    # 1. The base resolved: its modules' fingerprints key every later stage.
+    resolved = resolved or fingerprint_base(base_name, base)
+    fingerprints = resolved.fingerprints
 
     # 2. Data: curated manifest at this base's resolution, latent shards for its VAE.
     curated = curate_flow(cfg, min_side=base.resolution)
     stages.append(stage_row("curate", curated))
-    shards = encode_flow(cfg, base_name, base, curated, fingerprints)
+    shards = encode_flow(cfg, resolved, curated)
     stages.append(stage_row("encode", shards))
     if shards["reused"] and not shards["skipped"]:
         logger.info("%s: reused the latent shards of VAE %s", base_name, fingerprints["vae"])
 
     # 3. The LCM-LoRA, then its evaluation; a failed gate stops here: nothing merged or published.
-    lora = distill_flow(cfg, base_name, base, fingerprints, shards)
+    lora = distill_flow(cfg, resolved, shards)
     stages.append(stage_row("distill", lora))
-    evaluation = evaluate_flow(cfg, base_name, base, fingerprints, lora)
+    evaluation = evaluate_flow(cfg, resolved, lora)
     stages.append(stage_row("evaluate", evaluation))
     logger.info("%s: gate %s%s", base_name, "passed" if evaluation["passed"] else "FAILED",
                 "".join(f"\n  - {v}" for v in evaluation["violations"]))
     enforce_gate(base_name, evaluation)  # the one gate check: raises GateFailed listing every violation
 
     # 4. Style variants of the gated LoRA, then publish.
-    merged = merge_flow(cfg, base_name, base, fingerprints, lora)
+    merged = merge_flow(cfg, resolved, lora)
     stages.append(stage_row("merge", merged))
     published = publish_flow(cfg, base_name, lora, evaluation, merged)
     stages.append(stage_row("publish", published))

@@ -73,21 +73,27 @@ def registry_publish(folder: Path, name: str = typer.Option(..., "--name", help=
                      dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit"),
                      ) -> None:
     """Publish a LoRA folder as a new immutable version (identical content: the existing one)."""
-    if dry_run:
-        from components.config import load_params
+    from components.config import load_params
 
-        typer.echo(load_params(params, list(set_ or [])).to_yaml())
+    cfg = load_params(params, list(set_ or []))
+    if dry_run:
+        typer.echo(cfg.to_yaml())
         return
+    from components.registry.registry import Registry
+    from components.stages.publish import run_publish
+
     force_reason = _force_reason(force, reason)
     with _registry_errors():
-        reg = _registry(params, set_)
+        reg = Registry.from_params(cfg)
         total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
         with _bytes_bar(f"publish {name}", total) as progress:
-            result = reg.publish(folder, name, alias=alias, progress=progress, force_reason=force_reason)
-    m = result.manifest
+            out = run_publish(cfg.publish.model_copy(update={"alias": alias or cfg.publish.alias}), registry=reg,
+                              folder=folder, name=name, registry_root=cfg.registry.root, move_alias=alias is not None,
+                              force_reason=force_reason, progress=progress)
+    m = out.manifest
     extra = f", alias {alias}" if alias else ""
     gate = "" if m.gate_status == "passed" else f", gate {m.gate_status}"
-    if result.existing:
+    if out.existing:
         typer.echo(f"already published: {m.name}:{m.version} has identical content ({m.digest}); no new version"
                    f"{extra}")
     else:

@@ -9,12 +9,12 @@ new-base flows call these in order, one base at a time.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from components.config import BaseConfig, Params
+from components.config import Params
+from components.models.base_model import ResolvedBase
 from components.stages.evaluate import EVALUATED_LORA
 from components.stages.inputs import lora_sha256
 from components.stages.keys import (
@@ -36,7 +36,6 @@ from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
 from tasks.merge import find_style_lora, merge_variants
 from tasks.publish import publish_folder
-from tasks.storage import evaluation_copy, fetch_folder, store_folders, work_folder
 
 
 @flow(name="curate", flow_run_name="curate-{min_side}px")
@@ -49,74 +48,54 @@ def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
                       min_side=min_side, key=key)
 
 
-@flow(name="encode", flow_run_name="encode-{base_name}")
-def encode_flow(cfg: Params, base_name: str, base: BaseConfig, curated: dict[str, Any],
-                fingerprints: dict[str, str]) -> dict[str, Any]:
+@flow(name="encode", flow_run_name="encode-{base.name}")
+def encode_flow(cfg: Params, base: ResolvedBase, curated: dict[str, Any]) -> dict[str, Any]:
     """Latent shards for this base's VAE; skipped (and shared) when another base has the same VAE."""
     # 1. The key: manifest, VAE (and text encoders), resolution, encode section.
-    key = encode_key(cfg, base, curated["manifest_hash"], fingerprints)
+    key = encode_key(cfg, base.config, curated["manifest_hash"], base.fingerprints)
     # 2. The shards (cached while their index.json is stored).
-    return run_cached(cfg, encode_latents, encode_marker(cfg, base, curated["manifest_hash"], fingerprints), key,
-                      cfg.orchestrate.encode_timeout_s, base_name=base_name, base=base,
-                      manifest_rel=curated["manifest"], fingerprints=fingerprints, key=key)
+    return run_cached(cfg, encode_latents, encode_marker(cfg, base.config, curated["manifest_hash"], base.fingerprints),
+                      key, cfg.orchestrate.encode_timeout_s, base=base, manifest_rel=curated["manifest"], key=key)
 
 
-@flow(name="distill", flow_run_name="distill-{base_name}")
-def distill_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-                 shards: dict[str, Any]) -> dict[str, Any]:
+@flow(name="distill", flow_run_name="distill-{base.name}")
+def distill_flow(cfg: Params, base: ResolvedBase, shards: dict[str, Any]) -> dict[str, Any]:
     """LCD-LoRA for this base; skipped when base, latent shards and distill params are unchanged."""
     # 1. The key: base identity, shard index, distill section (operational keys aside).
-    key = distill_key(cfg, base_name, base, fingerprints, shards["index_hash"])
+    key = distill_key(cfg, base.name, base.config, base.fingerprints, shards["index_hash"])
     # 2. The LoRA folder (cached while stages/distill/BASE/KEY is stored complete).
-    return run_cached(cfg, distill_lora, f"{output_rel('distill', key, base_name)}/{COMPLETE}", key,
-                      cfg.orchestrate.distill_timeout_s, base_name=base_name, index_rel=shards["index"], key=key)
+    return run_cached(cfg, distill_lora, f"{output_rel('distill', key, base.name)}/{COMPLETE}", key,
+                      cfg.orchestrate.distill_timeout_s, base=base, index_rel=shards["index"], key=key)
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{base_name}")
-def evaluate_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-                  lora: dict[str, Any]) -> dict[str, Any]:
+@flow(name="evaluate", flow_run_name="evaluate-{base.name}")
+def evaluate_flow(cfg: Params, base: ResolvedBase, lora: dict[str, Any]) -> dict[str, Any]:
     """Sampler matrix, metrics and gate for the LoRA; skipped when LoRA, base and evaluate params are unchanged.
 
     It judges a copy of the LoRA (`stages/evaluate/BASE/KEY/lora/`, the folder publish ships).
     """
-    # 1. The key and the evaluation's folder, with the copy of the LoRA it judges.
-    key = evaluate_key(cfg, base_name, base, fingerprints, lora["weights_sha256"])
-    out = output_rel("evaluate", key, base_name)
-    lora_copy = retrying(cfg, evaluation_copy)(cfg, lora["output"], out)
-    # 2. The evaluation (cached while the stored folder is complete), then the folder stored.
-    task = evaluate_lora.with_options(cache_key_fn=lambda *_: key, persist_result=True)
-    result = run_cached(cfg, task, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
-                        base_name=base_name, lora_folder=lora_copy, output=result_dir(lora_copy))
-    if not result["skipped"]:
-        retrying(cfg, store_folders)(cfg, {result_dir(lora_copy): out})
+    # 1. The key: base identity, LoRA weights, evaluate section.
+    key = evaluate_key(cfg, base.name, base.config, base.fingerprints, lora["weights_sha256"])
+    out = output_rel("evaluate", key, base.name)
+    # 2. The evaluation (cached while stages/evaluate/BASE/KEY is stored complete).
+    result = run_cached(cfg, evaluate_lora, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
+                        base=base, key=key)
     return {**result, "evaluation": out, "lora_folder": out, "lora_subdir": EVALUATED_LORA}
 
 
-def result_dir(lora_copy: str) -> str:
-    """The evaluation's folder: the one holding the judged LoRA copy."""
-    return str(Path(lora_copy).parent)
-
-
-@flow(name="merge", flow_run_name="merge-{base_name}")
-def merge_flow(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-               lora: dict[str, Any]) -> dict[str, Any]:
+@flow(name="merge", flow_run_name="merge-{base.name}")
+def merge_flow(cfg: Params, base: ResolvedBase, lora: dict[str, Any]) -> dict[str, Any]:
     """Style-LoRA variants of the gated LoRA; skipped when LoRA, style LoRA, base and params are unchanged."""
     # 1. The style LoRA to merge with; without one the stage does not run.
-    style = find_style_lora(cfg, base_name)
+    style = find_style_lora(cfg, base.name)
     if style is None:
         return {"skipped": True, "key": "-", "passed": None, "best_folder": None,
                 "note": "not run: no style LoRA (merge.style_file)"}
-    # 2. The key, the LoRA's local copy and the variants' working folder.
-    key = merge_key(cfg, base_name, base, fingerprints, lora["weights_sha256"], lora_sha256(style))
-    out = output_rel("merge", key, base_name)
-    lora_dir = retrying(cfg, fetch_folder)(cfg, lora["output"])
-    local = work_folder(cfg, out)
-    # 3. The variants, each evaluated (cached while stored complete), then the folder stored.
-    result = run_cached(cfg, merge_variants, f"{out}/{COMPLETE}", key, cfg.orchestrate.merge_timeout_s,
-                        base_name=base_name, lora_folder=lora_dir, style_file=style, output=local, output_rel=out,
-                        key=key)
-    if not result["skipped"]:
-        retrying(cfg, store_folders)(cfg, {local: out})
+    # 2. The key: base identity, both LoRAs, evaluate and merge sections.
+    key = merge_key(cfg, base.name, base.config, base.fingerprints, lora["weights_sha256"], lora_sha256(style))
+    # 3. The variants, each evaluated (cached while stages/merge/BASE/KEY is stored complete).
+    result = run_cached(cfg, merge_variants, f"{output_rel('merge', key, base.name)}/{COMPLETE}", key,
+                        cfg.orchestrate.merge_timeout_s, base=base, style_file=style, key=key)
     if not result["passed"]:
         result["note"] = ("skipped (unchanged)" if result["skipped"] else "ran") + ": no variant met the merge rule"
     return result

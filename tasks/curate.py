@@ -1,4 +1,4 @@
-"""Prefect tasks of the curate stage: the toy source, the source fingerprint, curation."""
+"""Prefect tasks of the curate stage: source writers, the source fingerprint, curation."""
 
 from __future__ import annotations
 
@@ -10,28 +10,30 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.plugins import load_plugin
-from components.stages.curate import run_curate, source_storage, stored_output
+from components.plugins import installed, load_plugin
+from components.stages.curate import curate_stage
 from components.stages.inputs import source_digest
-from components.stages.keys import output_rel
 from components.storage.storage import Storage
 from tasks.caching import key_parameter, storage_retries
 from tasks.progress import task_progress
 
+SOURCES = "lcmlora.sources"  # entry-point group of the source writers (the toy worlds register theirs)
 
-@task(name="toy-source")
-def ensure_toy_source(cfg: Params) -> str | None:
-    """Write the toy source when `curate.source` is the toy folder and it is empty; say what happened.
 
-    The toy world plugs in through the `lcmlora.sources` entry point: production never imports it.
+@task(name="source-writers")
+def ensure_source(cfg: Params) -> str | None:
+    """Let each installed source writer write `curate.source` when it is that writer's folder and empty.
+
+    Production never imports a writer: the toy worlds plug in through the `lcmlora.sources` entry
+    points, and each writer answers None for a folder that is not its own.
     """
-    writer = load_plugin("lcmlora.sources", "toy", "orchestrate.toy_source_if_missing")
-    summary = writer(cfg)
-    if summary is None:
-        return None
-    get_run_logger().info("wrote the toy source: %s rows in %s shards at %s", summary["rows"],
-                          len(summary["shards"]), summary["output"])
-    return summary["output"]
+    for name in installed(SOURCES):
+        summary = load_plugin(SOURCES, name, "orchestrate.toy_source_if_missing")(cfg)
+        if summary is not None:
+            get_run_logger().info("wrote the %s source: %s rows in %s shards at %s", name, summary["rows"],
+                                  len(summary["shards"]), summary["output"])
+            return summary["output"]
+    return None
 
 
 @task(name="fingerprint-source", **storage_retries())
@@ -47,16 +49,13 @@ def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
     A curation already stored there (by `lcmlora curate`, or a run whose cache record is gone) is reused.
     """
     storage = Storage.from_config(cfg.storage)
-    stored = stored_output(storage, output_rel("curate", key))
-    if stored is not None:
-        get_run_logger().info("reused the curated manifest at %s", storage.url(stored.manifest))
-        return stored.as_dict()
     progress = task_progress("curate", str(min_side), f"curation of {cfg.curate.source}")
-    result = run_curate(cfg.curate, source=source_storage(cfg.curate.source, cfg.storage), storage=storage,
-                        output=output_rel("curate", key), min_side=min_side, resolved_yaml=cfg.to_yaml(),
-                        progress=progress)
+    result = curate_stage(cfg, storage, min_side=min_side, key=key, progress=progress)
     progress.finish()
     summary = result.as_dict()
+    if result.reused:
+        get_run_logger().info("reused the curated manifest at %s", storage.url(result.manifest))
+        return summary
     create_table_artifact(
         key="curate-rejections",
         table=[{"reason": r, "rows": n} for r, n in sorted(result.rejected.items())] + [{"reason": "kept", "rows": result.kept}],

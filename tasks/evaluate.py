@@ -10,7 +10,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
+from components.models.base_model import ResolvedBase
+from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
+from tasks.caching import key_parameter
 from tasks.progress import task_progress
 
 
@@ -26,22 +29,21 @@ def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str)
                           description=f"sampler matrix metrics for {base_name}")
 
 
-@task(name="evaluate")
-def evaluate_lora(cfg: Params, base_name: str, lora_folder: str, output: str) -> dict[str, Any]:
-    """Evaluate one LoRA folder against its base; metrics.json and report land in `output` and the
-    LoRA folder. Returns the gate, so the calling flow can stop before publishing a failed LoRA."""
-    from components.models.base_model import resolve_base
-    from components.stages.evaluate import run_evaluate
+@task(name="evaluate", cache_key_fn=key_parameter, persist_result=True)
+def evaluate_lora(cfg: Params, base: ResolvedBase, key: str) -> dict[str, Any]:
+    """Evaluate the base's distilled LoRA into `stages/evaluate/BASE/KEY/` (metrics.json, report, judged copy).
+
+    Returns the gate, so the calling flow can stop before publishing a failed LoRA.
+    """
+    from components.stages.evaluate import evaluate_stage
 
     logger = get_run_logger()
-    name, base = resolve_base(cfg, base_name)
-    progress = task_progress("evaluate", name, f"evaluation of {name}")
-    out = run_evaluate(cfg.evaluate, base_name=name, base=base, lora_folder=Path(lora_folder),
-                       output=Path(output), progress=progress)
+    progress = task_progress("evaluate", base.name, f"evaluation of {base.name}")
+    stage = evaluate_stage(cfg, base, Storage.from_config(cfg.storage), key=key, progress=progress)
     progress.finish()
-    publish_report_artifacts(out.doc, Path(out.paths["report.md"]).read_text(), name)
+    out = stage.evaluation
+    publish_report_artifacts(out.doc, Path(out.paths["report.md"]).read_text(), base.name)
     for violation in out.violations:
         logger.warning("gate violation: %s", violation)
     return {"passed": out.passed, "violations": list(out.violations), "metrics": str(out.paths["metrics.json"]),
-            "report": str(out.paths["report.html"]), "output": str(Path(out.paths["metrics.json"]).parent),
-            "lora": str(lora_folder)}
+            "report": str(out.paths["report.html"]), "output": stage.rel, "lora": str(stage.lora_folder)}

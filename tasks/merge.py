@@ -12,7 +12,9 @@ from prefect.logging import get_run_logger
 
 from components.config import Params
 from components.lora.formats import LORA_WEIGHT_NAME
+from components.models.base_model import ResolvedBase
 from components.paths import project_path
+from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
 from tasks.progress import task_progress
@@ -37,38 +39,30 @@ def find_style_lora(cfg: Params, base_name: str) -> str | None:
 
 
 @task(name="merge", cache_key_fn=key_parameter, persist_result=True)
-def merge_variants(cfg: Params, base_name: str, lora_folder: str, style_file: str, output: str, output_rel: str,
-                   key: str) -> dict[str, Any]:
-    """Runtime-adapter, exact merged, fused (and SVD) variants, evaluated; the best by the rule in params."""
-    from components.evaluate.judges import load_judges
-    from components.models.base_model import resolve_base
-    from components.stages.evaluate import prompts_for
-    from components.stages.merge import run_merge
+def merge_variants(cfg: Params, base: ResolvedBase, style_file: str, key: str) -> dict[str, Any]:
+    """Runtime-adapter, exact merged, fused (and SVD) variants of the base's distilled LoRA, evaluated;
+    the best by the rule in params, stored in `stages/merge/BASE/KEY/`."""
+    from components.stages.merge import merge_stage
 
-    logger = get_run_logger()
-    name, base = resolve_base(cfg, base_name)
-    judges = load_judges(cfg.evaluate, base, name)
-    progress = task_progress("merge", name, f"style merge variants of {name}")
-    result = run_merge(cfg.merge, cfg.evaluate, base_name=name, base=base, lcm_folder=Path(lora_folder),
-                       style_file=Path(style_file), output=Path(output), judges=judges,
-                       prompts=prompts_for(cfg.evaluate, judges, name, base), resolved_yaml=cfg.to_yaml(),
-                       params_digest=cfg.digest(), progress=progress)
+    progress = task_progress("merge", base.name, f"style merge variants of {base.name}")
+    stage = merge_stage(cfg, base, Storage.from_config(cfg.storage), style=Path(style_file), key=key,
+                        progress=progress)
     progress.finish()
-    paths = result.paths
-    selection = result.doc["selection"]
-    create_markdown_artifact(key=artifact_key("merge-report", base_name), markdown=Path(paths["report.md"]).read_text(),
-                             description=f"style merge variants for {base_name}: "
+    result = stage.merge
+    selection = result.selection
+    create_markdown_artifact(key=artifact_key("merge-report", base.name),
+                             markdown=Path(result.paths["report.md"]).read_text(),
+                             description=f"style merge variants for {base.name}: "
                              + ("best " + selection["best"]["label"] if selection["passed"] else "no variant passed"))
-    create_table_artifact(key=artifact_key("merge-metrics", base_name),
+    create_table_artifact(key=artifact_key("merge-metrics", base.name),
                           table=[{k: v for k, v in row.items() if not isinstance(v, (dict, list))}
                                  for row in result.doc["rows"]],
-                          description=f"merge variants of {base_name}")
+                          description=f"merge variants of {base.name}")
     best = selection["best"]
-    best_folder = f"merged-{best['l1']:g}_{best['l2']:g}" if best else None
     best_row = next((r for r in result.doc["rows"] if best and r["label"] == best["label"]), None)
     if not selection["passed"]:
-        logger.warning("%s: no style variant published: %s", base_name, "; ".join(selection["violations"]))
-    return {"output": output_rel, "passed": selection["passed"], "violations": selection["violations"],
-            "best": best, "best_folder": best_folder,
+        get_run_logger().warning("%s: no style variant published: %s", base.name, "; ".join(selection["violations"]))
+    return {"output": stage.rel, "passed": selection["passed"], "violations": selection["violations"],
+            "best": best, "best_folder": result.best_folder.name if result.best_folder else None,
             "best_metrics": {k: v for k, v in (best_row or {}).items() if not isinstance(v, (dict, list))},
             "style": style_slug(style_file)}

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from components.config import BaseConfig, Params
-from components.lineage import utc_now
-from components.registry.registry import Registry
-from components.stages.publish import run_publish
-from components.storage.folder_sync import pull_folder
+from components.config import Params
+from components.models.base_model import ResolvedBase
+from components.stages.publish import publish_stage
+from components.stages.register import record_base
 from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter, storage_retries
@@ -37,14 +35,9 @@ def enforce_gate(base_name: str, evaluation: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="register-base", **storage_retries())
-def register_base(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-                  parent: str | None) -> dict[str, Any]:
+def register_base(cfg: Params, base: ResolvedBase, parent: str | None) -> dict[str, Any]:
     """Record the base (reference, family, fingerprints, parent) under `bases/NAME/UNET_FP.json`."""
-    record = {"name": base_name, **base.model_dump(mode="json"), "fingerprints": fingerprints, "parent": parent,
-              "registered_at": utc_now()}
-    rel = f"bases/{base_name}/{fingerprints['unet']}.json"
-    Storage.from_config(cfg.storage).write_text(rel, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    return {**record, "record": rel}
+    return record_base(Storage.from_config(cfg.storage), base, parent)
 
 
 @task(name="publish", cache_key_fn=key_parameter, persist_result=True, **storage_retries())
@@ -54,9 +47,8 @@ def publish_folder(cfg: Params, base_name: str, folder_rel: str, name: str, key:
 
     `gate` and `metrics` default to the folder's metrics.json (the registry refuses a failed gate).
     """
-    local = pull_folder(Storage.from_config(cfg.storage), folder_rel) / subdir
-    published = run_publish(cfg.publish, registry=Registry.from_params(cfg), folder=local, name=name,
-                            registry_root=cfg.registry.root, gate=gate, metrics=metrics)
+    published = publish_stage(cfg, Storage.from_config(cfg.storage), folder_rel=folder_rel, subdir=subdir,
+                              name=name, gate=gate, metrics=metrics)
     get_run_logger().info("%s %s (%s) for base %s; pull it with: %s",
                           "already published as" if published.existing else "published", published.reference,
                           published.digest, base_name, published.pull)

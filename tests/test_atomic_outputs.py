@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from components.models.base_model import fingerprint_base
 from components.storage.atomic_dir import FolderNotReplaceable, atomic_dir, write_text_atomic
 from tests.test_distill_artifact import lora_sd, write  # noqa: F401 - lora_sd is a fixture
 
@@ -196,7 +197,7 @@ def test_merge_output_follows_the_umask_and_survives_enospc_in_the_report(tmp_pa
     out = tmp_path / "runs" / "merge"
 
     def merge():
-        return stage.run_merge(params.merge, params.evaluate, base_name="tiny", base=base, lcm_folder=lcm,
+        return stage.run_merge(params.merge, params.evaluate, base=fingerprint_base("tiny", base), lcm_folder=lcm,
                                style_file=style, output=out, judges=tiny_judges(), prompts=["a", "b"],
                                resolved_yaml=params.to_yaml(), params_digest=params.digest())
 

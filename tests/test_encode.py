@@ -27,8 +27,8 @@ from components.data.encode import EncodeError, encode_dataset
 from components.data.image_prep import resize_and_crop, to_model_input
 from components.data.shards import ResolutionMismatch, read_index
 from components.data.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
-from components.models.base_model import module_fingerprint
-from components.stages.encode import encode_for_base
+from components.models.base_model import module_fingerprint, resolved_base
+from components.stages.encode import encode_stage
 from components.storage.storage import Storage
 from components.toy.source import write_toy_source
 
@@ -201,6 +201,12 @@ def _params(world, root: Path, bases: dict) -> object:
     })
 
 
+def encode_base(params, name: str):
+    """The encode stage as `lcmlora encode --base NAME --manifest curated/manifest.parquet` calls it."""
+    base = resolved_base(params, name, vae_only=not params.encode.text_embeddings)
+    return encode_stage(params, base, Storage.from_config(params.storage), manifest="curated/manifest.parquet")
+
+
 def test_bases_sharing_a_vae_share_shards(world, tmp_path):
     import shutil
 
@@ -210,9 +216,9 @@ def test_bases_sharing_a_vae_share_shards(world, tmp_path):
     shutil.copytree(tmp_path / "a" / "vae", tmp_path / "b" / "vae")  # a fine-tune with the same VAE
     tiny_vae(seed=1).save_pretrained(tmp_path / "c" / "vae")  # another VAE
     params = _params(world, root, {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"})
-    first = encode_for_base(params, "a", manifest_rel="curated/manifest.parquet")
-    second = encode_for_base(params, "b", manifest_rel="curated/manifest.parquet")
-    third = encode_for_base(params, "c", manifest_rel="curated/manifest.parquet")
+    first = encode_base(params, "a")
+    second = encode_base(params, "b")
+    third = encode_base(params, "c")
     assert not first.reused and second.reused and second.index == first.index
     assert not third.reused and third.index != first.index
     stored = json.loads((root / second.pointer).read_text())
@@ -304,7 +310,7 @@ def test_cli_path_with_text_embeddings_loads_the_whole_base(world, tmp_path):
         "encode": {"batch_size": 8, "shard_size": 64, "text_embeddings": True},
         "bases": {"tiny": {"reference": str(tmp_path / "base"), "family": "sd15", "resolution": RES}},
     })
-    result = encode_for_base(params, "tiny", manifest_rel="curated/manifest.parquet")
+    result = encode_base(params, "tiny")
     assert result.text_encoder_fingerprint and result.index.split("/")[-2].endswith(
         f"-te{result.text_encoder_fingerprint}")
     sample = _samples(Storage(str(root)), result.index)[world["clean"][0]]

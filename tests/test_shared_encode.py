@@ -14,6 +14,7 @@ from collections import Counter
 
 from components.config import EncodeConfig, parse_params
 from components.data.shards import index_path
+from components.models.base_model import fingerprint_base
 from components.stages.encode import CLAIM, claim_folder, run_encode
 from components.storage.storage import Storage
 from tests.test_encode import RES, tiny_vae, world  # noqa: F401 - the module fixture
@@ -52,8 +53,9 @@ def test_concurrent_bases_with_one_vae_encode_once(world, tmp_path, monkeypatch)
 
     def encode(name: str) -> None:
         try:
-            outs[name] = run_encode(EncodeConfig(workers=1, batch_size=8, shard_size=8), base_name=name,
-                                    base=bases[name], storage=Storage(str(root)),
+            outs[name] = run_encode(EncodeConfig(workers=1, batch_size=8, shard_size=8),
+                                    base=fingerprint_base(name, bases[name], vae_only=True),
+                                    storage=Storage(str(root)),
                                     manifest_rel="curated/manifest.parquet", source=world["source"],
                                     claim_owner=f"run-{name}", claim_stale_s=60)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below

@@ -13,7 +13,7 @@ import torch
 
 from components.config import ConfigError, Params, load_params
 from components.distill.lcd import schedule_from_scheduler_config
-from components.models.base_model import resolve_base
+from components.models.base_model import fingerprint_base, resolve_base
 from components.stages.distill import dry_run, guidance_bounds, run_distill
 from components.storage.content_hash import file_sha256
 from components.storage.storage import Storage
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 def distill(params: Params, base_ref: str, output: Path, **kwargs):
     """run_distill with the inputs the CLI hands it: the distill section, the base, storage, resolved params."""
     name, base = resolve_base(params, base_ref)
-    return run_distill(params.distill, base_name=name, base=base, storage=Storage.from_config(params.storage),
+    return run_distill(params.distill, base=fingerprint_base(name, base), storage=Storage.from_config(params.storage),
                        latents_index=params.distill.latents_index, output=output, resolved_yaml=params.to_yaml(),
                        params_digest=params.digest(), **kwargs)
 

@@ -6,6 +6,7 @@ import json
 
 from components.config import EncodeConfig, parse_params
 from components.data.shards import read_index
+from components.models.base_model import fingerprint_base
 from components.stages.encode import run_encode
 from components.storage.storage import Storage
 from tests.test_encode import RES, tiny_vae, world  # noqa: F401 - the module fixture
@@ -22,8 +23,9 @@ def test_run_encode_uses_the_configured_dtype_and_the_base_fingerprint(world, tm
     base = parse_params({"bases": {"b": {"reference": str(tmp_path / "base"), "family": "sd15",
                                          "resolution": RES}}}).bases["b"]
     reports = []
-    out = run_encode(EncodeConfig(dtype="bfloat16", workers=1, batch_size=8, shard_size=16), base_name="b",
-                     base=base, storage=Storage(str(root)), manifest_rel="curated/manifest.parquet",
+    out = run_encode(EncodeConfig(dtype="bfloat16", workers=1, batch_size=8, shard_size=16),
+                     base=fingerprint_base("b", base, vae_only=True),
+                     storage=Storage(str(root)), manifest_rel="curated/manifest.parquet",
                      source=world["source"], progress=reports.append)
     fp32_fingerprint = load_vae(tmp_path / "base")[1]
     assert out.vae_fingerprint == fp32_fingerprint and f"/{fp32_fingerprint}/" in out.index

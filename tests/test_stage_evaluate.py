@@ -13,6 +13,7 @@ from PIL import Image
 
 from components.config import BaseConfig, ConfigError, EvaluateConfig
 from components.evaluate.judges import Judges
+from components.models.base_model import fingerprint_base
 from components.stages.evaluate import EvaluateOutput, copy_for_evaluation, run_evaluate
 from tests.tiny_pipeline import (
     random_lora_folder,
@@ -52,7 +53,7 @@ def test_runner_with_the_base_s_real_judges(setup, monkeypatch):
     tmp, cfg, base, lora = setup
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reports = []
-    out = run_evaluate(cfg, base_name="tiny", base=base, lora_folder=lora, output=tmp / "out", progress=reports.append)
+    out = run_evaluate(cfg, base=fingerprint_base("tiny", base), lora_folder=lora, output=tmp / "out", progress=reports.append)
     assert isinstance(out, EvaluateOutput)
     labels = [row["label"] for row in out.doc["methods"]]
     assert labels == ["lcm-1", "lcm-2", "ddim-1", "ddim-2"]
@@ -85,7 +86,7 @@ def test_given_judges_replace_the_provider_and_their_prompts_are_the_default(set
                     default_prompts=str(tmp / "judge_prompts.txt"))
     plain = cfg.model_copy(update={"prompts": None, "feature_extractor": None, "clip_model": None,
                                    "steps": [1], "agreement_reference": "ddim-1"})
-    out = run_evaluate(plain, base_name="tiny", base=base.model_copy(update={"judges": "no-such-provider"}),
+    out = run_evaluate(plain, base=fingerprint_base("tiny", base.model_copy(update={"judges": "no-such-provider"})),
                        lora_folder=lora, output=tmp / "given", judges=judges)
     assert out.doc["info"]["feature_backbone"] == "grey 2x2" and out.doc["info"]["prompts"] == 1
     assert [row["adherence"] for row in out.doc["methods"]] == [0.5, 0.5]
@@ -94,10 +95,10 @@ def test_given_judges_replace_the_provider_and_their_prompts_are_the_default(set
 def test_missing_inputs_fail_before_sampling(setup, tmp_path):
     _, cfg, base, lora = setup
     with pytest.raises(FileNotFoundError, match="--lora .*no such folder"):
-        run_evaluate(cfg, base_name="tiny", base=base, lora_folder=tmp_path / "nope", output=tmp_path / "o")
+        run_evaluate(cfg, base=fingerprint_base("tiny", base), lora_folder=tmp_path / "nope", output=tmp_path / "o")
     judges = Judges(lambda x: x.flatten(1), "flat", lambda i, p: 0.0, "zero", torch.zeros(2, 3, 32, 32))
     with pytest.raises(ConfigError, match="evaluate.prompts is not set"):
-        run_evaluate(cfg.model_copy(update={"prompts": None}), base_name="tiny", base=base, lora_folder=lora,
+        run_evaluate(cfg.model_copy(update={"prompts": None}), base=fingerprint_base("tiny", base), lora_folder=lora,
                      output=tmp_path / "o", judges=judges)
     assert not (tmp_path / "o").exists()
 

@@ -17,6 +17,7 @@ import pytest
 
 from components.config import parse_params
 from components.lora.formats import LORA_WEIGHT_NAME
+from components.models.base_model import ResolvedBase
 from components.stages.inputs import (
     curate_rel,
     curated_manifest,
@@ -62,6 +63,7 @@ def test_cli_and_flow_compute_the_same_folder_for_every_stage(tmp_path):
     cfg = parse_params({"storage": {"root": str(tmp_path / "root")}, "curate": {"source": str(source)},
                         "bases": {"toy": {"reference": "data/toy/base", "family": "sd15", "resolution": 32}}})
     storage, base = Storage.from_config(cfg.storage), cfg.bases["toy"]
+    resolved = ResolvedBase(name="toy", config=base, fingerprints=FPS)
     with disable_run_logger():
         # 1. Curate: the flow keys the source digest the fingerprint task returns.
         key = curate_key(cfg, fingerprint_source.fn(cfg), base.resolution)  # as curate_flow does
@@ -81,27 +83,27 @@ def test_cli_and_flow_compute_the_same_folder_for_every_stage(tmp_path):
 
         # 3. Distill: the flow keys the index hash run_encode returns; the CLI follows the pointer.
         flow_distill = output_rel("distill", distill_key(cfg, "toy", base, FPS, stored_sha256(storage, index)), "toy")
-        assert distill_rel(cfg, storage, "toy", base, FPS) == (flow_distill, index)
+        assert distill_rel(cfg, storage, resolved) == (flow_distill, index)
         lora = work_dir(storage, flow_distill)
         lora.mkdir(parents=True)
         _tiny_safetensors(lora / LORA_WEIGHT_NAME, 1.0)
         (lora / "metrics.json").write_text(json.dumps({"distill": {"steps": 1}}))
         push_folder(storage, lora, flow_distill)  # as `lcmlora distill` stores it
-        distilled = distill_lora.fn(cfg, "toy", index, flow_distill.rsplit("/", 1)[-1])  # reused, not trained
-        assert distilled["output"] == distilled_lora(cfg, storage, "toy", base, FPS) == flow_distill
+        distilled = distill_lora.fn(cfg, resolved, index, flow_distill.rsplit("/", 1)[-1])  # reused, not trained
+        assert distilled["output"] == distilled_lora(cfg, storage, resolved) == flow_distill
 
     # 4. Evaluate and merge: keyed by the weights hash the distill task returns.
     weights = distilled["weights_sha256"]
-    assert evaluation_rel(cfg, "toy", base, FPS, lora) == output_rel(
+    assert evaluation_rel(cfg, resolved, lora) == output_rel(
         "evaluate", evaluate_key(cfg, "toy", base, FPS, weights), "toy")
     style = tmp_path / "style" / LORA_WEIGHT_NAME
     style.parent.mkdir()
     _tiny_safetensors(style, 2.0)
-    assert merge_rel(cfg, "toy", base, FPS, lora, style) == merge_rel(cfg, "toy", base, FPS, lora, style.parent) == \
+    assert merge_rel(cfg, resolved, lora, style) == merge_rel(cfg, resolved, lora, style.parent) == \
         output_rel("merge", merge_key(cfg, "toy", base, FPS, weights, lora_sha256(style)), "toy")
     # another params section: another folder
     other = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"steps": [1]})})
-    assert evaluation_rel(other, "toy", base, FPS, lora) != evaluation_rel(cfg, "toy", base, FPS, lora)
+    assert evaluation_rel(other, resolved, lora) != evaluation_rel(cfg, resolved, lora)
 
 
 def test_missing_inputs_say_which_command_to_run(tmp_path):
@@ -110,12 +112,13 @@ def test_missing_inputs_say_which_command_to_run(tmp_path):
     cfg = parse_params({"storage": {"root": str(tmp_path)},
                         "bases": {"toy": {"reference": "data/toy/base", "family": "sd15", "resolution": 32}}})
     storage = Storage.from_config(cfg.storage)
+    toy = ResolvedBase(name="toy", config=cfg.bases["toy"], fingerprints=FPS)
     with pytest.raises(MissingInput, match=r"encoded/toy.json: no encode pointer.*lcmlora encode --base toy"):
-        distill_rel(cfg, storage, "toy", cfg.bases["toy"], FPS)
+        distill_rel(cfg, storage, toy)
     storage.write_text("encoded/toy.json", json.dumps({"index": "latents/x/index.json"}))
     storage.write_text("latents/x/index.json", "{}")
     with pytest.raises(MissingInput, match=r"stages/distill/toy/distill-.*lcmlora distill --base toy"):
-        distilled_lora(cfg, storage, "toy", cfg.bases["toy"], FPS)
+        distilled_lora(cfg, storage, toy)
 
 
 @pytest.mark.integration

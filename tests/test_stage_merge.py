@@ -16,6 +16,7 @@ import yaml
 
 from components.config import BaseConfig, EvaluateConfig, MergeConfig, Params
 from components.lineage import portable_yaml
+from components.models.base_model import fingerprint_base
 from components.stages.merge import MergeOutput, run_merge
 from tests.tiny_merge_pipelines import (
     LCM_UNET,
@@ -42,7 +43,7 @@ def test_run_merge_writes_contract4_folders_and_reports_progress(tmp_path: Path)
         min_style_retention=-1.0, min_adherence=0.5))  # FD-based retention of random LoRAs is near 0
     reports = []
     # 2. The runner, with only its sections and explicit inputs.
-    out = run_merge(params.merge, params.evaluate, base_name="tiny", base=base, lcm_folder=lcm, style_file=style,
+    out = run_merge(params.merge, params.evaluate, base=fingerprint_base("tiny", base), lcm_folder=lcm, style_file=style,
                     output=tmp_path / "out", judges=tiny_judges(), prompts=["a", "b"],
                     resolved_yaml=params.to_yaml(), params_digest=params.digest(), progress=reports.append)
     # 3. What it returns is what it wrote.
@@ -76,7 +77,7 @@ def test_evaluate_section_device_is_used(tmp_path: Path) -> None:
     lora = write_peft(tmp_path / "lora", unet_sd, {}, rank=2, alpha=2.0)
     base = BaseConfig(reference=str(base_folder), family="sd15", resolution=16, guidance_scale=1.0)
     with pytest.raises(RuntimeError, match="no_such_device|device"):
-        run_merge(MergeConfig(), EvaluateConfig(device="no_such_device"), base_name="tiny", base=base,
+        run_merge(MergeConfig(), EvaluateConfig(device="no_such_device"), base=fingerprint_base("tiny", base),
                   lcm_folder=lora.parent, style_file=lora, output=tmp_path / "out", judges=tiny_judges(),
                   prompts=["a"], resolved_yaml="", params_digest="0" * 64)
     assert not (tmp_path / "out").exists()

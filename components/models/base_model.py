@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from components.config import BaseConfig, ConfigError, Params
 
@@ -225,3 +226,74 @@ def resolve_base(params: Params, name_or_ref: str) -> tuple[str, BaseConfig]:
     stem = Path(name_or_ref.rstrip("/")).name.removesuffix(".safetensors")
     name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.") or "base"
     return name, BaseConfig(reference=name_or_ref, family=family, resolution=DEFAULT_RESOLUTION[family])
+
+
+class ResolvedBase(BaseModel):
+    """A base of a run, resolved once: its name, its settings and its modules' fingerprints (contract 1).
+
+    What every stage runner takes. It is plain data (a Prefect parameter, a deployment's JSON);
+    `load()` hands out the pipeline that fingerprinting loaded, once, so a command that
+    fingerprints a base to find its inputs and then uses it loads it one time. A base resolved
+    for encoding alone (`vae_only`) has only its VAE's fingerprint.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    config: BaseConfig
+    fingerprints: dict[str, str]  # unet, vae, text_encoder[, text_encoder_2]; vae alone when vae_only
+    _kept: dict[str, Any] = PrivateAttr(default_factory=dict)  # what fingerprinting loaded; never serialized
+
+    @property
+    def fingerprint(self) -> str:
+        """The base's own fingerprint: its UNet's."""
+        return self.fingerprints["unet"]
+
+    def load(self) -> LoadedBase:
+        """The base's pipeline (float32): the one fingerprinting kept, handed out once, else loaded now."""
+        if "pipeline" in self._kept:
+            return self._kept.pop("pipeline")
+        return load_base(self._reference(), family=self.config.family)
+
+    def load_vae(self) -> Any:
+        """The base's VAE (float32): the one fingerprinting kept, handed out once, else the VAE alone."""
+        if "vae" in self._kept:
+            return self._kept.pop("vae")
+        if "pipeline" in self._kept:
+            return self._kept.pop("pipeline").pipe.vae
+        return load_vae(self._reference())[0]
+
+    def with_config(self, config: BaseConfig) -> ResolvedBase:
+        """The same modules under other settings (a fine-tune inheriting its parent's resolution)."""
+        return ResolvedBase(name=self.name, config=config, fingerprints=self.fingerprints)
+
+    def _reference(self) -> str:
+        from components.paths import project_path
+
+        return str(project_path(self.config.reference))
+
+
+def fingerprint_base(name: str, config: BaseConfig, *, keep_loaded: bool = False,
+                     vae_only: bool = False) -> ResolvedBase:
+    """Load the base once to fingerprint it (`vae_only`: its VAE alone); `keep_loaded` keeps what was
+    loaded for the stage that uses it."""
+    from components.paths import project_path
+
+    reference = str(project_path(config.reference))
+    if vae_only:
+        vae, vae_fp = load_vae(reference)
+        resolved, kept = ResolvedBase(name=name, config=config, fingerprints={"vae": vae_fp}), {"vae": vae}
+    else:
+        loaded = load_base(reference, family=config.family)
+        resolved = ResolvedBase(name=name, config=config, fingerprints=dict(loaded.fingerprints))
+        kept = {"pipeline": loaded}
+    if keep_loaded:
+        resolved._kept.update(kept)
+    return resolved
+
+
+def resolved_base(params: Params, name_or_ref: str, *, keep_loaded: bool = True,
+                  vae_only: bool = False) -> ResolvedBase:
+    """`resolve_base` and its fingerprints: a base of params by name, or an ad-hoc reference."""
+    name, config = resolve_base(params, name_or_ref)
+    return fingerprint_base(name, config, keep_loaded=keep_loaded, vae_only=vae_only)

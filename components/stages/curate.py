@@ -1,7 +1,9 @@
 """The curate stage: a LAION-style source -> curated manifest behind the GX gate (contract 2).
 
-    output = run_curate(params.curate, source=source, storage=storage, output="stages/curate/KEY",
-                        min_side=base.resolution, resolved_yaml=params.to_yaml())
+    output = curate_stage(params, storage, min_side=base.resolution)   # the one call of every caller
+
+`curate_stage` finds the keyed folder (`stages/curate/KEY`), reuses a curation stored there and
+otherwise runs `run_curate`, the runner over the curate section alone.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import CurateConfig, Params, StorageConfig
+from components.config import CurateConfig, Params
 from components.data.curate import curate
 from components.progress import ProgressFn
+from components.stages.inputs import curate_rel, manifest_rel, source_storage
+from components.stages.keys import output_rel
 from components.storage.storage import Storage
 
 
@@ -36,18 +40,6 @@ class CurateOutput:
                 "elapsed_s": round(self.elapsed_s, 3), "reused": self.reused}
 
 
-def source_storage(source: str, storage_cfg: StorageConfig) -> Storage:
-    """The curation source (local folder or s3://) on the storage endpoint of params."""
-    return Storage(source, endpoint_url=storage_cfg.endpoint_url, region=storage_cfg.region,
-                   retries=storage_cfg.retries)
-
-
-def manifest_rel(folder: str, name: str = "manifest.parquet") -> str:
-    """The manifest (or another file `name`) of a curate output folder, relative to the storage root."""
-    folder = folder.strip("/")
-    return f"{folder}/{name}" if folder else name
-
-
 def stored_output(storage: Storage, folder: str) -> CurateOutput | None:
     """The curation already stored in `folder` (its manifest, written last, is there), or None."""
     rel = manifest_rel(folder)
@@ -69,26 +61,18 @@ def run_curate(cfg: CurateConfig, *, source: Storage, storage: Storage, output: 
                         elapsed_s=result.elapsed_s)
 
 
-def curate_for_base(params: Params, base_name: str, output: str | None = None,
-                    progress: ProgressFn | None = None) -> tuple[CurateOutput, Storage]:
-    """The stage for one base of params (its resolution is the minimum side): the CLI's inputs.
+def curate_stage(params: Params, storage: Storage, *, min_side: int, output: str | None = None,
+                 key: str | None = None, progress: ProgressFn | None = None) -> CurateOutput:
+    """The curate stage's one call: params' source -> a manifest of sides >= `min_side` in `storage`.
 
-    By default the manifest goes where the flows put it, `storage.root/stages/curate/KEY`
-    (components/stages/inputs.py), and a curation already stored there is reused. `output`
-    (a folder or s3:// URL) replaces that folder and always curates. Returns the output and
-    the storage it was written to.
+    By default the manifest goes to the keyed folder `stages/curate/KEY` (`key` when the caller
+    has computed it, else from the source's digest), and a curation already stored there is
+    reused. `output` (a folder of `storage`, "" for its root) curates there, always.
     """
-    from components.models.base_model import resolve_base
-    from components.stages.inputs import curate_rel
-
-    _, base = resolve_base(params, base_name)
-    if output is not None:
-        storage, out_rel = source_storage(output, params.storage), ""
-    else:
-        storage, out_rel = Storage.from_config(params.storage), curate_rel(params, base.resolution)
-        stored = stored_output(storage, out_rel)
+    if output is None:
+        output = output_rel("curate", key) if key else curate_rel(params, min_side)
+        stored = stored_output(storage, output)
         if stored is not None:
-            return stored, storage
-    result = run_curate(params.curate, source=source_storage(params.curate.source, params.storage), storage=storage,
-                        output=out_rel, min_side=base.resolution, resolved_yaml=params.to_yaml(), progress=progress)
-    return result, storage
+            return stored
+    return run_curate(params.curate, source=source_storage(params.curate.source, params.storage), storage=storage,
+                      output=output, min_side=min_side, resolved_yaml=params.to_yaml(), progress=progress)

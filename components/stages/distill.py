@@ -1,5 +1,8 @@
 """The distill stage: one base's LCM-LoRA from its latent shards, written as a contract-4 folder.
 
+    output = distill_stage(params, base, storage)   # base: a ResolvedBase; the one call of every caller
+
+`distill_stage` finds the run folder and the shards by key, resumes or reuses, trains and stores.
 `run_distill` takes the stage's own section (DistillConfig) and explicit inputs (the base, the
 storage holding the shards, where to write) and returns what it produced (`DistillOutput`).
 It works in one process or under `accelerate launch` (every rank calls it; rank 0 writes the
@@ -19,9 +22,13 @@ from typing import Any
 
 from components.config import BaseConfig, ConfigError, DistillConfig, Params
 from components.distill.lcd import LCDSettings
+from components.lora.formats import LORA_WEIGHT_NAME
+from components.models.base_model import ResolvedBase
 from components.progress import ProgressFn
-from components.stages.inputs import stored_sha256
-from components.stages.keys import RESUMABLE
+from components.stages.inputs import distill_rel, encoded_index, stored_sha256
+from components.stages.keys import RESUMABLE, output_rel
+from components.storage.content_hash import file_sha256
+from components.storage.folder_sync import COMPLETE, is_complete, push_folder, work_dir
 from components.storage.storage import Storage
 
 ARCH_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "arch"
@@ -110,8 +117,7 @@ class DistillOutput:
 def run_distill(
     cfg: DistillConfig,
     *,
-    base_name: str,
-    base: BaseConfig,
+    base: ResolvedBase,
     storage: Storage,
     latents_index: str | None,
     output: Path,
@@ -147,14 +153,11 @@ def run_distill(
         train_lcd_lora,
     )
     from components.lora.adapter import add_lora, lora_config, trainable_parameters
-    from components.lora.formats import LORA_WEIGHT_NAME
-    from components.models.base_model import load_base
     from components.models.conditioning import TextConditioner
-    from components.storage.content_hash import file_sha256
 
     started_at = lin.utc_now()
     # 1. Base: weights, family, fingerprints; LoRA on its UNet.
-    loaded = load_base(base.reference, base.family)
+    loaded = base.load()
     pipe = loaded.pipe
     torch.manual_seed(cfg.seed)  # LoRA A's init: same seed, same run
     unet = add_lora(pipe.unet, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.target_modules, cfg.lora_dropout))
@@ -172,8 +175,8 @@ def run_distill(
         if not index_rel:
             raise ConfigError("distill: no latent shard index given; run `lcmlora encode` first (its pointer "
                               "names the index) or set distill.latents_index")
-        index = read_index(storage, index_rel, vae_fingerprint=loaded.fingerprints["vae"],
-                           resolution=base.resolution)
+        index = read_index(storage, index_rel, vae_fingerprint=base.fingerprints["vae"],
+                           resolution=base.config.resolution)
         scaling_factor = float(index.get("scaling_factor", scaling_factor))
         latents_info = {"index": storage.url(index_rel), "index_sha256": stored_sha256(storage, index_rel),
                         "samples": index.get("count"), "manifest_hash": index.get("manifest_hash")}
@@ -182,7 +185,7 @@ def run_distill(
             return make_loader(storage, index_rel, cfg.batch_size, shuffle=True, resample=True, seed=cfg.seed,
                                num_workers=cfg.num_workers, rank=rank, world_size=world_size, drop_last=True)
 
-    settings = lcd_settings(cfg, base_name, base, loaded.family, dict(pipe.scheduler.config), scaling_factor)
+    settings = lcd_settings(cfg, base.name, base.config, loaded.family, dict(pipe.scheduler.config), scaling_factor)
     alpha_bar = schedule_from_scheduler_config(dict(pipe.scheduler.config))
     conditioner = TextConditioner.from_pipeline(pipe, loaded.family)
 
@@ -194,16 +197,16 @@ def run_distill(
         return DistillOutput(folder, None, {}, result, {}, n_params)
 
     # 4. The artifact folder: LoRA in both formats, card, metrics, lineage, config, loss curve.
-    base_meta = {"name": base_name, "reference": base.reference, "family": loaded.family,
-                 "resolution": base.resolution, "prediction_type": settings.prediction_type,
-                 "fingerprint": loaded.fingerprint, "hub_id": base.hub_id, "license": base.license}
+    base_meta = {"name": base.name, "reference": base.config.reference, "family": loaded.family,
+                 "resolution": base.config.resolution, "prediction_type": settings.prediction_type,
+                 "fingerprint": base.fingerprint, "hub_id": base.config.hub_id, "license": base.config.license}
     metrics = distill_metrics(result.history, steps=result.steps, seconds=result.seconds,
                               samples_per_second=result.samples_per_second, lora_params=n_params)
     record = lin.collect(
         stage="distill", params_digest=params_digest, started_at=started_at,
-        inputs={"base": {"name": base_name, "reference": base.reference, "fingerprints": loaded.fingerprints},
+        inputs={"base": {"name": base.name, "reference": base.config.reference, "fingerprints": base.fingerprints},
                 "latents": latents_info or {}},
-        extra={"resolved": {"base": base.model_dump(mode="json"), "distill": cfg.model_dump(mode="json"),
+        extra={"resolved": {"base": base.config.model_dump(mode="json"), "distill": cfg.model_dump(mode="json"),
                             "guidance_scale_range": [settings.guidance_min, settings.guidance_max],
                             "prediction_type": settings.prediction_type, "scaling_factor": scaling_factor},
                "run": {"steps": result.steps, "world_size": result.world_size, "device": result.device,
@@ -282,22 +285,61 @@ def prepare_run_folder(cfg: DistillConfig, base_name: str, base: BaseConfig, fol
 
 
 @dataclass(frozen=True)
-class DistillRun:
-    """Where a CLI distill run goes: the local run folder, and its keyed folder below storage.root."""
+class DistillStageOutput:
+    """What the distill stage did for one base. Off rank 0 only `folder` and `main_process` are filled."""
 
-    folder: Path  # where training writes (the keyed folder itself on a local storage root)
-    rel: str | None  # stages/distill/BASE/KEY (None with an explicit output folder)
-    index: str  # the latent shard index it trains on (relative to storage.root)
-    complete: bool  # the keyed folder already holds this run's finished LoRA
+    folder: Path  # the local run folder holding the LoRA (the keyed folder itself on a local root)
+    rel: str | None  # stages/distill/BASE/KEY below storage.root (None with an explicit output folder)
+    weights_sha256: str | None
+    metrics: dict[str, Any]  # metrics.json's "distill" section
+    reused: bool = False  # the keyed folder already held this run's finished LoRA: nothing was trained
+    note: str | None = None  # how the run started: resumed from a checkpoint, or started over
+    main_process: bool = True
 
 
-def run_for_base(params: Params, storage: Storage, base_name: str, base: BaseConfig,
-                 output: Path | None = None) -> DistillRun:
-    """The run folder of a base: `output`, else the keyed folder the flows use (stages/distill/BASE/KEY)."""
-    from components.stages.inputs import base_fingerprints, distill_rel, encoded_index
-    from components.storage.folder_sync import is_complete, work_dir
+Launcher = Callable[[Path, str | None], None]  # (run folder, resume) -> trains there in other processes
 
+
+def distill_stage(params: Params, base: ResolvedBase, storage: Storage, *, index: str | None = None,
+                  output: Path | None = None, key: str | None = None, restart: bool = False,
+                  resume: str | None = None, launch: Launcher | None = None,
+                  progress: ProgressFn | None = None) -> DistillStageOutput:
+    """The distill stage's one call: the base's shards -> its LCM-LoRA, stored under its key.
+
+    `index` (the shard index, relative to `storage`) defaults to the one the base's encode pointer
+    names. The run goes to `output`, else to the keyed folder `stages/distill/BASE/KEY` (`key`
+    when the caller has computed it); a finished run there is reused unless `restart`. A rerun
+    resumes from the folder's checkpoints (`prepare_run_folder`); `restart` starts over, `resume`
+    names a checkpoint. `launch` trains in other processes (`accelerate launch`) instead of here.
+    """
+    # 1. The run folder and the shards it trains on.
+    index = index or encoded_index(params, storage, base.name)
     if output is not None:
-        return DistillRun(Path(output), None, encoded_index(params, storage, base_name), False)
-    rel, index = distill_rel(params, storage, base_name, base, base_fingerprints(base))
-    return DistillRun(work_dir(storage, rel), rel, index, is_complete(storage, rel))
+        rel, folder = None, Path(output)
+    else:
+        rel = output_rel("distill", key, base.name) if key else distill_rel(params, storage, base)[0]
+        folder = work_dir(storage, rel)
+    # 2. A finished run of this key is the answer, unless asked to train again.
+    if rel and restart:
+        storage.delete(f"{rel}/{COMPLETE}")  # no longer the finished run until this one is stored
+    elif rel and resume is None and is_complete(storage, rel):
+        return DistillStageOutput(folder, rel, stored_sha256(storage, f"{rel}/{LORA_WEIGHT_NAME}"),
+                                  json.loads(storage.read_text(f"{rel}/metrics.json"))["distill"], reused=True)
+    # 3. Resume from the folder's checkpoints, or start over.
+    note = None
+    if resume is None:
+        resume, note = prepare_run_folder(params.distill, base.name, base.config, folder, restart=restart)
+    # 4. Train, in this process or by the launcher.
+    if launch is not None:
+        launch(folder, resume)
+    else:
+        out = run_distill(params.distill, base=base, storage=storage, latents_index=index, output=folder,
+                          resolved_yaml=params.to_yaml(), params_digest=params.digest(), resume=resume,
+                          progress=progress)
+        if not out.result.is_main_process:
+            return DistillStageOutput(folder, rel, None, {}, note=note, main_process=False)
+    # 5. Store the folder under its key (its completion marker last).
+    if rel:
+        push_folder(storage, folder, rel)
+    metrics = json.loads((folder / "metrics.json").read_text())["distill"]
+    return DistillStageOutput(folder, rel, file_sha256(folder / LORA_WEIGHT_NAME), metrics, note=note)

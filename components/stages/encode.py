@@ -1,7 +1,8 @@
 """The encode stage: curated manifest -> latent shards for one base's VAE (contract 3).
 
-    output = run_encode(params.encode, base_name="toy", base=params.bases["toy"], storage=storage,
-                        manifest_rel="stages/curate/KEY/manifest.parquet", source=source)
+    output = encode_stage(params, base, storage)   # base: a ResolvedBase; the one call of every caller
+
+`encode_stage` finds the curated manifest by key (or takes the one given) and runs `run_encode`.
 
 The VAE (and, with `encode.text_embeddings`, the text encoders) run in `encode.dtype` on
 `encode.device` with `encode.workers` decode threads. Shards are keyed by the base's module
@@ -19,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import BaseConfig, EncodeConfig, Params
+from components.config import EncodeConfig, Params
 from components.data.encode import DTYPES, encode_dataset
 from components.data.shards import index_path, latent_dir
 from components.data.text_embeddings import pipeline_text_embedder, text_encoder_fingerprint
+from components.models.base_model import ResolvedBase
 from components.progress import Progress, ProgressFn
-from components.stages.inputs import stored_sha256
+from components.stages.inputs import curated_manifest, source_storage, stored_sha256
 from components.storage.storage import AlreadyExists, Storage
 
 CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
@@ -56,19 +58,15 @@ class EncodeOutput:
                 "text_encoder_fingerprint": self.text_encoder_fingerprint, "seconds": round(self.seconds, 1)}
 
 
-def _models(cfg: EncodeConfig, base: BaseConfig, fingerprints: dict[str, str] | None):
+def _models(cfg: EncodeConfig, base: ResolvedBase):
     """VAE, its fingerprint, the text embedder and its fingerprint (None without text embeddings)."""
-    from components.models.base_model import load_base, load_vae
-
     dtype = DTYPES[cfg.dtype]
     if cfg.text_embeddings:
-        loaded = load_base(base.reference, base.family)  # float32: the fingerprints of contract 1
-        fingerprints = fingerprints or dict(loaded.fingerprints)
+        loaded = base.load()  # float32: the fingerprints of contract 1
         loaded.pipe.to(device=cfg.device, dtype=dtype)
         embedder = pipeline_text_embedder(loaded.pipe, loaded.family, cfg.device)
-        return loaded.pipe.vae, fingerprints["vae"], embedder, text_encoder_fingerprint(fingerprints)
-    vae, vae_fp = load_vae(base.reference)
-    return vae.to(cfg.device, dtype), (fingerprints or {}).get("vae", vae_fp), None, None
+        return loaded.pipe.vae, base.fingerprints["vae"], embedder, text_encoder_fingerprint(base.fingerprints)
+    return base.load_vae().to(cfg.device, dtype), base.fingerprints["vae"], None, None
 
 
 def claim_folder(storage: Storage, folder: str, owner: str, *, stale_s: float = CLAIM_STALE_S,
@@ -109,24 +107,23 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: Storage, manifest_rel: str,
-               source: Storage, fingerprints: dict[str, str] | None = None, rank: int = 0, world_size: int = 1,
+def run_encode(cfg: EncodeConfig, *, base: ResolvedBase, storage: Storage, manifest_rel: str,
+               source: Storage, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] | None = None, progress: ProgressFn | None = None,
                claim_owner: str | None = None, claim_stale_s: float = CLAIM_STALE_S) -> EncodeOutput:
     """Encode the manifest for `base`'s VAE; rank 0 writes the index and `<encode.pointers>/<base>.json`.
 
-    `fingerprints` (from `load_base(...).fingerprints`) saves fingerprinting the VAE again.
     One process (`world_size == 1`) claims the shard folder first (module docstring); `claim_owner`
     names it (default host:pid).
     """
     # 1. The models, in the configured dtype and device.
-    vae, vae_fp, embedder, te_fp = _models(cfg, base, fingerprints)
+    vae, vae_fp, embedder, te_fp = _models(cfg, base)
 
     # 2. The claim on the shard folder: another base with this VAE may be encoding it right now.
     claimed, owner, report = None, claim_owner or default_owner(), progress
     if world_size == 1:
         manifest_hash = stored_sha256(storage, manifest_rel)
-        folder = latent_dir(cfg.output, vae_fp, base.resolution, manifest_hash, te_fp)
+        folder = latent_dir(cfg.output, vae_fp, base.config.resolution, manifest_hash, te_fp)
         if claim_folder(storage, folder, owner, stale_s=claim_stale_s, progress=progress):
             claimed = folder
 
@@ -138,7 +135,7 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
     # 3. The shards (resumable, shared by every base with this VAE).
     try:
         result = encode_dataset(
-            storage, manifest_rel, source, vae, vae_fp, resolution=base.resolution, output=cfg.output,
+            storage, manifest_rel, source, vae, vae_fp, resolution=base.config.resolution, output=cfg.output,
             batch_size=cfg.batch_size, shard_size=cfg.shard_size, device=cfg.device, dtype=cfg.dtype,
             workers=cfg.workers, rank=rank, world_size=world_size, barrier=barrier, text_embedder=embedder,
             text_encoder_fingerprint=te_fp, progress=report)
@@ -150,12 +147,12 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
                             len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
 
     # 4. The fixed-path pointer to this base's index (what DVC tracks), rewritten only when it changes.
-    pointer = {"base": base_name, "index": result.index_rel, "vae_fingerprint": vae_fp,
-               "resolution": base.resolution, "text_encoder_fingerprint": te_fp, "count": result.samples,
+    pointer = {"base": base.name, "index": result.index_rel, "vae_fingerprint": vae_fp,
+               "resolution": base.config.resolution, "text_encoder_fingerprint": te_fp, "count": result.samples,
                "shards": result.shards,
-               "params": {"base": base.model_dump(mode="json"), "encode": cfg.model_dump(mode="json")}}
+               "params": {"base": base.config.model_dump(mode="json"), "encode": cfg.model_dump(mode="json")}}
     text = json.dumps(pointer, indent=1, sort_keys=True) + "\n"
-    pointer_rel = f"{cfg.pointers.strip('/')}/{base_name}.json"
+    pointer_rel = f"{cfg.pointers.strip('/')}/{base.name}.json"
     if not storage.exists(pointer_rel) or storage.read_text(pointer_rel) != text:
         storage.write_text(pointer_rel, text)
     index_hash = stored_sha256(storage, result.index_rel)
@@ -163,22 +160,15 @@ def run_encode(cfg: EncodeConfig, *, base_name: str, base: BaseConfig, storage: 
                         result.encoded_shards, len(result.rejected), result.reused, vae_fp, te_fp, result.seconds)
 
 
-def encode_for_base(params: Params, base_name: str, *, manifest_rel: str | None = None, rank: int = 0,
-                    world_size: int = 1, barrier: Callable[[], None] | None = None,
-                    progress: ProgressFn | None = None) -> EncodeOutput:
-    """The stage for one base of params: the CLI's inputs.
+def encode_stage(params: Params, base: ResolvedBase, storage: Storage, *, manifest: str | None = None,
+                 rank: int = 0, world_size: int = 1, barrier: Callable[[], None] | None = None,
+                 claim_owner: str | None = None, progress: ProgressFn | None = None) -> EncodeOutput:
+    """The encode stage's one call: the curated manifest -> latent shards for `base`'s VAE in `storage`.
 
-    `manifest_rel` (relative to storage.root) defaults to the manifest the curate stage keyed for
-    this source, curate section and base resolution (`stages/curate/KEY/manifest.parquet`).
+    `manifest` (relative to `storage`) defaults to the one the curate stage keyed for this source,
+    curate section and base resolution (`stages/curate/KEY/manifest.parquet`).
     """
-    from components.models.base_model import check_reference, resolve_base
-    from components.stages.curate import source_storage
-    from components.stages.inputs import curated_manifest
-
-    name, base = resolve_base(params, base_name)
-    check_reference(base.reference)  # before the source is fingerprinted to find the manifest
-    storage = Storage.from_config(params.storage)
-    return run_encode(params.encode, base_name=name, base=base, storage=storage,
-                      manifest_rel=manifest_rel or curated_manifest(params, storage, base.resolution),
+    return run_encode(params.encode, base=base, storage=storage,
+                      manifest_rel=manifest or curated_manifest(params, storage, base.config.resolution),
                       source=source_storage(params.curate.source, params.storage), rank=rank,
-                      world_size=world_size, barrier=barrier, progress=progress)
+                      world_size=world_size, barrier=barrier, progress=progress, claim_owner=claim_owner)

@@ -16,9 +16,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from components.config import BaseConfig, Params
+from components.config import Params, StorageConfig
 from components.lora.io import lora_file
-from components.stages.curate import manifest_rel, source_storage
+from components.models.base_model import ResolvedBase
 from components.stages.keys import curate_key, distill_key, evaluate_key, merge_key, output_rel
 from components.storage.content_hash import file_sha256, tree_digest
 from components.storage.folder_sync import is_complete
@@ -32,16 +32,21 @@ class MissingInput(FileNotFoundError):
 # --- the content fingerprints keys are built from -----------------------------------------
 
 
+def source_storage(source: str, storage_cfg: StorageConfig) -> Storage:
+    """The curation source (local folder or s3://) on the storage endpoint of params."""
+    return Storage(source, endpoint_url=storage_cfg.endpoint_url, region=storage_cfg.region,
+                   retries=storage_cfg.retries)
+
+
+def manifest_rel(folder: str, name: str = "manifest.parquet") -> str:
+    """The manifest (or another file `name`) of a curate output folder, relative to the storage root."""
+    folder = folder.strip("/")
+    return f"{folder}/{name}" if folder else name
+
+
 def source_digest(params: Params) -> str:
     """Content digest of the whole curation source tree (metadata and shards)."""
     return tree_digest(source_storage(params.curate.source, params.storage))
-
-
-def base_fingerprints(base: BaseConfig) -> dict[str, str]:
-    """Fingerprints of the base's UNet, VAE and text encoder(s) (contract 1); loads the base once."""
-    from components.models.base_model import load_base
-
-    return dict(load_base(base.reference, base.family).fingerprints)
 
 
 def stored_sha256(storage: Storage, rel: str) -> str:
@@ -82,33 +87,30 @@ def encoded_index(params: Params, storage: Storage, base_name: str) -> str:
     return json.loads(storage.read_text(pointer))["index"]
 
 
-def distill_rel(params: Params, storage: Storage, base_name: str, base: BaseConfig,
-                fingerprints: dict[str, str]) -> tuple[str, str]:
+def distill_rel(params: Params, storage: Storage, base: ResolvedBase) -> tuple[str, str]:
     """(`stages/distill/BASE/KEY`, the shard index it trains on) for this base and distill section."""
-    index = encoded_index(params, storage, base_name)
-    return output_rel("distill", distill_key(params, base_name, base, fingerprints, stored_sha256(storage, index)),
-                      base_name), index
+    index = encoded_index(params, storage, base.name)
+    key = distill_key(params, base.name, base.config, base.fingerprints, stored_sha256(storage, index))
+    return output_rel("distill", key, base.name), index
 
 
-def distilled_lora(params: Params, storage: Storage, base_name: str, base: BaseConfig,
-                   fingerprints: dict[str, str]) -> str:
+def distilled_lora(params: Params, storage: Storage, base: ResolvedBase) -> str:
     """The complete distill output of this params for the base (relative to the storage root)."""
-    rel, _ = distill_rel(params, storage, base_name, base, fingerprints)
+    rel, _ = distill_rel(params, storage, base)
     if not is_complete(storage, rel):
-        raise MissingInput(f"{storage.url(rel)}: no complete LoRA of base {base_name} for this distill section; "
-                           f"run `lcmlora distill --base {base_name}` first (or pass --lora / --lcm)")
+        raise MissingInput(f"{storage.url(rel)}: no complete LoRA of base {base.name} for this distill section; "
+                           f"run `lcmlora distill --base {base.name}` first (or pass --lora / --lcm)")
     return rel
 
 
-def evaluation_rel(params: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-                   lora_folder: str | Path) -> str:
+def evaluation_rel(params: Params, base: ResolvedBase, lora_folder: str | Path) -> str:
     """`stages/evaluate/BASE/KEY`: the evaluation of this LoRA on the base under the evaluate section."""
-    return output_rel("evaluate", evaluate_key(params, base_name, base, fingerprints, lora_sha256(lora_folder)),
-                      base_name)
+    key = evaluate_key(params, base.name, base.config, base.fingerprints, lora_sha256(lora_folder))
+    return output_rel("evaluate", key, base.name)
 
 
-def merge_rel(params: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str],
-              lcm_folder: str | Path, style_file: str | Path) -> str:
+def merge_rel(params: Params, base: ResolvedBase, lcm_folder: str | Path, style_file: str | Path) -> str:
     """`stages/merge/BASE/KEY`: the style variants of this LCM-LoRA and style LoRA under the merge section."""
-    return output_rel("merge", merge_key(params, base_name, base, fingerprints, lora_sha256(lcm_folder),
-                                         lora_sha256(style_file)), base_name)
+    key = merge_key(params, base.name, base.config, base.fingerprints, lora_sha256(lcm_folder),
+                    lora_sha256(style_file))
+    return output_rel("merge", key, base.name)

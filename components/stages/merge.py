@@ -1,13 +1,16 @@
 """The merge stage: one LCM-LoRA and one style LoRA -> evaluated variants and contract-4 folders.
 
 theta' = theta_pre + l1 * tau_style + l2 * tau_LCM (LCM-LoRA report, Section 3.2, eq. 4),
-over the `merge.weights` grid. The runner loads the base twice (one copy carries adapters, the
-other fused deltas), evaluates every variant (`components/evaluate/merge_eval.py`), completes each
-`merged-L1_L2` folder as a contract-4 LoRA folder and writes the report. The CLI, the Prefect
-task and the toy reproduction call `run_merge` and nothing else.
+over the `merge.weights` grid.
 
-Judges and prompts come from the caller: production evaluation gets its judges from the base's
-provider, the toy world plugs in its digit judges and style scorer the same way.
+    output = merge_stage(params, base, storage)   # base: a ResolvedBase; the one call of every caller
+
+`merge_stage` finds the LCM-LoRA by key (or takes the folder given) and the style LoRA
+(`merge.style_file`), works in the keyed folder `stages/merge/BASE/KEY` (or `output`) and stores
+it. `run_merge` uses the base twice (one copy carries adapters, the other fused deltas),
+evaluates every variant (`components/evaluate/merge_eval.py`), completes each `merged-L1_L2`
+folder as a contract-4 LoRA folder and writes the report. Judges and prompts are the base's
+(its provider, `bases.NAME.judges`; the toy worlds plug in theirs the same way).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import RESOLVED_CONFIG_NAME, BaseConfig, EvaluateConfig, MergeConfig
+from components.config import RESOLVED_CONFIG_NAME, EvaluateConfig, MergeConfig, Params
 from components.evaluate.merge_eval import (
     MergeResult,
     evaluate_merge,
@@ -28,9 +31,16 @@ from components.evaluate.merge_eval import (
 from components.lineage import collect, portable_yaml, utc_now, write_lineage
 from components.lora.io import lora_file
 from components.lora.model_card import render_model_card
+from components.models.base_model import ResolvedBase, load_base
+from components.paths import project_path
 from components.progress import ProgressFn
+from components.stages.evaluate import prompts_for
+from components.stages.inputs import distilled_lora, merge_rel
+from components.stages.keys import output_rel
 from components.storage.atomic_dir import atomic_dir
 from components.storage.content_hash import file_sha256
+from components.storage.folder_sync import pull_folder, push_folder, work_dir
+from components.storage.storage import Storage
 
 # What a previous merge left in its output folder; a folder holding anything else is never replaced.
 OWNS = ("merged-*", "fused-*", "svd*-*", "*.md", "*.json", "*.png", "*.html", "*.csv")
@@ -61,46 +71,83 @@ class MergeOutput:
         return None if best is None else self.output / f"merged-{best['l1']:g}_{best['l2']:g}"
 
 
-def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base_name: str, base: BaseConfig,
-              lcm_folder: Path, style_file: Path, output: Path, judges: Any, prompts: list[str],
-              resolved_yaml: str, params_digest: str, progress: ProgressFn | None = None) -> MergeOutput:
+def run_merge(cfg: MergeConfig, evaluate_cfg: EvaluateConfig, *, base: ResolvedBase, lcm_folder: Path,
+              style_file: Path, output: Path, resolved_yaml: str, params_digest: str, judges: Any = None,
+              prompts: list[str] | None = None, progress: ProgressFn | None = None) -> MergeOutput:
     """Evaluate every merge variant over the grid, complete the merged folders, write the report.
 
-    `judges` (components/evaluate/judges.py) gives the FD backbone, adherence scorer and optional style
-    scorer; `evaluate_cfg.device` is where sampling and metrics run. `resolved_yaml` and
-    `params_digest` are the resolved params, recorded in every merged folder.
+    `judges` (components/evaluate/judges.py: FD backbone, adherence scorer, optional style scorer)
+    and `prompts` default to the base's; `evaluate_cfg.device` is where sampling and metrics run.
+    `resolved_yaml` and `params_digest` are the resolved params, recorded in every merged folder.
     """
-    from components.models.base_model import load_base
-    from components.paths import project_path
+    from components.evaluate.judges import load_judges
 
     t0 = time.perf_counter()
     started_at = utc_now()
     style_path, lcm_path = lora_file(project_path(style_file)), lora_file(project_path(lcm_folder))
-    # 1. Two copies of the base: one carries adapters, the other fused deltas.
-    reference = str(project_path(base.reference))
-    loaded = load_base(reference, family=base.family)
-    fused = load_base(reference, family=base.family)
+    # 1. Judges and prompts first: a missing backbone fails before any sampling.
+    judges = judges if judges is not None else load_judges(evaluate_cfg, base.config, base.name)
+    prompts = prompts if prompts is not None else prompts_for(evaluate_cfg, judges, base.name, base.config)
+    # 2. Two copies of the base: one carries adapters, the other fused deltas.
+    config = base.config
+    loaded = base.load()
+    fused = load_base(str(project_path(config.reference)), family=config.family)
     device = evaluate_cfg.device
-    base_meta = {"name": base_name, "family": base.family, "resolution": base.resolution,
-                 "reference": base.reference, "fingerprint": loaded.fingerprint}
-    # 2. Every variant over the grid, sampled and measured, written into a staging folder that
+    base_meta = {"name": base.name, "family": config.family, "resolution": config.resolution,
+                 "reference": config.reference, "fingerprint": base.fingerprint}
+    # 3. Every variant over the grid, sampled and measured, written into a staging folder that
     #    becomes `output` when everything is there (`components/storage/atomic_dir.py`).
     output = Path(output)
     with atomic_dir(output, owns=OWNS) as staging:
-        result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), base.family, style_path, lcm_path,
-                                cfg, judges, prompts, teacher_guidance=base.guidance_scale,
-                                resolution=base.resolution, output=staging, base_meta=base_meta, progress=progress)
-        result.doc["base"] = base_name
-        result.doc["base_fingerprint"] = loaded.fingerprint
+        result = evaluate_merge(loaded.pipe.to(device), fused.pipe.to(device), config.family, style_path, lcm_path,
+                                cfg, judges, prompts, teacher_guidance=config.guidance_scale,
+                                resolution=config.resolution, output=staging, base_meta=base_meta, progress=progress)
+        result.doc["base"] = base.name
+        result.doc["base_fingerprint"] = base.fingerprint
         result.doc["seconds"] = round(time.perf_counter() - t0, 1)
         result.doc["files"] = relocated(result.doc["files"], staging, output)
-        # 3. Contract-4 folders and the report.
-        finalize_merged_folders(result, staging, cfg, base_reference=base.reference, started_at=started_at,
-                                resolved_yaml=resolved_yaml, params_digest=params_digest, hub_id=base.hub_id,
-                                license=base.license)
+        # 4. Contract-4 folders and the report.
+        finalize_merged_folders(result, staging, cfg, base_reference=config.reference, started_at=started_at,
+                                resolved_yaml=resolved_yaml, params_digest=params_digest, hub_id=config.hub_id,
+                                license=config.license)
         written = write_merge_report(result, staging)
     paths = {name: output / path.relative_to(staging) for name, path in written.items()}
     return MergeOutput(output=output, doc=result.doc, paths=paths)
+
+
+@dataclass(frozen=True)
+class MergeStageOutput:
+    """What the merge stage did: the variants, and where they are kept."""
+
+    merge: MergeOutput
+    rel: str | None  # stages/merge/BASE/KEY below storage.root (None with an explicit output folder)
+    style_file: Path  # the style LoRA it merged
+
+
+def merge_stage(params: Params, base: ResolvedBase, storage: Storage, *, lcm: Path | None = None,
+                style: Path | None = None, output: Path | None = None, key: str | None = None,
+                judges: Any = None, progress: ProgressFn | None = None) -> MergeStageOutput:
+    """The merge stage's one call: an LCM-LoRA and a style LoRA -> evaluated variants, stored under their key.
+
+    `lcm` (a local LoRA folder) defaults to the distill stage's output of these params, `style`
+    to `merge.style_file`. The variants go to `output`, else to the keyed folder
+    `stages/merge/BASE/KEY` (`key` when the caller has computed it).
+    """
+    # 1. The two LoRAs, and the folder the variants are written in.
+    style_file = project_path(style or params.merge.style_file)
+    lcm_dir = Path(lcm) if lcm is not None else pull_folder(storage, distilled_lora(params, storage, base))
+    if output is not None:
+        rel, folder = None, Path(output)
+    else:
+        rel = output_rel("merge", key, base.name) if key else merge_rel(params, base, lcm_dir, style_file)
+        folder = work_dir(storage, rel)
+    # 2. Every variant evaluated, then the folder stored under its key.
+    result = run_merge(params.merge, params.evaluate, base=base, lcm_folder=lcm_dir, style_file=style_file,
+                       output=folder, resolved_yaml=params.to_yaml(), params_digest=params.digest(), judges=judges,
+                       progress=progress)
+    if rel:
+        push_folder(storage, folder, rel)
+    return MergeStageOutput(result, rel, Path(style_file))
 
 
 def relocated(files: Any, staging: Path, output: Path) -> Any:
