@@ -16,19 +16,11 @@ from typing import Annotated, Any
 import click
 import typer
 
-from components.cli.conventions import (
-    DryRunOpt,
-    OutputOpt,
-    ParamsOpt,
-    SetOpt,
-    console,
-    echo_evaluation,
-    print_config,
-    resolve,
-)
+from components.cli import conventions
+from components.cli.conventions import DryRunOpt, OutputOpt, ParamsOpt, SetOpt, console
 from components.cli.progress_view import ProgressView
 from components.config import ConfigError
-from flows.cli_common import BaseOpt, pick_base, quiet_known_noise
+from flows.cli_common import BaseOpt, pick_base, quiet_known_noise, stage_params
 from flows.registry_cli import registry_app
 from flows.serve_cli import serve
 
@@ -52,11 +44,9 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
 
     Writes to storage.root/stages/curate/KEY (the folder the flows use; reused when already there)
     unless --output names a folder."""
-    cfg = resolve(params, set_)
-    name = pick_base(cfg, base)
-    if dry_run:
-        print_config(cfg)
+    if (run := stage_params(params, set_, base, dry_run)) is None:
         return
+    cfg, name = run
     from components.models.base_model import resolve_base
     from components.stages.curate import curate_stage
     from components.stages.inputs import source_storage
@@ -86,11 +76,9 @@ ManifestOpt = Annotated[str | None, typer.Option(
 def encode(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
            base: BaseOpt = None, manifest: ManifestOpt = None) -> None:
     """VAE-encode the curated manifest into latent webdataset shards (runs under `accelerate launch`)."""
-    cfg = resolve(params, set_)
-    name = pick_base(cfg, base)
-    if dry_run:
-        print_config(cfg)
+    if (run := stage_params(params, set_, base, dry_run)) is None:
         return
+    cfg, name = run
     from components.models.base_model import resolved_base
     from components.stages.encode import encode_stage
     from components.storage.storage import Storage
@@ -134,7 +122,7 @@ def distill(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_ru
     Trains into storage.root/stages/distill/BASE/KEY (the folder the flows use) unless --output
     names a folder, on the shards the base's encode pointer names. A rerun after a crash resumes
     from the run folder's latest checkpoint; --restart starts over."""
-    cfg = resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
+    cfg = conventions.resolve(params, set_, [f"distill.max_steps={max_steps}"] if max_steps is not None else [])
     name = pick_base(cfg, base)
     if dry_run:
         print_distill_plan(cfg, name, as_json)
@@ -173,7 +161,7 @@ def print_distill_plan(cfg: Any, name: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps({"config": json.loads(cfg.to_json()), **summary}, indent=2))
         return
-    print_config(cfg)
+    conventions.print_config(cfg)
     typer.echo(f"base: {summary['base_name']} ({summary['base']['family']}, UNet config {summary['unet_config']})")
     typer.echo(f"lora_trainable_params: {summary['lora_trainable_params']:,}")
 
@@ -189,11 +177,9 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
 
     Judges a copy of the LoRA in OUTPUT/lora (the folder publish ships); OUTPUT defaults to
     storage.root/stages/evaluate/BASE/KEY, the folder the flows use."""
-    cfg = resolve(params, set_)
-    name = pick_base(cfg, base)
-    if dry_run:
-        print_config(cfg)
+    if (run := stage_params(params, set_, base, dry_run)) is None:
         return
+    cfg, name = run
     from components.models.base_model import resolved_base
     from components.stages.evaluate import evaluate_stage
     from components.storage.storage import Storage
@@ -202,7 +188,7 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     with ProgressView(console) as view:
         out = evaluate_stage(cfg, resolved_base(cfg, name), storage, lora=lora, output=output, progress=view)
     evaluation = out.evaluation
-    echo_evaluation(evaluation.doc)
+    conventions.echo_evaluation(evaluation.doc)
     typer.echo(f"report: {evaluation.paths['report.html']}  metrics: {evaluation.paths['metrics.json']}  "
                f"evaluated LoRA: {storage.url(out.rel) + '/lora' if out.rel else out.lora_folder}")
     if not evaluation.passed:
@@ -227,11 +213,9 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
         except ValueError:
             raise click.BadParameter(f"--weights {weights!r}: expected two numbers l1,l2 (e.g. 0.8,1.0)") from None
         extra.append(f"merge.weights=[[{l1}, {l2}]]")
-    cfg = resolve(params, set_, extra)
-    name = pick_base(cfg, base)
-    if dry_run:
-        print_config(cfg)
+    if (run := stage_params(params, set_, base, dry_run, extra)) is None:
         return
+    cfg, name = run
     from components.evaluate.merge_eval import markdown_table
     from components.models.base_model import resolved_base
     from components.stages.merge import merge_stage
@@ -253,9 +237,9 @@ def merge(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run:
 @app.command()
 def nightly(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False) -> None:
     """The main job: every base in params through every stage, skipping unchanged work."""
-    cfg = resolve(params, set_)
+    cfg = conventions.resolve(params, set_)
     if dry_run:
-        print_config(cfg)
+        conventions.print_config(cfg)
         return
     from components.preflight import preflight
     from flows.runtime import prefect_environment
@@ -284,12 +268,12 @@ def new_base(ref: str, name: Annotated[str | None, typer.Option("--name", help="
              emit: Annotated[bool, typer.Option("--emit", help="only emit lcmlora.base.registered to the Prefect "
                                                 "server; its new-base deployment runs the base")] = False) -> None:
     """Register a fine-tuned base and run distill, evaluate, merge and publish for it."""
-    cfg = resolve(params, set_)
+    cfg = conventions.resolve(params, set_)
     if dry_run:
         from flows.new_base import register_config
 
         base_name, base_cfg = register_config(cfg, ref, name, family)
-        print_config(cfg.model_copy(update={"bases": {base_name: base_cfg}}))
+        conventions.print_config(cfg.model_copy(update={"bases": {base_name: base_cfg}}))
         if base_name not in cfg.bases:
             console.print(f"note: {base_name} takes resolution, guidance and prediction type from the params base "
                           "that shares its VAE (found when the run fingerprints it); the values above apply otherwise",

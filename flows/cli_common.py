@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 
+from components.cli.conventions import print_config, resolve
 from components.config import Params
 
 BaseOpt = Annotated[str | None, typer.Option(
@@ -25,6 +27,17 @@ def pick_base(cfg: Params, base: str | None) -> str:
         return next(iter(cfg.bases))
     known = ", ".join(sorted(cfg.bases)) or "none"
     raise click.UsageError(f"--base is required: params defines {len(cfg.bases)} bases ({known})")
+
+
+def stage_params(params: Path, overrides: list[str] | None, base: str | None, dry_run: bool,
+                 extra: list[str] | None = None) -> tuple[Params, str] | None:
+    """A stage command's resolved params and base name; None after printing them for `--dry-run`."""
+    cfg = resolve(params, overrides, extra)
+    name = pick_base(cfg, base)
+    if dry_run:
+        print_config(cfg)
+        return None
+    return cfg, name
 
 
 # Messages known to be harmless for lcmlora's use, dropped at the CLI edge only (the library
