@@ -133,11 +133,11 @@ def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
     to `output/evaluation`, so a reproduction never reuses or overwrites another run's artifacts. `progress` gets each
     stage's own reports and one `reproduce` report per finished stage (its note says what it did).
     """
-    from components.stages.curate import run_curate
-    from components.stages.distill import run_distill
-    from components.stages.encode import run_encode
-    from components.stages.evaluate import run_evaluate
-    from components.stages.inputs import curate_rel
+    from components.models.base_model import fingerprint_base
+    from components.stages.curate import curate_stage
+    from components.stages.distill import distill_stage
+    from components.stages.encode import encode_stage
+    from components.stages.evaluate import evaluate_stage
 
     report = progress or no_progress
     output = Path(output)
@@ -164,34 +164,29 @@ def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,
     elif world.source_settings is not None:
         check_source_settings(source_dir, world.source_settings(params))
     params = params.model_copy(update={"curate": params.curate.model_copy(update={"source": str(source_dir)})})
-    source = Storage(str(source_dir), endpoint_url=params.storage.endpoint_url, region=params.storage.region)
     storage = Storage.from_config(params.storage)
-    resolved_yaml = params.to_yaml()
+    resolved = fingerprint_base(base_name, base, keep_loaded=True)  # loaded once: encoding takes its VAE
 
     # 2. Curate.
     t0 = time.perf_counter()
-    curated = run_curate(params.curate, source=source, storage=storage, output=curate_rel(params, base.resolution),
-                         min_side=base.resolution, resolved_yaml=resolved_yaml, progress=progress)
+    curated = curate_stage(params, storage, min_side=base.resolution, progress=progress)
     seconds["curate"] = time.perf_counter() - t0
     done(1, "curate", f"kept {curated.kept} of {curated.rows_in} rows")
     # 3. Encode.
     t0 = time.perf_counter()
-    encoded = run_encode(params.encode, base_name=base_name, base=base, storage=storage, manifest_rel=curated.manifest,
-                         source=source, progress=progress)
+    encoded = encode_stage(params, resolved, storage, manifest=curated.manifest, progress=progress)
     seconds["encode"] = time.perf_counter() - t0
     done(2, "encode", f"{encoded.samples} latents")
     # 4. Distill.
     t0 = time.perf_counter()
     lora_folder = output / "lora"
-    distilled = run_distill(params.distill, base_name=base_name, base=base, storage=storage,
-                            latents_index=encoded.index, output=lora_folder, resolved_yaml=resolved_yaml,
-                            params_digest=params.digest(), progress=progress)
+    distilled = distill_stage(params, resolved, storage, index=encoded.index, output=lora_folder, progress=progress)
     seconds["distill"] = time.perf_counter() - t0
-    done(3, "distill", f"{distilled.result.steps} steps -> {lora_folder}")
+    done(3, "distill", f"{distilled.metrics['steps']} steps -> {lora_folder}")
     # 5. Evaluate.
     t0 = time.perf_counter()
-    evaluated = run_evaluate(params.evaluate, base_name=base_name, base=base, lora_folder=lora_folder,
-                             output=output / "evaluation", progress=progress)
+    evaluated = evaluate_stage(params, resolved, storage, lora=lora_folder, output=output / "evaluation",
+                               progress=progress).evaluation
     seconds["evaluate"] = time.perf_counter() - t0
     done(4, "evaluate", "gate " + ("passed" if evaluated.passed else "FAILED"))
     seconds["total"] = time.perf_counter() - t_all

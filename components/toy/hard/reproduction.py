@@ -122,25 +122,24 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
     """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA if missing
     (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
     in `lcm_folder` on bases.toy-hard, into `output`; returns the merge metrics and the claim's checks."""
-    from components.evaluate.evaluation import load_prompts
+    from components.models.base_model import fingerprint_base
     from components.paths import project_path
-    from components.stages.merge import run_merge
+    from components.stages.merge import merge_stage
+    from components.storage.storage import Storage
     from components.toy.hard.merge_claim import CLAIM_WEIGHTS, check_merge_claim
-    from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.style_lora import run_hard_style_lora
 
     hard = hard_toy_config(params)
     style_folder = project_path(hard.style_output)
     if not (style_folder / "pytorch_lora_weights.safetensors").is_file():
         run_hard_style_lora(params, style_folder, progress=progress)
-    base = params.base(FAMILIES["sd15"])
-    merge_cfg = params.merge.model_copy(update={"weights": [CLAIM_WEIGHTS], "lcm_steps": 4,
-                                                "reference_steps": 25, "svd_rank": None, "save_fused": "none"})
-    judges = hard_judges(params.evaluate, base.resolution)
-    prompts = load_prompts(params.evaluate.prompts or HARD_PROMPTS)
-    result = run_merge(merge_cfg, params.evaluate, base_name=FAMILIES["sd15"], base=base, lcm_folder=lcm_folder,
-                       style_file=style_folder, output=output, judges=judges, prompts=prompts,
-                       resolved_yaml=params.to_yaml(), params_digest=params.digest(), progress=progress)
+    name = FAMILIES["sd15"]
+    claim = params.model_copy(update={"merge": params.merge.model_copy(update={
+        "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"})})
+    # The base's judges and prompts (bases.toy-hard.judges: the hard toy's digit judges and style scorer).
+    result = merge_stage(claim, fingerprint_base(name, params.base(name), keep_loaded=True),
+                         Storage.from_config(params.storage), lcm=lcm_folder, style=style_folder, output=output,
+                         progress=progress).merge
     return result.doc, check_merge_claim(result.doc)
 
 
