@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 TIMINGS = {"seconds_per_image"}  # wall-clock figures: they differ run to run
 
 
 def rows(path: str) -> dict[str, dict]:
     """label -> the method's figures, timings left out."""
-    methods = json.load(open(path))["evaluation"]["methods"]
+    methods = json.loads(Path(path).read_text())["evaluation"]["methods"]
     return {m["label"]: {k: v for k, v in m.items() if k not in TIMINGS} for m in methods}
 
 
