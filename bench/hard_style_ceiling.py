@@ -1,4 +1,4 @@
-"""How much of the hard style a 4-step LCM can hold at all (issue 12, item 4; docs/results.md, "Session 12").
+"""How much of the hard style a 4-step LCM can hold at all (issue 12, item 4; docs/notebook.md, "Session 12").
 
 The merge claim adds an LCM-LoRA distilled on the plain base to the style LoRA. This measures the
 ceiling beside it: an LCM-LoRA distilled on the style model itself (the style LoRA fused at 1.0 into

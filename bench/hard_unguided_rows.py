@@ -1,6 +1,6 @@
 """Unguided and LCMScheduler-without-LoRA rows of an SD-1.5-family hard toy base, beside guided
 teacher rows, on the difficulty table's prompt set, seeds and judges (components/toy/hard/evaluate.py),
-200 images per row: whether unguided sampling fails on a base (docs/results.md, "Session 10").
+200 images per row: whether unguided sampling fails on a base (docs/notebook.md, "Session 10").
 
     OMP_NUM_THREADS=1 python bench/hard_unguided_rows.py BASE_DIR JUDGES_DIR
 """
