@@ -8,13 +8,10 @@
 
 The reference is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`.
 It is never committed and never fetched by the tests: at bench time it is copied into the ignored
-folder bench/.reference/ from a local diffusers clone,
-
-    git -C /work/.mirror/huggingface+diffusers/repo show \
-        HEAD:examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py \
-        > bench/.reference/train_lcm_distill_lora_sd_wds.py
-    # elsewhere: git clone --depth 1 https://github.com/huggingface/diffusers bench/.reference/diffusers
-    #            (then pass --diffusers bench/.reference/diffusers)
+folder bench/.reference/ from a local diffusers clone: a checkout (`--diffusers DIR`, e.g. after
+`git clone --depth 1 https://github.com/huggingface/diffusers bench/.reference/diffusers`) or a git
+directory without a work tree (`--diffusers-git DIR` or $LCMLORA_DIFFUSERS_GIT, read with
+`git show HEAD:examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py`).
 
 and `PATCHES` below are applied to a copy (each printed), only so that it runs offline and
 reports its step times: no tracker (tensorboard/wandb are not installed offline), a
@@ -54,7 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 REF_DIR = REPO / "bench" / ".reference"
 REF_NAME = "train_lcm_distill_lora_sd_wds.py"
 REF_PATH_IN_REPO = f"examples/consistency_distillation/{REF_NAME}"
-MIRROR = Path("/work/.mirror/huggingface+diffusers/repo")
+GIT_DIR_ENV = "LCMLORA_DIFFUSERS_GIT"  # a diffusers git directory (no work tree needed)
 TARGETS = ("to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2,conv_shortcut,"
            "downsamplers.0.conv,upsamplers.0.conv,time_emb_proj")
 
@@ -171,19 +168,20 @@ def torchvision_path(env: dict) -> str | None:
     return str(root)
 
 
-def fetch_reference(diffusers: Path | None) -> Path:
-    """bench/.reference/REF_NAME from a local diffusers clone (--diffusers) or the mirror; never from the network."""
+def fetch_reference(diffusers: Path | None, diffusers_git: Path | None = None) -> Path:
+    """bench/.reference/REF_NAME from a local diffusers checkout or git directory; never from the network."""
     REF_DIR.mkdir(parents=True, exist_ok=True)
     dest = REF_DIR / REF_NAME
+    git_dir = diffusers_git or (Path(os.environ[GIT_DIR_ENV]) if os.environ.get(GIT_DIR_ENV) else None)
     if diffusers is not None:
         shutil.copyfile(diffusers / REF_PATH_IN_REPO, dest)
+    elif git_dir is not None:
+        dest.write_text(subprocess.run(["git", "-C", str(git_dir), "show", f"HEAD:{REF_PATH_IN_REPO}"], check=True,
+                                       capture_output=True, text=True).stdout)
     elif not dest.exists():
-        if not MIRROR.exists():
-            raise SystemExit(f"no {dest}: run `git clone --depth 1 https://github.com/huggingface/diffusers "
-                             f"{REF_DIR}/diffusers` and pass --diffusers {REF_DIR}/diffusers")
-        text = subprocess.run(["git", "-C", str(MIRROR), "show", f"HEAD:{REF_PATH_IN_REPO}"], check=True,
-                              capture_output=True, text=True).stdout
-        dest.write_text(text)
+        raise SystemExit(f"no {dest}: run `git clone --depth 1 https://github.com/huggingface/diffusers "
+                         f"{REF_DIR}/diffusers` and pass --diffusers {REF_DIR}/diffusers (or --diffusers-git DIR, "
+                         f"${GIT_DIR_ENV})")
     return dest
 
 
@@ -253,7 +251,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=key=value,key=value: an lcmlora run with distill.* overrides (default: plain)")
     ap.add_argument("--work", default="/tmp/lcmlora-bench-reference")
-    ap.add_argument("--diffusers", type=Path, help="local diffusers clone to copy the reference from")
+    ap.add_argument("--diffusers", type=Path, help="local diffusers checkout to copy the reference from")
+    ap.add_argument("--diffusers-git", type=Path, help=f"a diffusers git directory (default ${GIT_DIR_ENV})")
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -266,7 +265,7 @@ def main() -> None:
     py = sys.executable
     print("reference:", REF_DIR / REF_NAME)
     shim = torchvision_path(env)
-    ref_script = patch_reference(fetch_reference(args.diffusers), shim is not None)
+    ref_script = patch_reference(fetch_reference(args.diffusers, args.diffusers_git), shim is not None)
     ref_env = {**env, "BENCH_TV_SHIM": shim} if shim else env
     base = random_base(Path(args.arch), Path(args.tokenizer), work / "base") if args.arch else Path(args.base)
     base = base.resolve()

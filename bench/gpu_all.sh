@@ -7,7 +7,7 @@
 # the repository (both folders are gitignored; carry them with the working tree):
 #   pip download -d bench/.wheels diffusers==0.42.1 peft==0.21.2 accelerate webdataset braceexpand \
 #       pydantic pydantic-core annotated-types typing-inspection importlib_metadata scikit-learn pyarrow
-#   git -C /work/.mirror/huggingface+diffusers/repo show \
+#   git -C "$LCMLORA_DIFFUSERS_GIT" show \   # a diffusers git directory
 #       HEAD:examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py \
 #       > bench/.reference/train_lcm_distill_lora_sd_wds.py
 #   (or: git clone --depth 1 https://github.com/huggingface/diffusers; copy the same file)

@@ -3,18 +3,19 @@
 DVC holds one lock per repository (`.dvc/tmp/lock`) and a second command fails at once with
 "Unable to acquire lock" instead of waiting. Flows that overlap (a nightly and a new-base
 run on the same worker) therefore serialize their DVC calls on their own file lock, waiting
-for it with a timeout, and run `dvc` as a subprocess (DVC's Python API is not thread-safe).
+for it with a timeout (`filelock`), and run `dvc` as a subprocess (DVC's Python API is not
+thread-safe).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from components.executables import venv_executable
 
@@ -40,20 +41,15 @@ def repo_lock(repo: str | Path, timeout_s: float = 600.0, poll_s: float = 0.2) -
     if not tmp.parent.is_dir():
         raise DvcError(f"{repo}: not a DVC repository (no .dvc/); run `dvc init` there first")
     tmp.mkdir(exist_ok=True)
-    fd = os.open(tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + timeout_s
+    lock = FileLock(tmp / LOCK_NAME, timeout=timeout_s)
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise DvcError(f"{tmp / LOCK_NAME}: another DVC call held the lock for over {timeout_s:.0f}s") from None
-                time.sleep(poll_s)
+        lock.acquire(poll_interval=poll_s)
+    except Timeout:
+        raise DvcError(f"{tmp / LOCK_NAME}: another DVC call held the lock for over {timeout_s:.0f}s") from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the flock
+        lock.release()
 
 
 def run_dvc(args: list[str], repo: str | Path = ".", *, timeout_s: float = 3600.0,
