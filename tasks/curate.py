@@ -48,9 +48,13 @@ def curate_manifest(cfg: Params, min_side: int, key: str) -> dict[str, Any]:
 
     A curation already stored there (by `lcmlora curate`, or a run whose cache record is gone) is reused.
     """
+    from prefect.runtime import flow_run
+
     storage = Storage.from_config(cfg.storage)
     progress = task_progress("curate", str(min_side), f"curation of {cfg.curate.source}")
-    result = curate_stage(cfg, storage, min_side=min_side, key=key, progress=progress)
+    # The keyed folder's claim names the flow run: a retried run (same id) resumes its own claim.
+    result = curate_stage(cfg, storage, min_side=min_side, key=key, progress=progress,
+                          claim_owner=f"flow-run-{flow_run.id}" if flow_run.id else None)
     progress.finish()
     summary = result.as_dict()
     if result.reused:

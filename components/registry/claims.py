@@ -1,6 +1,7 @@
 """Version-id claims and the digest index: which publisher took which version id, for which content.
 
-    NAME/claims/VERSION.json   create-only: {version, claimed_at, created_at, digest, host, pid}
+    NAME/claims/VERSION.json   create-only: {version, claimed_at, created_at, digest, owner, host, pid}
+                               (components/claims.py: one claim mechanism with the stages)
     NAME/digests/HEX.json      create-only: {version, digest}, the version holding content HEX
 
 A publisher takes the next id with a create-only claim (a racing one takes the next id), then
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import time
 from typing import Any
 
+from components import claims
 from components.registry.manifest import (
     DIGEST_PREFIX,
     MANIFEST,
@@ -35,18 +35,8 @@ POLL_S = 0.1  # how often it looks
 
 
 def claim_dead(claim: dict[str, Any] | None) -> bool:
-    """A claim whose publisher cannot finish: missing, older than STALE_CLAIM_S, or made by a
-    process of this host that no longer runs."""
-    if claim is None or time.time() - float(claim.get("claimed_at", 0)) > STALE_CLAIM_S:
-        return True
-    if claim.get("host") == socket.gethostname() and isinstance(claim.get("pid"), int):
-        try:
-            os.kill(claim["pid"], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return False
+    """A claim whose publisher cannot finish (components/claims.py), staleness bound STALE_CLAIM_S."""
+    return claims.claim_dead(claim, STALE_CLAIM_S)
 
 
 def read_claim(storage: Storage, name: str, version: str) -> dict[str, Any] | None:
@@ -65,12 +55,10 @@ def claim_version(storage: Storage, name: str, digest: str) -> tuple[str, str]:
     """Take the next free version id with a create-only claim recording the manifest digest."""
     version = highest_claimed(storage, name) + 1
     created_at = timestamp()
-    claim = {"claimed_at": time.time(), "created_at": created_at, "digest": digest,
-             "host": socket.gethostname(), "pid": os.getpid()}
     for _ in range(CLAIM_ATTEMPTS):
+        claim = claims.claim_record(version=version, created_at=created_at, digest=digest)
         try:
-            storage.write_bytes(f"{name}/claims/{version}.json",
-                                json.dumps({"version": version, **claim}).encode(), create_only=True)
+            storage.write_bytes(f"{name}/claims/{version}.json", json.dumps(claim).encode(), create_only=True)
             return str(version), created_at
         except AlreadyExists:
             version += 1

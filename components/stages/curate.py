@@ -12,12 +12,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from components.claims import claim_work, default_owner, refresh_claim
 from components.config import CurateConfig, Params
 from components.data.curate import curate
-from components.progress import ProgressFn
+from components.progress import Progress, ProgressFn
 from components.stages.inputs import curate_rel, manifest_rel, source_storage
 from components.stages.keys import output_rel
 from components.storage.storage import Storage
+
+CLAIM_STALE_S = 600.0  # a claim not refreshed for this long belongs to a dead process
 
 
 @dataclass(frozen=True)
@@ -62,17 +65,41 @@ def run_curate(cfg: CurateConfig, *, source: Storage, storage: Storage, output: 
 
 
 def curate_stage(params: Params, storage: Storage, *, min_side: int, output: str | None = None,
-                 key: str | None = None, progress: ProgressFn | None = None) -> CurateOutput:
+                 key: str | None = None, claim_owner: str | None = None,
+                 progress: ProgressFn | None = None) -> CurateOutput:
     """The curate stage's one call: params' source -> a manifest of sides >= `min_side` in `storage`.
 
     By default the manifest goes to the keyed folder `stages/curate/KEY` (`key` when the caller
     has computed it, else from the source's digest), and a curation already stored there is
-    reused. `output` (a folder of `storage`, "" for its root) curates there, always.
+    reused. Two runs of one key at once (two bases of a fanned-out nightly) curate it once: the
+    first claims `stages/curate/KEY.claim.json` (components/claims.py; `claim_owner` names it,
+    default host:pid), the other waits and reuses its manifest. `output` (a folder of `storage`,
+    "" for its root) curates there, always.
     """
-    if output is None:
-        output = output_rel("curate", key) if key else curate_rel(params, min_side)
-        stored = stored_output(storage, output)
-        if stored is not None:
-            return stored
-    return run_curate(params.curate, source=source_storage(params.curate.source, params.storage), storage=storage,
-                      output=output, min_side=min_side, resolved_yaml=params.to_yaml(), progress=progress)
+    source = source_storage(params.curate.source, params.storage)
+    if output is not None:
+        return run_curate(params.curate, source=source, storage=storage, output=output, min_side=min_side,
+                          resolved_yaml=params.to_yaml(), progress=progress)
+    # 1. The keyed folder, claimed (a curation stored there, or finished by the claim's holder, is reused).
+    output = output_rel("curate", key) if key else curate_rel(params, min_side)
+    claim_rel, owner = f"{output}.claim.json", claim_owner or default_owner()
+
+    def waiting(holder: str) -> None:
+        if progress is not None:
+            progress(Progress(stage="curate", step=0, total=0, note=f"waiting for {holder}"))
+
+    if not claim_work(storage, claim_rel, manifest_rel(output), owner, stale_s=CLAIM_STALE_S, on_wait=waiting):
+        return stored_output(storage, output)
+
+    def report(p: Progress) -> None:  # every report refreshes the claim
+        refresh_claim(storage, claim_rel, owner)
+        if progress is not None:
+            progress(p)
+
+    # 2. The curation; the claim goes once the manifest is there (a failed run's claim goes stale).
+    try:
+        return run_curate(params.curate, source=source, storage=storage, output=output, min_side=min_side,
+                          resolved_yaml=params.to_yaml(), progress=report)
+    finally:
+        if storage.exists(manifest_rel(output)):
+            storage.delete(claim_rel)

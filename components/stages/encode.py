@@ -13,13 +13,11 @@ stage finds the shards whatever dtype encoded them.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from components.claims import claim_work, default_owner, refresh_claim
 from components.config import EncodeConfig, Params
 from components.data.encode import DTYPES, encode_dataset
 from components.data.shards import index_path, latent_dir
@@ -27,7 +25,7 @@ from components.data.text_embeddings import pipeline_text_embedder, text_encoder
 from components.models.base_model import ResolvedBase
 from components.progress import Progress, ProgressFn
 from components.stages.inputs import curated_manifest, source_storage, stored_sha256
-from components.storage.storage import AlreadyExists, Storage
+from components.storage.storage import Storage
 
 CLAIM = "encode.claim.json"  # in the shard folder: who encodes it (create-only), refreshed while encoding
 CLAIM_STALE_S = 600.0  # a claim not refreshed for this long belongs to a dead process
@@ -72,39 +70,12 @@ def _models(cfg: EncodeConfig, base: ResolvedBase):
 def claim_folder(storage: Storage, folder: str, owner: str, *, stale_s: float = CLAIM_STALE_S,
                  poll_s: float = CLAIM_POLL_S, progress: ProgressFn | None = None) -> bool:
     """Create-only claim of a shard folder: True when this owner encodes it, False once another finished it."""
-    claim_rel, index_rel = f"{folder}/{CLAIM}", index_path(folder)
-    waited = False
-    while True:
-        if storage.exists(index_rel):
-            return False
-        try:
-            storage.write_text(claim_rel, json.dumps({"owner": owner, "at": time.time()}), create_only=True)
-            return True
-        except AlreadyExists:
-            pass
-        try:
-            holder = json.loads(storage.read_text(claim_rel))
-        except (FileNotFoundError, ValueError):
-            continue  # released (or being written) just now: look again
-        if holder.get("owner") == owner:
-            return True  # our own earlier attempt (a retried run): resume its shards
-        if time.time() - float(holder.get("at", 0)) > stale_s:
-            storage.delete(claim_rel)  # its process died: take over (the shards it wrote are kept)
-            continue
-        if progress is not None and not waited:
-            progress(Progress(stage="encode", step=0, total=0, note=f"waiting for {holder.get('owner')}"))
-        waited = True
-        time.sleep(poll_s)
+    def waiting(holder: str) -> None:
+        if progress is not None:
+            progress(Progress(stage="encode", step=0, total=0, note=f"waiting for {holder}"))
 
-
-def refresh_claim(storage: Storage, folder: str, owner: str) -> None:
-    """The claim's heartbeat: rewrite it with the time now (the owner only)."""
-    storage.write_text(f"{folder}/{CLAIM}", json.dumps({"owner": owner, "at": time.time()}))
-
-
-def default_owner() -> str:
-    """host:pid, when the caller has no better identity (a flow run id survives a retry)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return claim_work(storage, f"{folder}/{CLAIM}", index_path(folder), owner, stale_s=stale_s, poll_s=poll_s,
+                      on_wait=waiting)
 
 
 def run_encode(cfg: EncodeConfig, *, base: ResolvedBase, storage: Storage, manifest_rel: str,
@@ -128,7 +99,7 @@ def run_encode(cfg: EncodeConfig, *, base: ResolvedBase, storage: Storage, manif
             claimed = folder
 
             def report(p: Progress) -> None:  # every report refreshes the claim
-                refresh_claim(storage, folder, owner)
+                refresh_claim(storage, f"{folder}/{CLAIM}", owner)
                 if progress is not None:
                     progress(p)
 
