@@ -6,9 +6,10 @@ inputs' fingerprints, the hardware and the wall-clock times. Nothing here reads 
 only git, files in the repository and the local machine's description.
 
 Artifacts travel (registry, Hub), so what they record holds no absolute local path: `portable`
-makes a path inside the repository repository-relative and any other local path a `file://` URI
-(s3:// and hub ids stay as they are); `write_lineage` and `portable_yaml` (the resolved config)
-apply it.
+makes a path inside the repository repository-relative and names any other local path by its last
+part, `local:NAME` (a published folder carries no machine's path: the Hub refuses one; s3:// and hub
+ids stay as they are); `write_lineage`, `portable_yaml` (the resolved config) and the evaluation's
+metrics apply it.
 """
 
 from __future__ import annotations
@@ -123,15 +124,21 @@ class Stopwatch:
         self.seconds = time.perf_counter() - self._t0
 
 
+LOCAL = "local:"  # prefix of a local path outside the repository, named by its last part
+
+
 def portable_path(text: str, root: Path = PROJECT_ROOT) -> str:
-    """An absolute local path as a repository-relative path (inside `root`) or a file:// URI; else `text`."""
+    """An absolute local path (or file:// URI) as a repository-relative path (inside `root`) or
+    `local:NAME`; anything else as it is."""
+    if text.startswith("file://"):
+        text = text.removeprefix("file://")
     if not text.startswith("/") or "\n" in text:  # "~/..." stays: it names no one machine's folder
         return text
     path = Path(text)
     try:
         return path.relative_to(root).as_posix() or "."
     except ValueError:
-        return path.as_uri()
+        return f"{LOCAL}{path.name}"
 
 
 def portable(value: Any, root: Path = PROJECT_ROOT) -> Any:

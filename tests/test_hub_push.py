@@ -79,7 +79,7 @@ def test_upload_gets_the_checked_folder_and_the_repo(published: Path, monkeypatc
     assert front["base_model"] == "org/toy-base" and front["base_model_relation"] == "adapter"
     assert front["pipeline_tag"] == "text-to-image" and front["license"] == "mit"
     lineage = json.loads(files["lineage.json"])
-    assert lineage["base"]["reference"] == "data/toy/base" and lineage["inputs"]["latents"].startswith("file:///")
+    assert lineage["base"]["reference"] == "data/toy/base" and lineage["inputs"]["latents"] == "local:index.json"
     assert not Path(upload["folder_path"]).exists(), "the pulled copy is a temporary folder"
 
 
@@ -93,5 +93,5 @@ def test_a_folder_naming_local_paths_is_refused(tmp_path: Path) -> None:
     (folder / "README.md").write_text((folder / "README.md").read_text().replace("pipeline_tag: text-to-image\n", ""))
     with pytest.raises(RegistryError) as err:
         hub_upload_plan(folder)
-    assert "config.yaml: names absolute local paths ['/home/someone/artifacts']" in str(err.value)
+    assert "config.yaml: storage.root names a local path '/home/someone/artifacts'" in str(err.value)
     assert "README.md: pipeline_tag" in str(err.value)

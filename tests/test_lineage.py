@@ -64,9 +64,9 @@ def test_written_records_hold_no_absolute_local_path(tmp_path: Path) -> None:
               "inputs": [str(tmp_path / "style.safetensors"), "s3://bucket/x"], "steps": 3, "note": "a / b"}
     written = json.loads(write_lineage(tmp_path, record).read_text())
     assert written["base"] == {"reference": "data/toy/base", "hub": "org/model"}  # inside the repo: relative
-    assert written["inputs"] == [(tmp_path / "style.safetensors").as_uri(), "s3://bucket/x"]  # elsewhere: a URI
+    assert written["inputs"] == ["local:style.safetensors", "s3://bucket/x"]  # elsewhere: its name, no path
     assert written["steps"] == 3 and written["note"] == "a / b"
     assert portable(record) == written
     text = portable_yaml(f"storage:\n  root: {tmp_path / 'artifacts'}\nbases:\n  toy:\n"
                          f"    reference: {PROJECT_ROOT / 'data/toy/base'}\n")
-    assert f"root: {(tmp_path / 'artifacts').as_uri()}" in text and "reference: data/toy/base" in text
+    assert "root: local:artifacts" in text and "reference: data/toy/base" in text and str(tmp_path) not in text

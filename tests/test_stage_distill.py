@@ -108,7 +108,7 @@ def test_sdxl_family_step_and_artifact_loads(tmp_path):
     assert lineage["params_digest"] == params.digest()
     from components.lineage import portable_yaml
 
-    assert (folder / "config.yaml").read_text() == portable_yaml(params.to_yaml())  # local paths as file:// URIs
+    assert (folder / "config.yaml").read_text() == portable_yaml(params.to_yaml())  # local paths by name
     metrics = json.loads((folder / "metrics.json").read_text())["distill"]
     assert metrics["steps"] == 1 and metrics["lora_trainable_params"] == outcome.lora_trainable_params
     assert metrics == outcome.metrics

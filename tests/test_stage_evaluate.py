@@ -68,6 +68,15 @@ def test_runner_with_the_base_s_real_judges(setup, monkeypatch):
     assert json.loads(out.paths["metrics.json"].read_text())["methods"] == out.doc["methods"]
     assert out.paths["metrics.json"].parent == tmp / "out" and out.paths["report.html"].is_file()
     assert json.loads((lora / "metrics.json").read_text())["gate"] == out.doc["gate"]
+    # No machine path in what publish ships (issue 30, item 7): the LoRA is named by file and hash.
+    from components.registry.hub_push import absolute_paths
+    from components.storage.content_hash import file_sha256
+
+    assert out.doc["lora"] == {"file": "pytorch_lora_weights.safetensors",
+                               "sha256": file_sha256(lora / "pytorch_lora_weights.safetensors")}
+    for folder in (tmp / "out", lora):
+        for written in folder.rglob("*.json"):
+            assert absolute_paths(json.loads(written.read_text())) == [], written
     # Progress: one report per sampled method, in order, with its seconds per image.
     assert [(r.stage, r.step, r.total, r.note) for r in reports] == [
         ("evaluate", i + 1, 4, label) for i, label in enumerate(labels)]

@@ -56,11 +56,11 @@ def test_run_merge_writes_contract4_folders_and_reports_progress(tmp_path: Path)
     assert [(r.stage, r.step, r.total) for r in reports] == [("merge", i, 9) for i in range(1, 10)]
     for tag in ("0.8_1", "1_1"):
         folder = out.output / f"merged-{tag}"
-        resolved = (folder / "params.resolved.yaml").read_text()  # absolute local paths as file:// URIs
-        assert resolved == portable_yaml(params.to_yaml()) and f"reference: {base_folder.as_uri()}" in resolved
+        resolved = (folder / "params.resolved.yaml").read_text()  # local paths outside the repository by name
+        assert resolved == portable_yaml(params.to_yaml()) and f"reference: local:{base_folder.name}" in resolved
         lineage = json.loads((folder / "lineage.json").read_text())
         assert lineage["params_digest"] == params.digest()
-        assert lineage["base"] == {"name": "tiny", "reference": base_folder.as_uri(),
+        assert lineage["base"] == {"name": "tiny", "reference": f"local:{base_folder.name}",
                                    "fingerprint": out.doc["base_fingerprint"]}
         card = yaml.safe_load((folder / "README.md").read_text().split("---")[1])
         assert "base_model" not in card and card["pipeline_tag"] == "text-to-image"  # a local base: no hub id

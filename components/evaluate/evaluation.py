@@ -24,9 +24,11 @@ from components.evaluate.image_metrics import psnr, ssim
 from components.evaluate.judges import Judges
 from components.evaluate.report import REPORT_FILES, write_report
 from components.evaluate.sampler_matrix import Method, MethodRun, build_matrix, run_matrix
+from components.lineage import portable
 from components.paths import project_path
 from components.progress import Progress, ProgressFn
 from components.storage.atomic_dir import atomic_dir, write_text_atomic
+from components.storage.content_hash import file_sha256
 
 LORA_REPORT_DIR = "evaluation"  # report files inside the LoRA artifact folder
 # What a previous evaluation left in its output folder; a folder holding anything else
@@ -78,6 +80,14 @@ def method_row(run: MethodRun, image_prompts: list[str], judges: Judges, referen
     return row
 
 
+def lora_identity(lora_folder: str | Path) -> dict[str, str]:
+    """What names the judged LoRA in metrics.json: its weights file's name and sha256 (never a path)."""
+    from components.lora.io import lora_file
+
+    weights = lora_file(lora_folder)
+    return {"file": weights.name, "sha256": file_sha256(weights)}
+
+
 def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judges: Judges, prompts: list[str], *,
                   base_name: str, teacher_guidance: float, resolution: int,
                   progress: ProgressFn | None = None) -> Evaluation:
@@ -112,7 +122,7 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
     gate = evaluate_gate({row["label"]: row for row in rows}, cfg)
     doc = {
         "base": base_name,
-        "lora": str(lora_folder),
+        "lora": lora_identity(lora_folder),  # no machine path: a published folder carries this file
         "info": {
             "prompts": len(prompts), "samples_per_prompt": spp, "images_per_method": len(image_prompts),
             "seeds": [seeds[0], seeds[-1]], "resolution": resolution, "teacher_guidance_scale": teacher_guidance,
@@ -122,7 +132,7 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
             "sampling_seconds": round(sampling_seconds, 3), "device": str(pipe.unet.device),
         },
         "methods": rows,
-        "config": cfg.model_dump(mode="json"),
+        "config": portable(cfg.model_dump(mode="json")),  # backbones and prompt files by name, not path
         "gate": gate.to_dict(),
     }
     grid = [r.images[::spp] for r in runs]

@@ -109,7 +109,10 @@ def _gate_markdown(gate: dict[str, Any]) -> list[str]:
 
 def _header_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     info = doc.get("info", {})
-    return [("base", str(doc.get("base"))), ("LoRA", str(doc.get("lora"))),
+    lora = doc.get("lora")
+    if isinstance(lora, dict):  # {file, sha256}
+        lora = f"{lora.get('file')} (sha256 {str(lora.get('sha256'))[:16]})"
+    return [("base", str(doc.get("base"))), ("LoRA", str(lora)),
             ("images per method", str(info.get("images_per_method"))),
             ("Frechet features", str(info.get("feature_backbone"))), ("adherence", str(info.get("adherence"))),
             ("teacher agreement reference", str(info.get("agreement_reference")))]

@@ -31,13 +31,14 @@ class HubUpload:
     card: dict[str, Any]
 
 
-def absolute_paths(value: Any) -> list[str]:
-    """String values of a JSON/YAML tree that are absolute local paths (what `lineage.portable` rewrites)."""
+def absolute_paths(value: Any, field: str = "") -> list[tuple[str, str]]:
+    """(field, value) of every string in a JSON/YAML tree that is a local machine path: absolute, or a
+    `file://` URI (what `lineage.portable` rewrites); `field` is its dotted key (list items `[i]`)."""
     if isinstance(value, dict):
-        return [p for v in value.values() for p in absolute_paths(v)]
+        return [hit for k, v in value.items() for hit in absolute_paths(v, f"{field}.{k}" if field else str(k))]
     if isinstance(value, list):
-        return [p for v in value for p in absolute_paths(v)]
-    return [value] if isinstance(value, str) and value.startswith("/") else []
+        return [hit for i, v in enumerate(value) for hit in absolute_paths(v, f"{field}[{i}]")]
+    return [(field, value)] if isinstance(value, str) and value.startswith(("/", "file://")) else []
 
 
 def hub_upload_plan(folder: Path) -> HubUpload:
@@ -53,10 +54,11 @@ def hub_upload_plan(folder: Path) -> HubUpload:
     problems = [f"{CARD}: {p}" for p in hub_problems(card)]
     for rel in files:
         if rel.endswith(STRUCTURED_SUFFIXES):
-            leaked = sorted(set(absolute_paths(yaml.safe_load((folder / rel).read_text()))))  # JSON is YAML
+            leaked = absolute_paths(yaml.safe_load((folder / rel).read_text()))  # JSON is YAML
+            problems += [f"{rel}: {field} names a local path {value!r}" for field, value in leaked[:5]]
             if leaked:
-                problems.append(f"{rel}: names absolute local paths {leaked[:3]}; republish it from a run of this "
-                                "version of lcmlora (it writes repository-relative paths and URIs)")
+                problems.append(f"{rel}: a machine path cannot leave this machine; publish the LoRA again with "
+                                "the current lcmlora, which records names, hashes and storage-relative paths")
     if problems:
         raise RegistryError(f"{folder}: not ready for the Hub:\n  - " + "\n  - ".join(problems))
     return HubUpload(folder=folder, files=files, card=card)

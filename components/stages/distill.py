@@ -178,7 +178,7 @@ def run_distill(
         index = read_index(storage, index_rel, vae_fingerprint=base.fingerprints["vae"],
                            resolution=base.config.resolution)
         scaling_factor = float(index.get("scaling_factor", scaling_factor))
-        latents_info = {"index": storage.url(index_rel), "index_sha256": stored_sha256(storage, index_rel),
+        latents_info = {"index": index_rel, "index_sha256": stored_sha256(storage, index_rel),  # storage-relative
                         "samples": index.get("count"), "manifest_hash": index.get("manifest_hash")}
 
         def batches(rank: int, world_size: int) -> Iterable[dict]:
