@@ -132,3 +132,23 @@ def test_a_bad_set_value_names_the_set_not_the_file(lcmlora_cli) -> None:
 def test_a_set_that_creates_a_base_is_named_for_its_missing_keys() -> None:
     with pytest.raises(ConfigError, match=r"--set 'bases.mine.reference=x': bases.mine.family: Field required"):
         load_params("params.yaml", ["bases.mine.reference=x"])
+
+
+def test_settings_read_as_dvc_writes_them(tmp_path) -> None:
+    """YAML 1.2 plain scalars, as `dvc exp run -S` rewrites params.yaml: `no` is the string "no"
+    (YAML 1.1 made it false: "Input should be 'no', 'fp16' or 'bf16'"); a boolean setting still
+    reads yes/no/on/off as booleans, and a base may be named `on`."""
+    path = tmp_path / "params.yaml"
+    path.write_text("distill:\n  mixed_precision: no\n  compile_unet: on\n"
+                    "curate:\n  dedup: no\nencode:\n  text_embeddings: yes\n"
+                    "bases:\n  on:\n    reference: r\n    family: sd15\n")
+    params = load_params(path)
+    assert params.distill.mixed_precision == "no" and params.distill.compile_unet is True
+    assert params.curate.dedup is False and params.encode.text_embeddings is True
+    assert list(params.bases) == ["on"]
+
+
+@pytest.mark.parametrize("value", ["no", "'no'", '"no"'])
+def test_set_mixed_precision_no(value: str) -> None:
+    """`--set distill.mixed_precision=no` used to parse as false and fail."""
+    assert load_params("params.yaml", [f"distill.mixed_precision={value}"]).distill.mixed_precision == "no"
