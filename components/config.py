@@ -5,6 +5,11 @@ the key (`distill.lr: Input should be a valid number`). `--set section.key=value
 are applied before validation, so they are checked exactly like the file; an error names the
 file or the `--set` expression its value came from. Numbers carry their ranges (pydantic `Field`
 bounds: batch sizes and steps >= 1, rates in [0, 1]), so a zero batch fails when params load.
+
+The file and the `--set` values are read with YAML 1.2's booleans (only true/false), as DVC reads
+and rewrites params.yaml (`dvc exp run -S`, `dvc params diff`): a string setting such as
+`mixed_precision: no` stays the string "no" (YAML 1.1, PyYAML's default, would make it false),
+and boolean settings still accept yes/no/on/off, which pydantic reads as booleans.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +34,7 @@ from pydantic import (
 )
 
 RESOLVED_CONFIG_NAME = "params.resolved.yaml"  # written beside every artifact
+_BOOL = "tag:yaml.org,2002:bool"
 
 
 class ConfigError(ValueError):
@@ -146,6 +153,7 @@ class DistillConfig(Section):
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     checkpoint_every: int = Field(500, ge=0)  # accelerate save_state every K steps (0: never)
     checkpoints_keep: int = Field(2, ge=1)  # newest checkpoints kept
+    hold_file: str | None = None  # a barrier for tests: after each checkpoint, wait while this file exists
     cpu: bool = False  # force CPU even when an accelerator is present
     latents_index: str | None = None  # index.json of the latent shards, relative to storage.root; None: the one encode.pointers/BASE.json names
     num_workers: int = Field(0, ge=0)  # data loader workers
@@ -266,6 +274,25 @@ class Params(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+class _Yaml12BoolLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: true/false only; yes/no/on/off stay strings.
+
+    DVC dumps params.yaml with ruamel.yaml in YAML 1.2, which needs no quotes around "no", so
+    `dvc exp run -S` turns `mixed_precision: "no"` into `mixed_precision: no`; read as YAML 1.1
+    that is false ("Input should be 'no', 'fp16' or 'bf16'")."""
+
+
+_Yaml12BoolLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12BoolLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse params YAML as DVC does (YAML 1.2 booleans, see `_Yaml12BoolLoader`)."""
+    return yaml.load(text, Loader=_Yaml12BoolLoader)  # a SafeLoader subclass: safe
+
+
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Apply one `section.key=value` override in place; the value is parsed as YAML."""
     if "=" not in override:
@@ -280,7 +307,7 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: {key} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[keys[-1]] = _load_yaml(raw) if raw.strip() else None
 
 
 def _override_keys(override: str) -> tuple[str, ...]:
@@ -338,7 +365,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: params file not found; pass --params FILE")
-    file_tree = yaml.safe_load(path.read_text()) or {}
+    file_tree = _load_yaml(path.read_text()) or {}
     if not isinstance(file_tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     tree = copy.deepcopy(file_tree)

@@ -142,16 +142,23 @@ def test_unchanged_rerun_does_no_work(world):
 
 
 KILLED_RUN = """
-import sys, time, torch
+import glob, sys, time, torch
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from test_encode import tiny_vae
 from components.models.base_model import module_fingerprint
 from components.data.encode import encode_dataset
 from components.storage.storage import Storage
+
+
+def hold_after_first_shard(_report):  # a barrier, not a clock: the test kills the run while it waits here
+    if glob.glob({root!r} + "/latents-kill/*/*/*.tar"):  # shards land by rename: a .tar there is complete
+        time.sleep(3600)
+
+
 vae = tiny_vae()
 encode_dataset(Storage({root!r}), "curated/manifest.parquet", Storage({source!r}), vae, module_fingerprint(vae),
                resolution={res}, output="latents-kill", batch_size=8, shard_size=9,
-               progress=lambda _p: time.sleep(0.4))
+               progress=hold_after_first_shard)
 """
 
 

@@ -151,13 +151,23 @@ def killed_nightly(stack: PrefectStack) -> dict:
     """
     work = stack.tmp / "kill"
     work.mkdir()
+    # Both distillations hold at their first checkpoint while this file exists (distill.hold_file): the
+    # kill happens while the toy is certainly distilling, however fast or loaded the machine is.
+    hold = work / "hold-at-checkpoint"
+    hold.touch()
     params = write_params(work, _bases(stack.tmp) + ["distill.max_steps=20", "distill.checkpoint_every=4",
-                                                     "distill.checkpoints_keep=2",
+                                                     "distill.checkpoints_keep=2", f"distill.hold_file={hold}",
                                                      "orchestrate.base_heartbeat_timeout_s=75"], name="kill.yaml")
     root = work / "artifacts"
     killed: dict[str, object] = {}
 
     def kill_during_distillation() -> None:
+        try:
+            kill_at_the_barrier()
+        finally:
+            hold.unlink(missing_ok=True)  # the fine-tune and the toy's retry go on
+
+    def kill_at_the_barrier() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not _checkpoint_steps(root, "toy"):
             time.sleep(0.5)

@@ -74,6 +74,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0
     checkpoints_keep: int = 2
+    hold_file: str | None = None  # after each checkpoint, wait while this file exists (a test's barrier)
     seed: int = 0
     cpu: bool = False
     # Speed-ups (docs/distill.md, "Speed-ups"); the defaults are the plain, bit-reproducible path.
@@ -334,6 +335,7 @@ def train_lcd_lora(
             if report is not None:
                 report(Progress(stage=STAGE, step=state.step, total=opts.max_steps,
                                 note=Path(last_good).name))
+            hold_while_present(opts.hold_file)
         t_sync = time.perf_counter()
 
     accelerator.wait_for_everyone()
@@ -356,6 +358,12 @@ def nan_hint(last_good: str | None) -> str:
         return (f"Last good checkpoint: {last_good}; rerunning `lcmlora distill` unchanged resumes from "
                 f"{Path(last_good).name} by default. If the loss diverges again: {fixes}.")
     return f"No checkpoint was written yet, so there is nothing to resume from: {fixes}."
+
+
+def hold_while_present(path: str | None, poll_s: float = 0.2) -> None:
+    """Wait while `path` exists (distill.hold_file): a test holds a run at a checkpoint, then acts on it."""
+    while path and Path(path).exists():
+        time.sleep(poll_s)
 
 
 def _save_checkpoint(accelerator: Any, state: _TrainerState, run_dir: Path, keep: int) -> Path:

@@ -23,8 +23,9 @@ from components.storage.storage import Storage
 KEY_VERSION = 2  # bump to invalidate every cached stage (e.g. when an output layout changes)
 STAGE_OUTPUTS = "stages"  # the keyed stage outputs below storage.root
 
-# distill keys that do not change the trained LoRA: where its shards are, how often it is checkpointed
-DISTILL_OPERATIONAL = {"latents_index", "checkpoint_every", "checkpoints_keep"}
+# distill keys that do not change the trained LoRA: where its shards are, how often it is checkpointed,
+# the test barrier
+DISTILL_OPERATIONAL = {"latents_index", "checkpoint_every", "checkpoints_keep", "hold_file"}
 # ... and what may change between a run and its resume from a checkpoint: where it stops
 RESUMABLE = DISTILL_OPERATIONAL | {"max_steps"}
 
