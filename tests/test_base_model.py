@@ -1,5 +1,6 @@
 """Base loading (contract 1): family detection, fingerprints, and pickle refusal."""
 
+import json
 import pickle
 import re
 
@@ -12,6 +13,7 @@ from components.models.base_model import (
     PickleRefused,
     check_reference,
     detect_family,
+    fingerprints_of,
     load_base,
     load_vae,
     module_fingerprint,
@@ -83,13 +85,36 @@ def test_family_from_single_file_keys(tmp_path):
         detect_family(odd)
 
 
-def test_load_folder_detects_family_and_fingerprints(tiny_sd15_folder, tiny_sdxl_folder):
+def test_load_folder_detects_family_and_fingerprints(tiny_sd15_folder, tiny_sdxl_folder, tmp_path):
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
     sd15 = load_base(tiny_sd15_folder)
     assert sd15.family == "sd15"
     assert set(sd15.fingerprints) == {"unet", "vae", "text_encoder"}
     sdxl = load_base(tiny_sdxl_folder)
     assert sdxl.family == "sdxl"
     assert set(sdxl.fingerprints) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    # What was loaded is the saved pipeline of that family: its classes, configs and weights.
+    assert type(sd15.pipe) is StableDiffusionPipeline and type(sdxl.pipe) is StableDiffusionXLPipeline
+    for base in (sd15, sdxl):
+        assert type(base.pipe.unet) is UNet2DConditionModel and type(base.pipe.vae) is AutoencoderKL
+        assert type(base.pipe.text_encoder) is CLIPTextModel
+        assert base.fingerprint == base.fingerprints["unet"]
+        assert next(base.pipe.unet.parameters()).dtype == torch.float32  # the default dtype
+    assert type(sdxl.pipe.text_encoder_2) is CLIPTextModelWithProjection
+    assert sd15.pipe.unet.config.addition_embed_type is None
+    assert sdxl.pipe.unet.config.addition_embed_type == "text_time"
+    for family, base in (("sd15", sd15), ("sdxl", sdxl)):
+        source = tiny_pipeline(family, tmp_path / family)  # the same seed as the saved one
+        assert base.fingerprints == fingerprints_of(source), family
+        assert base.pipe.unet.config.cross_attention_dim == source.unet.config.cross_attention_dim
+        assert base.pipe.vae.config.latent_channels == source.vae.config.latent_channels == 4
     # Stable across loads.
     assert load_base(tiny_sd15_folder).fingerprints == sd15.fingerprints
     with pytest.raises(ConfigError, match="family"):
@@ -141,7 +166,22 @@ def test_references_that_look_like_paths_are_checked_before_diffusers(reference)
         load_base(reference)
 
 
-def test_hub_ids_and_existing_folders_pass_the_check(tiny_sd15_folder) -> None:
-    check_reference("runwayml/stable-diffusion-v1-5")  # a hub id: for huggingface_hub to resolve
-    check_reference(tiny_sd15_folder)
-    check_reference("data/toy/base")
+def test_hub_ids_and_existing_folders_pass_the_check(tiny_sd15_folder, tmp_path, monkeypatch) -> None:
+    """Past the check, a folder is read as a folder and a hub id is asked of huggingface_hub."""
+    import huggingface_hub
+
+    for reference in ("runwayml/stable-diffusion-v1-5", tiny_sd15_folder, "data/toy/base"):
+        assert check_reference(reference) is None, reference
+    assert detect_family(tiny_sd15_folder) == "sd15"
+    assert detect_family("data/toy/base") == load_params("params.yaml").bases["toy"].family == "sd15"
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["x", "y"]}))
+    asked = []
+
+    def hub_download(repo_id, filename, **kwargs):  # the hub itself is not this test's concern
+        asked.append((repo_id, filename))
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub_download)
+    assert detect_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert asked == [("stabilityai/stable-diffusion-xl-base-1.0", "model_index.json")]

@@ -131,6 +131,14 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         run = run_method(p, method, image_prompts, noise, seeds, height=resolution, width=resolution, batch_size=50)
         return run.images, run.seconds_per_image
 
+    def sample_folder(folder: Path, name: str) -> tuple[torch.Tensor, float]:
+        # A saved LoRA folder as the only active adapter, read back as a user would load it.
+        lora_io.load_adapter(pipe, family, folder, name)
+        lora_io.set_weights(pipe, {name: 1.0})
+        images, seconds = sample(pipe, lcm_method)
+        pipe.delete_adapters(name)
+        return images, seconds
+
     # 2. The reference: the style LoRA alone, DPM-Solver++ with CFG.
     lora_io.set_weights(pipe, {STYLE: 1.0})
     ref_images, ref_seconds = sample(pipe, Method("dpmpp", cfg.reference_steps, teacher_guidance, True))
@@ -165,10 +173,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         folder = output / f"merged-{tag}"
         files[f"merged-{tag}"] = {k: str(v) for k, v in merge.save_lora_folder(
             folder, merged, family=family, base_meta=base_meta, title=f"merged-{tag}", description=description).items()}
-        lora_io.load_adapter(pipe, family, folder, MERGED)
-        lora_io.set_weights(pipe, {MERGED: 1.0})
-        v2, s = sample(pipe, lcm_method)
-        pipe.delete_adapters(MERGED)
+        v2, s = sample_folder(folder, MERGED)
         add(_row(f"merged LoRA ({l1:g}, {l2:g})", "merged", (l1, l2), v2, image_prompts, judges,
                  reference_features, style_metric, ref_strength, s, v1))
         rows[-1]["rank"] = max(f.rank for mods in merged.values() for f in mods.values())
@@ -186,10 +191,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
             svd_folder = output / f"svd{cfg.svd_rank}-{tag}"
             merge.save_lora_folder(svd_folder, compressed, family=family, base_meta=base_meta,
                                    title=f"svd{cfg.svd_rank}-{tag}", description=description + f", SVD rank {cfg.svd_rank}")
-            lora_io.load_adapter(pipe, family, svd_folder, SVD)
-            lora_io.set_weights(pipe, {SVD: 1.0})
-            v4, s = sample(pipe, lcm_method)
-            pipe.delete_adapters(SVD)
+            v4, s = sample_folder(svd_folder, SVD)
             add(_row(f"svd-{cfg.svd_rank} ({l1:g}, {l2:g})", "svd", (l1, l2), v4, image_prompts, judges,
                      reference_features, style_metric, ref_strength, s, v1))
             rows[-1]["svd_relative_error"] = merge.overall_relative_error(merged, compressed)

@@ -37,9 +37,11 @@ _UNET_TOP = {
     "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
     "class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2",
 }
+_UNET_SIDES = {"down": ("input_blocks", 1), "up": ("output_blocks", 0)}  # LDM list, block 0's index
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _VAE_TOP = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+_VAE_SAMPLER = {"encoder.down": ("downsamplers", "downsample"), "decoder.up": ("upsamplers", "upsample")}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -54,33 +56,35 @@ def _resnet_part(rest: str) -> str:
     return f"{_RESNET[head]}.{tail}"
 
 
+def _side_block(side: str, block: int, part: int, per_block: int) -> str:
+    """LDM block of part `part` of diffusers `{side}_blocks.{block}`: each block spans L + 1 LDM
+    blocks (L resnets with their attentions, then its sampler), input_blocks after conv_in."""
+    blocks, first = _UNET_SIDES[side]
+    return f"{blocks}.{first + block * (per_block + 1) + part}"
+
+
 def unet_key_to_ldm(key: str, config: dict[str, Any]) -> str:
     """One diffusers UNet state-dict key -> its LDM key (without `model.diffusion_model.`)."""
     per_block = config["layers_per_block"]
     if not isinstance(per_block, int):
         raise LayoutError(f"unet layers_per_block={per_block!r}: only one int for every block is supported")
-    step = per_block + 1
     module, _, leaf = key.rpartition(".")
-    for name, ldm in _UNET_TOP.items():
-        if module == name:
-            return f"{ldm}.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.0.{_resnet_part(m[3])}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.1.{m[3]}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{1 + int(m[1]) * step + per_block}.0.op.{m[2]}"
+    if module in _UNET_TOP:
+        return f"{_UNET_TOP[module]}.{leaf}"
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        part = f"0.{_resnet_part(m[5])}" if m[3] == "resnets" else f"1.{m[5]}"
+        return f"{_side_block(m[1], int(m[2]), int(m[4]), per_block)}.{part}"
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.\1samplers\.0\.conv\.(.+)", key):
+        place = _side_block(m[1], int(m[2]), per_block, per_block)
+        if m[1] == "down":
+            return f"{place}.0.op.{m[3]}"
+        # An up block's upsampler follows its resnet and, in a cross-attention block, the attention.
+        has_attention = "CrossAttn" in config["up_block_types"][int(m[2])]
+        return f"{place}.{2 if has_attention else 1}.conv.{m[3]}"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"middle_block.{2 * int(m[1])}.{_resnet_part(m[2])}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * step + int(m[2])}.0.{_resnet_part(m[3])}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key):
-        return f"output_blocks.{int(m[1]) * step + int(m[2])}.1.{m[3]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        has_attention = "CrossAttn" in config["up_block_types"][int(m[1])]
-        return f"output_blocks.{int(m[1]) * step + per_block}.{2 if has_attention else 1}.conv.{m[2]}"
     raise LayoutError(f"unet key {key!r}: no place in the LDM layout")
 
 
@@ -97,14 +101,14 @@ def vae_key_to_ldm(key: str, value: torch.Tensor, config: dict[str, Any]) -> tup
             value = value[:, :, None, None]
         return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{leaf}", value
     key = key.replace("conv_shortcut", "nin_shortcut")
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}", value
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}", value
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
-        return f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.{m[3]}", value
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-        return f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}", value
+    if m := re.fullmatch(r"(encoder\.down|decoder\.up)_blocks\.(\d+)\.(.+)", key):
+        # The decoder's up blocks run the other way in the LDM layout: up_blocks.i is up.(n-1-i).
+        place = f"{m[1]}.{int(m[2]) if m[1] == 'encoder.down' else n_up - 1 - int(m[2])}"
+        sampler, ldm_sampler = _VAE_SAMPLER[m[1]]
+        if r := re.fullmatch(r"resnets\.(\d+)\.(.+)", m[3]):
+            return f"{place}.block.{r[1]}.{r[2]}", value
+        if r := re.fullmatch(rf"{sampler}\.0\.conv\.(.+)", m[3]):
+            return f"{place}.{ldm_sampler}.conv.{r[1]}", value
     if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}", value
     return key, value  # conv_in, conv_out, quant_conv, post_quant_conv keep their names

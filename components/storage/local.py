@@ -22,14 +22,8 @@ from typing import IO
 
 import fsspec
 
-from components.storage.storage import (
-    AlreadyExists,
-    Digest,
-    NotFound,
-    PartCheck,
-    PreconditionFailed,
-    StorageError,
-)
+from components.storage.backend import Digest, PartCheck
+from components.storage.errors import AlreadyExists, NotFound, PreconditionFailed, StorageError
 
 CHUNK = 8 * 1024 * 1024  # bytes per read when copying a file in
 _HIDDEN_SUFFIXES = (".tmp", ".lock")  # our temp and lock files, never listed

@@ -17,23 +17,18 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import fsspec
 
-from components.storage.storage import (
+from components.storage.backend import Digest, MultipartUpload, PartCheck
+from components.storage.errors import (
     AlreadyExists,
-    Digest,
-    MultipartUpload,
     NotFound,
-    PartCheck,
     PreconditionFailed,
     StorageError,
     StorageUnavailable,
 )
-
-if TYPE_CHECKING:
-    from components.storage.storage import Storage
 
 DOWNLOAD_THREADS = 10  # parallel ranged GETs per file (as `aws s3 cp`)
 STREAM_CHUNK = 1024 * 1024  # bytes read from a response stream at a time
@@ -41,10 +36,23 @@ WINDOW = 16  # parts fetched ahead of an in-order digest (bounds memory to WINDO
 SINGLE_PUT_LIMIT = 5 * 1024**3  # S3's largest single PUT; create-only uploads must fit in one
 
 
+class S3Root(Protocol):
+    """What the backend reads from the `Storage` that chose it (named here, not imported, so
+    this module never imports storage.py, which imports it)."""
+
+    bucket: str
+    prefix: str
+    endpoint_url: str | None
+    region: str | None
+    retries: int
+
+    def key(self, rel: str) -> str: ...
+
+
 class S3Backend:
     """S3-compatible object store through boto3, conditional headers for create-only/CAS."""
 
-    def __init__(self, store: Storage, connect_timeout: float, read_timeout: float):
+    def __init__(self, store: S3Root, connect_timeout: float, read_timeout: float):
         from botocore.config import Config
 
         self.store = store

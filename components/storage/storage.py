@@ -1,7 +1,8 @@
 """Storage: every artifact read and write, on a local path or an `s3://bucket/prefix` root.
 
 All paths given to `Storage` methods are relative to its root, with `/` separators. The root
-picks one of two backends behind one interface (`_Backend`):
+picks one of two backends behind one interface (`Backend`, in
+`components/storage/backend.py`; the errors both raise are in `errors.py`):
 
 - **local** (`components/storage/local.py`): a directory; a write is a temp file, fsynced,
   then renamed into place (create-only: `os.link`, compare-and-swap: an `fcntl` lock).
@@ -17,52 +18,40 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
 import fsspec
 
+# The errors and types live beside the backends' contract, so local.py and s3.py need not
+# import this module; the public ones are re-exported here, where every caller imports them.
+from components.storage.backend import Backend, Digest, MultipartUpload, PartCheck
+from components.storage.errors import (
+    AlreadyExists,
+    NotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageUnavailable,
+)
+from components.storage.local import LocalBackend
+from components.storage.s3 import S3Backend
+
+__all__ = [
+    "PART_SIZE",
+    "AlreadyExists",
+    "Digest",
+    "MultipartUpload",
+    "NotFound",
+    "PartCheck",
+    "PreconditionFailed",
+    "Storage",
+    "StorageError",
+    "StorageUnavailable",
+    "check_rel",
+]
+
 PART_SIZE = 8 * 1024 * 1024  # bytes per ranged GET of a parallel S3 download (and per checked part)
-
-
-class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URL and what to do."""
-
-
-class StorageUnavailable(StorageError):
-    """The storage endpoint could not be reached after the configured retries."""
-
-
-class AlreadyExists(StorageError, FileExistsError):
-    """A create-only write found the object already there."""
-
-
-class PreconditionFailed(StorageError):
-    """A compare-and-swap write found a different version than the caller read."""
-
-
-class NotFound(StorageError, FileNotFoundError):
-    """The object does not exist."""
-
-
-@dataclass(frozen=True)
-class MultipartUpload:
-    """An S3 multipart upload that was started and never completed or aborted."""
-
-    rel: str  # its key relative to the storage root
-    upload_id: str
-    initiated: float  # seconds since the epoch
-
-
-PartCheck = Callable[[int, str], None]  # (offset of a part, its sha256 hex); raises to abort
-
-
-class Digest(Protocol):
-    """What `get_file(..., digest=)` feeds: a hashlib-style object."""
-
-    def update(self, data: bytes, /) -> None: ...
 
 
 def check_rel(rel: str) -> str:
@@ -83,20 +72,15 @@ class Storage:
         self.root = str(root)
         self.is_s3 = self.root.startswith("s3://")
         self.retries = max(1, int(retries))
-        # The backends import this module's errors, so they are imported when a root picks one.
         if self.is_s3:
-            from components.storage.s3 import S3Backend
-
             bucket_prefix = self.root[len("s3://"):].strip("/")
             if not bucket_prefix:
                 raise StorageError(f"storage root {root!r}: expected s3://bucket[/prefix]")
             self.bucket, _, self.prefix = bucket_prefix.partition("/")
             self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
             self.region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
-            self._backend: _Backend = S3Backend(self, connect_timeout, read_timeout)
+            self._backend: Backend = S3Backend(self, connect_timeout, read_timeout)
         else:
-            from components.storage.local import LocalBackend
-
             self.endpoint_url = None
             self.region = None
             self.local_root = Path(os.path.expanduser(self.root)).absolute()
@@ -230,22 +214,3 @@ class Storage:
         if self.is_s3:
             self._backend.abort_multipart_upload(upload)  # type: ignore[attr-defined]
 
-
-# --- backends ------------------------------------------------------------------------------
-
-
-class _Backend(Protocol):
-    fs: fsspec.AbstractFileSystem
-
-    def exists(self, rel: str) -> bool: ...
-    def size(self, rel: str) -> int: ...
-    def read_with_etag(self, rel: str) -> tuple[bytes, str]: ...
-    def get_file(self, rel: str, local: Path, digest: Digest | None, part_sha256: PartCheck | None,
-                 part_size: int) -> None: ...
-    def ls(self, rel: str, recursive: bool) -> list[str]: ...
-    def open_read(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
-    def open_write(self, rel: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
-    def write_bytes(self, rel: str, data: bytes, create_only: bool) -> None: ...
-    def put_file(self, local: Path, rel: str, create_only: bool) -> None: ...
-    def write_if_match(self, rel: str, data: bytes, etag: str | None) -> str: ...
-    def delete(self, rel: str, recursive: bool) -> None: ...
