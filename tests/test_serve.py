@@ -174,3 +174,47 @@ def test_digest_reference_pins_a_version_and_bad_requests_are_refused(tmp_path: 
         assert client.post("/generate", json={"prompt": PROMPT, "steps": 0}).status_code == 422
         assert client.post("/generate", json={"seed": 1}).status_code == 422
         assert client.get("/model").json()["ref"] == pinned
+
+
+def request_from_schema(spec: dict, schema: dict) -> dict:
+    """A JSON body built only from an OpenAPI object schema: each field's default, a prompt for a required string."""
+    if "$ref" in schema:  # "#/components/schemas/NAME"
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    assert schema["type"] == "object", schema
+    body = {}
+    for key, prop in schema["properties"].items():
+        if "default" in prop:
+            body[key] = prop["default"]
+        else:
+            assert key in schema.get("required", []) and prop["type"] == "string", (key, prop)
+            assert prop.get("minLength", 0) <= len(PROMPT) <= prop.get("maxLength", len(PROMPT)), prop
+            body[key] = PROMPT
+    return body
+
+
+def test_openapi_schema_is_served_and_drives_generate(tmp_path: Path, toy_base) -> None:
+    reg = Registry(Storage(str(tmp_path / "registry")), cache_dir=tmp_path / "cache")
+    v1 = reg.publish(make_toy_lora(toy_base, tmp_path / "v1", seed=1), "toy-lcm-lora", alias="production").manifest
+    swapper = LoraSwapper(reg, "toy-lcm-lora@production", copying_factory(*toy_base), poll_s=0.1)
+    with running(create_app(swapper)) as url, httpx.Client(base_url=url, timeout=120) as client:
+        resp = client.get("/openapi.json")
+        assert resp.status_code == 200, resp.text
+        spec = resp.json()
+        docs = client.get("/docs")
+        assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+        # The operation that answers a PNG, found from the schema alone (path, method, body).
+        [(path, operation)] = [(p, op) for p, ops in spec["paths"].items() for method, op in ops.items()
+                               if method == "post" and "image/png" in op["responses"]["200"].get("content", {})]
+        body_schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        body = request_from_schema(spec, body_schema)
+        made = client.post(path, json=body)
+        assert made.status_code == 200, made.text
+        assert made.headers["content-type"] == "image/png" and made.content.startswith(b"\x89PNG")
+        assert (made.headers["x-lcmlora-version"], made.headers["x-lcmlora-digest"]) == ("1", v1.digest)
+        assert pixels(made) == pixels(generate(client, seed=body["seed"]))  # the advertised defaults are the served ones
+
+        # The bounds the schema advertises are the ones the server enforces.
+        fields = spec["components"]["schemas"][body_schema["$ref"].rsplit("/", 1)[1]]["properties"]
+        too_many = {**body, "steps": fields["steps"]["maximum"] + 1}
+        assert client.post(path, json=too_many).status_code == 422

@@ -73,14 +73,18 @@ def render_model_card(*, base_model: str | None, title: str, tags: list[str] | t
                          recommended={"num_inference_steps": int(num_inference_steps),
                                       "guidance_scale": float(guidance_scale), "scheduler": "LCMScheduler"},
                          **(extra or {}))
-    pipe_from = f'"{hub_base}"' if hub_base else '"BASE_MODEL"  # the base this LoRA was trained for'
+    # A local base's path stays off the card, so its snippet names a placeholder; the comment gets its own
+    # line because one after the argument would swallow the closing parenthesis.
+    load_base = (f'pipe = DiffusionPipeline.from_pretrained("{hub_base}")\n' if hub_base else
+                 "# BASE_MODEL: the base this LoRA was trained for (its folder or hub id)\n"
+                 'pipe = DiffusionPipeline.from_pretrained("BASE_MODEL")\n')
     usage = (
         f"# {title}\n\n"
         f"An LCM-LoRA acceleration module for `{hub_base or 'its base model'}`: sample in "
         f"{num_inference_steps} steps.\n\n"
         "```python\n"
         "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
-        f"pipe = DiffusionPipeline.from_pretrained({pipe_from})\n"
+        f"{load_base}"
         "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
         'pipe.load_lora_weights("path/to/this/folder")\n'
         f'image = pipe("a prompt", num_inference_steps={num_inference_steps}, '

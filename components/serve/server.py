@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+# At module level: FastAPI resolves the endpoints' string annotations in this module's globals.
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from components.registry.manifest import parse_reference
@@ -186,7 +188,6 @@ def create_app(swapper: LoraSwapper) -> Any:
 
     from fastapi import FastAPI, HTTPException
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import Response
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
