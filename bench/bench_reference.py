@@ -141,6 +141,14 @@ def pil_to_tensor(img):  # imported (not called) by transformers.image_utils
 # With the stand-in, diffusers and transformers must still see no torchvision (they would import
 # much more of it): their cached availability checks run first, then the stand-in joins sys.path
 # (BENCH_TV_SHIM), and diffusers' interpolation helper is replaced by its value for 'bilinear'.
+# The reference wraps teacher and target in `torch.autocast(device.type)` whatever --mixed_precision
+# says: bf16 on a CPU (emulated on one without bf16 matmuls), fp16 on CUDA. The fp32 copy takes that
+# away, so the ratio against it compares the same precision and the same work per step.
+FP32_PATCHES = [
+    ("precision: no autocast (fp32, lcmlora's precision without --bf16)",
+     "        autocast_ctx = torch.autocast(accelerator.device.type)\n",
+     "        autocast_ctx = nullcontext()  # bench: fp32\n"),
+]
 SHIM_PATCHES = [
     ("with the torchvision stand-in: library checks first, then the stand-in on sys.path",
      "import torchvision.transforms.functional as TF\n",
@@ -185,16 +193,16 @@ def fetch_reference(diffusers: Path | None, diffusers_git: Path | None = None) -
     return dest
 
 
-def patch_reference(src: Path, shim: bool) -> Path:
-    """A patched copy next to the original; prints every patch."""
+def patch_reference(src: Path, shim: bool, fp32: bool = False) -> Path:
+    """A patched copy next to the original (`_bench_fp32` with FP32_PATCHES too); prints every patch."""
     text = src.read_text()
-    for why, old, new in PATCHES + (SHIM_PATCHES if shim else []):
+    for why, old, new in PATCHES + (SHIM_PATCHES if shim else []) + (FP32_PATCHES if fp32 else []):
         if text.count(old) != 1:
             raise SystemExit(f"reference patch '{why}': expected the text once, found {text.count(old)}; "
                              "the upstream script changed: update PATCHES")
         text = text.replace(old, new)
         print(f"  patch: {why}")
-    out = src.with_name(src.stem + "_bench.py")
+    out = src.with_name(src.stem + ("_bench_fp32.py" if fp32 else "_bench.py"))
     out.write_text(text)
     return out
 
@@ -265,7 +273,10 @@ def main() -> None:
     py = sys.executable
     print("reference:", REF_DIR / REF_NAME)
     shim = torchvision_path(env)
-    ref_script = patch_reference(fetch_reference(args.diffusers, args.diffusers_git), shim is not None)
+    src = fetch_reference(args.diffusers, args.diffusers_git)
+    ref_scripts = {"reference": patch_reference(src, shim is not None)}
+    if not args.bf16:  # the like-for-like row: the reference in fp32 too (see FP32_PATCHES)
+        ref_scripts["reference-fp32"] = patch_reference(src, shim is not None, fp32=True)
     ref_env = {**env, "BENCH_TV_SHIM": shim} if shim else env
     base = random_base(Path(args.arch), Path(args.tokenizer), work / "base") if args.arch else Path(args.base)
     base = base.resolve()
@@ -289,7 +300,7 @@ def main() -> None:
 
     n_steps = args.warmup + args.steps
     variants = dict(v.split("=", 1) for v in args.variant) or {"plain": ""}
-    ref_cmd = [py, str(ref_script), f"--pretrained_teacher_model={base}", f"--output_dir={work / 'ref_out'}",
+    ref_args = [f"--pretrained_teacher_model={base}", f"--output_dir={work / 'ref_out'}",
                f"--train_shards_path_or_url={shards}", f"--resolution={args.resolution}",
                f"--train_batch_size={args.batch}", f"--lora_rank={args.rank}", f"--lora_alpha={args.rank}",
                f"--lora_target_modules={TARGETS}", f"--max_train_steps={n_steps}",
@@ -298,17 +309,19 @@ def main() -> None:
                "--loss_type=huber", "--num_ddim_timesteps=50", "--checkpointing_steps=1000000",
                "--validation_steps=1000000", "--seed=0", "--adam_weight_decay=1e-2",
                f"--mixed_precision={'bf16' if args.bf16 else 'no'}", "--report_to=tensorboard"]
-    results: dict[str, list[dict]] = {"reference": [], **{k: [] for k in variants}}
+    results: dict[str, list[dict]] = {**{k: [] for k in ref_scripts}, **{k: [] for k in variants}}
     for r in range(args.rounds):
-        shutil.rmtree(work / "ref_out", ignore_errors=True)
-        rc, rss, out = run(ref_cmd, ref_env, work / f"ref_{r}.log")
-        if rc:
-            raise SystemExit(f"reference failed (rc {rc}): see {work / f'ref_{r}.log'}")
-        times = {int(s): float(t) for s, t in (ln.split()[1:3] for ln in out.splitlines() if ln.startswith("BENCH_STEP"))}
-        peak = [int(ln.split()[1]) / 2**30 for ln in out.splitlines() if ln.startswith("BENCH_PEAK")]
-        results["reference"].append({"samples_per_s": steady(times, args.warmup, args.steps, args.batch),
-                                     "max_rss_gib": rss, "cuda_peak_gib": peak[0] if peak else None})
-        print(f"round {r}: reference {results['reference'][-1]}", flush=True)
+        for ref_name, ref_script in ref_scripts.items():
+            shutil.rmtree(work / "ref_out", ignore_errors=True)
+            rc, rss, out = run([py, str(ref_script), *ref_args], ref_env, work / f"{ref_name}_{r}.log")
+            if rc:
+                raise SystemExit(f"{ref_name} failed (rc {rc}): see {work / f'{ref_name}_{r}.log'}")
+            times = {int(s): float(t) for s, t in (ln.split()[1:3] for ln in out.splitlines()
+                                                    if ln.startswith("BENCH_STEP"))}
+            peak = [int(ln.split()[1]) / 2**30 for ln in out.splitlines() if ln.startswith("BENCH_PEAK")]
+            results[ref_name].append({"samples_per_s": steady(times, args.warmup, args.steps, args.batch),
+                                      "max_rss_gib": rss, "cuda_peak_gib": peak[0] if peak else None})
+            print(f"round {r}: {ref_name} {results[ref_name][-1]}", flush=True)
         for name, overrides in variants.items():
             over = [f"distill.{kv}" for kv in overrides.split(",") if kv]
             spec = {"sets": sets + [f"distill.batch_size={args.batch}", f"distill.lora_rank={args.rank}",
@@ -331,6 +344,8 @@ def main() -> None:
 
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine())
     ref_sps = statistics.median(x["samples_per_s"] for x in results["reference"])
+    fp32_sps = (statistics.median(x["samples_per_s"] for x in results["reference-fp32"])
+                if "reference-fp32" in results else None)
     print(f"\n{device_name} | base {base} | {args.resolution}px | batch {args.batch} | rank {args.rank} | "
           f"{'bf16' if args.bf16 else 'fp32'} | steady {args.steps} steps after {args.warmup} | {args.rounds} rounds")
     summary = {}
@@ -338,13 +353,15 @@ def main() -> None:
         sps = statistics.median(x["samples_per_s"] for x in rows)
         mem = max((x["cuda_peak_gib"] or x["max_rss_gib"]) for x in rows)
         summary[name] = {"samples_per_s": sps, "per_round": [x["samples_per_s"] for x in rows], "peak_gib": mem,
-                         "ratio_to_reference": sps / ref_sps}
+                         "ratio_to_reference": sps / ref_sps,
+                         "ratio_to_reference_fp32": sps / fp32_sps if fp32_sps else None}
         each = ", ".join(f"{x['samples_per_s']:.2f}" for x in rows)
-        print(f"{name:>10}: {sps:8.2f} samples/s (rounds {each}) | "
-              f"peak {'CUDA' if rows[0]['cuda_peak_gib'] else 'RSS'} {mem:.2f} GiB | x{sps / ref_sps:.2f} reference")
+        fair = f", x{sps / fp32_sps:.2f} reference-fp32" if fp32_sps else ""
+        print(f"{name:>14}: {sps:8.2f} samples/s (rounds {each}) | "
+              f"peak {'CUDA' if rows[0]['cuda_peak_gib'] else 'RSS'} {mem:.2f} GiB | x{sps / ref_sps:.2f} reference{fair}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device_name, "args": vars(args), "summary": summary,
-                                               "load_avg": os.getloadavg()}, indent=2))
+                                               "load_avg": os.getloadavg()}, indent=2, default=str))
 
 
 def write_reference_shards(manifest: Path, source: Path, out: Path) -> str:
