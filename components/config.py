@@ -141,6 +141,9 @@ class DistillConfig(Section):
     num_ddim_timesteps: int = Field(50, ge=1)  # N solver timesteps; skip interval k = T / N
     timestep_scaling: float = Field(10.0, gt=0)  # c_skip/c_out use (timestep_scaling * t)
     sigma_data: float = Field(0.5, gt=0)  # s in c_skip = s^2 / ((10 t)^2 + s^2)
+    objective: Literal["lcm", "pcm"] = "lcm"  # lcm: Algorithm 1 (LCD); pcm: phased consistency (distill/pcm.py)
+    pcm_phases: int = Field(4, ge=1)  # pcm: phases M of the solver grid (one sampling step per phase)
+    pcm_adversarial: bool = False  # pcm: the paper's adversarial consistency loss (not implemented: refused)
     loss_type: Literal["l2", "huber"] = "huber"  # distance d(.,.) of Algorithm 1
     huber_c: float = Field(0.001, gt=0)  # pseudo-Huber c
     weight_decay: float = Field(1e-2, ge=0)  # AdamW weight decay

@@ -150,3 +150,43 @@ def test_ddp_two_cpu_processes_keep_identical_lora(tmp_path):
     assert ranks[0]["digest"] == ranks[1]["digest"]  # same LoRA weights on both ranks
     assert ranks[0]["lora_B_abs_sum"] > 0
     assert ranks[0]["history"] == ranks[1]["history"]  # the loss is reduced over ranks
+
+
+def test_pcm_objective_trains_through_the_same_loop_and_lowers_its_loss(tmp_path):
+    """distill.objective=pcm (issue 29): the same trainer, its step `pcm_loss`. The loss on fixed draws
+    (one batch, 8 fixed generators: each step's own draws are random timesteps) is lower after 12 steps
+    than at the LoRA's zero init."""
+    from components.config import BaseConfig
+    from components.distill.lcd import ddim_solver_timesteps
+    from components.distill.pcm import PCMSettings, pcm_loss
+    from components.stages.distill import lcd_settings
+
+    cfg = DistillConfig(objective="pcm", pcm_phases=2, loss_type="l2")
+    base = BaseConfig(reference="unused", family="sd15", resolution=32, guidance_scale=3.0)
+    settings = lcd_settings(cfg, "tiny", base, "sd15", {"num_train_timesteps": 1000}, 0.18215)
+    assert isinstance(settings, PCMSettings) and settings.pcm_phases == 2
+    pipe = tiny_pipeline("sd15", tmp_path / "pipe")
+    torch.manual_seed(0)
+    add_lora(pipe.unet, lora_config(4, 8, TARGETS))
+    conditioner = TextConditioner.from_pipeline(pipe, "sd15")
+    alpha_bar = schedule_from_scheduler_config(dict(pipe.scheduler.config))
+    batch = next(iter(memory_batches("sd15", n_batches=1)(0, 1)))
+    latents = batch["latents"] * settings.scaling_factor
+    solver = ddim_solver_timesteps(settings.num_train_timesteps, settings.num_ddim_timesteps)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            cond = conditioner.conditioning(batch)
+            uncond = conditioner.unconditional(cond)
+            return sum(pcm_loss(pipe.unet, pipe.unet, latents, cond, uncond, settings, alpha_bar, solver,
+                                torch.Generator().manual_seed(g)).item() for g in range(8)) / 8
+
+    before = fixed_loss()
+    result = train_lcd_lora(pipe.unet, conditioner, memory_batches("sd15", n_batches=1), settings, alpha_bar,
+                            TrainOptions(max_steps=12, lr=1e-3, seed=0), tmp_path / "run")
+    assert len(result.history) == 12 and all(torch.isfinite(torch.tensor([x for _, x in result.history])))
+    after = fixed_loss()
+    assert after < before, (before, after)
+    with pytest.raises(ValueError, match="bf16_teacher"):
+        train_lcd_lora(pipe.unet, conditioner, memory_batches("sd15"), settings, alpha_bar,
+                       TrainOptions(max_steps=1, seed=0, bf16_teacher=True), tmp_path / "run2")

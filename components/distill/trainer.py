@@ -248,7 +248,7 @@ def train_lcd_lora(
     _register_lora_checkpoint_hooks(accelerator, unet)
     if opts.compile_unet:  # in place: teacher, target and (DDP-wrapped) student all call the compiled forward
         unet.compile(backend=opts.compile_backend)
-    loss_fn = lcd_loss_bf16_teacher if opts.bf16_teacher else lcd_loss
+    loss_fn = step_loss(settings, opts)
 
     # 3. Resume: LoRA, optimizer, scheduler, RNG states, generator, history; skip consumed batches.
     state = _TrainerState(opts.seed)
@@ -358,6 +358,18 @@ def nan_hint(last_good: str | None) -> str:
         return (f"Last good checkpoint: {last_good}; rerunning `lcmlora distill` unchanged resumes from "
                 f"{Path(last_good).name} by default. If the loss diverges again: {fixes}.")
     return f"No checkpoint was written yet, so there is nothing to resume from: {fixes}."
+
+
+def step_loss(settings: LCDSettings, opts: TrainOptions) -> Callable[..., Tensor]:
+    """The objective's composed step: Algorithm 1 (`lcd_loss`), or phased consistency for PCMSettings."""
+    from components.distill.pcm import PCMSettings, pcm_loss
+
+    if isinstance(settings, PCMSettings):
+        if opts.bf16_teacher:
+            raise ValueError("distill.bf16_teacher has no phased-consistency variant yet; set it false for "
+                             "distill.objective=pcm")
+        return pcm_loss
+    return lcd_loss_bf16_teacher if opts.bf16_teacher else lcd_loss
 
 
 def hold_while_present(path: str | None, poll_s: float = 0.2) -> None:

@@ -49,16 +49,25 @@ def guidance_bounds(cfg: DistillConfig, base_name: str, base: BaseConfig) -> tup
 
 def lcd_settings(cfg: DistillConfig, base_name: str, base: BaseConfig, family: str,
                  scheduler_config: dict[str, Any], scaling_factor: float) -> LCDSettings:
-    """LCDSettings from the distill section, the base entry and the base's scheduler/VAE configs."""
+    """LCDSettings (PCMSettings with `distill.objective: pcm`) from the distill section, the base entry and
+    the base's scheduler/VAE configs."""
     prediction = base.prediction_type or scheduler_config.get("prediction_type") or "epsilon"
     if int(scheduler_config.get("num_train_timesteps", cfg.num_train_timesteps)) != cfg.num_train_timesteps:
         raise ConfigError(f"distill.num_train_timesteps={cfg.num_train_timesteps} but the base's scheduler has "
                           f"{scheduler_config.get('num_train_timesteps')}; set it to match")
     lo, hi = guidance_bounds(cfg, base_name, base)
-    return LCDSettings(family=family, prediction_type=prediction, scaling_factor=float(scaling_factor),
-                       guidance_min=lo, guidance_max=hi, num_train_timesteps=cfg.num_train_timesteps,
-                       num_ddim_timesteps=cfg.num_ddim_timesteps, timestep_scaling=cfg.timestep_scaling,
-                       sigma_data=cfg.sigma_data, loss_type=cfg.loss_type, huber_c=cfg.huber_c)
+    settings = {"family": family, "prediction_type": prediction, "scaling_factor": float(scaling_factor),
+                "guidance_min": lo, "guidance_max": hi, "num_train_timesteps": cfg.num_train_timesteps,
+                "num_ddim_timesteps": cfg.num_ddim_timesteps, "timestep_scaling": cfg.timestep_scaling,
+                "sigma_data": cfg.sigma_data, "loss_type": cfg.loss_type, "huber_c": cfg.huber_c}
+    if cfg.objective == "pcm":
+        from components.distill.pcm import PCMSettings
+
+        try:
+            return PCMSettings(**settings, pcm_phases=cfg.pcm_phases, pcm_adversarial=cfg.pcm_adversarial)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return LCDSettings(**settings)
 
 
 def unet_config_for(base: BaseConfig) -> tuple[dict[str, Any], str]:
