@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from components.toy.hard.render import HARD_SIZE, Scene, caption_for, render_scene
@@ -81,10 +80,9 @@ def test_source_original_sizes_keep_the_scene_at_the_origin(tmp_path):
     assert np.abs(np.asarray(crop, dtype=float) - np.asarray(scene, dtype=float)).mean() < 6.0
 
 
-@pytest.mark.skipif(not JUDGES_DIR.exists(), reason="data/toy/hard/judges not committed yet")
 def test_committed_judges_read_real_renders():
-    from components.toy.classifier import digit_split
-    from components.toy.hard.data import load_sklearn_digits, render_scenes
+    from components.toy.classifier import digit_split, load_sklearn_digits
+    from components.toy.hard.data import render_scenes
     from components.toy.hard.judges import adherence, load_judges
 
     judges = load_judges(JUDGES_DIR)
@@ -96,8 +94,8 @@ def test_committed_judges_read_real_renders():
 
 
 def test_swapped_sides_counts_scenes_drawn_mirrored():
-    from components.toy.classifier import digit_split
-    from components.toy.hard.data import load_sklearn_digits, render_scenes
+    from components.toy.classifier import digit_split, load_sklearn_digits
+    from components.toy.hard.data import render_scenes
     from components.toy.hard.judges import adherence, load_judges, swapped_sides
 
     judges = load_judges(JUDGES_DIR)
@@ -111,7 +109,6 @@ def test_swapped_sides_counts_scenes_drawn_mirrored():
     assert adherence(judges, scenes.images, mirrored) <= 1.0 - 0.95 * distinct
 
 
-@pytest.mark.skipif(not (BASE_DIR.exists() and JUDGES_DIR.exists()), reason="data/toy/hard/base not committed yet")
 def test_committed_base_loads_and_adheres_at_50_steps():
     from diffusers import StableDiffusionPipeline
 
@@ -216,9 +213,10 @@ def test_the_hard_toys_committed_data_fits_its_20_mb():
 def test_decoder_finetune_keeps_the_encoder_and_lowers_the_reconstruction_error():
     """The decoder-only fine-tune (`toy.hard.decoder_steps`): the latent space a UNet was trained on
     stays bit-identical, the decoder draws the training images better, and 0 steps is a no-op."""
+    from components.toy.classifier import load_sklearn_digits
     from components.toy.hard.base import finetune_decoder, hard_vae
     from components.toy.hard.config import HardToyConfig
-    from components.toy.hard.data import load_sklearn_digits, render_scenes
+    from components.toy.hard.data import render_scenes
 
     torch.manual_seed(0)
     images8, labels = load_sklearn_digits()

@@ -75,9 +75,8 @@ def test_canonical_render_is_the_same_in_both_layouts_and_unknown_layouts_fail()
 
 def test_layout_reaches_the_source_summary_and_a_stale_source_is_refused(tmp_path) -> None:
     from components.config import load_params
-    from components.toy.hard.reproduction import source_settings
-    from components.toy.hard.source import write_hard_source
-    from components.toy.reproduction import check_source_settings
+    from components.toy.hard.source import source_settings, write_hard_source
+    from components.toy.source import check_source_settings
 
     summary = write_hard_source(tmp_path / "src", rows=500, seed=1, layout="wide")
     assert summary["layout"] == "wide"

@@ -61,7 +61,7 @@ def test_zero_look_fraction_is_the_plain_source_and_half_draws_other_papers(tmp_
 def test_other_looks_are_not_the_hard_style():
     """The hard style metric (plain 0, style 1) reads the other papers near plain: distilling on them
     teaches no part of the style the merge claim measures."""
-    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.classifier import load_sklearn_digits
     from components.toy.hard.render import random_look
     from components.toy.hard.style_metric import hard_style_metric
 
@@ -81,7 +81,8 @@ def test_a_reproduction_refuses_a_source_written_with_other_settings(tmp_path):
     look fraction (or seed, or size) is refused by name, before anything is curated from it."""
     from components.config import load_params
     from components.toy.hard.reproduction import hard_overrides, hard_world
-    from components.toy.reproduction import check_source_settings, run_reproduction
+    from components.toy.reproduction import run_reproduction
+    from components.toy.source import check_source_settings
 
     repo = Path(__file__).resolve().parents[1]
     write_hard_source(tmp_path / "source", rows=500, seed=0)

@@ -23,8 +23,6 @@ from components.toy.hard.render import Scene, caption_for, pil_to_tensor_array, 
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGES_DIR = ROOT / "data/toy/hard/judges"
-needs_judges = pytest.mark.skipif(not (JUDGES_DIR / "model.safetensors").exists(),
-                                  reason="data/toy/hard/judges not committed (python -m components.toy.hard judges)")
 
 
 def test_parser_reads_both_word_orders():
@@ -61,7 +59,7 @@ def test_prompt_file_covers_every_digit_and_colour_on_both_sides_in_both_orders(
 def _typical_renders(prompts: list[str]) -> torch.Tensor:
     """Each prompt's scene, canonical (no jitter), drawn with the most typical sklearn image of each
     named digit (the one nearest its class mean; some single images are ambiguous even to a person)."""
-    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.classifier import load_sklearn_digits
 
     images8, labels = load_sklearn_digits()
     typical = []
@@ -77,7 +75,6 @@ def _typical_renders(prompts: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-@needs_judges
 def test_adherence_is_one_on_real_renders_and_low_on_mismatched_prompts():
     from components.toy.hard.judges import load_judges
 
@@ -102,7 +99,6 @@ def test_references_are_jittered_renders_of_each_prompts_scene():
     assert torch.equal(reference, hard_reference_images(prompts, per_prompt=4, seed=0))  # seeded
 
 
-@needs_judges
 def test_toy_hard_judges_entry_point_builds_the_judges():
     provider = load_plugin("lcmlora.judges", "toy-hard", "bases.toy-hard.judges")
     assert provider.problems(EvaluateConfig()) == []

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from components.toy.classifier import load_sklearn_digits
 from components.toy.hard.base import hard_text_encoder, hard_tokenizer, token_ids, train_hard_unet
 from components.toy.hard.config import HardToyConfig
-from components.toy.hard.data import load_sklearn_digits
 from components.toy.hard.text_pretrain import mirrored_pairs, pretrain_text_encoder
 from tests.tiny_pipeline import single_thread
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
 
+from components.toy.classifier import load_sklearn_digits
 from components.toy.render import (
     DIGIT_WORDS,
     TOY_SIZE,
@@ -16,33 +16,33 @@ from components.toy.render import (
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load_digits()
+def images8() -> np.ndarray:
+    return load_sklearn_digits()[0]
 
 
-def test_render_is_32px_rgb_and_canonical_without_rng(digits):
-    image = render_digit(digits.images[7])
+def test_render_is_32px_rgb_and_canonical_without_rng(images8):
+    image = render_digit(images8[7])
     assert image.mode == "RGB" and image.size == (TOY_SIZE, TOY_SIZE)
-    assert np.array_equal(np.asarray(image), np.asarray(render_digit(digits.images[7])))
+    assert np.array_equal(np.asarray(image), np.asarray(render_digit(images8[7])))
 
 
-def test_render_is_deterministic_for_a_seed_and_jitters_across_seeds(digits):
-    a = np.asarray(render_digit(digits.images[3], np.random.default_rng(1)))
-    b = np.asarray(render_digit(digits.images[3], np.random.default_rng(1)))
-    others = [np.asarray(render_digit(digits.images[3], np.random.default_rng(s))) for s in range(2, 8)]
+def test_render_is_deterministic_for_a_seed_and_jitters_across_seeds(images8):
+    a = np.asarray(render_digit(images8[3], np.random.default_rng(1)))
+    b = np.asarray(render_digit(images8[3], np.random.default_rng(1)))
+    others = [np.asarray(render_digit(images8[3], np.random.default_rng(s))) for s in range(2, 8)]
     assert np.array_equal(a, b)
     assert any(not np.array_equal(a, o) for o in others)
 
 
-def test_plain_rendering_is_dark_ink_on_light_paper(digits):
-    arr = np.asarray(render_digit(digits.images[0]), dtype=float).mean(axis=2)
+def test_plain_rendering_is_dark_ink_on_light_paper(images8):
+    arr = np.asarray(render_digit(images8[0]), dtype=float).mean(axis=2)
     assert arr[0, 0] > 200  # corner: paper
     assert arr.min() < 80  # strokes: ink
 
 
-def test_styled_rendering_differs_visibly_from_plain(digits):
-    plain = np.asarray(render_digit(digits.images[5]), dtype=float)
-    styled = np.asarray(render_digit_styled(digits.images[5]), dtype=float)
+def test_styled_rendering_differs_visibly_from_plain(images8):
+    plain = np.asarray(render_digit(images8[5]), dtype=float)
+    styled = np.asarray(render_digit_styled(images8[5]), dtype=float)
     assert styled.shape == plain.shape
     assert styled.mean() < plain.mean() - 60  # dark background instead of paper
     assert np.abs(styled - plain).mean() > 60

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,25 +58,42 @@ def toy_vae(seed: int = 0) -> AutoencoderKL:
                          layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=32)
 
 
-def toy_unet(seed: int = 0) -> UNet2DConditionModel:
-    """Tiny SD-1.5-style UNet at 8x8 and 4x4, cross-attention at both, ~1.1M parameters."""
+def conditioned_unet(seed: int, sample_size: int, cross: tuple[bool, ...], widths: tuple[int, ...],
+                     cross_attention_dim: int, **extra) -> UNet2DConditionModel:
+    """A seeded 4-channel UNet2DConditionModel, one resnet per level: `cross[i]` puts cross-attention at
+    level i (of `widths[i]` channels), mirrored on the way up; `extra` adds config (heads, SDXL's conditioning)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8, norm_num_groups=16)
+        sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+        up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
+        block_out_channels=widths, layers_per_block=1, cross_attention_dim=cross_attention_dim,
+        norm_num_groups=16, **extra)
+
+
+def toy_unet(seed: int = 0) -> UNet2DConditionModel:
+    """Tiny SD-1.5-style UNet at 8x8 and 4x4, cross-attention at both, ~1.1M parameters."""
+    return conditioned_unet(seed, 8, (True, True), (32, 64), TEXT_WIDTH, attention_head_dim=8)
+
+
+def clip_text_config(tokenizer: CLIPTokenizer, width: int, positions: int, heads: int, projection_dim: int,
+                     **extra) -> CLIPTextConfig:
+    """A 2-layer CLIP text config of `width` (MLP 2 x width) over `tokenizer`'s vocabulary and special tokens."""
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                          num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=positions,
+                          projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def clip_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0, positions: int = MAX_TOKENS) -> CLIPTextModel:
+    """Tiny CLIP text encoder (2 layers, width 64, `positions` tokens), seeded random init."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(clip_text_config(tokenizer, TEXT_WIDTH, positions, 4, TEXT_WIDTH))
 
 
 def toy_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0) -> CLIPTextModel:
     """Tiny CLIP text encoder (2 layers, width 64), seeded random init, frozen."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                            projection_dim=TEXT_WIDTH, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    return clip_text_encoder(tokenizer, seed).eval().requires_grad_(False)
 
 
 def toy_scheduler() -> DDIMScheduler:
@@ -198,21 +216,30 @@ class ToyBaseResult:
     vae_mse: float = 0.0
 
 
-def _report(progress: ProgressFn | None, phase: str, step: int, total: int, metrics: dict) -> None:
-    """One report of a training phase (vae, unet, final) through the one progress channel."""
+def report_progress(progress: ProgressFn | None, stage: str, step: int, total: int, metrics: dict) -> None:
+    """One report of a training phase (toy-vae, hard-unet, ...) through the one progress channel."""
     if progress is not None:
-        progress(Progress(stage=f"toy-{phase}", step=step, total=total, metrics=metrics))
+        progress(Progress(stage=stage, step=step, total=total, metrics=metrics))
 
 
-def train_toy_vae(images: torch.Tensor, s: ToyConfig, progress: ProgressFn | None = None
-                  ) -> tuple[AutoencoderKL, float]:
-    """Train the toy VAE on Nx3x32x32 images in [-1, 1]; returns (vae, final mse)."""
-    vae = toy_vae(s.seed).to(s.device).train()
-    generator = torch.Generator().manual_seed(s.seed + 1)
+def train_vae(vae: AutoencoderKL, images: torch.Tensor, s, stage: str, progress: ProgressFn | None = None,
+              checkpoint: Path | None = None) -> tuple[AutoencoderKL, float]:
+    """Train `vae` on Nx3xHxW images in [-1, 1] (`s`: seed, device, vae_steps, vae_batch_size, vae_lr, kl_weight),
+    resuming from and saving to `checkpoint` every 25 steps when given; returns (vae, final mse)."""
+    vae = vae.to(s.device).train()
+    generator = torch.Generator().manual_seed(s.seed + 1)  # batch indices: CPU, the same on every device
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
-    mse_avg = 0.0
-    for step in range(1, s.vae_steps + 1):
+    start_step, mse_avg, trained_s = 0, 0.0, 0.0
+    started = time.time()
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu")  # generator states stay on the CPU
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        generator.set_state(state["generator"])
+        start_step, mse_avg, trained_s = state["step"], state["mse"], state.get("trained_s", 0.0)
+    for step in range(start_step + 1, s.vae_steps + 1):
         idx = torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)
         loss, mse, kl = vae_loss(vae, images[idx].to(s.device), s.kl_weight)
         opt.zero_grad(set_to_none=True)
@@ -220,8 +247,18 @@ def train_toy_vae(images: torch.Tensor, s: ToyConfig, progress: ProgressFn | Non
         opt.step()
         sched.step()
         mse_avg = 0.95 * mse_avg + 0.05 * float(mse.detach()) if step > 1 else float(mse.detach())
-        _report(progress, "vae", step, s.vae_steps, {"mse": mse_avg, "kl": float(kl.detach())})
+        report_progress(progress, stage, step, s.vae_steps, {"mse": mse_avg, "kl": float(kl.detach())})
+        if checkpoint is not None and (step % 25 == 0 or step == s.vae_steps):
+            torch.save({"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "generator": generator.get_state(), "mse": mse_avg,
+                        "trained_s": trained_s + time.time() - started}, checkpoint)
     return vae.eval().requires_grad_(False), mse_avg
+
+
+def train_toy_vae(images: torch.Tensor, s: ToyConfig, progress: ProgressFn | None = None
+                  ) -> tuple[AutoencoderKL, float]:
+    """Train the toy VAE on Nx3x32x32 images in [-1, 1]; returns (vae, final mse)."""
+    return train_vae(toy_vae(s.seed), images, s, "toy-vae", progress)
 
 
 @torch.no_grad()
@@ -232,12 +269,26 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 5
                       for i in range(0, len(images), batch_size)])
 
 
-def lr_at(step: int, s: ToyConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+def lr_at(step: int, s) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate over `train_steps`
+    (`s`: lr, warmup_steps, train_steps)."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.train_steps - s.warmup_steps)
+    progress = min(1.0, (step - s.warmup_steps) / max(1, s.train_steps - s.warmup_steps))
     return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module,
+                   step: int, s) -> None:
+    """One step of the bases' recipe: AdamW at `lr_at(step - 1)`, gradients clipped to norm 1, then the EMA
+    (`s`: lr, warmup_steps, train_steps, ema_decay)."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step - 1, s)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema_update(ema, model, ema_decay_at(step, s.ema_decay))
 
 
 def train_toy_unet(latents: torch.Tensor, labels: torch.Tensor, digit_embeddings: torch.Tensor,
@@ -265,14 +316,8 @@ def train_toy_unet(latents: torch.Tensor, labels: torch.Tensor, digit_embeddings
         dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
         text[dropped.to(s.device)] = uncond[0]
         # 2. One AdamW step on the epsilon loss, then the EMA.
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, s)
         loss = epsilon_loss(unet, noise_scheduler, latents[idx], text)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, unet, ema_decay_at(step, s.ema_decay))
+        optimizer_step(opt, loss, unet, ema, step, s)
         loss_avg = 0.98 * loss_avg + 0.02 * float(loss.detach()) if step > 1 else float(loss.detach())
         metrics = {"loss": loss_avg, "best_acc": max(best_acc, 0.0)}
         # 3. Measure the EMA weights and keep the best.
@@ -283,7 +328,7 @@ def train_toy_unet(latents: torch.Tensor, labels: torch.Tensor, digit_embeddings
             if acc >= best_acc:
                 best_state, best_step, best_acc = copy.deepcopy(ema.state_dict()), step, acc
             metrics = {"loss": loss_avg, "acc": acc, "best_acc": best_acc}
-        _report(progress, "unet", step, s.train_steps, metrics)
+        report_progress(progress, "toy-unet", step, s.train_steps, metrics)
     ema.load_state_dict(best_state)
     return ema, history, best_step, best_acc
 
@@ -323,7 +368,7 @@ def train_toy_base(images8: np.ndarray, labels: np.ndarray, classifier: DigitCla
     for i, scale in enumerate(s.final_guidance_scales):
         final[f"{scale:g}"] = prompted_digit_accuracy(unet, vae, digit_embeddings.to(s.device), uncond.to(s.device),
                                                       classifier, s.final_eval_samples, scale, seed=s.seed + 4)
-        _report(progress, "final", i + 1, len(s.final_guidance_scales), {f"acc@{scale:g}": final[f"{scale:g}"]})
+        report_progress(progress, "toy-final", i + 1, len(s.final_guidance_scales), {f"acc@{scale:g}": final[f"{scale:g}"]})
     pipe = assemble_pipeline(vae.cpu(), unet.cpu(), text_encoder, tokenizer)
     return ToyBaseResult(pipe, guidance_scale, history, best_step, best_acc, final, vae_mse)
 

@@ -13,8 +13,10 @@ Weights live in `data/toy/classifier/` (`model.safetensors` + `config.json`), re
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,14 +70,21 @@ def to_classifier_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DigitClassifier:
-    """A trained DigitNet behind the image convention of the project: Bx3xHxW floats in [-1, 1]."""
+class TrainedNet:
+    """A trained network, frozen for reading, with the config of its folder (`meta`, `save_weights`)."""
 
-    net: DigitNet
+    net: nn.Module
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.net.eval().requires_grad_(False)
+
+
+@dataclass
+class DigitClassifier(TrainedNet):
+    """A trained DigitNet behind the image convention of the project: Bx3xHxW floats in [-1, 1]."""
+
+    net: DigitNet
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -104,6 +113,14 @@ class DigitClassifier:
 # --- data -------------------------------------------------------------------------------
 
 
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1,797 handwritten digits: (N x 8 x 8 values 0-16, N labels)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
 def pil_to_tensor(image) -> torch.Tensor:
     """A PIL RGB image -> 3xHxW float tensor in [-1, 1]."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -128,19 +145,46 @@ def render_set(images8: np.ndarray, rng: np.random.Generator | None, styled: boo
     return torch.stack([pil_to_tensor(render(im, rng)) for im in images8])
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur, contrast and noise on grey classifier inputs (Bx1x16x16), so decoded images read well."""
+def augment(images: torch.Tensor, generator: torch.Generator, contrast: tuple[float, float] = (0.6, 0.4),
+            offset: float = 0.4) -> torch.Tensor:
+    """Random blur, contrast (`contrast[0] + contrast[1] * U`) and offset (`offset * (U - 0.5)`) and noise on
+    classifier inputs (B x C x H x W), so decoded images read well."""
     b = images.shape[0]
     blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.8
     images = images * (1 - mix) + blurred * mix
-    contrast = 0.6 + 0.4 * torch.rand(b, 1, 1, 1, generator=generator)
-    offset = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4
+    scale = contrast[0] + contrast[1] * torch.rand(b, 1, 1, 1, generator=generator)
+    shift = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * offset
     noise = torch.randn(images.shape, generator=generator) * 0.1 * torch.rand(b, 1, 1, 1, generator=generator)
-    return (images * contrast + offset + noise).clamp(-1.0, 1.0)
+    return (images * scale + shift + noise).clamp(-1.0, 1.0)
 
 
 # --- training ---------------------------------------------------------------------------
+
+
+def fit(net: nn.Module, x: torch.Tensor, loss_of: Callable[[Any, torch.Tensor], torch.Tensor],
+        generator: torch.Generator, *, epochs: int, batch_size: int, lr: float,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+        on_step: Callable[[int, int, float], None] | None = None) -> nn.Module:
+    """Train `net` in place on inputs x (N x ...): `epochs` shuffled passes of `batch_size`, Adam at `lr` with
+    cosine decay over all steps, `loss_of(net(augment(x[idx])), idx)` per batch; `on_step(step, total, loss)`."""
+    total = epochs * -(-len(x) // batch_size)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            loss = loss_of(net(augment(x[idx], generator)), idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if on_step is not None:
+                on_step(step, total, float(loss.detach()))
+    return net
 
 
 def train_digit_classifier(images8: np.ndarray, labels: np.ndarray, *, epochs: int = 12, copies: int = 4,
@@ -159,25 +203,11 @@ def train_digit_classifier(images8: np.ndarray, labels: np.ndarray, *, epochs: i
     y = torch.from_numpy(np.tile(np.asarray(labels), copies + 1)).long()
     x = to_classifier_input(x)
     # 2. Adam with a cosine schedule over all steps.
-    net = DigitNet()
-    steps_per_epoch = -(-len(x) // batch_size)
-    total = epochs * steps_per_epoch
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(net(augment(x[idx], generator)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if progress is not None:
-                progress(Progress(stage="toy-classifier", step=step, total=total,
-                                  metrics={"loss": float(loss.detach())}))
+    report = None if progress is None else (
+        lambda step, total, loss: progress(Progress(stage="toy-classifier", step=step, total=total,
+                                                    metrics={"loss": loss})))
+    net = fit(DigitNet(), x, lambda logits, idx: F.cross_entropy(logits, y[idx]), generator, epochs=epochs,
+              batch_size=batch_size, lr=lr, on_step=report)
     return DigitClassifier(net)
 
 
@@ -192,29 +222,40 @@ def accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Te
 # --- persistence ------------------------------------------------------------------------
 
 
-def save_digit_classifier(classifier: DigitClassifier, path: str | Path, meta: dict | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` (architecture and `meta`, e.g. accuracies) to `path`."""
+def save_weights(net: nn.Module, path: str | Path, config: dict) -> Path:
+    """Write `net`'s weights (`model.safetensors`) and `config` (`config.json`) to the folder `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
-    config = {"input_size": INPUT_SIZE, "widths": [32, 64], "feature_dim": 64, **(meta or classifier.meta)}
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def read_weights(folder: Path, missing: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The weights and config `save_weights` wrote to `folder`; FileNotFoundError saying `missing`
+    (what is not there, and how to build it) when either file is absent."""
+    weights, config_file = folder / "model.safetensors", folder / "config.json"
+    if not weights.exists() or not config_file.exists():
+        raise FileNotFoundError(f"{folder}: {missing}")
+    return load_file(str(weights)), json.loads(config_file.read_text())
+
+
+def save_digit_classifier(classifier: DigitClassifier, path: str | Path, meta: dict | None = None) -> Path:
+    """Write `model.safetensors` and `config.json` (architecture and `meta`, e.g. accuracies) to `path`."""
+    config = {"input_size": INPUT_SIZE, "widths": [32, 64], "feature_dim": 64, **(meta or classifier.meta)}
+    return save_weights(classifier.net, path, config)
 
 
 def load_digit_classifier(path: str | Path = DEFAULT_CLASSIFIER_DIR, device: str | torch.device = "cpu"
                           ) -> DigitClassifier:
     """Load the classifier from `path` (relative paths fall back to the project root)."""
     folder = project_path(path)
-    weights, config_file = folder / "model.safetensors", folder / "config.json"
-    if not weights.exists() or not config_file.exists():
-        raise FileNotFoundError(f"{folder}: no digit classifier (model.safetensors + config.json); "
-                                "build it with `lcmlora toy classifier`")
-    config = json.loads(config_file.read_text())
+    state, config = read_weights(folder, "no digit classifier (model.safetensors + config.json); "
+                                         "build it with `lcmlora toy classifier`")
     if config.get("input_size") != INPUT_SIZE:
-        raise ValueError(f"{config_file}: input_size {config.get('input_size')} != {INPUT_SIZE} of this code; "
-                         "rebuild with `lcmlora toy classifier`")
+        raise ValueError(f"{folder / 'config.json'}: input_size {config.get('input_size')} != {INPUT_SIZE} of this "
+                         "code; rebuild with `lcmlora toy classifier`")
     net = DigitNet(tuple(config["widths"]), config["feature_dim"])
-    net.load_state_dict(load_file(str(weights)))
+    net.load_state_dict(state)
     return DigitClassifier(net, meta=config).to(device)

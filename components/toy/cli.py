@@ -30,15 +30,31 @@ from components.config import Params
 from components.toy.config import toy_config
 
 toy_app = typer.Typer(help="Build the embedded toy world (source, base, style).", no_args_is_help=True)
+HardOpt = Annotated[bool, typer.Option("--hard", help="the hard toy (two coloured digits, 64 px; settings under "
+                                       "toy.hard); docs/toy-hard.md")]
+SdxlOpt = Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL-family hard base")]
+
+
+def toy_params(params: Path, overrides: list[str] | None, dry_run: bool, output_key: str | None = None,
+               output: Path | None = None, hard: bool = False) -> Params | None:
+    """A toy command's resolved params (`--output` as `output_key`; with `hard`, `toy.hard` checked, so a
+    typo there fails named, also with --dry-run); None after printing them for `--dry-run`."""
+    cfg = resolve(params, overrides, [f"{output_key}={output}"] if output_key and output else None)
+    if hard:
+        from components.toy.hard.config import hard_toy_config
+
+        hard_toy_config(cfg)
+    if dry_run:
+        print_config(cfg)
+        return None
+    return cfg
 
 
 @toy_app.command("source")
 def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
                output: OutputOpt = None) -> None:
     """Write the LAION/img2dataset-format toy source from sklearn's digits."""
-    cfg = resolve(params, set_, [f"toy.source_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
+    if (cfg := toy_params(params, set_, dry_run, "toy.source_dir", output)) is None:
         return
     from components.toy.source import write_toy_source
 
@@ -53,9 +69,7 @@ def toy_source(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry
 def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
                    output: OutputOpt = None) -> None:
     """Train the digit classifier (toy metrics: prompt adherence, Frechet features) and save it."""
-    cfg = resolve(params, set_, [f"toy.classifier_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
+    if (cfg := toy_params(params, set_, dry_run, "toy.classifier_dir", output)) is None:
         return
     import json
     import time
@@ -73,22 +87,13 @@ def toy_classifier(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 
 @toy_app.command("base")
 def toy_base(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-             output: OutputOpt = None,
-             hard: Annotated[bool, typer.Option("--hard", help="the hard toy's SD-1.5-family base (64 px, "
-                                                "settings under toy.hard; docs/toy-hard.md)")] = False,
-             sdxl: Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL-family hard base, around "
-                                                "the VAE of toy.hard.base_dir")] = False) -> None:
-    """Train the tiny SD-1.5-family toy base (or, with --hard, a hard toy base) and save it in diffusers layout."""
+             output: OutputOpt = None, hard: HardOpt = False, sdxl: SdxlOpt = False) -> None:
+    """Train the tiny SD-1.5-family toy base (or, with --hard, the hard toy's SD-1.5-family base; with --hard
+    --sdxl its SDXL-family base, around the VAE of toy.hard.base_dir) and save it in diffusers layout."""
     if sdxl and not hard:
         raise click.UsageError("--sdxl builds the hard toy's SDXL-family base: pass --hard --sdxl")
     folder_key = ("toy.hard.sdxl_dir" if sdxl else "toy.hard.base_dir") if hard else "toy.base_dir"
-    cfg = resolve(params, set_, [f"{folder_key}={output}"] if output else None)
-    if hard:
-        from components.toy.hard.config import hard_toy_config
-
-        hard_toy_config(cfg)  # a typo under toy.hard fails here, named, also with --dry-run
-    if dry_run:
-        print_config(cfg)
+    if (cfg := toy_params(params, set_, dry_run, folder_key, output, hard)) is None:
         return
     if hard:
         _hard_base(cfg, sdxl)
@@ -131,13 +136,10 @@ def _hard_base(cfg: Params, sdxl: bool) -> None:
 
 @toy_app.command("style")
 def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-              output: OutputOpt = None,
-              hard: Annotated[bool, typer.Option("--hard", help="the hard toy's style set (64 px scenes, "
-                                                 "toy.hard.style_*)")] = False) -> None:
-    """Write the toy style set: the same digits in a visibly different style."""
-    cfg = resolve(params, set_, [f"toy.{'hard.' if hard else ''}style_dir={output}"] if output else None)
-    if dry_run:
-        print_config(cfg)
+              output: OutputOpt = None, hard: HardOpt = False) -> None:
+    """Write the toy style set: the same digits in a visibly different style (with --hard, the hard toy's:
+    64 px scenes, toy.hard.style_*)."""
+    if (cfg := toy_params(params, set_, dry_run, f"toy.{'hard.' if hard else ''}style_dir", output)) is None:
         return
     if hard:
         from components.toy.hard.config import hard_toy_config
@@ -155,28 +157,19 @@ def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
 
 @toy_app.command("style-lora")
 def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
-                   output: OutputOpt = None,
-                   hard: Annotated[bool, typer.Option("--hard", help="on the SD-1.5 hard base (toy.hard.base_dir), "
-                                                      "from the hard style set")] = False,
-                   sdxl: Annotated[bool, typer.Option("--sdxl", help="with --hard: the SDXL hard base "
-                                                      "(not supported yet)")] = False,
+                   output: OutputOpt = None, hard: HardOpt = False, sdxl: SdxlOpt = False,
                    rescore: Annotated[bool, typer.Option("--rescore", help="with --hard: score the style LoRA "
                                                          "already in --output (default toy.hard.style_output) on "
                                                          "the hard base as it is now, without training")] = False,
                    ) -> None:
-    """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base)."""
+    """Train a style LoRA on the toy style set (plain diffusion LoRA fine-tuning of the toy base; with --hard, on
+    the SD-1.5 hard base (toy.hard.base_dir) from the hard style set; --sdxl is not supported yet)."""
     if sdxl:
         raise click.UsageError("toy style-lora --hard --sdxl: the style LoRA trainer does not feed SDXL's pooled "
                                "embeddings and time ids yet; train on the SD-1.5 hard base (--hard)")
     if rescore and not hard:
         raise click.UsageError("toy style-lora --rescore scores the hard style LoRA: add --hard")
-    cfg = resolve(params, set_)
-    if hard:
-        from components.toy.hard.config import hard_toy_config
-
-        hard_toy_config(cfg)  # a typo under toy.hard fails here, named
-    if dry_run:
-        print_config(cfg)
+    if (cfg := toy_params(params, set_, dry_run, hard=hard)) is None:
         return
     import json
 
@@ -194,8 +187,7 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
 def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
               output: OutputOpt = None,
               toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
-              hard: Annotated[bool, typer.Option("--hard", help="the hard toy (two coloured digits, 64 px); "
-                                                 "docs/toy-hard.md")] = False,
+              hard: HardOpt = False,
               family: Annotated[Literal["sd15", "sdxl", "both"], typer.Option(
                   "--family", help="hard toy bases: sd15, sdxl or both")] = "both",
               max_steps: Annotated[int | None, typer.Option("--max-steps", help="distillation steps")] = None,

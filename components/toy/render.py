@@ -39,10 +39,15 @@ def _check_digit(image8x8: np.ndarray) -> np.ndarray:
     return np.clip(arr / 16.0, 0.0, 1.0)
 
 
+def digit_box(image8x8: np.ndarray, box: int) -> np.ndarray:
+    """Ink coverage in [0, 1], box x box: an sklearn digit (8x8, values 0-16) upsampled bicubically."""
+    small = Image.fromarray((_check_digit(image8x8) * 255.0).astype(np.uint8), mode="L")
+    return np.asarray(small.resize((box, box), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+
+
 def _ink_mask(image8x8: np.ndarray, rng: np.random.Generator | None, box: int = _DIGIT_BOX) -> np.ndarray:
     """Ink coverage in [0, 1], TOY_SIZE x TOY_SIZE: the digit upsampled into a box, optionally shifted."""
-    small = Image.fromarray((_check_digit(image8x8) * 255.0).astype(np.uint8), mode="L")
-    digit = np.asarray(small.resize((box, box), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
+    digit = digit_box(image8x8, box)
     canvas = np.zeros((TOY_SIZE, TOY_SIZE))
     margin = (TOY_SIZE - box) // 2
     dy, dx = (0, 0) if rng is None else (int(v) for v in rng.integers(-1, 2, size=2))
@@ -51,7 +56,8 @@ def _ink_mask(image8x8: np.ndarray, rng: np.random.Generator | None, box: int = 
     return np.clip(canvas, 0.0, 1.0)
 
 
-def _to_image(rgb: np.ndarray) -> Image.Image:
+def to_image(rgb: np.ndarray) -> Image.Image:
+    """H x W x 3 floats 0-255 as an RGB image (rounded, clipped)."""
     return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
 
 
@@ -66,7 +72,7 @@ def render_digit(image8x8: np.ndarray, rng: np.random.Generator | None = None) -
     if rng is not None:
         paper = paper + rng.uniform(-8.0, 8.0, size=3)
         ink = ink + rng.uniform(-16.0, 16.0, size=3)
-    return _to_image(paper * (1.0 - mask) + ink * mask)
+    return to_image(paper * (1.0 - mask) + ink * mask)
 
 
 def render_digit_styled(image8x8: np.ndarray, rng: np.random.Generator | None = None) -> Image.Image:
@@ -83,4 +89,4 @@ def render_digit_styled(image8x8: np.ndarray, rng: np.random.Generator | None = 
     background = _STYLE_BG * (1.0 - stripes) + _STYLE_STRIPE * stripes
     rgb = background * (1.0 - glow[..., None]) + glow_colour * glow[..., None]
     rgb = rgb * (1.0 - core[..., None]) + _STYLE_CORE * core[..., None]
-    return _to_image(rgb)
+    return to_image(rgb)

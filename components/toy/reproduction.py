@@ -26,9 +26,7 @@ from components.evaluate.gate import GateResult, Rule, check_rules
 from components.paths import project_path
 from components.progress import Progress, ProgressFn, no_progress
 from components.storage.storage import Storage
-from components.toy.config import toy_config
-from components.toy.folder_settings import stale_settings
-from components.toy.source import write_toy_source
+from components.toy.source import check_source_settings, write_source
 
 TOY_BASE = "toy"  # the params base the easy reproduction runs on
 STAGES = ("curate", "encode", "distill", "evaluate")
@@ -64,8 +62,7 @@ class ToyWorld:
     source_settings: Callable[[Params], dict[str, tuple[Any, Any]]] | None = None
 
 
-EASY_TOY = ToyWorld(TOY_BASE, "lcmlora toy base", lambda folder, p: write_toy_source(folder, seed=toy_config(p).seed),
-                    TOY_GOALS)
+EASY_TOY = ToyWorld(TOY_BASE, "lcmlora toy base", write_source, TOY_GOALS)
 
 
 @dataclass
@@ -109,18 +106,6 @@ def goals_markdown(goals: GateResult) -> str:
         status = "met" if check["passed"] else "NOT met"
         lines.append(f"- {check['key'].removeprefix('goal ')}: {check['rule']}: {value} vs {bound}: **{status}**")
     return "\n".join(lines)
-
-
-def check_source_settings(source_dir: Path, expected: dict[str, tuple[Any, Any]]) -> None:
-    """ValueError when `source_dir`'s toy_summary.json was written with other settings than `expected`
-    (a summary without a key holds that key's default); a folder without a summary is not checked."""
-    summary_file = source_dir / "toy_summary.json"
-    if not summary_file.is_file():
-        return
-    if stale := stale_settings(summary_file, expected):
-        found = ", ".join(f"{key} {had!r} (asked: {want!r})" for key, (had, want) in stale.items())
-        raise ValueError(f"{source_dir}: a toy source written with other settings: {found}; delete it "
-                         f"or pass --set curate.source=ANOTHER_FOLDER")
 
 
 def run_reproduction(world: ToyWorld, params: Params, output: str | Path, *,

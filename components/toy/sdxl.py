@@ -15,14 +15,22 @@ import tempfile
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from components.toy.base import assemble_pipeline, toy_text_encoder, toy_unet, toy_vae
+from components.toy.base import (
+    assemble_pipeline,
+    clip_text_config,
+    conditioned_unet,
+    toy_text_encoder,
+    toy_unet,
+    toy_vae,
+)
 from components.toy.tokenizer import build_toy_tokenizer
 
 SDXL_TEXT_WIDTHS = (32, 32)  # hidden sizes of text_encoder and text_encoder_2
@@ -35,24 +43,32 @@ def _tokenizer() -> CLIPTokenizer:
         return build_toy_tokenizer(tmp)
 
 
-def _text_config(tokenizer: CLIPTokenizer, width: int, projection_dim: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                          projection_dim=projection_dim, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+def sdxl_text_encoders(tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], widths: tuple[int, int], pooled_dim: int,
+                       positions: int, seed: int = 0) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
+    """SDXL's two CLIP text encoders (2 layers each, of `widths`; the second with a `pooled_dim` projection),
+    seeded `seed` and `seed + 1`."""
+    configs = [clip_text_config(tokenizer, width, positions, 2, pooled_dim, hidden_act="gelu")
+               for tokenizer, width in zip(tokenizers, widths, strict=True)]
+    torch.manual_seed(seed)
+    first = CLIPTextModel(configs[0])
+    torch.manual_seed(seed + 1)
+    return first, CLIPTextModelWithProjection(configs[1])
+
+
+def sdxl_unet(seed: int, sample_size: int, cross: tuple[bool, ...], widths: tuple[int, ...],
+              heads: tuple[int, ...], text_width: int, pooled_dim: int, time_embed_dim: int) -> UNet2DConditionModel:
+    """SDXL-style UNet (`conditioned_unet`'s levels): text_time added conditioning on the pooled text and the
+    six size/crop numbers, linear projections, one transformer layer per level."""
+    return conditioned_unet(seed, sample_size, cross, widths, text_width, attention_head_dim=heads,
+                            use_linear_projection=True, transformer_layers_per_block=(1,) * len(cross),
+                            addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+                            projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim)
 
 
 def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     """SDXL-style UNet (text_time added conditioning, linear projections) at 8x8 latents."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 1), cross_attention_dim=sum(SDXL_TEXT_WIDTHS), norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM)
+    return sdxl_unet(seed, 8, (False, True), (32, 64), (2, 4), sum(SDXL_TEXT_WIDTHS), SDXL_POOLED_DIM,
+                     SDXL_TIME_EMBED_DIM)
 
 
 def sdxl_scheduler() -> EulerDiscreteScheduler:
@@ -69,18 +85,23 @@ def sdxl_scheduler() -> EulerDiscreteScheduler:
     return scheduler
 
 
+def assemble_sdxl(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                  text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
+                  tokenizer_2: CLIPTokenizer) -> StableDiffusionXLPipeline:
+    """The components as a StableDiffusionXLPipeline with SDXL's scheduler, the VAE kept in its dtype."""
+    vae.register_to_config(force_upcast=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=sdxl_scheduler(), force_zeros_for_empty_prompt=True)
+
+
 def build_tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     """A random-init SDXL-family pipeline: 32x32 images, 4x8x8 latents, two tiny CLIP text encoders."""
     tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, SDXL_TEXT_WIDTHS[0], SDXL_POOLED_DIM))
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, SDXL_TEXT_WIDTHS[1], SDXL_POOLED_DIM))
+    text_encoder, text_encoder_2 = sdxl_text_encoders((tokenizer, tokenizer_2), SDXL_TEXT_WIDTHS, SDXL_POOLED_DIM,
+                                                      77, seed)
     vae = toy_vae(seed + 2)
-    vae.register_to_config(force_upcast=False)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=tiny_sdxl_unet(seed + 3),
-                                     scheduler=sdxl_scheduler(), force_zeros_for_empty_prompt=True)
+    pipe = assemble_sdxl(vae, tiny_sdxl_unet(seed + 3), text_encoder, text_encoder_2, tokenizer, tokenizer_2)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -13,6 +13,9 @@ Every defective row carries exactly one defect, so the counts a curation run mus
 known in advance (`toy_summary.json`). Duplicates are byte-identical copies of a clean image
 placed after their original, so "keep the first" keeps the original. The output is a pure
 function of the seed: the same seed writes the same bytes (fixed tar headers, sorted JSON).
+
+`write_laion_source` writes that layout for both toy worlds (the hard toy's scenes:
+`components/toy/hard/source.py`); `ToySource` is their source plug-in.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from components.toy.render import TOY_SIZE, caption_for, render_digit
+from components.config import Params
+from components.toy.config import toy_config
+from components.toy.folder_settings import stale_settings
+from components.toy.render import caption_for, render_digit
 
 SHARD_SIZE = 512  # samples per tar shard
 JPEG_QUALITY = 95
@@ -50,6 +57,12 @@ DEFECT_COUNTS: dict[str, int] = {
     "missing_txt": 10,  # the shard has KEY.jpg and KEY.json but no KEY.txt
 }
 DUPLICATES = 60  # extra rows whose image bytes equal an earlier clean row's
+METADATA_COLUMNS = {  # metadata.parquet: LAION's columns, img2dataset's status and original size, key and shard
+    "key": pa.string(), "shard": pa.string(), "URL": pa.string(), "TEXT": pa.string(), "WIDTH": pa.int64(),
+    "HEIGHT": pa.int64(), "similarity": pa.float64(), "punsafe": pa.float64(), "pwatermark": pa.float64(),
+    "AESTHETIC_SCORE": pa.float64(), "status": pa.string(), "original_width": pa.int64(),
+    "original_height": pa.int64(),
+}
 
 # The curation rejection reason each defect must produce (corrupt images pass curation).
 EXPECTED_REASON: dict[str, str | None] = {
@@ -67,13 +80,15 @@ EXPECTED_REASON: dict[str, str | None] = {
 
 
 @dataclass(frozen=True)
-class _Row:
-    digit: int  # index into sklearn's digits
+class PlannedRow:
+    """One row of a toy source as `plan_rows` planned it."""
+
+    digit: int  # index into sklearn's digits (the hard toy: into its scenes)
     defect: str | None
     duplicate_of: int | None = None  # position (in the final order) of the original
 
 
-def _plan(n_digits: int, rng: np.random.Generator) -> list[_Row]:
+def plan_rows(n_digits: int, rng: np.random.Generator) -> list[PlannedRow]:
     """Assign defects to digits and interleave duplicates after their originals."""
     order = rng.permutation(n_digits)
     defects: list[str | None] = [None] * n_digits
@@ -82,20 +97,21 @@ def _plan(n_digits: int, rng: np.random.Generator) -> list[_Row]:
         for i in range(cursor, cursor + count):
             defects[order[i]] = kind
         cursor += count
-    rows = [_Row(digit=d, defect=defects[d]) for d in range(n_digits)]
+    rows = [PlannedRow(digit=d, defect=defects[d]) for d in range(n_digits)]
     clean = [i for i, r in enumerate(rows) if r.defect is None]
     originals = rng.choice(clean, size=DUPLICATES, replace=False)
     # Sort positions: base rows at i, each duplicate somewhere after its original.
     placed = [(float(i), r) for i, r in enumerate(rows)]
     for orig in originals:
-        placed.append((float(rng.uniform(orig + 0.5, n_digits)), _Row(rows[orig].digit, "duplicate", int(orig))))
+        placed.append((float(rng.uniform(orig + 0.5, n_digits)),
+                       PlannedRow(rows[orig].digit, "duplicate", int(orig))))
     placed.sort(key=lambda pr: pr[0])
     # Duplicate rows point at their original's final position.
     final_pos = {id(r): p for p, (_, r) in enumerate(placed)}
-    out: list[_Row] = []
+    out: list[PlannedRow] = []
     for _, r in placed:
         if r.duplicate_of is not None:
-            r = _Row(r.digit, "duplicate", final_pos[id(rows[r.duplicate_of])])
+            r = PlannedRow(r.digit, "duplicate", final_pos[id(rows[r.duplicate_of])])
         out.append(r)
     return out
 
@@ -106,15 +122,24 @@ def _jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _image_for(row: _Row, digit8x8: np.ndarray, rng: np.random.Generator) -> Image.Image:
-    image = render_digit(digit8x8, rng)
-    if row.defect == "undersized":
-        return image.resize((TOY_SIZE // 2, TOY_SIZE // 2), Image.Resampling.BICUBIC)
-    if row.defect == "bad_aspect":
-        wide = Image.new("RGB", (TOY_SIZE * 3, TOY_SIZE), image.getpixel((0, 0)))
-        wide.paste(image, (TOY_SIZE, 0))
+MISSHAPEN = ("undersized", "bad_aspect")  # the defects that change an image's size
+
+
+def misshapen(defect: str | None, image: Image.Image) -> Image.Image:
+    """A square image as a row with `defect` shows it: half size when undersized, in the middle of a 3:1
+    canvas when bad_aspect, else unchanged."""
+    size = image.width
+    if defect == "undersized":
+        return image.resize((size // 2, size // 2), Image.Resampling.BICUBIC)
+    if defect == "bad_aspect":
+        wide = Image.new("RGB", (size * 3, size), image.getpixel((0, 0)))
+        wide.paste(image, (size, 0))
         return wide
     return image
+
+
+def _image_for(row: PlannedRow, digit8x8: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    return misshapen(row.defect, render_digit(digit8x8, rng))
 
 
 def _corrupt(jpeg: bytes, rng: np.random.Generator) -> bytes:
@@ -157,37 +182,44 @@ def _json_value(v: Any) -> Any:
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
-def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_SIZE) -> dict[str, Any]:
-    """Write the toy source to `output` (a local folder) and return its summary.
+@dataclass(frozen=True)
+class SourceDraw:
+    """What one toy world draws into the shared LAION layout (`write_laion_source`); the rest is common."""
 
-    The summary (also written as `toy_summary.json`) holds the row count, the shards, each
-    defect's count and keys, and the expected curation outcome for the default filters.
+    image: Callable[[PlannedRow, np.random.Generator], Image.Image]  # a row's image (never a duplicate's)
+    caption: Callable[[PlannedRow], str]  # a row's caption before the empty_caption defect
+    url: Callable[[PlannedRow], str]  # a row's LAION URL
+    summary: Callable[[list[dict[str, Any]]], dict[str, Any]]  # the world's own summary keys, from the records
+
+
+def write_laion_source(output: str | Path, plan: list[PlannedRow], draw: SourceDraw, rng: np.random.Generator,
+                       seed: int, shard_size: int = SHARD_SIZE) -> dict[str, Any]:
+    """Write `plan`'s rows as `draw` draws them (with `rng`, after the plan) to `output`: tar shards,
+    img2dataset stats, the metadata parquet and `toy_summary.json`; returns the summary.
+
+    The summary holds the row count, the shards, each defect's count and keys, and the expected curation
+    outcome for the default filters, plus `draw.summary`'s keys.
     """
-    from sklearn.datasets import load_digits
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    rows = _plan(len(digits.images), rng)
 
     # 1. Render every row (duplicates reuse their original's exact bytes).
     records: list[dict[str, Any]] = []
     jpegs: list[bytes] = []
     defect_keys: dict[str, list[str]] = {k: [] for k in [*DEFECT_COUNTS, "duplicate"]}
-    for pos, row in enumerate(rows):
+    for pos, row in enumerate(plan):
         shard_id, index = divmod(pos, shard_size)
         key = f"{shard_id:05d}{index:04d}"
         if row.defect == "duplicate":
             jpeg = jpegs[row.duplicate_of]
             width, height = records[row.duplicate_of]["WIDTH"], records[row.duplicate_of]["HEIGHT"]
         else:
-            image = _image_for(row, digits.images[row.digit], rng)
+            image = draw.image(row, rng)
             width, height = image.size
             jpeg = _jpeg(image)
             if row.defect == "corrupt_image":
                 jpeg = _corrupt(jpeg, rng)
-        caption = caption_for(int(digits.target[row.digit]))
+        caption = draw.caption(row)
         if row.defect == "empty_caption":
             caption = "" if rng.random() < 0.5 else "   "
         if row.defect is not None:
@@ -196,7 +228,7 @@ def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_
         records.append({
             "key": key,
             "shard": f"{shard_id:05d}.tar",
-            "URL": f"{URL_PREFIX}/{row.digit:04d}.png",
+            "URL": draw.url(row),
             "TEXT": caption,
             "WIDTH": width,
             "HEIGHT": height,
@@ -225,21 +257,8 @@ def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_
         (output / f"{shard[:-4]}_stats.json").write_text(json.dumps(stats, sort_keys=True, indent=1) + "\n")
 
     # 3. The LAION-style metadata parquet.
-    table = pa.table({
-        "key": pa.array([r["key"] for r in records], pa.string()),
-        "shard": pa.array([r["shard"] for r in records], pa.string()),
-        "URL": pa.array([r["URL"] for r in records], pa.string()),
-        "TEXT": pa.array([r["TEXT"] for r in records], pa.string()),
-        "WIDTH": pa.array([r["WIDTH"] for r in records], pa.int64()),
-        "HEIGHT": pa.array([r["HEIGHT"] for r in records], pa.int64()),
-        "similarity": pa.array([r["similarity"] for r in records], pa.float64()),
-        "punsafe": pa.array([r["punsafe"] for r in records], pa.float64()),
-        "pwatermark": pa.array([r["pwatermark"] for r in records], pa.float64()),
-        "AESTHETIC_SCORE": pa.array([r["AESTHETIC_SCORE"] for r in records], pa.float64(), from_pandas=False),
-        "status": pa.array([r["status"] for r in records], pa.string()),
-        "original_width": pa.array([r["original_width"] for r in records], pa.int64()),
-        "original_height": pa.array([r["original_height"] for r in records], pa.int64()),
-    })
+    table = pa.table({name: pa.array([r[name] for r in records], kind, from_pandas=False)
+                      for name, kind in METADATA_COLUMNS.items()})
     pq.write_table(table, output / "metadata.parquet", compression="zstd")
 
     # 4. What was planted, and what curation and encoding must therefore produce.
@@ -247,26 +266,71 @@ def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_
     summary = {
         "seed": seed,
         "rows": len(records),
-        "digits": len(digits.images),
         "shards": shards,
         "defects": {k: len(v) for k, v in defect_keys.items()},
         "defect_keys": defect_keys,
         "expected_reasons": {EXPECTED_REASON[k]: len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k]},
         "expected_curated": len(records) - rejected_by_curation,
         "expected_encoded": len(records) - rejected_by_curation - len(defect_keys["corrupt_image"]),
+        **draw.summary(records),
     }
     (output / "toy_summary.json").write_text(json.dumps(summary, sort_keys=True, indent=1) + "\n")
     return summary
 
 
-def ensure_toy_source(params) -> dict[str, Any] | None:
-    """Write the toy source when `curate.source` is the toy folder (toy.source_dir) and holds no
-    metadata yet (entry point `toy` of group `lcmlora.sources`). Returns the summary, or None when
-    nothing was written."""
-    from components.toy.config import toy_config
+def write_toy_source(output: str | Path, seed: int = 0, shard_size: int = SHARD_SIZE) -> dict[str, Any]:
+    """Write the toy source (sklearn's digits, `write_laion_source`'s layout) to `output` (a local folder);
+    returns its summary, with the number of sklearn digits."""
+    from sklearn.datasets import load_digits
 
-    toy = toy_config(params)
-    toy_dir = Path(toy.source_dir)
-    if Path(params.curate.source).resolve() != toy_dir.resolve() or any(toy_dir.glob("*.parquet")):
-        return None
-    return {**write_toy_source(toy_dir, seed=toy.seed), "output": str(toy_dir)}
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    plan = plan_rows(len(digits.images), rng)
+    draw = SourceDraw(image=lambda row, rng: _image_for(row, digits.images[row.digit], rng),
+                      caption=lambda row: caption_for(int(digits.target[row.digit])),
+                      url=lambda row: f"{URL_PREFIX}/{row.digit:04d}.png",
+                      summary=lambda records: {"digits": len(digits.images)})
+    return write_laion_source(output, plan, draw, rng, seed, shard_size)
+
+
+def check_source_settings(source_dir: Path, expected: dict[str, tuple[Any, Any]]) -> None:
+    """ValueError when `source_dir`'s toy_summary.json was written with other settings than `expected`
+    (a summary without a key holds that key's default); a folder without a summary is not checked."""
+    summary_file = source_dir / "toy_summary.json"
+    if not summary_file.is_file():
+        return
+    if stale := stale_settings(summary_file, expected):
+        found = ", ".join(f"{key} {had!r} (asked: {want!r})" for key, (had, want) in stale.items())
+        raise ValueError(f"{source_dir}: a toy source written with other settings: {found}; delete it "
+                         f"or pass --set curate.source=ANOTHER_FOLDER")
+
+
+@dataclass(frozen=True)
+class ToySource:
+    """A toy world's source writer plug-in (group `lcmlora.sources`): `plugin(params)` writes the world's
+    source when `curate.source` is the world's folder and holds no metadata yet, and returns its summary
+    (with `output`); None when nothing was written."""
+
+    folder: Callable[[Params], str]  # the world's source folder in `params`
+    write: Callable[[Path, Params], dict[str, Any]]  # writes the source to a folder, returns its summary
+    # what an existing source's toy_summary.json must say (check_source_settings); None: not checked
+    settings: Callable[[Params], dict[str, tuple[Any, Any]]] | None = None
+
+    def __call__(self, params: Params) -> dict[str, Any] | None:
+        folder = Path(self.folder(params))
+        if Path(params.curate.source).resolve() != folder.resolve():
+            return None
+        if any(folder.glob("*.parquet")):
+            if self.settings is not None:
+                check_source_settings(folder, self.settings(params))
+            return None
+        return {**self.write(folder, params), "output": str(folder)}
+
+
+def write_source(folder: Path, params: Params) -> dict[str, Any]:
+    """The toy source (toy.seed) written to `folder`."""
+    return write_toy_source(folder, seed=toy_config(params).seed)
+
+
+# Entry point `toy` of group `lcmlora.sources`: the toy source in toy.source_dir.
+ensure_toy_source = ToySource(lambda params: toy_config(params).source_dir, write_source)

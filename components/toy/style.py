@@ -8,9 +8,11 @@ Layout of the folder (simple and loader-free): `NNNNN.png` (32x32 RGB) and `NNNN
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from components.toy.render import caption_for, render_digit_styled
 
@@ -37,8 +39,14 @@ def write_toy_style(folder: str | Path, count: int = 500, seed: int = 0) -> Path
     images = load_digits().images
     rng = np.random.default_rng(seed + 1)
     rows = toy_style_rows(count, seed)
-    for row in rows:
-        render_digit_styled(images[row["source_index"]], rng).save(folder / f"{row['key']}.png")
+    return write_style_set(folder, rows, (render_digit_styled(images[row["source_index"]], rng) for row in rows))
+
+
+def write_style_set(folder: Path, rows: list[dict], images: Iterable[Image.Image]) -> Path:
+    """Each row's image as `KEY.png` and its caption as `KEY.txt`, then every row (with its `file`) in
+    `metadata.jsonl`, into `folder`; `images` are drawn one per row, in order."""
+    for row, image in zip(rows, images, strict=True):
+        image.save(folder / f"{row['key']}.png")
         (folder / f"{row['key']}.txt").write_text(row["caption"] + "\n")
         row["file"] = f"{row['key']}.png"
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

@@ -10,6 +10,7 @@ every digit prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,6 +118,38 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     return losses
 
 
+def save_style_lora(pipe, out: Path, losses: list[float], base_meta: dict, title: str, description: str
+                    ) -> dict[str, Path]:
+    """The pipe's style adapter in both LoRA formats (alpha kept), and `losses.csv`, written to `out`;
+    returns the LoRA files."""
+    from components.lora import io as lora_io
+    from components.lora import merge
+
+    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
+    paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title=title,
+                                   description=description)
+    (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
+    return paths
+
+
+def sample_with_and_without(pipe, prompts: list[str], guidance_scale: float, size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """25-step DPM-Solver++ samples of `prompts` (seeds 0..) at `guidance_scale` and `size` px, with the
+    pipe's style LoRA and without it: two N x 3 x size x size in [-1, 1]."""
+    from components.evaluate.sampler_matrix import Method, initial_noise, latent_shape, run_method
+
+    seeds = list(range(len(prompts)))
+    noise = initial_noise(seeds, latent_shape(pipe, size, size))
+    pipe.set_progress_bar_config(disable=True)
+    method = Method("dpmpp", 25, guidance_scale, True)
+    kw = {"height": size, "width": size, "batch_size": 50}
+    with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
+    pipe.disable_lora()
+    without = run_method(pipe, method, prompts, noise, seeds, **kw).images
+    pipe.enable_lora()
+    return with_lora, without
+
+
 def run_toy_style_lora(params, output=None, progress: ProgressFn | None = None) -> dict:
     """`lcmlora toy style-lora`: train the toy style LoRA on the toy base and write its folder.
 
@@ -125,12 +158,8 @@ def run_toy_style_lora(params, output=None, progress: ProgressFn | None = None) 
     """
     import json
     import time
-    from pathlib import Path
 
     from components.config import RESOLVED_CONFIG_NAME
-    from components.evaluate.sampler_matrix import Method, initial_noise, latent_shape, run_method
-    from components.lora import io as lora_io
-    from components.lora import merge
     from components.models.base_model import load_base, resolve_base
     from components.paths import project_path
     from components.toy.config import toy_config
@@ -150,25 +179,16 @@ def run_toy_style_lora(params, output=None, progress: ProgressFn | None = None) 
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept (alpha != rank by default).
-    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
     base_meta = {"name": name, "family": "sd15", "resolution": cfg.image_size, "reference": reference,
                  "fingerprint": loaded.fingerprint}
-    paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title="toy-style-lora",
-                                   description="toy style LoRA (neon digits), plain diffusion LoRA fine-tuning")
-    (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
+    paths = save_style_lora(pipe, out, losses, base_meta, "toy-style-lora",
+                            "toy style LoRA (neon digits), plain diffusion LoRA fine-tuning")
     # 3. Style strength with and without the LoRA, 25 DPM-Solver++ steps with the base's guidance.
     metric = toy_style_metric()
     prompts = [f"a handwritten digit {w}" for w in
                ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine") for _ in range(5)]
-    seeds = list(range(len(prompts)))
-    noise = initial_noise(seeds, latent_shape(pipe, cfg.image_size, cfg.image_size))
-    pipe.set_progress_bar_config(disable=True)
-    method = Method("dpmpp", 25, base_cfg.guidance_scale if base_cfg else 2.0, True)
-    kw = {"height": cfg.image_size, "width": cfg.image_size, "batch_size": 50}
-    with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
-    pipe.disable_lora()
-    without = run_method(pipe, method, prompts, noise, seeds, **kw).images
-    pipe.enable_lora()
+    with_lora, without = sample_with_and_without(pipe, prompts, base_cfg.guidance_scale if base_cfg else 2.0,
+                                                 cfg.image_size)
     metrics = {
         "train_seconds": round(train_seconds, 1), "final_loss_mean_last50": float(np.mean(losses[-50:])),
         "first_loss_mean_first50": float(np.mean(losses[:50])),

@@ -22,6 +22,7 @@ from components.toy.classifier import (
     accuracy,
     digit_split,
     load_digit_classifier,
+    load_sklearn_digits,
     render_set,
     save_digit_classifier,
     train_digit_classifier,
@@ -30,14 +31,6 @@ from components.toy.config import ToyConfig, toy_config
 
 MIN_CLASSIFIER_ACCURACY = 0.97  # held-out accuracy the committed digit classifier must reach
 TOY_BASE_NAME = "toy"  # the base in params.yaml `bases:` whose guidance scale the toy base is selected at
-
-
-def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 1,797 handwritten digits: (N x 8 x 8 values 0-16, N labels)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images, digits.target
 
 
 def _device_name(device: str) -> str:

@@ -16,17 +16,26 @@ Checkpoints are not selected here: `components/toy/hard/evaluate.py` measures th
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from components.progress import Progress, ProgressFn
-from components.toy.base import ema_decay_at, ema_update, epsilon_loss, toy_scheduler, vae_loss
+from components.progress import ProgressFn
+from components.toy.base import (
+    assemble_pipeline,
+    clip_text_encoder,
+    conditioned_unet,
+    epsilon_loss,
+    optimizer_step,
+    report_progress,
+    toy_scheduler,
+    train_vae,
+)
+from components.toy.base import encode_latents as encode_toy_latents
 from components.toy.hard.config import HardToyConfig
 from components.toy.hard.render import HARD_SIZE, HARD_WORDS
 from components.toy.tokenizer import build_toy_tokenizer
@@ -55,32 +64,19 @@ def hard_unet(seed: int = 0) -> UNet2DConditionModel:
     every column, so the cross-attention queries know their side. The 2-level UNet before it
     (mid block at 8x8) drew the right digits and colours but on a random side (docs/toy-hard.md).
     """
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=HARD_SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8, norm_num_groups=16)
+    return conditioned_unet(seed, HARD_SIZE // 4, (False, True, True), (32, 64, 64), TEXT_WIDTH, attention_head_dim=8)
 
 
 def hard_text_encoder(tokenizer: CLIPTokenizer, seed: int = 0) -> CLIPTextModel:
     """CLIP text encoder (2 layers, width 64, 32 positions), seeded random init."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TOKENS,
-                            projection_dim=TEXT_WIDTH, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextModel(config)
+    return clip_text_encoder(tokenizer, seed, MAX_TOKENS)
 
 
 def assemble_hard_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                            tokenizer: CLIPTokenizer) -> StableDiffusionPipeline:
-    """The components as a StableDiffusionPipeline with SD-1.5's DDIM schedule (no safety checker)."""
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval().requires_grad_(False),
-                                   tokenizer=tokenizer, unet=unet.eval().requires_grad_(False),
-                                   scheduler=toy_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    """The components, frozen, as a StableDiffusionPipeline with SD-1.5's DDIM schedule (no safety checker)."""
+    return assemble_pipeline(vae, unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False),
+                             tokenizer)
 
 
 def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
@@ -89,22 +85,9 @@ def token_ids(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def lr_at(step: int, s: HardToyConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate over `train_steps`."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = min(1.0, (step - s.warmup_steps) / max(1, s.train_steps - s.warmup_steps))
-    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def trainable(models: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters that train (a frozen text encoder's do not)."""
     return [p for p in models.parameters() if p.requires_grad]
-
-
-def _report(progress: ProgressFn | None, stage: str, step: int, total: int, metrics: dict) -> None:
-    if progress is not None:
-        progress(Progress(stage=stage, step=step, total=total, metrics=metrics))
 
 
 def save_training_state(path: Path, step: int, models: torch.nn.Module, ema: torch.nn.Module,
@@ -136,33 +119,7 @@ def train_hard_vae(images: torch.Tensor, s: HardToyConfig, progress: ProgressFn 
     """Train the VAE on Nx3x64x64 images in [-1, 1], checkpointing to (and resuming from) `vae.pt`."""
     ckpt = Path(s.checkpoint_dir) / "vae.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    vae = hard_vae(s.seed).to(s.device).train()
-    generator = torch.Generator().manual_seed(s.seed + 1)  # batch indices: CPU, the same on every device
-    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=s.vae_steps, pct_start=0.05)
-    start_step, mse_avg, trained_s = 0, 0.0, 0.0
-    started = time.time()
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu")  # generator states stay on the CPU
-        vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        generator.set_state(state["generator"])
-        start_step, mse_avg, trained_s = state["step"], state["mse"], state.get("trained_s", 0.0)
-    for step in range(start_step + 1, s.vae_steps + 1):
-        idx = torch.randint(0, len(images), (s.vae_batch_size,), generator=generator)
-        loss, mse, kl = vae_loss(vae, images[idx].to(s.device), s.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        mse_avg = 0.95 * mse_avg + 0.05 * float(mse.detach()) if step > 1 else float(mse.detach())
-        _report(progress, "hard-vae", step, s.vae_steps, {"mse": mse_avg, "kl": float(kl.detach())})
-        if step % 25 == 0 or step == s.vae_steps:
-            torch.save({"step": step, "vae": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "generator": generator.get_state(), "mse": mse_avg,
-                        "trained_s": trained_s + time.time() - started}, ckpt)
-    return vae.eval().requires_grad_(False)
+    return train_vae(hard_vae(s.seed), images, s, "hard-vae", progress, checkpoint=ckpt)[0]
 
 
 def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, s: HardToyConfig,
@@ -188,16 +145,13 @@ def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, s: HardToyConfig,
         mse.backward()
         opt.step()
         mse_avg = 0.95 * mse_avg + 0.05 * float(mse.detach()) if step > 1 else float(mse.detach())
-        _report(progress, "hard-decoder", step, s.decoder_steps, {"mse": mse_avg})
+        report_progress(progress, "hard-decoder", step, s.decoder_steps, {"mse": mse_avg})
     return vae.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """VAE latent means (unscaled), N x 4 x 16 x 16."""
-    device = next(vae.parameters()).device
-    return torch.cat([vae.encode(images[i:i + batch_size].to(device)).latent_dist.mean.cpu()
-                      for i in range(0, len(images), batch_size)])
+def encode_latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """VAE latent means (unscaled), N x 4 x 16 x 16, 256 images at a time."""
+    return encode_toy_latents(vae, images, batch_size=256)
 
 
 def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.Tensor,
@@ -233,17 +187,11 @@ def train_hard_unet(latents: torch.Tensor, ids: torch.Tensor, uncond_ids: torch.
         dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
         batch_ids[dropped] = uncond_ids[0]
         # 2. One AdamW step on the epsilon loss through UNet and text encoder, then the EMA.
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, s)
         loss = epsilon_loss(unet, noise_scheduler, latents[idx].to(s.device),
                             text_encoder(batch_ids.to(s.device))[0], noise_generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, models, ema_decay_at(step, s.ema_decay))
+        optimizer_step(opt, loss, models, ema, step, s)
         loss_avg = 0.98 * loss_avg + 0.02 * float(loss.detach()) if step > 1 else float(loss.detach())
-        _report(progress, "hard-unet", step, s.train_steps, {"loss": loss_avg})
+        report_progress(progress, "hard-unet", step, s.train_steps, {"loss": loss_avg})
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict(), "loss": loss_avg}, folder / f"ema-{step:06d}.pt")

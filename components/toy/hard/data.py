@@ -30,14 +30,6 @@ class SceneSet:
         return torch.tensor([s.parts() for s in self.scenes], dtype=torch.long)
 
 
-def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 1,797 handwritten digits: (N x 8 x 8 values 0-16, N labels)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    return digits.images, digits.target
-
-
 def render_scenes(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator,
                   pool: np.ndarray | None = None, jitter: bool = True, layout: str = "narrow") -> SceneSet:
     """`n` random scenes from the digits in `pool` (default all), rendered with or without jitter

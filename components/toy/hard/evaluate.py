@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from components.evaluate.frechet import frechet_distance_of_features
 from components.evaluate.sampler_matrix import Method, make_scheduler
 from components.progress import Progress, ProgressFn
-from components.toy.classifier import digit_split
+from components.toy.classifier import digit_split, load_sklearn_digits
 from components.toy.hard.base import (
     assemble_hard_pipeline,
     encode_latents,
@@ -29,7 +29,7 @@ from components.toy.hard.base import (
     unit_variance_scale,
 )
 from components.toy.hard.config import HardToyConfig
-from components.toy.hard.data import SceneSet, load_sklearn_digits, render_scenes
+from components.toy.hard.data import SceneSet, render_scenes
 from components.toy.hard.judges import HardJudges, adherence, load_judges, swapped_sides
 from components.toy.hard.style_metric import style_through_vae
 

@@ -11,17 +11,16 @@ Weights live in `data/toy/hard/judges/` (`model.safetensors` + `config.json`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from components.toy import classifier
 from components.toy.hard.render import COLOURS, HARD_SIZE, Scene
 
 INPUT_HW = (64, 32)  # each half is read at full resolution (height, width)
@@ -72,14 +71,10 @@ def to_halves(images: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class HardJudges:
+class HardJudges(classifier.TrainedNet):
     """A trained HalfNet behind the project's image convention: Bx3xHxW floats in [-1, 1]."""
 
     net: HalfNet
-    meta: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.net.eval().requires_grad_(False)
 
     @property
     def layout(self) -> str:
@@ -108,45 +103,28 @@ class HardJudges:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur, contrast and noise on judge inputs (Bx3x64x32), so decoded images read well."""
-    b = images.shape[0]
-    blurred = F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = torch.rand(b, 1, 1, 1, generator=generator) * 0.8
-    images = images * (1 - mix) + blurred * mix
-    contrast = 0.7 + 0.3 * torch.rand(b, 1, 1, 1, generator=generator)
-    offset = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.3
-    noise = torch.randn(images.shape, generator=generator) * 0.1 * torch.rand(b, 1, 1, 1, generator=generator)
-    return (images * contrast + offset + noise).clamp(-1.0, 1.0)
+    """The digit classifier's augmentation (`components/toy/classifier.py:augment`) on judge inputs
+    (Bx3x64x32), with milder contrast and offset."""
+    return classifier.augment(images, generator, contrast=(0.7, 0.3), offset=0.3)
 
 
 def train_judges(images: torch.Tensor, parts: torch.Tensor, *, epochs: int = 8, batch_size: int = 128,
                  lr: float = 2e-3, seed: int = 0, callback: Callable[[int, int, float], None] | None = None
                  ) -> HardJudges:
-    """Train on N x 3 x 64 x 64 renders with their N x 4 parts; `callback(step, total, loss)` per step."""
+    """Train on N x 3 x 64 x 64 renders with their N x 4 parts (the digit classifier's loop,
+    `classifier.py:fit`, on both halves); `callback(step, total, loss)` per step."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x = to_halves(images)
-    n = images.shape[0]
     digits = torch.cat([parts[:, 0], parts[:, 2]]).long()
     colours = torch.cat([parts[:, 1], parts[:, 3]]).long()
-    net = HalfNet().train()
-    total = epochs * -(-2 * n // batch_size)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(2 * n, generator=generator)
-        for i in range(0, 2 * n, batch_size):
-            idx = order[i:i + batch_size]
-            digit_logits, colour_logits = net(augment(x[idx], generator))
-            loss = F.cross_entropy(digit_logits, digits[idx]) + F.cross_entropy(colour_logits, colours[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if callback is not None:
-                callback(step, total, float(loss.detach()))
+
+    def loss_of(logits: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        digit_logits, colour_logits = logits
+        return F.cross_entropy(digit_logits, digits[idx]) + F.cross_entropy(colour_logits, colours[idx])
+
+    net = classifier.fit(HalfNet().train(), x, loss_of, generator, epochs=epochs, batch_size=batch_size, lr=lr,
+                         augment=augment, on_step=callback)
     return HardJudges(net)
 
 
@@ -175,25 +153,16 @@ def swapped_sides(judges: HardJudges, images: torch.Tensor, parts: torch.Tensor,
 
 def save_judges(judges: HardJudges, path: str | Path, meta: dict | None = None) -> Path:
     """Write `model.safetensors` and `config.json` (architecture and `meta`) to `path`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in judges.net.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"))
     config = {"input_hw": list(INPUT_HW), "widths": [32, 64], "feature_dim": FEATURE_DIM, **(meta or judges.meta)}
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
+    return classifier.save_weights(judges.net, path, config)
 
 
 def load_judges(path: str | Path, device: str | torch.device = "cpu") -> HardJudges:
     """Load the judges from `path` (a folder written by `save_judges`)."""
-    folder = Path(path)
-    weights, config_file = folder / "model.safetensors", folder / "config.json"
-    if not weights.exists() or not config_file.exists():
-        raise FileNotFoundError(f"{folder}: no hard toy judges (model.safetensors + config.json); "
-                                "build them with `python -m components.toy.hard judges`")
-    config = json.loads(config_file.read_text())
+    state, config = classifier.read_weights(Path(path), "no hard toy judges (model.safetensors + config.json); "
+                                                        "build them with `python -m components.toy.hard judges`")
     net = HalfNet(tuple(config["widths"]), config["feature_dim"])
-    net.load_state_dict(load_file(str(weights)))
+    net.load_state_dict(state)
     net.to(device)
     return HardJudges(net, meta=config)
 

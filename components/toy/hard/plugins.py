@@ -18,13 +18,13 @@ and its source writer (`toy-hard` in group `lcmlora.sources`).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from components.config import EvaluateConfig, Params
+from components.config import EvaluateConfig
 from components.evaluate.adherence import AdherenceMetric
 from components.evaluate.evaluation import load_prompts
 from components.evaluate.judges import Judges, load_reference_images
@@ -37,7 +37,9 @@ from components.toy.hard.render import (
     pil_to_tensor_array,
     render_scene,
 )
+from components.toy.hard.source import source_settings, write_source
 from components.toy.hard.style_metric import LazyHardStyle
+from components.toy.source import ToySource
 
 HARD_PROMPTS = "data/prompts/toy-hard.txt"  # the hard judges' prompt file when evaluate.prompts is unset
 REFERENCES_PER_PROMPT = 25  # real renders per evaluation prompt in the FD reference set
@@ -74,7 +76,7 @@ def hard_reference_images(prompts: list[str], per_prompt: int = REFERENCES_PER_P
 
     Each render draws its two digit images at random among all sklearn digits of the named labels.
     """
-    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.classifier import load_sklearn_digits
 
     images8, labels = load_sklearn_digits()
     by_label = [np.flatnonzero(labels == d) for d in range(10)]
@@ -93,47 +95,39 @@ def hard_judges_dir() -> Path:
     return project_path(HardToyConfig().judges_dir)
 
 
-def hard_judges(cfg: EvaluateConfig, resolution: int) -> Judges:
-    """HardJudges features and four-part adherence, prompt-matched real renders (or evaluate.reference_images)."""
-    from components.toy.hard.judges import load_judges
+@dataclass(frozen=True)
+class HardJudgesProvider:
+    """The hard judges provider (components/evaluate/judges.py): `provider(cfg, resolution)` builds the
+    judges, `provider.problems(cfg)` says what they lack (no model is loaded), for the preflight."""
 
-    judges = load_judges(hard_judges_dir(), cfg.device)
-    if cfg.reference_images:
-        reference = load_reference_images(cfg.reference_images, resolution)
-    else:
-        reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed,
-                                          layout=judges.layout)
-    return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
-                  "hard toy adherence (both digits, colours and sides right)", reference,
-                  style=LazyHardStyle(judges.layout), style_name="hard toy style strength (LDA over colour and stripe statistics)",
-                  default_prompts=HARD_PROMPTS)
+    def __call__(self, cfg: EvaluateConfig, resolution: int) -> Judges:
+        """HardJudges features and four-part adherence, prompt-matched real renders (or evaluate.reference_images)."""
+        from components.toy.hard.judges import load_judges
+
+        judges = load_judges(hard_judges_dir(), cfg.device)
+        if cfg.reference_images:
+            reference = load_reference_images(cfg.reference_images, resolution)
+        else:
+            reference = hard_reference_images(load_prompts(cfg.prompts or HARD_PROMPTS), seed=cfg.seed,
+                                              layout=judges.layout)
+        return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
+                      "hard toy adherence (both digits, colours and sides right)", reference,
+                      style=LazyHardStyle(judges.layout),
+                      style_name="hard toy style strength (LDA over colour and stripe statistics)",
+                      default_prompts=HARD_PROMPTS)
+
+    def problems(self, cfg: EvaluateConfig) -> list[str]:
+        """The missing judges weights, named with the command that builds them."""
+        folder = hard_judges_dir()
+        if not (folder / "model.safetensors").is_file():
+            return [(f"{folder}: no hard toy judges (model.safetensors); build them with "
+                     "`python -m components.toy.hard judges`")]
+        return []
 
 
-def hard_judges_problems(cfg: EvaluateConfig) -> list[str]:
-    """What the hard judges lack (no model is loaded)."""
-    folder = hard_judges_dir()
-    if not (folder / "model.safetensors").is_file():
-        return [(f"{folder}: no hard toy judges (model.safetensors); build them with "
-                 "`python -m components.toy.hard judges`")]
-    return []
+hard_judges = HardJudgesProvider()  # entry point `toy-hard` of group `lcmlora.judges`
 
-
-hard_judges.problems = hard_judges_problems  # type: ignore[attr-defined]  # checked by the preflight
-
-
-def ensure_hard_source(params: Params) -> dict[str, Any] | None:
-    """Write the hard source when `curate.source` is the hard toy's folder (toy.hard.source_dir) and
-    holds no metadata yet. Returns the summary, or None when nothing was written. An existing source
-    written with other settings (seed, scenes, look fraction) is refused by name, as by
-    `lcmlora reproduce --toy --hard` (components/toy/reproduction.py:check_source_settings)."""
-    from components.toy.hard.reproduction import source_settings, write_source
-    from components.toy.reproduction import check_source_settings
-
-    hard = hard_toy_config(params)
-    folder = Path(hard.source_dir)
-    if Path(params.curate.source).resolve() != folder.resolve():
-        return None
-    if any(folder.glob("*.parquet")):
-        check_source_settings(folder, source_settings(params))
-        return None
-    return {**write_source(folder, params), "output": str(folder)}
+# Entry point `toy-hard` of group `lcmlora.sources`: the hard source in toy.hard.source_dir. An existing
+# source written with other settings (seed, scenes, look fraction, layout) is refused by name, as by
+# `lcmlora reproduce --toy --hard`.
+ensure_hard_source = ToySource(lambda params: hard_toy_config(params).source_dir, write_source, source_settings)

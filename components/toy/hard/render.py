@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from components.toy.render import DIGIT_WORDS, digit_box, to_image
+
 HARD_SIZE = 64  # pixel size of every hard toy image
 HALF = HARD_SIZE // 2  # each digit lives in its own half
 DIGIT_BOX = 26  # an 8x8 digit is upsampled to this box inside its 32x64 half
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 COLOURS = ["red", "green", "blue", "yellow"]
 INKS = np.array([[205.0, 30.0, 30.0], [25.0, 140.0, 45.0], [35.0, 55.0, 210.0], [225.0, 175.0, 0.0]])
 PAPER = np.array([236.0, 232.0, 222.0])  # light grey-warm paper
@@ -40,19 +41,16 @@ class Scene:
         """(left digit, left colour, right digit, right colour), the judges' four readings."""
         return self.left_digit, self.left_colour, self.right_digit, self.right_colour
 
+    def mirrored(self) -> Scene:
+        """The scene with its two sides exchanged (each digit keeps its colour)."""
+        return Scene(self.right_digit, self.right_colour, self.left_digit, self.left_colour)
+
 
 def caption_for(scene: Scene, right_first: bool = False) -> str:
     """The caption of a scene, left part first unless `right_first`."""
     left = f"a {COLOURS[scene.left_colour]} {DIGIT_WORDS[scene.left_digit]} on the left"
     right = f"a {COLOURS[scene.right_colour]} {DIGIT_WORDS[scene.right_digit]} on the right"
     return f"{right} and {left}" if right_first else f"{left} and {right}"
-
-
-def _digit_mask(image8x8: np.ndarray, size: int = DIGIT_BOX) -> np.ndarray:
-    arr = np.asarray(image8x8, dtype=np.float64).reshape(8, 8)
-    small = Image.fromarray((np.clip(arr / 16.0, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
-    box = small.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(box, dtype=np.float64) / 255.0
 
 
 def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
@@ -84,10 +82,10 @@ def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
             size = int(rng.integers(WIDE_MIN_BOX, DIGIT_BOX + 1))
             left = side * HALF + int(rng.integers(0, HALF - size + 1))
             top = int(rng.integers(0, HARD_SIZE - size + 1))
-        mask = _digit_mask(digit, size)[..., None]
+        mask = digit_box(digit, size)[..., None]
         window = rgb[top:top + size, left:left + size]
         rgb[top:top + size, left:left + size] = window * (1.0 - mask) + ink * mask
-    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
+    return to_image(rgb)
 
 
 # Papers the source may draw scenes on besides the plain one (`toy.hard.look_fraction`): real

@@ -18,6 +18,7 @@ from pathlib import Path
 from components.config import Params
 from components.evaluate.gate import GateResult, Rule
 from components.toy.hard.config import HardToyConfig, hard_toy_config
+from components.toy.hard.source import source_settings, write_source
 from components.toy.reproduction import ToyWorld
 
 FAMILIES = {"sd15": "toy-hard", "sdxl": "toy-hard-xl"}  # family -> the params base it runs on
@@ -94,23 +95,6 @@ def hard_overrides(family: str) -> list[str]:
     family_base(family)
     bases = [f"bases.{name}.{key}={value}" for name, base in HARD_BASES.items() for key, value in base.items()]
     return bases + HARD_RECIPE + FAMILY_RECIPE[family]
-
-
-def write_source(folder: Path, params: Params) -> dict:
-    """The hard source (toy.hard.source_rows scenes, seed, look_fraction, layout) written to `folder`."""
-    from components.toy.hard.source import write_hard_source
-
-    hard = hard_toy_config(params)
-    return write_hard_source(folder, rows=hard.source_rows, seed=hard.seed, look_fraction=hard.look_fraction,
-                             layout=hard.layout)
-
-
-def source_settings(params: Params) -> dict[str, tuple[object, object]]:
-    """What an existing hard source's toy_summary.json must say: seed, scenes, look fraction and layout (a
-    summary from before `look_fraction` or `layout` existed is a plain, narrow source)."""
-    hard = hard_toy_config(params)
-    return {"seed": (hard.seed, None), "scenes": (hard.source_rows, None), "look_fraction": (hard.look_fraction, 0.0),
-            "layout": (hard.layout, "narrow")}
 
 
 def hard_world(family: str) -> ToyWorld:

@@ -21,31 +21,21 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from components.toy.hard.base import MAX_TOKENS, hard_tokenizer
 from components.toy.hard.render import HARD_SIZE
-from components.toy.sdxl import sdxl_scheduler
+from components.toy.sdxl import assemble_sdxl, sdxl_text_encoders, sdxl_unet
 
 TEXT_WIDTHS = (32, 32)  # hidden sizes of text_encoder and text_encoder_2
 POOLED_DIM = 32  # projection_dim of text_encoder_2 ("text_embeds")
 TIME_EMBED_DIM = 8  # addition_time_embed_dim; six size/crop numbers are embedded
 
 
-def _text_config(tokenizer: CLIPTokenizer, width: int) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_TOKENS,
-                          projection_dim=POOLED_DIM, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-
-
 def hard_sdxl_text_encoders(tokenizer: CLIPTokenizer, seed: int = 0
                             ) -> tuple[CLIPTextModel, CLIPTextModelWithProjection]:
     """The two CLIP text encoders (width 32 each; the second with a 32-d pooled projection)."""
-    torch.manual_seed(seed)
-    first = CLIPTextModel(_text_config(tokenizer, TEXT_WIDTHS[0]))
-    torch.manual_seed(seed + 1)
-    return first, CLIPTextModelWithProjection(_text_config(tokenizer, TEXT_WIDTHS[1]))
+    return sdxl_text_encoders((tokenizer, tokenizer), TEXT_WIDTHS, POOLED_DIM, MAX_TOKENS, seed)
 
 
 def hard_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -53,25 +43,15 @@ def hard_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
 
     Three levels for the same reason as the SD-1.5 family's (`components/toy/hard/base.py:hard_unet`).
     """
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=HARD_SIZE // 4, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4), use_linear_projection=True,
-        transformer_layers_per_block=(1, 1, 1), cross_attention_dim=sum(TEXT_WIDTHS), norm_num_groups=16,
-        addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=POOLED_DIM + 6 * TIME_EMBED_DIM)
+    return sdxl_unet(seed, HARD_SIZE // 4, (False, True, True), (32, 64, 64), (2, 4, 4), sum(TEXT_WIDTHS), POOLED_DIM,
+                     TIME_EMBED_DIM)
 
 
 def assemble_hard_sdxl(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
                        text_encoder_2: CLIPTextModelWithProjection, tokenizer: CLIPTokenizer
                        ) -> StableDiffusionXLPipeline:
     """The components as a StableDiffusionXLPipeline (one tokenizer serves both encoders)."""
-    vae.register_to_config(force_upcast=False)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
-                                     scheduler=sdxl_scheduler(), force_zeros_for_empty_prompt=True)
+    return assemble_sdxl(vae, unet, text_encoder, text_encoder_2, tokenizer, tokenizer)
 
 
 def encode_sdxl_prompt(text_encoder: CLIPTextModel, text_encoder_2: CLIPTextModelWithProjection,
@@ -150,14 +130,8 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     import time
     from pathlib import Path
 
-    from components.progress import Progress
-    from components.toy.base import ema_decay_at, ema_update, toy_scheduler
-    from components.toy.hard.base import (
-        lr_at,
-        resume_training_state,
-        save_training_state,
-        trainable,
-    )
+    from components.toy.base import optimizer_step, report_progress, toy_scheduler
+    from components.toy.hard.base import resume_training_state, save_training_state, trainable
 
     models = torch.nn.ModuleDict({"unet": pipe.unet, "text": pipe.text_encoder, "text_2": pipe.text_encoder_2})
     models.to(s.device).train().requires_grad_(True)
@@ -177,8 +151,6 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
     for step in range(start_step + 1, s.train_steps + 1):
         idx = torch.randint(0, len(latents), (s.batch_size,), generator=generator)
         dropped = torch.rand(s.batch_size, generator=generator) < s.caption_dropout
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, s)
         embeds, pooled = encode_sdxl_prompt(models["text"], models["text_2"], ids[idx].to(s.device))
         # A dropped caption is all-zero embeddings: what the pipeline's force_zeros_for_empty_prompt feeds
         # the unconditional branch of CFG (Podell et al. 2023 trained SDXL so).
@@ -186,13 +158,8 @@ def train_hard_sdxl_unet(pipe: StableDiffusionXLPipeline, latents: torch.Tensor,
         embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
         loss = sdxl_epsilon_loss(models["unet"], noise_scheduler, latents[idx].to(s.device), embeds, pooled,
                                  add_time_ids[idx].to(s.device), generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        opt.step()
-        ema_update(ema, models, ema_decay_at(step, s.ema_decay))
-        if progress is not None:
-            progress(Progress("hard-sdxl-unet", step, s.train_steps, {"loss": float(loss.detach())}))
+        optimizer_step(opt, loss, models, ema, step, s)
+        report_progress(progress, "hard-sdxl-unet", step, s.train_steps, {"loss": float(loss.detach())})
         over_budget = time.time() - started > s.budget_s
         if step % s.eval_every == 0 or step == s.train_steps or over_budget:
             torch.save({"step": step, "ema": ema.state_dict()}, folder / f"sdxl-ema-{step:06d}.pt")

@@ -31,6 +31,7 @@ from components.toy.hard.render import (
     random_scene,
     render_scene,
 )
+from components.toy.style import write_style_set
 
 STYLE_PAPER = np.array([195.0, 212.0, 240.0])  # cool blue paper
 STYLE_STRIPE = np.array([170.0, 190.0, 228.0])  # its diagonal stripes
@@ -58,7 +59,7 @@ def render_scene_styled(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
 def hard_style_set(count: int, seed: int = 0, layout: str = "narrow") -> tuple[torch.Tensor, list[str], list[dict]]:
     """`count` random scenes in the hard style: N x 3 x 64 x 64 in [-1, 1], their plain captions, and
     one row per scene (key, caption, parts, digit indices)."""
-    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.classifier import load_sklearn_digits
 
     if count < 1:
         raise ValueError(f"toy.hard.style_count must be >= 1, got {count}")
@@ -84,11 +85,7 @@ def write_hard_style(folder: str | Path, count: int = 2000, seed: int = 0, layou
     folder.mkdir(parents=True, exist_ok=True)
     images, _, rows = hard_style_set(count, seed, layout)
     pixels = ((images.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
-    for row, array in zip(rows, pixels, strict=True):
-        Image.fromarray(array, mode="RGB").save(folder / f"{row['key']}.png")
-        (folder / f"{row['key']}.txt").write_text(row["caption"] + "\n")
-        row["file"] = f"{row['key']}.png"
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_style_set(folder, rows, (Image.fromarray(array, mode="RGB") for array in pixels))
     settings = {"count": count, "seed": seed, "layout": layout}
     (folder / STYLE_SET_SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     return folder

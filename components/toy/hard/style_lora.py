@@ -24,14 +24,12 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
                         progress: ProgressFn | None = None) -> dict[str, Any]:
     """Train the hard style LoRA on toy.hard.base_dir from the style set in toy.hard.style_dir (written
     first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
-    from components.lora import io as lora_io
-    from components.lora import merge
     from components.models.base_model import load_base
     from components.paths import project_path
     from components.toy.hard.config import hard_toy_config
     from components.toy.hard.render import HARD_SIZE
     from components.toy.hard.style import read_hard_style, write_hard_style
-    from components.toy.style_lora import STYLE_ADAPTER, StyleTraining, train_style_lora
+    from components.toy.style_lora import StyleTraining, save_style_lora, train_style_lora
 
     hard = hard_toy_config(params)
     out = Path(output or hard.style_output)
@@ -52,13 +50,10 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept.
-    factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
     base_meta = {"name": "toy-hard", "family": "sd15", "resolution": HARD_SIZE, "reference": str(reference),
                  "fingerprint": loaded.fingerprint}
-    paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title="toy-hard-style-lora",
-                                   description="hard toy style LoRA (blue ruled paper, framed), plain diffusion "
-                                               "LoRA fine-tuning")
-    (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
+    paths = save_style_lora(pipe, out, losses, base_meta, "toy-hard-style-lora",
+                            "hard toy style LoRA (blue ruled paper, framed), plain diffusion LoRA fine-tuning")
     # 3. Style strength and adherence with and without the LoRA.
     scores = score_hard_style_lora(pipe, hard.style_eval_images, hard.guidance_scale)
     metrics = {
@@ -76,22 +71,14 @@ def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float) -> dict
     """Hard style strength and adherence of `images` samples (the hard prompts in turn, seeds 0..) with
     the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
     from components.evaluate.evaluation import load_prompts
-    from components.evaluate.sampler_matrix import Method, initial_noise, latent_shape, run_method
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.render import HARD_SIZE
+    from components.toy.style_lora import sample_with_and_without
 
     judges = hard_judges(EvaluateConfig(), HARD_SIZE)
     hard_prompts = load_prompts(HARD_PROMPTS)
     prompts = [hard_prompts[i % len(hard_prompts)] for i in range(images)]
-    seeds = list(range(len(prompts)))
-    noise = initial_noise(seeds, latent_shape(pipe, HARD_SIZE, HARD_SIZE))
-    pipe.set_progress_bar_config(disable=True)
-    method = Method("dpmpp", 25, guidance_scale, True)
-    kw = {"height": HARD_SIZE, "width": HARD_SIZE, "batch_size": 50}
-    with_lora = run_method(pipe, method, prompts, noise, seeds, **kw).images
-    pipe.disable_lora()
-    without = run_method(pipe, method, prompts, noise, seeds, **kw).images
-    pipe.enable_lora()
+    with_lora, without = sample_with_and_without(pipe, prompts, guidance_scale, HARD_SIZE)
     return {
         "style_strength_with_lora_dpmpp25": judges.style.mean_strength(with_lora),
         "style_strength_base_dpmpp25": judges.style.mean_strength(without),

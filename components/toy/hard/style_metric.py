@@ -17,7 +17,7 @@ from components.toy.style_metric import StyleMetric, fit_style_metric
 def hard_style_renders(count: int = 400, seed: int = 0, layout: str = "narrow") -> tuple[torch.Tensor, torch.Tensor]:
     """`count` random scenes (in `layout`) rendered plain and styled, same digits and jitter: two
     N x 3 x 64 x 64 in [-1, 1]."""
-    from components.toy.hard.data import load_sklearn_digits
+    from components.toy.classifier import load_sklearn_digits
     from components.toy.hard.render import pil_to_tensor_array, random_scene, render_scene
     from components.toy.hard.style import render_scene_styled
 

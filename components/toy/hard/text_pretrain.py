@@ -27,7 +27,6 @@ from components.progress import Progress, ProgressFn
 from components.toy.hard.base import token_ids
 from components.toy.hard.render import (
     HARD_SIZE,
-    Scene,
     caption_for,
     pil_to_tensor_array,
     random_scene,
@@ -41,8 +40,7 @@ def mirrored_pairs(images8: np.ndarray, labels: np.ndarray, n: int, rng: np.rand
     arrays, captions = [], []
     for _ in range(n):
         scene, i, j, _ = random_scene(labels, rng)
-        mirror = Scene(scene.right_digit, scene.right_colour, scene.left_digit, scene.left_colour)
-        for shown, left, right in ((scene, i, j), (mirror, j, i)):
+        for shown, left, right in ((scene, i, j), (scene.mirrored(), j, i)):
             arrays.append(pil_to_tensor_array(render_scene(images8[left], images8[right], shown, rng, layout=layout)))
             captions.append(caption_for(shown, right_first=bool(rng.random() < 0.5)))
     return torch.from_numpy(np.stack(arrays)), captions

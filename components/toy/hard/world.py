@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from components.progress import Progress, ProgressFn
-from components.toy.classifier import digit_split
+from components.toy.classifier import digit_split, load_sklearn_digits
 from components.toy.hard.base import (
     assemble_hard_pipeline,
     encode_latents,
@@ -30,7 +30,7 @@ from components.toy.hard.base import (
     unit_variance_scale,
 )
 from components.toy.hard.config import HardToyConfig
-from components.toy.hard.data import load_sklearn_digits, render_scenes
+from components.toy.hard.data import render_scenes
 from components.toy.hard.judges import adherence, save_judges, train_judges
 from components.toy.hard.render import HARD_WORDS
 from components.toy.hard.style import vae_training_images
