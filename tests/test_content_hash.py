@@ -53,9 +53,9 @@ def test_canonical_digest_ignores_key_order() -> None:
 def test_file_sha256_streams_a_file_larger_than_one_chunk(tmp_path) -> None:
     import hashlib
 
-    from components.storage.content_hash import CHUNK, file_sha256
+    from components.storage.content_hash import file_sha256
 
-    data = bytes(range(256)) * (CHUNK // 256 * 2 + 3)  # two chunks and a partial third
+    data = bytes(range(256)) * (2**20 // 256 * 2 + 3)  # several of file_digest's buffers and a partial one
     (tmp_path / "blob").write_bytes(data)
     assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()
     assert file_sha256(str(tmp_path / "blob")) == hashlib.sha256(data).hexdigest()

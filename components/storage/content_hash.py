@@ -16,7 +16,6 @@ from typing import Any
 from components.storage.storage import Storage
 
 HASH_BYTES_BELOW = 64 * 2**20  # hash content below this size; above it, use size + ETag on S3
-CHUNK = 2**20
 
 
 def canonical_digest(value: Any) -> str:
@@ -25,12 +24,9 @@ def canonical_digest(value: Any) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a local file, streamed."""
-    digest = hashlib.sha256()
+    """sha256 of a local file, streamed (`hashlib.file_digest`)."""
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _stored_file_digest(storage: Storage, rel: str) -> str:
@@ -39,11 +35,8 @@ def _stored_file_digest(storage: Storage, rel: str) -> str:
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         if etag and int(info.get("size", 0)) >= HASH_BYTES_BELOW:
             return f"etag:{etag}:{info.get('size')}"
-    digest = hashlib.sha256()
-    with storage.open(rel, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    with storage.open(rel, "rb") as fh:  # a local file or an fsspec buffered file: both have readinto
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def tree_digest(storage: Storage, rel: str = "") -> str:
