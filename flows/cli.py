@@ -180,10 +180,13 @@ def evaluate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_r
     if (run := stage_params(params, set_, base, dry_run)) is None:
         return
     cfg, name = run
+    from components.lora.io import lora_file
     from components.models.base_model import resolved_base
     from components.stages.evaluate import evaluate_stage
     from components.storage.storage import Storage
 
+    if lora is not None:
+        lora_file(lora)  # a corrupt --lora fails, named, before the base loads to be fingerprinted
     storage = Storage.from_config(cfg.storage)
     with ProgressView(console) as view:
         out = evaluate_stage(cfg, resolved_base(cfg, name), storage, lora=lora, output=output, progress=view)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,14 @@ _VOLATILE_CONFIG_KEYS = {
 }
 # Keys that only an SDXL-family single-file checkpoint has (second text encoder).
 _SDXL_SINGLE_FILE_KEYS = ("conditioner.embedders.1.", "add_embedding.linear_1.weight")
+
+
+# diffusers' from_pretrained/from_single_file builds modules inside accelerate's init_empty_weights,
+# which swaps torch.nn.Module.register_parameter process-wide and restores what it saw on entry: two
+# loads in two threads interleave the swap and leave every later module in the process on the meta
+# device. Loads made through this module are serialised by this lock (an RLock: load_vae of a single
+# file goes through load_base).
+LOAD_LOCK = threading.RLock()
 
 
 class PickleRefused(ValueError):
@@ -190,12 +199,13 @@ def load_base(
         raise ConfigError(f"{reference}: params say family {family!r} but the weights are {detected!r}")
     cls = _pipeline_class(detected)
     extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False} if detected == "sd15" else {}
-    if reference.endswith(".safetensors"):
-        kwargs = {"config": str(config)} if config is not None else {}
-        pipe = cls.from_single_file(reference, dtype=dtype, **kwargs, **extra)
-    else:
-        _refuse_pickle_only_folder(reference)
-        pipe = cls.from_pretrained(reference, dtype=dtype, use_safetensors=True, **extra)
+    with LOAD_LOCK:
+        if reference.endswith(".safetensors"):
+            kwargs = {"config": str(config)} if config is not None else {}
+            pipe = cls.from_single_file(reference, dtype=dtype, **kwargs, **extra)
+        else:
+            _refuse_pickle_only_folder(reference)
+            pipe = cls.from_pretrained(reference, dtype=dtype, use_safetensors=True, **extra)
     return LoadedBase(pipe=pipe, family=detected, fingerprints=fingerprints_of(pipe))
 
 
@@ -210,7 +220,8 @@ def load_vae(reference: str | Path, dtype: torch.dtype = torch.float32) -> tuple
         from diffusers import AutoencoderKL
 
         _refuse_pickle_only_folder(reference)
-        vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", dtype=dtype, use_safetensors=True)
+        with LOAD_LOCK:
+            vae = AutoencoderKL.from_pretrained(reference, subfolder="vae", dtype=dtype, use_safetensors=True)
     return vae, module_fingerprint(vae)
 
 
