@@ -20,7 +20,11 @@ def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VE
           port: int = typer.Option(8000, "--port", help="port to listen on"),
           poll_s: float = typer.Option(2.0, "--poll-s", help="seconds between reads of the alias"),
           fuse: bool = typer.Option(False, "--fuse", help="fuse the LoRA into the base weights "
-                                    "(faster steps; docs/benchmarks.md)"),
+                                    "(faster steps; docs/benchmarks.md); each version then loads into a fresh pipeline"),
+          compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (inductor); "
+                                            "hot-swaps do not recompile it"),
+          max_rank: int = typer.Option(64, "--max-rank", min=1, help="highest LoRA rank a hot-swap can take "
+                                       "(the slot is padded to it)"),  # 64: components.serve.server.MAX_RANK
           params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
           dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and exit")) -> None:
     """Serve POST /generate (PNG), GET /healthz and GET /model; hot-swap the LoRA when the alias moves."""
@@ -34,7 +38,7 @@ def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VE
 
     from components.registry.manifest import RegistryError
     from components.registry.registry import Registry
-    from components.serve.server import LoraSwapper, copying_factory, create_app
+    from components.serve.server import LoraSwapper, create_app
     from components.storage.storage import StorageError
     from flows.registry_cli import console
 
@@ -43,7 +47,9 @@ def serve(ref: Annotated[str, typer.Argument(help="NAME@ALIAS (watched), NAME:VE
         from components.serve.pipeline_loader import load_base_pipeline
 
         pipe, family = load_base_pipeline(base)
-    swapper = LoraSwapper(registry, ref, copying_factory(pipe, family), fuse=fuse, poll_s=poll_s)
+    swapper = LoraSwapper(registry, ref, pipe, family, swap="reload" if fuse else "in-place", fuse=fuse,
+                          max_rank=max_rank, compile_backend="inductor" if compile_unet else None,
+                          poll_s=poll_s)
     try:
         swapper.start()
     except (RegistryError, StorageError) as exc:

@@ -1,5 +1,6 @@
 """components/serve/server.py: the reference server, started with uvicorn on 127.0.0.1 and driven by a real
-HTTP client (httpx), on a local and a SeaweedFS registry, generating from the toy base."""
+HTTP client (httpx), on a local and a SeaweedFS registry, generating from the toy base. The hot-swap slot's
+own rules (compile, refusals, restore) are in tests/test_serve_hotswap.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from components.registry.registry import Registry
-from components.serve.server import LoraSwapper, copying_factory, create_app
+from components.serve.server import LoraSwapper, create_app
 from components.storage.storage import Storage
 
 BACKENDS = pytest.mark.parametrize("root", ["local", "s3"], indirect=True)
@@ -26,6 +27,8 @@ CARD = ("---\nbase_model: data/toy/base\nlibrary_name: diffusers\ntags: [lora, l
         "recommended:\n  num_inference_steps: 4\n  guidance_scale: 1.0\n---\n\n# toy lora\n")
 PROMPT = "a handwritten digit seven"
 TOY_BASE = Path(__file__).resolve().parents[1] / "data" / "toy" / "base"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+SWAPS = pytest.mark.parametrize("swap", ["in-place", "reload"])
 
 
 @pytest.fixture
@@ -35,9 +38,9 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "registry")
 
 
-@pytest.fixture(scope="module")
-def toy_base():
-    """The toy base pipeline, loaded once; every server gets deep copies."""
+def load_toy_base():
+    """The toy base pipeline and its family (a module fixture here and in tests/test_serve_hotswap.py): loaded once,
+    every server gets a deep copy (`fresh`), since serving in place changes the pipeline."""
     from components.models.base_model import load_base
 
     loaded = load_base(str(TOY_BASE))
@@ -45,7 +48,16 @@ def toy_base():
     return loaded.pipe, loaded.family
 
 
-def make_toy_lora(toy_base, folder: Path, seed: int) -> Path:
+toy_base = pytest.fixture(scope="module", name="toy_base")(load_toy_base)
+
+
+def fresh(toy_base) -> tuple:
+    """(a deep copy of the toy base pipeline, its family): LoraSwapper's `pipe, family`."""
+    return copy.deepcopy(toy_base[0]), toy_base[1]
+
+
+def make_toy_lora(toy_base, folder: Path, seed: int, *, rank: int = 4, targets: tuple[str, ...] = ATTENTION,
+                  rank_pattern: dict[str, int] | None = None) -> Path:
     """A random (peft-initialised, B != 0) LoRA for the toy UNet in contract-4 layout, gate passed."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -53,7 +65,7 @@ def make_toy_lora(toy_base, folder: Path, seed: int) -> Path:
 
     unet = copy.deepcopy(toy_base[0].unet)
     torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), rank_pattern=rank_pattern or {},
                                 init_lora_weights=False))
     for p in unet.parameters():  # small enough to keep the images finite, large enough to change them
         if p.requires_grad:
@@ -112,15 +124,17 @@ def pixels(resp: httpx.Response) -> bytes:
 
 
 @BACKENDS
-def test_alias_move_swaps_the_lora_under_fifty_concurrent_requests(root: str, tmp_path: Path, toy_base) -> None:
+@SWAPS
+def test_alias_move_swaps_the_lora_under_fifty_concurrent_requests(root: str, swap: str, tmp_path: Path,
+                                                                   toy_base) -> None:
     reg = Registry(Storage(root), cache_dir=tmp_path / "cache")
     v1 = reg.publish(make_toy_lora(toy_base, tmp_path / "v1", seed=1), "toy-lcm-lora", alias="production").manifest
     v2 = reg.publish(make_toy_lora(toy_base, tmp_path / "v2", seed=2), "toy-lcm-lora").manifest
-    swapper = LoraSwapper(reg, "toy-lcm-lora@production", copying_factory(*toy_base), poll_s=0.1)
+    swapper = LoraSwapper(reg, "toy-lcm-lora@production", *fresh(toy_base), swap=swap, poll_s=0.1)
     with running(create_app(swapper)) as url, httpx.Client(base_url=url, timeout=120) as client:
         assert client.get("/healthz").json() == {"status": "ok", "version": "1"}
         model = client.get("/model").json()
-        assert (model["version"], model["digest"], model["failed"]) == ("1", v1.digest, None)
+        assert (model["version"], model["digest"], model["failed"], model["swap"]) == ("1", v1.digest, None, swap)
         first = generate(client)
         assert (first.headers["x-lcmlora-version"], first.headers["x-lcmlora-digest"]) == ("1", v1.digest)
         assert pixels(generate(client)) == pixels(first)  # same seed, same version: same image
@@ -150,7 +164,7 @@ def test_tampered_new_version_is_refused_while_the_old_keeps_serving(root: str, 
     data = bytearray(reg.storage.read_bytes(key))
     data[-3] ^= 0xFF
     reg.storage.write_bytes(key, bytes(data))  # the stored weights no longer match the manifest
-    swapper = LoraSwapper(reg, "toy-lcm-lora@production", copying_factory(*toy_base), poll_s=0.1)
+    swapper = LoraSwapper(reg, "toy-lcm-lora@production", *fresh(toy_base), poll_s=0.1)
     with running(create_app(swapper)) as url, httpx.Client(base_url=url, timeout=120) as client:
         before = generate(client)
         reg.alias_set("toy-lcm-lora", "production", "2")
@@ -168,7 +182,7 @@ def test_digest_reference_pins_a_version_and_bad_requests_are_refused(tmp_path: 
     v1 = reg.publish(make_toy_lora(toy_base, tmp_path / "v1", seed=1), "toy-lcm-lora", alias="production").manifest
     reg.publish(make_toy_lora(toy_base, tmp_path / "v2", seed=2), "toy-lcm-lora")
     pinned = f"toy-lcm-lora@{v1.digest[:7 + 12]}"  # sha256: + 12 hex digits
-    swapper = LoraSwapper(reg, pinned, copying_factory(*toy_base), poll_s=0.1)
+    swapper = LoraSwapper(reg, pinned, *fresh(toy_base), poll_s=0.1)
     with running(create_app(swapper)) as url, httpx.Client(base_url=url, timeout=120) as client:
         assert generate(client).headers["x-lcmlora-digest"] == v1.digest
         assert client.post("/generate", json={"prompt": PROMPT, "steps": 0}).status_code == 422
@@ -195,7 +209,7 @@ def request_from_schema(spec: dict, schema: dict) -> dict:
 def test_openapi_schema_is_served_and_drives_generate(tmp_path: Path, toy_base) -> None:
     reg = Registry(Storage(str(tmp_path / "registry")), cache_dir=tmp_path / "cache")
     v1 = reg.publish(make_toy_lora(toy_base, tmp_path / "v1", seed=1), "toy-lcm-lora", alias="production").manifest
-    swapper = LoraSwapper(reg, "toy-lcm-lora@production", copying_factory(*toy_base), poll_s=0.1)
+    swapper = LoraSwapper(reg, "toy-lcm-lora@production", *fresh(toy_base), poll_s=0.1)
     with running(create_app(swapper)) as url, httpx.Client(base_url=url, timeout=120) as client:
         resp = client.get("/openapi.json")
         assert resp.status_code == 200, resp.text
