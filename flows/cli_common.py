@@ -1,11 +1,10 @@
-"""What only the production `lcmlora` commands share: `--base` and its default, and the known
-harmless library messages the CLI's entry point drops. The options of DESIGN.md's CLI
-conventions, shared with the toy's command line, live in components/cli/conventions.py."""
+"""What only the production `lcmlora` commands share: `--base` and its default, and the quieting of
+the known harmless library output the CLI's entry point applies (components/cli/quiet.py, which
+every flow run applies too). The options of DESIGN.md's CLI conventions, shared with the toy's
+command line, live in components/cli/conventions.py."""
 
 from __future__ import annotations
 
-import logging
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +12,10 @@ import click
 import typer
 
 from components.cli.conventions import print_config, resolve
+from components.cli.quiet import quiet_known_noise
 from components.config import Params
+
+__all__ = ["BaseOpt", "pick_base", "quiet_known_noise", "stage_params"]  # quiet_known_noise: for flows/cli.py
 
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", help="base name in params.yaml, or a path / hub id (default: the only base in params)")]
@@ -38,37 +40,3 @@ def stage_params(params: Path, overrides: list[str] | None, base: str | None, dr
         print_config(cfg)
         return None
     return cfg, name
-
-
-# Messages known to be harmless for lcmlora's use, dropped at the CLI edge only (the library
-# never silences anything): logger name -> text the message contains.
-KNOWN_NOISE: dict[str, str] = {
-    # every LCM-LoRA load: it holds no text-encoder layers, by design (UNet-only LoRA)
-    "diffusers.loaders.lora_base": "No LoRA keys associated to",
-    "diffusers.loaders.peft": "No LoRA keys associated to",
-    "diffusers.loaders.lora_pipeline": "No LoRA keys associated to",
-    # the CPU torch build has no torchvision; the PIL image processors are used instead
-    "transformers.utils.import_utils": "requires torchvision (not installed)",
-}
-KNOWN_WARNINGS = (  # warnings.warn messages (regex), same rule
-    r"Adapter \S+ was active which is now deleted",  # merge evaluation deletes its temporary adapters
-)
-
-
-class _DropContaining(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def quiet_known_noise() -> None:
-    """Drop the known harmless library messages above (called once by the CLI's entry point)."""
-    for name, text in KNOWN_NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropContaining) and f.text == text for f in logger.filters):
-            logger.addFilter(_DropContaining(text))
-    for pattern in KNOWN_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)

@@ -109,17 +109,18 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
     """Run curation end to end; write the manifest folder `out_rel` under `storage`.
 
     `min_side` is the base resolution, used when `cfg.min_side` is None. `progress` gets the
-    rows done so far after each batch (total unknown: 0), noted "metadata" or "images".
+    rows done so far after each batch, noted "metadata" (total unknown, 0, until the pass ends
+    with one report of all its rows) or "images" (of the candidates the metadata pass kept).
     Raises SourceError, CurationEmpty or ManifestGateFailed.
     """
     start = time.perf_counter()
     filters = Filters.from_config(cfg, min_side)
     done = {"metadata": 0, "images": 0}
 
-    def report(phase: str, rows: int) -> None:
+    def report(phase: str, rows: int, total: int = 0) -> None:
         done[phase] += rows
         if progress is not None:
-            progress(Progress(stage="curate", step=done[phase], total=0, note=phase))
+            progress(Progress(stage="curate", step=done[phase], total=total, note=phase))
     out = lambda name: f"{out_rel.strip('/')}/{name}" if out_rel.strip("/") else name
 
     with tempfile.TemporaryDirectory(prefix="lcmlora-curate-") as tmp:
@@ -137,6 +138,7 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
 
         rows_in, counts = filter_metadata(batches(), filters, candidates_w.write_batch, rejected_w.write_batch)
         candidates_w.close()
+        report("metadata", 0, total=done["metadata"])  # the pass is done: its total is known
 
         # 2. Images: presence, caption file, exact duplicates.
         manifest_w = pq.ParquetWriter(tmp_path / "manifest.parquet", MANIFEST_SCHEMA, compression="zstd")
@@ -148,9 +150,10 @@ def curate(source: Storage, storage: Storage, out_rel: str, cfg: CurateConfig, *
             manifest_w.write_batch(b)
 
         def candidate_batches() -> Iterator[pa.RecordBatch]:
-            for b in pq.ParquetFile(tmp_path / "candidates.parquet").iter_batches(batch_size=BATCH_ROWS):
+            candidates = pq.ParquetFile(tmp_path / "candidates.parquet")
+            for b in candidates.iter_batches(batch_size=BATCH_ROWS):
                 yield b
-                report("images", b.num_rows)
+                report("images", b.num_rows, total=candidates.metadata.num_rows)
 
         images = check_images(candidate_batches(), source, cfg.dedup, on_kept, rejected_w.write_batch)
         manifest_w.close()
