@@ -72,8 +72,12 @@ class BaseConfig(Section):
     guidance_scale: float = Field(7.5, gt=0)  # the base's own CFG scale (7.5 for real SD bases)
     prediction_type: Literal["epsilon", "v_prediction"] | None = None  # None: from scheduler
     judges: str = "real"  # judges provider evaluating it (entry point in group lcmlora.judges)
+    data: Literal["source", "synthesize"] = "source"  # what it distills on: the curated source, or its own samples (the synthesize stage)
     hub_id: str | None = None  # the base's Hugging Face Hub id (owner/name): the model card's base_model
     license: str | None = None  # the Hub license id of the LoRAs made for it (e.g. openrail++), on their cards
+    # acceleration objectives the flows distill, gate and publish for it (NAME-lcm-lora, NAME-pcm-lora), on the
+    # same curated data and latent shards; None: distill.objective alone
+    objectives: list[Literal["lcm", "pcm"]] | None = Field(None, min_length=1)
 
     @field_validator("hub_id")
     @classmethod
@@ -112,6 +116,21 @@ class CurateConfig(Section):
             raise ValueError(f"caption_min_chars ({self.caption_min_chars}) is above caption_max_chars "
                              f"({self.caption_max_chars}); no caption could pass")
         return self
+
+
+class SynthesizeConfig(Section):
+    count: int = Field(1000, ge=1)  # images to sample (the source's rows)
+    batch_size: int = Field(16, ge=1)  # images per pipeline call; each batch is one tar shard (the unit a rerun resumes from)
+    steps: int = Field(25, ge=1)  # sampler steps (the many-step teacher)
+    scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"  # dpmsolver++: DPM-Solver++ (2M); ddim: DDIM
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = None  # None: the base scheduler's own
+    guidance_scale: float | None = Field(None, gt=0)  # CFG scale; None: the base's guidance_scale
+    seed: int = Field(0, ge=0)  # image i starts from noise seeded seed + i
+    prompts: str | None = None  # prompt file, one per line (cycled); None: the captions of the curated manifest, in order
+    style: str | None = None  # a style LoRA (.safetensors or LoRA folder) fused into the base before sampling; None: the base alone
+    style_weight: float = Field(1.0, ge=0)  # l1 of the fused style LoRA: theta_pre + l1 * tau_style
+    device: str = "cpu"  # torch device for sampling
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # pipeline dtype while sampling (fingerprints: float32)
 
 
 class EncodeConfig(Section):
@@ -177,6 +196,9 @@ class EvaluateConfig(Section):
     lcm_guidance_scale: float = Field(1.0, ge=1.0, le=2.0)  # CFG scale with the LCM-LoRA (1.0: no CFG pass)
     tcd_gamma: float | None = Field(None, ge=0, le=1)  # TCDScheduler gamma; None: no TCD rows
     lcm_without_lora: bool = False  # also LCMScheduler on the teacher alone (rows lcm_base-N)
+    cfg_scales: list[float] = Field(default_factory=list)  # also the student with CFG at these scales and the negative prompts (rows lcm-4-cfg3); [] none
+    cfg_steps: list[PositiveInt] = Field(default_factory=lambda: [4])  # step counts of those CFG rows
+    negative_prompts: str | None = None  # file, one per line: line j for prompt j, or one line for all; needed by cfg_scales
     prompts: str | None = None  # prompt file, one per line; None: the base's judges' own prompt file
     samples_per_prompt: int = Field(20, ge=1)  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
     seed: int = Field(0, ge=0)  # first noise seed; every method gets the same initial noise
@@ -199,6 +221,12 @@ class EvaluateConfig(Section):
     # trajectory from the same noise, what consistency distillation trains (the hard toy: a 10-step LoRA
     # reads like a good one on adherence, not here)
     lcm2_psnr_min: float | None = None
+
+    @model_validator(mode="after")
+    def _cfg_rows_have_negatives(self) -> EvaluateConfig:
+        if self.cfg_scales and not self.negative_prompts:
+            raise ValueError("evaluate.cfg_scales needs evaluate.negative_prompts (a file, one negative prompt per line)")
+        return self
 
 
 class MergeConfig(Section):
@@ -252,6 +280,7 @@ class Params(Section):
     bases: dict[str, BaseConfig] = Field(default_factory=dict)
     toy: dict[str, Any] = Field(default_factory=dict)  # opaque here; components/toy/config.py checks it
     curate: CurateConfig = CurateConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
     encode: EncodeConfig = EncodeConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

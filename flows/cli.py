@@ -67,6 +67,41 @@ def curate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run
                f"(sha256 {result.manifest_hash[:16]}); rejected: {reasons}; GX data docs: {where}/gx/index.html")
 
 
+@app.command()
+def synthesize(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
+               output: OutputOpt = None, base: BaseOpt = None,
+               style: Annotated[Path | None, typer.Option("--style", help="style LoRA fused into the base before "
+                                                         "sampling (synthesize.style)")] = None,
+               style_weight: Annotated[float | None, typer.Option("--style-weight", help="its weight l1 "
+                                                                  "(synthesize.style_weight)")] = None) -> None:
+    """Sample a model's own images (DPM-Solver++, the base's CFG) as a LAION/img2dataset source.
+
+    Prompts are synthesize.prompts or the curated manifest's captions. Writes to
+    storage.root/stages/synthesize/BASE/KEY (reused when complete, resumed when a run was killed)
+    unless --output names a folder; point curate.source at it to curate, encode and distill on it."""
+    extra = [f"synthesize.style={style}"] if style is not None else []
+    extra += [f"synthesize.style_weight={style_weight}"] if style_weight is not None else []
+    if (run := stage_params(params, set_, base, dry_run, extra)) is None:
+        return
+    cfg, name = run
+    from components.models.base_model import resolved_base
+    from components.stages.inputs import source_storage
+    from components.stages.synthesize import synthesis_prompts, synthesize_stage
+    from components.storage.storage import Storage
+
+    storage, resolved = Storage.from_config(cfg.storage), resolved_base(cfg, name)
+    # --output is a folder of its own: the captions still come from the manifest in storage.root
+    target, prompts = (source_storage(str(output), cfg.storage), synthesis_prompts(cfg, storage, resolved)) \
+        if output else (storage, None)
+    with ProgressView(console) as view:
+        out = synthesize_stage(cfg, resolved, target, prompts=prompts, output="" if output else None, progress=view)
+    where = target.url(out.source)
+    what = "unchanged: reused" if out.reused else f"sampled {out.sampled_batches} of {out.shards} batch(es) in " \
+        f"{out.seconds:.0f}s;"
+    typer.echo(f"synthesize --base {name}: {what} {out.count} images -> {where} ({out.key}); "
+               f"curate it with --set curate.source={where}")
+
+
 ManifestOpt = Annotated[str | None, typer.Option(
     "--manifest", help="curated manifest, relative to storage.root (default: the curate stage's for these params, "
     "stages/curate/KEY/manifest.parquet)")]

@@ -49,9 +49,12 @@ def output_rel(stage: str, key: str, base: str | None = None) -> str:
 def base_identity(base_name: str, base: BaseConfig, fingerprints: dict[str, str]) -> dict[str, Any]:
     """What makes a base the same base: its name, settings and module fingerprints.
 
-    The reference (path or hub id) is left out: a moved folder with the same weights is the same base.
+    The reference (path or hub id) is left out: a moved folder with the same weights is the same base; so is
+    `data` (what it distills on): the shard index hash in the keys already says which data; and
+    `objectives` (which LoRAs the flows make for it): each run's distill section names its objective.
     """
-    return {"name": base_name, **base.model_dump(mode="json", exclude={"reference"}), "fingerprints": fingerprints}
+    return {"name": base_name, **base.model_dump(mode="json", exclude={"reference", "data", "objectives"}),
+            "fingerprints": fingerprints}
 
 
 # --- the key of each stage: content fingerprints + its own params section ----------------
@@ -60,6 +63,17 @@ def base_identity(base_name: str, base: BaseConfig, fingerprints: dict[str, str]
 def curate_key(cfg: Params, source_digest: str, min_side: int) -> str:
     """The source bytes, the curate section and the minimum side."""
     return stage_key("curate", source=source_digest, curate=section_digest(cfg.curate), min_side=min_side)
+
+
+def synthesize_key(cfg: Params, base: BaseConfig, fingerprints: dict[str, str], prompts_sha256: str,
+                   guidance_scale: float) -> str:
+    """The sampled model's fingerprints (a fused style model has its own), the prompts it samples, its
+    resolution and CFG scale, and the synthesize section (the style file and weight aside: the fused
+    fingerprints count; the prompt file's path aside: its prompts count)."""
+    return stage_key("synthesize", model=fingerprints, family=base.family, resolution=base.resolution,
+                     guidance_scale=guidance_scale, prompts=prompts_sha256,
+                     synthesize=section_digest(cfg.synthesize.model_dump(
+                         mode="json", exclude={"prompts", "style", "style_weight", "guidance_scale"})))
 
 
 def encode_key(cfg: Params, base: BaseConfig, manifest_hash: str, fingerprints: dict[str, str]) -> str:

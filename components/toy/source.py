@@ -15,26 +15,31 @@ placed after their original, so "keep the first" keeps the original. The output 
 function of the seed: the same seed writes the same bytes (fixed tar headers, sorted JSON).
 
 `write_laion_source` writes that layout for both toy worlds (the hard toy's scenes:
-`components/toy/hard/source.py`); `ToySource` is their source plug-in.
+`components/toy/hard/source.py`) through the production writer of the format
+(`components/data/laion_source.py`, which the synthesize stage writes with too); `ToySource` is
+their source plug-in.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from components.config import Params
+from components.data.laion_source import (
+    metadata_table,
+    sample_json,
+    shard_stats,
+    write_metadata,
+    write_tar,
+)
 from components.toy.config import toy_config
 from components.toy.folder_settings import stale_settings
 from components.toy.render import caption_for, render_digit
@@ -57,12 +62,7 @@ DEFECT_COUNTS: dict[str, int] = {
     "missing_txt": 10,  # the shard has KEY.jpg and KEY.json but no KEY.txt
 }
 DUPLICATES = 60  # extra rows whose image bytes equal an earlier clean row's
-METADATA_COLUMNS = {  # metadata.parquet: LAION's columns, img2dataset's status and original size, key and shard
-    "key": pa.string(), "shard": pa.string(), "URL": pa.string(), "TEXT": pa.string(), "WIDTH": pa.int64(),
-    "HEIGHT": pa.int64(), "similarity": pa.float64(), "punsafe": pa.float64(), "pwatermark": pa.float64(),
-    "AESTHETIC_SCORE": pa.float64(), "status": pa.string(), "original_width": pa.int64(),
-    "original_height": pa.int64(),
-}
+
 
 # The curation rejection reason each defect must produce (corrupt images pass curation).
 EXPECTED_REASON: dict[str, str | None] = {
@@ -167,19 +167,11 @@ def _scores(defect: str | None, rng: np.random.Generator) -> dict[str, float | N
     return scores
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """Add a member with fixed metadata, so the tar bytes depend only on the content."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _json_value(v: Any) -> Any:
-    return None if isinstance(v, float) and math.isnan(v) else v
+def _members(record: dict[str, Any], jpeg: bytes) -> list[tuple[str, bytes]]:
+    """A row's tar members: KEY.jpg, KEY.txt (unless its defect is missing_txt), KEY.json."""
+    key = record["key"]
+    txt = [] if record["_defect"] == "missing_txt" else [(f"{key}.txt", record["TEXT"].encode())]
+    return [(f"{key}.jpg", jpeg), *txt, (f"{key}.json", sample_json(record))]
 
 
 @dataclass(frozen=True)
@@ -243,23 +235,12 @@ def write_laion_source(output: str | Path, plan: list[PlannedRow], draw: SourceD
     shards = sorted({r["shard"] for r in records})
     for shard in shards:
         members = [(r, j) for r, j in zip(records, jpegs, strict=True) if r["shard"] == shard]
-        with tarfile.open(output / shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for record, jpeg in members:
-                key = record["key"]
-                meta = {k: _json_value(v) for k, v in record.items() if not k.startswith("_") and k != "shard"}
-                meta.update(url=record["URL"], caption=record["TEXT"], error_message=None)
-                _tar_add(tar, f"{key}.jpg", jpeg)
-                if record["_defect"] != "missing_txt":
-                    _tar_add(tar, f"{key}.txt", record["TEXT"].encode())
-                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        stats = {"count": len(members), "successes": len(members), "failed_to_download": 0,
-                 "failed_to_resize": 0, "status_dict": {"success": len(members)}}
-        (output / f"{shard[:-4]}_stats.json").write_text(json.dumps(stats, sort_keys=True, indent=1) + "\n")
+        with open(output / shard, "wb") as fh:
+            write_tar(fh, [member for record, jpeg in members for member in _members(record, jpeg)])
+        (output / f"{shard[:-4]}_stats.json").write_text(shard_stats(len(members)))
 
     # 3. The LAION-style metadata parquet.
-    table = pa.table({name: pa.array([r[name] for r in records], kind, from_pandas=False)
-                      for name, kind in METADATA_COLUMNS.items()})
-    pq.write_table(table, output / "metadata.parquet", compression="zstd")
+    write_metadata(metadata_table(records), output / "metadata.parquet")
 
     # 4. What was planted, and what curation and encoding must therefore produce.
     rejected_by_curation = sum(len(v) for k, v in defect_keys.items() if EXPECTED_REASON[k] is not None)
