@@ -25,9 +25,15 @@ def stage_verdict(stage: dict[str, Any]) -> str:
 
 
 def published_entries(base: dict[str, Any]) -> list[dict[str, Any]]:
-    """The base's published LoRA and its published style variants, in that order."""
-    published = base.get("published")
-    return [published, *published.get("variants", [])] if published else []
+    """The base's published LoRAs (one per objective) and their published style variants, in that order."""
+    runs = [base, *(base.get("objectives") or {}).values()]
+    entries, seen = [], set()
+    for run in runs:
+        published = run.get("published")
+        if published and published.get("reference") not in seen:
+            seen.add(published.get("reference"))
+            entries += [published, *published.get("variants", [])]
+    return entries
 
 
 def verdict(summary: dict[str, Any]) -> str:

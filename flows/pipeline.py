@@ -26,8 +26,15 @@ from flows.stages import (
     publish_flow,
 )
 from tasks.encode import fingerprint_base
-from tasks.publish import enforce_gate
+from tasks.publish import GateFailed, enforce_gate
 from tasks.runtime import set_torch_threads
+
+
+def with_objective(cfg: Params, objective: str) -> Params:
+    """`cfg` distilling `objective` (the same object when it already does: its keys are unchanged)."""
+    if cfg.distill.objective == objective:
+        return cfg
+    return cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"objective": objective})})
 
 
 @flow(name="base-pipeline", flow_run_name="base-{base_name}")
@@ -40,8 +47,8 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: Resol
     """
     logger = get_run_logger()
     stages: list[dict[str, Any]] = []
-    if report_rel:  # a deployment run in its own process: the nightly's thread setting
-        set_torch_threads(cfg.orchestrate.torch_threads)
+    # the nightly's thread setting and quiet libraries, also in a deployment run in its own process
+    set_torch_threads(cfg.orchestrate.torch_threads)
 
     # 1. The base resolved: its modules' fingerprints key every later stage.
     resolved = resolved or fingerprint_base(base_name, base)
@@ -55,22 +62,38 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: Resol
     if shards["reused"] and not shards["skipped"]:
         logger.info("%s: reused the latent shards of VAE %s", base_name, fingerprints["vae"])
 
-    # 3. The LCM-LoRA, then its evaluation; a failed gate stops here: nothing merged or published.
-    lora = distill_flow(cfg, resolved, shards)
-    stages.append(stage_row("distill", lora))
-    evaluation = evaluate_flow(cfg, resolved, lora)
-    stages.append(stage_row("evaluate", evaluation))
-    logger.info("%s: gate %s%s", base_name, "passed" if evaluation["passed"] else "FAILED",
-                "".join(f"\n  - {v}" for v in evaluation["violations"]))
-    enforce_gate(base_name, evaluation)  # the one gate check: raises GateFailed listing every violation
-
-    # 4. Style variants of the gated LoRA, then publish.
-    merged = merge_flow(cfg, resolved, lora)
-    stages.append(stage_row("merge", merged))
-    published = publish_flow(cfg, base_name, lora, evaluation, merged)
-    stages.append(stage_row("publish", published))
-    result = {"stages": stages, "fingerprints": fingerprints, "lora": lora["output"],
-              "evaluation": evaluation["evaluation"], "gate": {"passed": evaluation["passed"]}, "published": published}
+    # 3. Per objective (bases.NAME.objectives: LCM, PCM or both, on the same shards): the LoRA, then
+    #    its evaluation; a failed gate stops that objective: nothing of it merged or published.
+    objectives = base.objectives or [cfg.distill.objective]
+    runs: dict[str, dict[str, Any]] = {}
+    failed: list[GateFailed] = []
+    for objective in objectives:
+        run = with_objective(cfg, objective)
+        tag = "" if len(objectives) == 1 else f" {objective}"
+        lora = distill_flow(run, resolved, shards)
+        stages.append(stage_row(f"distill{tag}", lora))
+        evaluation = evaluate_flow(run, resolved, lora)
+        stages.append(stage_row(f"evaluate{tag}", evaluation))
+        logger.info("%s%s: gate %s%s", base_name, tag, "passed" if evaluation["passed"] else "FAILED",
+                    "".join(f"\n  - {v}" for v in evaluation["violations"]))
+        try:
+            enforce_gate(f"{base_name}{tag}", evaluation)  # the one gate check: raises listing every violation
+        except GateFailed as err:
+            failed.append(err)
+            continue
+        # 4. Style variants of a gated LCM-LoRA (the merge samples with LCMScheduler), then publish.
+        merged = merge_flow(run, resolved, lora) if objective == "lcm" else None
+        if merged is not None:
+            stages.append(stage_row("merge", merged))
+        published = publish_flow(run, base_name, lora, evaluation, merged)
+        stages.append(stage_row(f"publish{tag}", published))
+        runs[objective] = {"lora": lora["output"], "evaluation": evaluation["evaluation"],
+                           "gate": {"passed": evaluation["passed"]}, "published": published}
+    if failed:  # every objective ran; the run fails on the first gate that did not pass
+        raise failed[0]
+    first = runs[objectives[0]]
+    result = {"stages": stages, "fingerprints": fingerprints, **first,
+              **({"objectives": runs} if len(objectives) > 1 else {})}
     if report_rel:
         Storage.from_config(cfg.storage).write_text(report_rel, json.dumps(result, indent=1, default=str))
     return result

@@ -112,7 +112,7 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
     publish = retrying(cfg, publish_folder).with_options(result_storage=results)
     # 1. The evaluated LoRA.
-    name = registry_name(cfg.publish, base_name)
+    name = registry_name(cfg.publish, base_name, cfg.distill.objective)
     key = publish_key(cfg, name, lora=lora["weights_sha256"], evaluation=evaluation["key"])
     state = publish(cfg=cfg, base_name=base_name, folder_rel=evaluation["lora_folder"],
                     subdir=evaluation["lora_subdir"], name=name, key=key, return_state=True)

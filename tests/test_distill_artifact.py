@@ -146,3 +146,35 @@ def test_config_and_lineage_hold_no_absolute_local_path(tmp_path, lora_sd):
     assert written["inputs"]["latents"]["index"] == "local:index.json"  # outside the repository: its name
     for text in (config_text, (tmp_path / "art/lineage.json").read_text()):
         assert str(tmp_path) not in text and "file://" not in text, text
+
+
+def test_a_pcm_artifact_names_its_objective_and_recommends_tcd_at_its_phase_edges(tmp_path, lora_sd):
+    from components.lora.formats import read_metadata
+    from components.lora.model_card import parse_model_card
+    from components.lora.objective import METADATA_KEY, recipe, recipe_of_lora
+
+    lcm_paths, _ = write(tmp_path / "lcm", lora_sd)
+    pcm_paths, _ = write(tmp_path / "pcm", lora_sd, recipe=recipe("pcm", 2, [999, 499]))
+    # an LCM-LoRA's files carry no objective key (they are what they were); a PCM-LoRA's both do
+    assert METADATA_KEY not in read_metadata(lcm_paths["diffusers"])
+    assert METADATA_KEY not in read_metadata(lcm_paths["kohya"])
+    assert recipe_of_lora(tmp_path / "lcm") == recipe("lcm")
+    assert recipe_of_lora(tmp_path / "pcm") == recipe("pcm", 2, [999, 499])
+    assert recipe_of_lora(pcm_paths["kohya"]).timesteps == (999, 499)
+    assert "PCM-LoRA" in read_metadata(pcm_paths["kohya"])["ss_training_comment"]
+    front, body = parse_model_card(pcm_paths["model_card"].read_text())
+    assert front["recommended"] == {"num_inference_steps": 2, "guidance_scale": 1.0, "scheduler": "TCDScheduler",
+                                    "eta": 0.0, "timesteps": [999, 499]}
+    assert "pcm-lora" in front["tags"] and "lcm-lora" not in front["tags"]
+    assert "TCDScheduler.from_config" in body and "eta=0.0, timesteps=[999, 499]" in body and "2 phases" in body
+    compile(body.split("```python\n")[1].split("```")[0], "card", "exec")  # the snippet runs as written
+    assert "LCMScheduler" in parse_model_card(lcm_paths["model_card"].read_text())[1]
+
+
+def test_an_unreadable_objective_record_is_named():
+    from components.lora.objective import METADATA_KEY, recipe_from_metadata
+
+    with pytest.raises(ValueError, match="lcmlora.objective"):
+        recipe_from_metadata({METADATA_KEY: '{"objective": "xcm"}'})
+    with pytest.raises(ValueError, match="phases"):
+        recipe_from_metadata({METADATA_KEY: '{"objective": "pcm"}'})

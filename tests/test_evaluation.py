@@ -179,3 +179,29 @@ def test_flat_metrics_for_dvc_beside_metrics_json(evaluated):
     assert flat["lcm-1.psnr"] > 0 and "lcm-1.ssim" in flat
     assert flat["gate.passed"] == 0  # lcm1_psnr_min=1000 fails the gate
     assert all(isinstance(v, int | float) for v in flat.values()), "flat scalars only: DVC drops lists"
+
+
+def test_a_pcm_lora_is_sampled_and_gated_on_its_own_rows_with_cfg_rows(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from components.lora.formats import LORA_WEIGHT_NAME, read_metadata
+    from components.lora.objective import objective_metadata, recipe
+
+    pipe = tiny_sd_pipeline(tmp_path)
+    lora = random_lora_folder(pipe, tmp_path / "lora")
+    weights = lora / LORA_WEIGHT_NAME
+    trained = recipe("pcm", 2, [999, 479])
+    save_file(load_file(weights), str(weights), metadata={**read_metadata(weights), **objective_metadata(trained)})
+    (tmp_path / "neg.txt").write_text("a blurry digit\n")
+    cfg = EvaluateConfig(steps=[2, 4], teacher_steps=[], teacher_samplers=["dpmpp"], samples_per_prompt=1,
+                         batch_size=3, gate_teacher_steps=4, cfg_scales=[3.0], negative_prompts=str(tmp_path / "neg.txt"))
+    judges = Judges(grey_features, "grey 4x4", brightness, "brightness", torch.rand(20, 3, 32, 32) * 2 - 1)
+    doc = evaluate_lora(pipe, lora, cfg, judges, PROMPTS, base_name="tiny", teacher_guidance=2.0, resolution=32).doc
+    rows = {row["label"]: row for row in doc["methods"]}
+    assert list(rows) == ["pcm-2", "pcm-4", "pcm-4-cfg3", "dpmpp-2", "dpmpp-4"]
+    assert rows["pcm-4"]["unet_evals_per_image"] == 4.0 and rows["pcm-4-cfg3"]["unet_evals_per_image"] == 8.0
+    assert doc["info"]["objective"] == "pcm" and doc["info"]["pcm_phases"] == 2
+    assert doc["gate"]["checks"] and all(c["rule"].startswith("pcm-4 ") for c in doc["gate"]["checks"])
+    with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
+        (tmp_path / "neg.txt").write_text("one\ntwo\n")
+        evaluate_lora(pipe, lora, cfg, judges, PROMPTS, base_name="tiny", teacher_guidance=2.0, resolution=32)

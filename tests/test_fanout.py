@@ -210,11 +210,18 @@ def killed_nightly(stack: PrefectStack) -> dict:
     return {"state": state, "result": result, "runs": runs, "killed": killed, "root": root}
 
 
+def failure_report(result, stack) -> str:
+    """Why a nightly failed: each failed base's error from the summary, then the workers' log tails."""
+    bases = getattr(result, "summary", {}).get("bases", {}) if hasattr(result, "summary") else {}
+    errors = "\n".join(f"{name}: {b.get('error')}" for name, b in bases.items() if b.get("status") != "completed")
+    return f"{result!r}\n{errors}\n--- worker0\n{stack.log_tail('worker0', 120)}\n--- worker1\n{stack.log_tail('worker1', 120)}"
+
+
 def test_two_bases_run_in_parallel_on_two_workers(stack: PrefectStack, killed_nightly: dict) -> None:
     state, result, runs, killed = (killed_nightly[k] for k in ("state", "result", "runs", "killed"))
     # Both base runs were RUNNING at once (when the toy's first checkpoint was on disk).
     assert killed.get("running_at_kill") == ["base-toy", "base-toy-ft"], killed.get("seen")
-    assert state.is_completed(), (result, stack.log_tail("worker0"), stack.log_tail("worker1"))
+    assert state.is_completed(), failure_report(result, stack)
     assert set(runs) == {"toy", "toy-ft"}
     for name, run in runs.items():
         assert run.state.is_completed() and run.deployment_id is not None, (name, run.state)
@@ -235,7 +242,7 @@ def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(stack: Prefe
 
     state, result, runs, killed, root = (killed_nightly[k] for k in ("state", "result", "runs", "killed", "root"))
     assert killed.get("run"), f"the worker was not killed: {killed}"
-    assert state.is_completed(), (result, stack.log_tail("worker0"), stack.log_tail("worker1"))
+    assert state.is_completed(), failure_report(result, stack)
     toy = runs["toy"]
     assert toy.id == killed["run"] and toy.run_count >= 2, "the same flow run was retried"
     lineage = json.loads((root / result["bases"]["toy"]["lora"] / "lineage.json").read_text())

@@ -10,6 +10,7 @@ empty.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,29 @@ def test_flow_runs_are_named_after_base_and_stage_and_publish_logs_the_pull(harn
     messages = [log.message for log in logs]
     assert any("published toy-lcm-lora:" in m and "pull it with: lcmlora registry pull toy-lcm-lora@candidate"
                in m for m in messages), messages
+
+
+def test_both_objectives_share_the_shards_and_each_is_gated_and_published_under_its_own_name(
+        harness, workdir: Path) -> None:
+    """bases.toy.objectives [lcm, pcm] after the runs above: data and the LCM-LoRA come from the
+    cache; the PCM-LoRA is distilled on the same shards, evaluated on its own rows and published."""
+    params = write_params(workdir, ["bases.toy.objectives=[lcm,pcm]"], name="objectives.yaml")
+    before = _registry(params).list("toy-lcm-lora")
+    state, summary = _run(params)
+
+    assert state.is_completed(), summary
+    toy = summary["bases"]["toy"]
+    rows = {s["stage"]: s for s in toy["stages"]}
+    assert list(rows) == ["curate", "encode", "distill lcm", "evaluate lcm", "merge", "publish lcm",
+                          "distill pcm", "evaluate pcm", "publish pcm"], list(rows)
+    assert rows["encode"]["skipped"] and rows["distill lcm"]["skipped"], "the LCM run and its data are reused"
+    assert not rows["distill pcm"]["skipped"] and not rows["publish pcm"]["skipped"]
+    assert _registry(params).list("toy-lcm-lora") == before, "the unchanged LCM-LoRA is not published again"
+    pcm = _registry(params).show("toy-pcm-lora@candidate")
+    assert pcm.gate["passed"] is True
+    evaluation = workdir / "artifacts" / toy["objectives"]["pcm"]["evaluation"] / "metrics.json"
+    labels = [m["label"] for m in json.loads(evaluation.read_text())["methods"]]
+    assert labels[:2] == ["pcm-1", "pcm-4"], labels
 
 
 def test_failing_gate_fails_the_flow_and_publishes_nothing(harness, workdir: Path) -> None:

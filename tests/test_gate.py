@@ -121,3 +121,20 @@ def test_gate_teacher_steps_moves_both_ratio_thresholds_to_other_teacher_rows():
                                                  "lcm-4 adherence >= 0.9 x best of ddim-25 / dpmpp-25"}
     del rows["dpmpp-25"]  # a missing reference row fails closed, not back to the 50-step rows
     assert "dpmpp-25" in " ".join(evaluate_gate(rows, cfg).violations)
+
+
+def test_a_pcm_lora_is_gated_on_its_own_rows():
+    from components.config import EvaluateConfig
+    from components.evaluate.gate import gate_rules
+
+    rules, _ = gate_rules(EvaluateConfig(lcm2_adherence_min_ratio=0.9, lcm1_psnr_min=10.0), student="pcm")
+    assert {r.subject for r in rules} == {"pcm-4", "pcm-2", "pcm-1"}
+    assert {r.subject for r in gate_rules(EvaluateConfig())[0]} == {"lcm-4"}
+
+
+def test_cfg_rows_need_negative_prompts():
+    from components.config import EvaluateConfig
+
+    with pytest.raises(ValueError, match="negative_prompts"):
+        EvaluateConfig(cfg_scales=[3.0])
+    assert EvaluateConfig(cfg_scales=[3.0], negative_prompts="neg.txt").cfg_steps == [4]

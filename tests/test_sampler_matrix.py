@@ -11,6 +11,7 @@ from components.evaluate.sampler_matrix import (
     initial_noise,
     latent_shape,
     lora_loaded,
+    make_scheduler,
     run_matrix,
     run_method,
 )
@@ -92,3 +93,40 @@ def test_a_folder_without_lora_weights_is_refused(pipe_and_lora, tmp_path):
     pipe, _ = pipe_and_lora
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"), lora_loaded(pipe, tmp_path):
         pass
+
+
+def test_a_pcm_lora_gets_pcm_rows_at_gamma_zero_and_cfg_rows_take_negative_prompts():
+    methods = build_matrix([2, 4], [], ["ddim"], teacher_guidance=2.0, student="pcm", cfg_scales=[1.5, 3.0])
+    labels = [m.label for m in methods]
+    assert labels == ["pcm-2", "pcm-4", "pcm-4-cfg1.5", "pcm-4-cfg3", "ddim-2", "ddim-4"]
+    student = [m for m in methods if m.lora]
+    assert {m.gamma for m in student} == {0.0} and {m.sampler for m in student} == {"pcm"}
+    assert [(m.guidance_scale, m.negative) for m in student] == [(1.0, False), (1.0, False), (1.5, True), (3.0, True)]
+    edged = build_matrix([2], [], ["ddim"], 2.0, student="pcm", student_timesteps=lambda n: (999, 499)[:n])
+    assert edged[0].timesteps == (999, 499) and edged[1].timesteps is None  # the teacher keeps its own pick
+    lcm = build_matrix([4], [], ["ddim"], 2.0, cfg_scales=[3.0], cfg_steps=[2, 4])
+    assert [m.label for m in lcm if m.lora] == ["lcm-4", "lcm-2-cfg3", "lcm-4-cfg3"]
+    assert {m.gamma for m in lcm if m.lora} == {None}  # an LCM-LoRA's rows are as before
+
+
+def test_pcm_rows_sample_with_tcd_at_gamma_zero_and_negative_prompts_change_cfg_rows(pipe_and_lora):
+    from diffusers import TCDScheduler
+
+    pipe, lora = pipe_and_lora
+    noise = initial_noise(SEEDS, latent_shape(pipe, 32, 32))
+    kwargs = {"height": 32, "width": 32, "batch_size": 3}
+    with lora_loaded(pipe, lora):
+        pcm = run_method(pipe, Method("pcm", 2, 1.0, lora=True, gamma=0.0), PROMPTS, noise, SEEDS, **kwargs)
+        tcd = run_method(pipe, Method("tcd", 2, 1.0, lora=True, gamma=0.0), PROMPTS, noise, SEEDS, **kwargs)
+        edges = run_method(pipe, Method("pcm", 2, 1.0, lora=True, gamma=0.0, timesteps=(999, 479)), PROMPTS, noise,
+                           SEEDS, **kwargs)
+        cfg = Method("pcm", 2, 3.0, lora=True, gamma=0.0, negative=True, suffix="-cfg3")
+        with pytest.raises(ValueError, match="negative prompt"):
+            run_method(pipe, cfg, PROMPTS, noise, SEEDS, **kwargs)
+        plain = run_method(pipe, cfg, PROMPTS, noise, SEEDS, negative_prompts=[""] * 3, **kwargs)
+        negative = run_method(pipe, cfg, PROMPTS, noise, SEEDS, negative_prompts=["a digit seven"] * 3, **kwargs)
+    assert isinstance(make_scheduler(Method("pcm", 2, 1.0, True, 0.0), pipe.scheduler.config), TCDScheduler)
+    torch.testing.assert_close(pcm.images, tcd.images, atol=0, rtol=0)  # pcm-N is TCD at gamma 0
+    assert (edges.images - pcm.images).abs().max() > 1e-4  # explicit edges reach the scheduler
+    assert plain.unet_evals_per_image == 4.0  # CFG: two UNet rows per step
+    assert (negative.images - plain.images).abs().max() > 1e-4  # the negative prompt reached the pipeline

@@ -30,4 +30,6 @@ def test_run_publish_creates_a_version_and_moves_the_alias(tmp_path):
 def test_names_and_pull_commands():
     assert registry_name(PublishConfig(), "toy") == "toy-lcm-lora"
     assert registry_name(PublishConfig(name="mine"), "toy") == "mine"
+    assert registry_name(PublishConfig(), "toy", "pcm") == "toy-pcm-lora"
+    assert registry_name(PublishConfig(name="mine"), "toy", "pcm") == "mine-pcm"
     assert pull_command("n", "prod", "s3://b/r") == "lcmlora registry pull n@prod --to DIR --set registry.root=s3://b/r"

@@ -25,10 +25,12 @@ from components.distill.output_checks import check_output_folder, distill_artifa
 from components.distill.trainer import CHECKPOINT_DIR
 from components.lineage import portable_yaml, write_lineage
 from components.lora import formats as lora_formats
-from components.lora.model_card import render_model_card
+from components.lora.model_card import DEFAULT_TAGS, PCM_TAGS, render_model_card
+from components.lora.objective import SamplingRecipe, objective_metadata
+from components.lora.objective import recipe as objective_recipe
 from components.storage.atomic_dir import atomic_dir, check_replaceable
 
-RECOMMENDED_STEPS = 4  # the report's 4-step sampling
+RECOMMENDED_STEPS = 4  # the report's 4-step sampling (an LCM-LoRA; a PCM-LoRA: its phases)
 RECOMMENDED_GUIDANCE = 1.0  # guidance is distilled in; LCM sampling uses little or no CFG
 # What a previous run may have left in the folder (evaluation adds `evaluation/` and metrics);
 # a folder holding anything else is never replaced.
@@ -99,8 +101,12 @@ def write_distill_artifact(
     lineage: dict[str, Any],
     config_yaml: str,
     loss_rows: list[dict[str, float]],
+    recipe: SamplingRecipe | None = None,
 ) -> dict[str, Path]:
     """Write every file of the contract-4 folder; returns their paths by role (in `folder`).
+
+    `recipe`: the objective the LoRA was distilled with and how it samples (None: LCM); its files'
+    metadata, card and title name it.
 
     The folder is staged and renamed into place; a previous run's folder is replaced whole,
     its `checkpoints/` kept (the caller removes them when the run is finished).
@@ -109,19 +115,28 @@ def write_distill_artifact(
     with atomic_dir(folder, owns=OWNS, carry=(CHECKPOINT_DIR,)) as staging:
         written = _write_files(staging, lora_state_dict=lora_state_dict, rank=rank, alpha=alpha,
                                base_meta=base_meta, metrics=metrics, lineage=lineage, config_yaml=config_yaml,
-                               loss_rows=loss_rows)
+                               loss_rows=loss_rows, recipe=recipe or objective_recipe())
     return {role: folder / path.relative_to(staging) for role, path in written.items()}
 
 
 def _write_files(folder: Path, *, lora_state_dict: dict, rank: int, alpha: float, base_meta: dict[str, Any],
                  metrics: dict[str, Any], lineage: dict[str, Any], config_yaml: str,
-                 loss_rows: list[dict[str, float]]) -> dict[str, Path]:
-    title = f"{base_meta.get('name', 'base')}-lcm-lora"
+                 loss_rows: list[dict[str, float]], recipe: SamplingRecipe) -> dict[str, Path]:
+    title = f"{base_meta.get('name', 'base')}-{recipe.tag}-lora"
+    kohya_extra = {"ss_steps": str(metrics.get("steps", ""))}
+    if recipe.objective == "pcm":  # the kohya defaults describe an LCM-LoRA
+        kohya_extra |= {"ss_training_comment": f"PCM-LoRA by phased consistency distillation (arXiv 2405.18407), "
+                        f"{recipe.phases} phases; recommended: {recipe.scheduler} eta {recipe.eta}, "
+                        f"{recipe.steps} steps, guidance 1.0",
+                        "modelspec.description": f"PCM-LoRA acceleration vector for {base_meta.get('name', 'the base')} "
+                        f"({base_meta.get('family')})"}
     paths = lora_formats.save_lora(folder, lora_state_dict, rank=rank, alpha=alpha, base_meta=base_meta, title=title,
-                                   extra_metadata={"ss_steps": str(metrics.get("steps", ""))})
+                                   extra_metadata=kohya_extra, shared_metadata=objective_metadata(recipe))
+    method = ("Latent Consistency Distillation" if recipe.objective == "lcm" else
+              f"Phased Consistency Distillation ({recipe.phases} phases)")
     body = (
         "\n## Training\n\n"
-        f"Latent Consistency Distillation with LoRA (rank {rank}, alpha {alpha:g}) on `{base_meta.get('reference')}` "
+        f"{method} with LoRA (rank {rank}, alpha {alpha:g}) on `{base_meta.get('reference')}` "
         f"({base_meta.get('family')}), {metrics.get('steps')} steps, final LCD loss "
         f"{metrics.get('final_loss_mean20', float('nan')):.5f} (mean of the last 20 steps).\n\n"
         f"Files: `{lora_formats.LORA_WEIGHT_NAME}` (diffusers/peft), `{lora_formats.KOHYA_WEIGHT_NAME}` "
@@ -129,7 +144,8 @@ def _write_files(folder: Path, *, lora_state_dict: dict, rank: int, alpha: float
     )
     card = render_model_card(base_model=str(base_meta.get("reference")), title=title, hub_id=base_meta.get("hub_id"),
                              license=base_meta.get("license"),
-                             num_inference_steps=RECOMMENDED_STEPS, guidance_scale=RECOMMENDED_GUIDANCE, body=body,
+                             num_inference_steps=recipe.steps, guidance_scale=RECOMMENDED_GUIDANCE, body=body,
+                             tags=DEFAULT_TAGS if recipe.objective == "lcm" else PCM_TAGS, recipe=recipe,
                              extra={"lcm_lora": {"rank": rank, "alpha": alpha, "family": base_meta.get("family"),
                                                  "base_fingerprint": base_meta.get("fingerprint")}})
     paths["model_card"] = folder / "README.md"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from components.evaluate.judges import Judges
 from components.evaluate.report import REPORT_FILES, write_report
 from components.evaluate.sampler_matrix import Method, MethodRun, build_matrix, run_matrix
 from components.lineage import portable
+from components.lora.objective import SamplingRecipe, recipe_of_lora
 from components.paths import project_path
 from components.progress import Progress, ProgressFn
 from components.storage.atomic_dir import atomic_dir, write_text_atomic
@@ -56,6 +58,29 @@ def load_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"{path}: no prompts (one per line)")
     return prompts
+
+
+def pcm_edges(sampling: SamplingRecipe) -> Callable[[int], tuple[int, ...]]:
+    """The timesteps of a PCM-LoRA's N-step rows: its trained edges at N = its phases, else an N-phase split."""
+    from components.distill.pcm import pcm_sampling_timesteps
+
+    def edges(steps: int) -> tuple[int, ...]:
+        if steps == sampling.phases and sampling.timesteps:
+            return sampling.timesteps
+        return tuple(int(t) for t in pcm_sampling_timesteps(steps).tolist())
+
+    return edges
+
+
+def negative_prompts_for(path: str | Path, prompts: list[str]) -> list[str]:
+    """The negative prompt of each prompt: line j of the file for prompt j, or its one line for all."""
+    negatives = load_prompts(path)
+    if len(negatives) == 1:
+        return negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{path}: {len(negatives)} negative prompts for {len(prompts)} prompts; give one line "
+                         "per prompt, in the prompt file's order, or a single line for all of them")
+    return negatives
 
 
 # --- core -------------------------------------------------------------------------------
@@ -99,8 +124,13 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
     spp = cfg.samples_per_prompt
     image_prompts = [p for p in prompts for _ in range(spp)]
     seeds = [cfg.seed + i for i in range(len(image_prompts))]
+    sampling = recipe_of_lora(lora_folder)  # an LCM-LoRA samples with LCMScheduler, a PCM-LoRA at its phase edges
     methods: list[Method] = build_matrix(cfg.steps, cfg.teacher_steps, list(cfg.teacher_samplers), teacher_guidance,
-                                         cfg.lcm_guidance_scale, cfg.tcd_gamma, cfg.lcm_without_lora)
+                                         cfg.lcm_guidance_scale, cfg.tcd_gamma, cfg.lcm_without_lora,
+                                         student=sampling.objective, cfg_scales=cfg.cfg_scales, cfg_steps=cfg.cfg_steps,
+                                         student_timesteps=pcm_edges(sampling) if sampling.objective == "pcm" else None)
+    negatives = ([n for n in negative_prompts_for(cfg.negative_prompts, prompts) for _ in range(spp)]
+                 if cfg.negative_prompts else None)
     # 2. Sample every method from the same noise.
     done: list[MethodRun] = []
 
@@ -112,14 +142,15 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
 
     t0 = time.perf_counter()
     runs = run_matrix(pipe, lora_folder, methods, image_prompts, seeds, height=resolution, width=resolution,
-                      batch_size=cfg.batch_size, timestep_spacing=cfg.teacher_timestep_spacing, callback=sampled)
+                      batch_size=cfg.batch_size, timestep_spacing=cfg.teacher_timestep_spacing, callback=sampled,
+                      negative_prompts=negatives)
     sampling_seconds = time.perf_counter() - t0
     # 3. Metrics per method, then the gate over all of them.
     reference_features = extract_features(judges.backbone, judges.reference_images)
     by_label = {r.method.label: r for r in runs}
     agreement = by_label.get(cfg.agreement_reference)
     rows = [method_row(r, image_prompts, judges, reference_features, agreement) for r in runs]
-    gate = evaluate_gate({row["label"]: row for row in rows}, cfg)
+    gate = evaluate_gate({row["label"]: row for row in rows}, cfg, student=sampling.objective)
     doc = {
         "base": base_name,
         "lora": lora_identity(lora_folder),  # no machine path: a published folder carries this file
@@ -127,6 +158,7 @@ def evaluate_lora(pipe: Any, lora_folder: str | Path, cfg: EvaluateConfig, judge
             "prompts": len(prompts), "samples_per_prompt": spp, "images_per_method": len(image_prompts),
             "seeds": [seeds[0], seeds[-1]], "resolution": resolution, "teacher_guidance_scale": teacher_guidance,
             "lcm_guidance_scale": cfg.lcm_guidance_scale, "feature_backbone": judges.backbone_name,
+            **({"objective": sampling.objective, "pcm_phases": sampling.phases} if sampling.objective != "lcm" else {}),
             "reference_images": int(judges.reference_images.shape[0]), "adherence": judges.adherence_name,
             "agreement_reference": cfg.agreement_reference if agreement is not None else None,
             "sampling_seconds": round(sampling_seconds, 3), "device": str(pipe.unet.device),

@@ -3,6 +3,10 @@
 Rows (methods):
 - `lcm-N`: the LCM-LoRA with LCMScheduler at N steps (guidance 1.0 by default: one UNet pass
   per step; up to 2.0 with classifier-free guidance, as the report recommends);
+- `pcm-N`: a PCM-LoRA (phased consistency) instead, with TCDScheduler at gamma 0: deterministic
+  jumps to the phase edges (`components/lora/objective.py`); its gate reads these rows;
+- `lcm-N-cfgG` / `pcm-N-cfgG`: optionally the student with classifier-free guidance G and the
+  negative prompts (`evaluate.cfg_scales`, `evaluate.negative_prompts`), where LCM is known to break;
 - `tcd-N`: optionally the same LoRA with TCDScheduler and its gamma;
 - `lcm_base-N`: optionally LCMScheduler on the teacher alone (no LoRA): what the sampler does
   without distillation, so the LoRA's own contribution can be read off;
@@ -28,7 +32,8 @@ import torch
 
 from components.lora.formats import LORA_WEIGHT_NAME
 
-Sampler = Literal["lcm", "tcd", "lcm_base", "ddim", "dpmpp"]
+Sampler = Literal["lcm", "pcm", "tcd", "lcm_base", "ddim", "dpmpp"]
+Student = Literal["lcm", "pcm"]  # the objective the LoRA was distilled with: the sampler of its own rows
 LORA_ADAPTER = "lcm"
 
 
@@ -39,10 +44,13 @@ class Method:
     guidance_scale: float
     lora: bool  # True: the LCM-LoRA is active; False: the teacher alone
     gamma: float | None = None  # TCD's gamma (passed to the scheduler as eta)
+    timesteps: tuple[int, ...] | None = None  # explicit timesteps (PCM's phase edges) instead of the scheduler's pick
+    negative: bool = False  # with the negative prompts (a CFG row)
+    suffix: str = ""  # label suffix of a CFG row, e.g. "-cfg3"
 
     @property
     def label(self) -> str:
-        return f"{self.sampler}-{self.steps}"
+        return f"{self.sampler}-{self.steps}{self.suffix}"
 
 
 @dataclass
@@ -55,12 +63,22 @@ class MethodRun:
 
 def build_matrix(steps: list[int], teacher_steps: list[int], teacher_samplers: list[str],
                  teacher_guidance: float, lcm_guidance: float = 1.0, tcd_gamma: float | None = None,
-                 lcm_without_lora: bool = False) -> list[Method]:
-    """The methods in report order: LCM rows, TCD rows, LCM-without-LoRA rows, then each teacher
-    sampler over all its step counts."""
+                 lcm_without_lora: bool = False, student: Student = "lcm", cfg_scales: list[float] | None = None,
+                 cfg_steps: list[int] | None = None,
+                 student_timesteps: Callable[[int], tuple[int, ...]] | None = None) -> list[Method]:
+    """The methods in report order: the student's rows (LCM, or PCM at gamma 0), its CFG rows, TCD
+    rows, LCM-without-LoRA rows, then each teacher sampler over all its step counts."""
     if not steps or any(s < 1 for s in steps):
         raise ValueError(f"evaluate.steps must be positive step counts, got {steps}")
-    methods = [Method("lcm", s, lcm_guidance, True) for s in steps]
+    gamma = 0.0 if student == "pcm" else None  # PCM: deterministic jumps to the phase edges
+
+    def edges(s: int) -> tuple[int, ...] | None:
+        return student_timesteps(s) if student_timesteps is not None else None
+
+    methods = [Method(student, s, lcm_guidance, True, gamma, edges(s)) for s in steps]
+    for scale in cfg_scales or []:
+        methods += [Method(student, s, float(scale), True, gamma, edges(s), negative=True, suffix=f"-cfg{scale:g}")
+                    for s in (cfg_steps or [4])]
     if tcd_gamma is not None:
         methods += [Method("tcd", s, lcm_guidance, True, tcd_gamma) for s in steps]
     if lcm_without_lora:
@@ -89,7 +107,7 @@ def _make_scheduler(method: Method, base_config: Any, timestep_spacing: str | No
 
     if method.sampler in ("lcm", "lcm_base"):
         return LCMScheduler.from_config(base_config)
-    if method.sampler == "tcd":
+    if method.sampler in ("tcd", "pcm"):
         return TCDScheduler.from_config(base_config)
     spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing else {}
     if method.sampler == "ddim":
@@ -97,7 +115,7 @@ def _make_scheduler(method: Method, base_config: Any, timestep_spacing: str | No
     if method.sampler == "dpmpp":
         return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2,
                                                        **spacing)
-    raise ValueError(f"unknown sampler {method.sampler!r}; expected lcm, tcd, lcm_base, ddim or dpmpp")
+    raise ValueError(f"unknown sampler {method.sampler!r}; expected lcm, pcm, tcd, lcm_base, ddim or dpmpp")
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -145,11 +163,15 @@ def lora_loaded(pipe: Any, folder: str | Path) -> Iterator[None]:
 
 def run_method(pipe: Any, method: Method, prompts: list[str], noise: torch.Tensor, seeds: list[int], *,
                height: int, width: int, batch_size: int, timestep_spacing: str | None = None,
-               base_scheduler_config: Any = None) -> MethodRun:
+               base_scheduler_config: Any = None, negative_prompts: list[str] | None = None) -> MethodRun:
     """Sample one method over all prompts (one per noise row); the LoRA must already be in the state
-    wanted. The method's scheduler is built from the pipeline's own and the pipeline's is put back."""
+    wanted. The method's scheduler is built from the pipeline's own and the pipeline's is put back.
+    `negative_prompts` (one per row) go to the methods that ask for them (CFG rows)."""
     if len(prompts) != noise.shape[0] or len(seeds) != noise.shape[0]:
         raise ValueError(f"run_method: {len(prompts)} prompts, {len(seeds)} seeds, {noise.shape[0]} noise rows")
+    if method.negative and (negative_prompts is None or len(negative_prompts) != len(prompts)):
+        raise ValueError(f"{method.label}: a CFG row needs one negative prompt per image "
+                         f"(got {0 if negative_prompts is None else len(negative_prompts)} for {len(prompts)})")
     base_scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(method, base_scheduler_config or base_scheduler.config, timestep_spacing)
     device = pipe.unet.device
@@ -162,7 +184,9 @@ def run_method(pipe: Any, method: Method, prompts: list[str], noise: torch.Tenso
             # CPU generators on every device: the injected noise (LCM, TCD) is the same on CPU and GPU.
             generators = [torch.Generator().manual_seed(int(s) + 1_000_003) for s in seeds[start:stop]]
             t0 = time.perf_counter()
-            out = pipe(prompt=prompts[start:stop], num_inference_steps=method.steps,
+            negative = {"negative_prompt": negative_prompts[start:stop]} if method.negative else {}
+            steps = {"timesteps": list(method.timesteps)} if method.timesteps else {"num_inference_steps": method.steps}
+            out = pipe(prompt=prompts[start:stop], **steps, **negative,
                        guidance_scale=method.guidance_scale, latents=noise[start:stop].to(device, pipe.unet.dtype),
                        generator=generators, height=height, width=width, output_type="pt", **extra)
             images.append(out.images.float().cpu() * 2.0 - 1.0)  # the copy to CPU also waits for a GPU
@@ -176,7 +200,8 @@ def run_method(pipe: Any, method: Method, prompts: list[str], noise: torch.Tenso
 
 def run_matrix(pipe: Any, lora_folder: str | Path, methods: list[Method], prompts: list[str], seeds: list[int], *,
                height: int, width: int, batch_size: int = 50, timestep_spacing: str | None = None,
-               callback: Callable[[MethodRun], None] | None = None) -> list[MethodRun]:
+               callback: Callable[[MethodRun], None] | None = None,
+               negative_prompts: list[str] | None = None) -> list[MethodRun]:
     """Every method over the same prompts and noise. The LoRA is loaded once and toggled per method
     (teacher rows run with adapters disabled), then unloaded."""
     # 1. One noise tensor for every method.
@@ -191,7 +216,8 @@ def run_matrix(pipe: Any, lora_folder: str | Path, methods: list[Method], prompt
             else:
                 pipe.disable_lora()
             run = run_method(pipe, method, prompts, noise, seeds, height=height, width=width,
-                             batch_size=batch_size, timestep_spacing=timestep_spacing)
+                             batch_size=batch_size, timestep_spacing=timestep_spacing,
+                             negative_prompts=negative_prompts)
             runs.append(run)
             if callback is not None:
                 callback(run)

@@ -183,13 +183,15 @@ def save_lora(
     weight_name: str = LORA_WEIGHT_NAME,
     kohya_name: str | None = KOHYA_WEIGHT_NAME,
     extra_metadata: dict[str, str] | None = None,
+    shared_metadata: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the diffusers/peft file (with its LoraConfig metadata) and the kohya file; returns their paths.
 
     `unet_lora_state_dict`: peft keys `MODULE.lora_A.weight` (with or without `unet.`);
     `text_encoder_state_dicts`: optional {"text_encoder" | "text_encoder_2": peft state dict};
     `alpha`: the trained lora_alpha (one number or per module); `base_meta`: name, family,
-    resolution, prediction_type, fingerprint, reference of the base.
+    resolution, prediction_type, fingerprint, reference of the base; `extra_metadata`: kohya keys
+    (`ss_steps`, ...); `shared_metadata`: keys both files carry (e.g. `lcmlora.objective`).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,13 +209,14 @@ def save_lora(
         raise LoraFormatError(f"save_lora: rank={rank} but the state dict has ranks {sorted(found_ranks)}")
     title = title or f"{base_meta.get('name', 'base')}-lcm-lora"
     meta = {"format": "pt", METADATA_KEY: json.dumps(packed_meta, sort_keys=True),
-            "lcmlora.base": json.dumps(base_meta, sort_keys=True, default=str)}
+            "lcmlora.base": json.dumps(base_meta, sort_keys=True, default=str), **(shared_metadata or {})}
     paths = {"diffusers": folder / weight_name}
     save_file(tensors, str(paths["diffusers"]), metadata=meta)
     if kohya_name:
         kohya_sd, network_meta = to_kohya(tensors, alpha)
         paths["kohya"] = folder / kohya_name
-        save_file(kohya_sd, str(paths["kohya"]), metadata=kohya_metadata(base_meta, title, network_meta, extra_metadata))
+        save_file(kohya_sd, str(paths["kohya"]), metadata=kohya_metadata(base_meta, title, network_meta,
+                                                                           {**(extra_metadata or {}), **(shared_metadata or {})}))
     return paths
 
 

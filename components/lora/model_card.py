@@ -30,7 +30,11 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from components.lora.objective import SamplingRecipe
+from components.lora.objective import recipe as lcm_recipe
+
 DEFAULT_TAGS = ("lora", "lcm", "lcm-lora", "text-to-image", "stable-diffusion", "diffusers")
+PCM_TAGS = ("lora", "pcm", "pcm-lora", "text-to-image", "stable-diffusion", "diffusers")
 DEFAULT_STEPS = 4  # the report's headline 4-step sampling
 DEFAULT_GUIDANCE = 1.0  # LCM bakes guidance into the distilled model (w in Eq. 4 of the report)
 PIPELINE_TAG = "text-to-image"
@@ -61,34 +65,45 @@ def hub_base_model(reference: str | None, hub_id: str | None = None) -> str | No
 def render_model_card(*, base_model: str | None, title: str, tags: list[str] | tuple[str, ...] = DEFAULT_TAGS,
                       num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                       body: str = "", extra: dict[str, Any] | None = None, relation: Relation = "adapter",
-                      hub_id: str | None = None, license: str | None = None) -> str:
+                      hub_id: str | None = None, license: str | None = None,
+                      recipe: SamplingRecipe | None = None) -> str:
     """A README.md text with the front matter above and a short usage section.
 
-    `base_model` is the base's reference; only a hub id (or `hub_id`) reaches the card.
+    `base_model` is the base's reference; only a hub id (or `hub_id`) reaches the card. `recipe`: how
+    the LoRA samples (its objective's scheduler, e.g. TCDScheduler at gamma 0 for a PCM-LoRA); None:
+    an LCM-LoRA with LCMScheduler.
     """
+    recipe = recipe or lcm_recipe()
     hub_base = hub_base_model(base_model, hub_id)
     data = ModelCardData(base_model=hub_base, library_name="diffusers", license=license, pipeline_tag=PIPELINE_TAG,
                          tags=list(dict.fromkeys(tags)), ignore_metadata_errors=False,
                          **({"base_model_relation": relation} if hub_base else {}),
                          recommended={"num_inference_steps": int(num_inference_steps),
-                                      "guidance_scale": float(guidance_scale), "scheduler": "LCMScheduler"},
+                                      "guidance_scale": float(guidance_scale), "scheduler": recipe.scheduler,
+                                      **({"eta": recipe.eta} if recipe.eta is not None else {}),
+                                      **({"timesteps": list(recipe.timesteps)} if recipe.timesteps else {})},
                          **(extra or {}))
     # A local base's path stays off the card, so its snippet names a placeholder; the comment gets its own
     # line because one after the argument would swallow the closing parenthesis.
     load_base = (f'pipe = DiffusionPipeline.from_pretrained("{hub_base}")\n' if hub_base else
                  "# BASE_MODEL: the base this LoRA was trained for (its folder or hub id)\n"
                  'pipe = DiffusionPipeline.from_pretrained("BASE_MODEL")\n')
+    kind = ("An LCM-LoRA acceleration module" if recipe.objective == "lcm" else
+            f"A PCM-LoRA (phased consistency, {recipe.phases} phases) acceleration module")
+    eta = f", eta={recipe.eta}" if recipe.eta is not None else ""  # TCD's gamma 0: deterministic phase edges
+    if recipe.timesteps:  # the phase edges it was trained on (TCD's own pick for N steps can miss them)
+        eta += f", timesteps={list(recipe.timesteps)}"
     usage = (
         f"# {title}\n\n"
-        f"An LCM-LoRA acceleration module for `{hub_base or 'its base model'}`: sample in "
+        f"{kind} for `{hub_base or 'its base model'}`: sample in "
         f"{num_inference_steps} steps.\n\n"
         "```python\n"
-        "from diffusers import DiffusionPipeline, LCMScheduler\n\n"
+        f"from diffusers import DiffusionPipeline, {recipe.scheduler}\n\n"
         f"{load_base}"
-        "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)\n"
+        f"pipe.scheduler = {recipe.scheduler}.from_config(pipe.scheduler.config)\n"
         'pipe.load_lora_weights("path/to/this/folder")\n'
         f'image = pipe("a prompt", num_inference_steps={num_inference_steps}, '
-        f"guidance_scale={guidance_scale}).images[0]\n"
+        f"guidance_scale={guidance_scale}{eta}).images[0]\n"
         "```\n"
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{usage}{body}", ignore_metadata_errors=False))

@@ -23,6 +23,7 @@ from typing import Any
 from components.config import BaseConfig, ConfigError, DistillConfig, Params
 from components.distill.lcd import LCDSettings
 from components.lora.formats import LORA_WEIGHT_NAME
+from components.lora.objective import SamplingRecipe, recipe
 from components.models.base_model import ResolvedBase
 from components.progress import ProgressFn
 from components.stages.inputs import distill_rel, encoded_index, stored_sha256
@@ -224,10 +225,21 @@ def run_distill(
     )
     paths = write_distill_artifact(folder, lora_state_dict=result.lora_state_dict, rank=cfg.lora_rank,
                                    alpha=cfg.lora_alpha, base_meta=base_meta, metrics=metrics, lineage=record,
-                                   config_yaml=resolved_yaml, loss_rows=loss_curve_rows(result.history))
+                                   config_yaml=resolved_yaml, loss_rows=loss_curve_rows(result.history),
+                                   recipe=sampling_recipe(cfg))
     if not keep_checkpoints:
         shutil.rmtree(folder / CHECKPOINT_DIR, ignore_errors=True)  # finished: nothing left to resume
     return DistillOutput(folder, file_sha256(folder / LORA_WEIGHT_NAME), metrics, result, paths, n_params)
+
+
+def sampling_recipe(cfg: DistillConfig) -> SamplingRecipe:
+    """How the LoRA this section distills samples: LCMScheduler, or TCD at gamma 0 on its phase edges."""
+    if cfg.objective == "pcm":
+        from components.distill.pcm import pcm_sampling_timesteps
+
+        edges = pcm_sampling_timesteps(cfg.pcm_phases, cfg.num_train_timesteps, cfg.num_ddim_timesteps).tolist()
+        return recipe("pcm", cfg.pcm_phases, edges)
+    return recipe("lcm")
 
 
 # --- the run folder: resume by default, start over on request ---------------------------

@@ -40,9 +40,11 @@ class PublishOutput:
                 "reference": self.reference, "pull": self.pull, "digest": self.digest, "existing": self.existing}
 
 
-def registry_name(cfg: PublishConfig, base_name: str) -> str:
-    """`publish.name`, or `<base>-lcm-lora`."""
-    return cfg.name or f"{base_name}-lcm-lora"
+def registry_name(cfg: PublishConfig, base_name: str, objective: str = "lcm") -> str:
+    """`publish.name`, or `<base>-lcm-lora`; a PCM-LoRA: `<base>-pcm-lora` (`publish.name` + `-pcm`)."""
+    if cfg.name:
+        return cfg.name if objective == "lcm" else f"{cfg.name}-{objective}"
+    return f"{base_name}-{objective}-lora"
 
 
 def pull_command(name: str, alias: str, registry_root: str) -> str:
