@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,24 @@ def test_bad_inputs_fail_clearly(tmp_path):
         "unet", "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj")
     assert lf.kohya_to_module("lora_te2_text_model_encoder_layers_3_self_attn_q_proj") == (
         "text_encoder_2", "text_model.encoder.layers.3.self_attn.q_proj")
+
+
+def test_the_same_tensors_and_metadata_give_the_same_bytes_in_every_process(tmp_path) -> None:
+    """safetensors writes its metadata map in a random order per process; lcmlora's save_file sorts it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\nfrom components.lora.formats import save_file\n"
+              "save_file({'b': torch.arange(6.).reshape(2, 3), 'a': torch.ones(3, dtype=torch.float16)}, sys.argv[1],"
+              " metadata={k: k * 3 for k in ('format', 'ss_network_dim', 'lcmlora.base', 'modelspec.title', 'z', 'é')})\n")
+    digests = set()
+    for i in range(3):
+        path = tmp_path / f"{i}.safetensors"
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=Path(__file__).resolve().parents[1])
+        digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert len(digests) == 1, "three processes wrote three different files"
+    tensors, meta = lf.read_safetensors(tmp_path / "0.safetensors")
+    assert meta == {k: k * 3 for k in ("format", "ss_network_dim", "lcmlora.base", "modelspec.title", "z", "é")}
+    torch.testing.assert_close(tensors["b"], torch.arange(6.).reshape(2, 3))
+    assert tensors["a"].dtype == torch.float16

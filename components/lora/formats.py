@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file as _save_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -218,6 +218,39 @@ def save_lora(
         save_file(kohya_sd, str(paths["kohya"]), metadata=kohya_metadata(base_meta, title, network_meta,
                                                                            {**(extra_metadata or {}), **(shared_metadata or {})}))
     return paths
+
+
+# --- writing the same bytes for the same content ---------------------------------------------
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, then its header with the metadata and tensor entries in sorted order.
+
+    safetensors keeps the metadata in a Rust HashMap and writes it in a random order per process, so
+    the same tensors and metadata give a different file (and sha256) each run; a LoRA republished
+    from the same weights would look new. The data section is untouched (offsets are relative to it).
+    """
+    _save_file(tensors, str(path), metadata=metadata)
+    sort_header(path)
+
+
+def sort_header(path: str | Path) -> None:
+    """Rewrite a safetensors header with `__metadata__` first, then both maps sorted by key."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(sorted(header.items()))
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # same content, same length: pad as safetensors does (spaces) and write in place
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+            return
+        data = f.read()
+        text += b" " * (-(8 + len(text)) % 8)
+        f.seek(0)
+        f.write(len(text).to_bytes(8, "little") + text + data)
+        f.truncate()
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -167,8 +167,6 @@ def save_lora_folder(folder: str | Path, factors: LoraFactors, *, family: str, b
     LoRA keeps its own alpha. Kohya text-encoder names are the standard ones
     (`lora_te_text_model_encoder_...` for SD-1.5, `lora_te1_` / `lora_te2_` for SDXL).
     """
-    from safetensors.torch import save_file
-
     from components.lora import formats as lora_formats
 
     folder = Path(folder)
@@ -195,7 +193,7 @@ def save_lora_folder(folder: str | Path, factors: LoraFactors, *, family: str, b
     meta = lora_formats.kohya_metadata(base_meta, title, network_meta, {
         "ss_training_comment": description, "modelspec.description": description})
     paths["kohya"] = folder / lora_formats.KOHYA_WEIGHT_NAME
-    save_file(kohya_sd, str(paths["kohya"]), metadata=meta)
+    lora_formats.save_file(kohya_sd, paths["kohya"], metadata=meta)
     return paths
 
 
