@@ -242,6 +242,9 @@ class MergeConfig(Section):
     select_by: Literal["style_retention", "fd", "adherence"] = "fd"  # best passing (l1, l2) by (fd: closest to the style reference)
     save_fused: Literal["best", "all", "none"] = "best"  # fused checkpoints to write (diffusers + single file)
     style_file: str = "data/toy/style_lora/pytorch_lora_weights.safetensors"  # default --style
+    # where no (l1, l2) passes: distill: an LCM-LoRA distilled for base + style fused at synthesize.style_weight,
+    # on its own samples (synthesize.count), published as the style variant (docs/style_variants.md); none: no variant
+    fallback: Literal["distill", "none"] = "distill"
 
 
 class PublishConfig(Section):

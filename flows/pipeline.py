@@ -24,6 +24,7 @@ from flows.stages import (
     evaluate_flow,
     merge_flow,
     publish_flow,
+    style_distill_flow,
 )
 from tasks.encode import fingerprint_base
 from tasks.publish import GateFailed, enforce_gate
@@ -40,7 +41,7 @@ def with_objective(cfg: Params, objective: str) -> Params:
 @flow(name="base-pipeline", flow_run_name="base-{base_name}")
 def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: ResolvedBase | None = None,
                   report_rel: str | None = None) -> dict[str, Any]:
-    """curate -> encode -> distill -> evaluate (gate) -> merge -> publish for one base.
+    """curate -> encode -> distill -> evaluate (gate) -> merge (-> style-distill) -> publish for one base.
 
     `resolved`: the base already fingerprinted (the new-base flow), else it is here.
     `report_rel`: also write the returned summary there (storage root), for a nightly elsewhere.
@@ -85,7 +86,12 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: Resol
         merged = merge_flow(run, resolved, lora) if objective == "lcm" else None
         if merged is not None:
             stages.append(stage_row("merge", merged))
-        published = publish_flow(run, base_name, lora, evaluation, merged)
+        # 5. Where the merge lost the style (merge.fallback: distill): an LCM-LoRA distilled for the style model.
+        styled = None
+        if merged is not None and merged.get("style_lost") and run.merge.fallback == "distill":
+            styled = style_distill_flow(run, resolved, curated, merged)
+            stages.append(stage_row("style-distill", styled))
+        published = publish_flow(run, base_name, lora, evaluation, merged, styled)
         stages.append(stage_row(f"publish{tag}", published))
         runs[objective] = {"lora": lora["output"], "evaluation": evaluation["evaluation"],
                            "gate": {"passed": evaluation["passed"]}, "published": published}

@@ -1,4 +1,4 @@
-"""One Prefect flow per stage (curate, encode, distill, evaluate, merge, publish).
+"""One Prefect flow per stage (curate, encode, distill, evaluate, merge, style-distill, publish).
 
 Each stage flow wires its tasks: the cache key (components/stages/keys.py, from content
 fingerprints and the stage's own params section: the same keys name the CLI's output folders), the stage task (served from the cache when the key and
@@ -28,6 +28,8 @@ from components.stages.keys import (
     publish_key,
 )
 from components.stages.publish import registry_name
+from components.stages.style_distill import STAGE as STYLE_DISTILL
+from components.stages.style_distill import prompts_digest, style_distill_key
 from components.storage.folder_sync import COMPLETE
 from tasks.caching import result_storage_block, retrying, run_cached
 from tasks.curate import curate_manifest, fingerprint_source
@@ -36,6 +38,7 @@ from tasks.encode import encode_latents
 from tasks.evaluate import evaluate_lora
 from tasks.merge import find_style_lora, merge_variants
 from tasks.publish import publish_folder
+from tasks.style_distill import distill_style_variant
 
 
 @flow(name="curate", flow_run_name="curate-{min_side}px")
@@ -101,13 +104,33 @@ def merge_flow(cfg: Params, base: ResolvedBase, lora: dict[str, Any]) -> dict[st
     return result
 
 
+@flow(name="style-distill", flow_run_name="style-distill-{base.name}")
+def style_distill_flow(cfg: Params, base: ResolvedBase, curated: dict[str, Any],
+                       merged: dict[str, Any]) -> dict[str, Any]:
+    """An LCM-LoRA distilled for base + style, where the merge lost the style; skipped when base, style LoRA,
+    the prompts it samples (the curated captions) and the sections it runs under are unchanged."""
+    # 1. The style LoRA the merge used, and the key: base identity, style LoRA and its l1, prompts, sections.
+    style = find_style_lora(cfg, base.name)
+    key = style_distill_key(cfg, base, lora_sha256(style), cfg.synthesize.style_weight,
+                            prompts_digest(cfg, curated["manifest_hash"]))
+    # 2. The variant: synthesize -> curate -> encode -> distill -> evaluate on the fused model (cached while
+    #    stages/style_distill/BASE/KEY is stored complete).
+    result = run_cached(cfg, distill_style_variant, f"{output_rel(STYLE_DISTILL, key, base.name)}/{COMPLETE}", key,
+                        cfg.orchestrate.distill_timeout_s, base=base, style_file=style, merge_rel=merged.get("output"),
+                        key=key)
+    if not result["passed"]:
+        result["note"] = ("skipped (unchanged)" if result["skipped"] else "ran") + ": its evaluation gate failed"
+    return result
+
+
 @flow(name="publish", flow_run_name="publish-{base_name}")
 def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: dict[str, Any],
-                 merged: dict[str, Any] | None = None) -> dict[str, Any]:
+                 merged: dict[str, Any] | None = None, styled: dict[str, Any] | None = None) -> dict[str, Any]:
     """Publish the gated LoRA (and the best style variant) as new registry versions.
 
-    The caller has enforced the gate. Skipped when that exact LoRA was already published
-    under that name and alias.
+    The style variant is the merge's selected one, or (`styled`, where the merge lost the style) the
+    LCM-LoRA distilled for the style model, when its evaluation gate passed. The caller has enforced the
+    LoRA's gate. Skipped when that exact LoRA was already published under that name and alias.
     """
     results = result_storage_block(cfg.storage, cfg.orchestrate.results)
     publish = retrying(cfg, publish_folder).with_options(result_storage=results)
@@ -125,4 +148,13 @@ def publish_flow(cfg: Params, base_name: str, lora: dict[str, Any], evaluation: 
                          name=variant, key=vkey, gate={"passed": True, "violations": [], "rule": "merge selection"},
                          metrics=merged["best_metrics"], return_state=True)
         published["variants"].append({**vstate.result(), "skipped": vstate.name == "Cached"})
+    # 3. Else the style-distilled variant, under the same name, its evaluation gate (on the fused model) as its gate.
+    elif styled and styled["passed"]:
+        variant = f"{name}-{styled['style']}"
+        vkey = publish_key(cfg, variant, style_distill=styled["key"], lora=styled["weights_sha256"])
+        vstate = publish(cfg=cfg, base_name=base_name, folder_rel=styled["output"], subdir=styled["lora_subdir"],
+                         name=variant, key=vkey, gate={"passed": True, "violations": [],
+                                                       "rule": "evaluation gate on the style model"},
+                         metrics=styled["metrics"], return_state=True)
+        published["variants"].append({**vstate.result(), "skipped": vstate.name == "Cached", "method": "distilled"})
     return published

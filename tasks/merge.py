@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from components.config import Params
-from components.lora.formats import LORA_WEIGHT_NAME
 from components.models.base_model import ResolvedBase
 from components.paths import project_path
+from components.stages.style_distill import style_slug
 from components.storage.storage import Storage
 from tasks.artifacts import artifact_key
 from tasks.caching import key_parameter
 from tasks.progress import task_progress
-
-
-def style_slug(style_file: str) -> str:
-    """A registry-safe name for a style LoRA: its folder name (or file stem), lowercase."""
-    path = Path(style_file)
-    stem = path.parent.name if path.name == LORA_WEIGHT_NAME else path.stem
-    return re.sub(r"[^a-z0-9.-]+", "-", stem.lower()).strip("-.") or "style"
 
 
 @task(name="style-lora")
@@ -65,4 +57,4 @@ def merge_variants(cfg: Params, base: ResolvedBase, style_file: str, key: str) -
     return {"output": stage.rel, "passed": selection["passed"], "violations": selection["violations"],
             "best": best, "best_folder": result.best_folder.name if result.best_folder else None,
             "best_metrics": {k: v for k, v in (best_row or {}).items() if not isinstance(v, (dict, list))},
-            "style": style_slug(style_file)}
+            "style": style_slug(style_file), "style_lost": bool(selection.get("style_lost"))}

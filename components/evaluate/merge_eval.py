@@ -12,7 +12,9 @@ For one base, one LCM-LoRA and one style LoRA:
   strength comes from the judges' style scorer where one exists (the toy world has one); otherwise
   retention is 1 - FD(row) / FD(LCM-LoRA alone), both distances to the style reference images;
 - rule: among merged-LoRA rows with style_retention >= merge.min_style_retention and
-  adherence >= merge.min_adherence, the best by merge.select_by. No passing row fails closed.
+  adherence >= merge.min_adherence, the best by merge.select_by. No passing row fails closed;
+  where it is the style that was lost (`style_lost`), `merge.fallback: distill` distills an LCM-LoRA
+  for the style model instead (components/stages/style_distill.py), measured by the same rows.
 
 The stage runner (`components/stages/merge.py`) loads the base and writes the contract-4 folders.
 """
@@ -43,6 +45,13 @@ class MergeResult:
     prompts: list[str]
 
 
+def style_lost(rows: list[dict[str, Any]], cfg: MergeConfig) -> bool:
+    """True when some merged-LoRA row falls short of `merge.min_style_retention` (or has no retention):
+    where no row passes, this is the case the style-distilled fallback is for (`merge.fallback`)."""
+    return any(r["variant"] == "merged" and (r["style_retention"] is None or r["style_retention"] < cfg.min_style_retention)
+               for r in rows)
+
+
 def select_best(rows: list[dict[str, Any]], cfg: MergeConfig) -> tuple[dict[str, Any] | None, list[str]]:
     """The rule: merged-LoRA rows meeting both thresholds, best by `select_by`; and every violation."""
     violations: list[str] = []
@@ -66,9 +75,10 @@ def select_best(rows: list[dict[str, Any]], cfg: MergeConfig) -> tuple[dict[str,
     return min(passing, key=key), violations
 
 
-def _row(label: str, variant: str, weights: tuple[float, float] | None, images: torch.Tensor, image_prompts: list[str],
-         judges: Any, reference_features: torch.Tensor, style_metric: Any, reference_strength: float | None,
-         seconds: float, versus: torch.Tensor | None) -> dict[str, Any]:
+def measure_row(label: str, variant: str, weights: tuple[float, float] | None, images: torch.Tensor,
+                image_prompts: list[str], judges: Any, reference_features: torch.Tensor, style_metric: Any,
+                reference_strength: float | None, seconds: float, versus: torch.Tensor | None) -> dict[str, Any]:
+    """One row of the merge table: FD to the style reference, adherence, style strength and retention."""
     from components.evaluate.frechet import extract_features, frechet_distance_of_features
 
     strength = style_metric.mean_strength(images) if style_metric is not None else None
@@ -84,6 +94,11 @@ def _row(label: str, variant: str, weights: tuple[float, float] | None, images: 
     }
 
 
+def fd_retention(fd: float, far: float) -> float | None:
+    """Style retention without a style scorer: 1 - FD(row) / FD(LCM-LoRA alone), both to the style reference."""
+    return 1.0 - fd / far if far > 0 else None
+
+
 def sample_plan(pipe: Any, prompts: list[str], cfg: MergeConfig,
                 resolution: int) -> tuple[list[str], list[int], torch.Tensor]:
     """What every row of the merge stage samples: each prompt `cfg.samples_per_prompt` times, seeds
@@ -93,6 +108,37 @@ def sample_plan(pipe: Any, prompts: list[str], cfg: MergeConfig,
     image_prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     seeds = [cfg.seed + i for i in range(len(image_prompts))]
     return image_prompts, seeds, initial_noise(seeds, latent_shape(pipe, resolution, resolution))
+
+
+@dataclass(frozen=True)
+class StyleReference:
+    """How the style is meant to look: the style LoRA alone at `merge.reference_steps` DPM-Solver++ steps."""
+
+    images: torch.Tensor  # (N, 3, H, W) in [-1, 1], one per (prompt, sample) of `sample_plan`
+    features: torch.Tensor  # their FD backbone features
+    strength: float | None  # their mean style strength (None without a style scorer)
+    row: dict[str, Any]  # its row of the merge table
+
+
+def sample_reference(pipe: Any, cfg: MergeConfig, judges: Any, prompts: list[str], *, teacher_guidance: float,
+                     resolution: int) -> StyleReference:
+    """Sample and measure the style reference on `pipe`, whose active adapter is the style LoRA at weight 1.
+
+    The noise is `sample_plan`'s, so every caller (the merge grid, the style-distilled fallback) measures
+    against the same reference images.
+    """
+    from components.evaluate.frechet import extract_features
+    from components.evaluate.sampler_matrix import Method, run_method
+
+    pipe.set_progress_bar_config(disable=True)
+    image_prompts, seeds, noise = sample_plan(pipe, prompts, cfg, resolution)
+    run = run_method(pipe, Method("dpmpp", cfg.reference_steps, teacher_guidance, True), image_prompts, noise, seeds,
+                     height=resolution, width=resolution, batch_size=50)
+    features = extract_features(judges.backbone, run.images)
+    strength = judges.style.mean_strength(run.images) if judges.style is not None else None
+    row = measure_row(f"style-alone dpmpp-{cfg.reference_steps}", "reference", (1.0, 0.0), run.images,
+                      image_prompts, judges, features, judges.style, strength, run.seconds_per_image, None)
+    return StyleReference(images=run.images, features=features, strength=strength, row=row)
 
 
 def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lcm_path: Path, cfg: MergeConfig,
@@ -141,22 +187,19 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
 
     # 2. The reference: the style LoRA alone, DPM-Solver++ with CFG.
     lora_io.set_weights(pipe, {STYLE: 1.0})
-    ref_images, ref_seconds = sample(pipe, Method("dpmpp", cfg.reference_steps, teacher_guidance, True))
-    from components.evaluate.frechet import extract_features
-
-    reference_features = extract_features(judges.backbone, ref_images)
-    ref_strength = style_metric.mean_strength(ref_images) if style_metric is not None else None
-    add(_row(f"style-alone dpmpp-{cfg.reference_steps}", "reference", (1.0, 0.0), ref_images, image_prompts,
-         judges, reference_features, style_metric, ref_strength, ref_seconds, None))
-    images = {rows[0]["label"]: ref_images[::cfg.samples_per_prompt]}
+    reference = sample_reference(pipe, cfg, judges, prompts, teacher_guidance=teacher_guidance,
+                                 resolution=resolution)
+    reference_features, ref_strength = reference.features, reference.strength
+    add(reference.row)
+    images = {rows[0]["label"]: reference.images[::cfg.samples_per_prompt]}
     # context rows: the LCM-LoRA alone, and the style alone at the same few steps without LCM
     lora_io.set_weights(pipe, {LCM: 1.0})
     lcm_only, s = sample(pipe, lcm_method)
-    add(_row(f"lcm-alone lcm-{cfg.lcm_steps}", "context", (0.0, 1.0), lcm_only, image_prompts, judges,
+    add(measure_row(f"lcm-alone lcm-{cfg.lcm_steps}", "context", (0.0, 1.0), lcm_only, image_prompts, judges,
              reference_features, style_metric, ref_strength, s, None))
     lora_io.set_weights(pipe, {STYLE: 1.0})
     style_few, s = sample(pipe, Method("dpmpp", cfg.lcm_steps, teacher_guidance, True))
-    add(_row(f"style-alone dpmpp-{cfg.lcm_steps}", "context", (1.0, 0.0), style_few, image_prompts, judges,
+    add(measure_row(f"style-alone dpmpp-{cfg.lcm_steps}", "context", (1.0, 0.0), style_few, image_prompts, judges,
              reference_features, style_metric, ref_strength, s, None))
     files: dict[str, Any] = {}
     # 3. The grid.
@@ -164,7 +207,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         tag = f"{l1:g}_{l2:g}"
         lora_io.set_weights(pipe, {STYLE: l1, LCM: l2})
         v1, s = sample(pipe, lcm_method)
-        add(_row(f"adapters ({l1:g}, {l2:g})", "adapters", (l1, l2), v1, image_prompts, judges,
+        add(measure_row(f"adapters ({l1:g}, {l2:g})", "adapters", (l1, l2), v1, image_prompts, judges,
                  reference_features, style_metric, ref_strength, s, None))
         images[rows[-1]["label"]] = v1[::cfg.samples_per_prompt]
         merged = merge.concat_ranks([(l1, style_f), (l2, lcm_f)])
@@ -174,7 +217,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         files[f"merged-{tag}"] = {k: str(v) for k, v in merge.save_lora_folder(
             folder, merged, family=family, base_meta=base_meta, title=f"merged-{tag}", description=description).items()}
         v2, s = sample_folder(folder, MERGED)
-        add(_row(f"merged LoRA ({l1:g}, {l2:g})", "merged", (l1, l2), v2, image_prompts, judges,
+        add(measure_row(f"merged LoRA ({l1:g}, {l2:g})", "merged", (l1, l2), v2, image_prompts, judges,
                  reference_features, style_metric, ref_strength, s, v1))
         rows[-1]["rank"] = max(f.rank for mods in merged.values() for f in mods.values())
         merge.fuse_into(fused_pipe, merged)
@@ -184,7 +227,7 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
                 files[f"fused-{tag}"] = save_fused(fused_pipe, output / f"fused-{tag}", family, description)
         finally:
             merge.fuse_into(fused_pipe, merge.scaled(merged, -1.0))  # back to the base
-        add(_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
+        add(measure_row(f"fused ({l1:g}, {l2:g})", "fused", (l1, l2), v3, image_prompts, judges, reference_features,
                  style_metric, ref_strength, s, v1))
         if cfg.svd_rank is not None:
             compressed, _ = merge.svd_compress(merged, cfg.svd_rank)
@@ -192,16 +235,15 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
             merge.save_lora_folder(svd_folder, compressed, family=family, base_meta=base_meta,
                                    title=f"svd{cfg.svd_rank}-{tag}", description=description + f", SVD rank {cfg.svd_rank}")
             v4, s = sample_folder(svd_folder, SVD)
-            add(_row(f"svd-{cfg.svd_rank} ({l1:g}, {l2:g})", "svd", (l1, l2), v4, image_prompts, judges,
+            add(measure_row(f"svd-{cfg.svd_rank} ({l1:g}, {l2:g})", "svd", (l1, l2), v4, image_prompts, judges,
                      reference_features, style_metric, ref_strength, s, v1))
             rows[-1]["svd_relative_error"] = merge.overall_relative_error(merged, compressed)
             rows[-1]["rank"] = cfg.svd_rank
     # Without a style metric (real bases) retention is read off the Frechet distance to the style
     # reference: 1 at the reference's own distribution, 0 as far from it as the LCM-LoRA without style.
     if style_metric is None:
-        far = rows[1]["fd"]
         for row in rows:
-            row["style_retention"] = 1.0 - row["fd"] / far if far > 0 else None
+            row["style_retention"] = fd_retention(row["fd"], rows[1]["fd"])
     # 4. The rule, then the fused checkpoint of the winner.
     best, violations = select_best(rows, cfg)
     if best is not None and cfg.save_fused == "best":
@@ -225,7 +267,8 @@ def evaluate_merge(pipe: Any, fused_pipe: Any, family: str, style_path: Path, lc
         "selection": {"rule": {"min_style_retention": cfg.min_style_retention, "min_adherence": cfg.min_adherence,
                                "select_by": cfg.select_by},
                       "best": None if best is None else {"l1": best["l1"], "l2": best["l2"], "label": best["label"]},
-                      "passed": best is not None, "violations": violations},
+                      "passed": best is not None, "violations": violations,
+                      "style_lost": style_lost(rows, cfg) if best is None else False},
         "files": files,
         "config": cfg.model_dump(mode="json"),
     }
@@ -259,6 +302,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['label']} | {_fmt(r['fd'])} | {_fmt(r['adherence'])} | {_fmt(r['style_strength'])} | "
                      f"{_fmt(r['style_retention'])} | {_fmt(r['max_abs_diff_vs_adapters'])} | "
                      f"{_fmt(r['seconds_per_image'], 4)} |")
+    return "\n".join(lines)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """The style variants side by side: retention, adherence, FD to the style reference, what each cost.
+
+    `rows` are merge-table rows with `stage_seconds`: the device time of the stage that made the variant
+    (the whole merge grid for a merged row; synthesize + curate + encode + distill + evaluate for the
+    style-distilled one).
+    """
+    head = "| variant | retention | adherence | FD to style ref | s/image | stage seconds (device) |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {_fmt(r['style_retention'])} | {_fmt(r['adherence'])} | {_fmt(r['fd'])} | "
+                     f"{_fmt(r['seconds_per_image'], 4)} | {_fmt(r.get('stage_seconds'), 1)} |")
     return "\n".join(lines)
 
 

@@ -110,10 +110,11 @@ def evaluate_key(cfg: Params, base_name: str, base: BaseConfig, fingerprints: di
 
 def merge_key(cfg: Params, base_name: str, base: BaseConfig, fingerprints: dict[str, str], weights_sha256: str,
               style_sha256: str) -> str:
-    """The base, both LoRAs, and the evaluate and merge sections (the style file's path aside: its hash counts)."""
+    """The base, both LoRAs, and the evaluate and merge sections (the style file's path aside: its hash counts;
+    `fallback` aside: what runs after a lost style does not change the merge)."""
     return stage_key("merge", base=base_identity(base_name, base, fingerprints), lora=weights_sha256,
                      style=style_sha256, evaluate=section_digest(cfg.evaluate),
-                     merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"style_file"})))
+                     merge=section_digest(cfg.merge.model_dump(mode="json", exclude={"style_file", "fallback"})))
 
 
 def publish_key(cfg: Params, name: str, **content: Any) -> str:
