@@ -232,15 +232,20 @@ def test_alias_moves_reach_the_prefect_server_as_events(prefect_stack: PrefectSt
         reg.alias_set("evt", "production", "2")
     body = {"filter": {"event": {"name": ["lcmlora.alias.moved"]}, "any_resource": {"id": ["lcmlora.model.evt"]},
                        "order": "ASC"}, "limit": 50}
+    # Wait for the two `production` moves themselves: the publishes above move `latest` too, and
+    # those events (sent whenever this process already has an API configured) arrive first, so
+    # counting every event of the model stopped the wait before the production ones were stored.
     events: list[dict] = []
+    moves: list[tuple] = []
     deadline = time.monotonic() + ALIAS_EVENT_TIMEOUT_S
-    while time.monotonic() < deadline and len(events) < 2:
+    while time.monotonic() < deadline and len(moves) < 2:
+        time.sleep(0.5)
         resp = httpx.post(f"{prefect_stack.api_url}/events/filter", json=body, timeout=10)
         assert resp.status_code == 200, resp.text
         events = resp.json()["events"]
-        time.sleep(0.5)
-    moves = sorted(((e["payload"]["from"], e["payload"]["to"], e["payload"]["digest"]) for e in events
-                    if e["payload"]["alias"] == "production"), key=lambda move: move[1])
+        moves = sorted(((e["payload"]["from"], e["payload"]["to"], e["payload"]["digest"]) for e in events
+                        if e["payload"]["alias"] == "production"), key=lambda move: move[1])
     assert moves == [(None, 1, digests[1]), (1, 2, digests[2])], (
-        f"events on the server: {events}\nserver log:\n{prefect_stack.log_tail('server', 30)}")
+        f"events on the server: {events}\nCLI stderr:\n{out.stderr[-2000:]}\n"
+        f"server log:\n{prefect_stack.log_tail('server', 30)}")
     assert all(e["resource"]["prefect.resource.id"] == "lcmlora.model.evt" for e in events)

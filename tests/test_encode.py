@@ -169,8 +169,10 @@ def test_killed_run_resumes_with_missing_shards_only(world):
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     root = Path(storage.url("latents-kill"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(root.glob("*/*/00000.tar")) and proc.poll() is None:
+    # Wait on the child's own barrier condition (a complete shard: it then holds forever); the
+    # deadline only guards a hang (the first shard took 33 s at load 12 on two cores).
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(root.glob("*/*/*.tar")) and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     output = proc.communicate()[0].decode()

@@ -12,6 +12,8 @@ The version digest (`content_digest`) is the sha256 of the manifest's canonical 
 separators. It covers every file's sha256 and every metadata field, so it is both the
 version's content address (identical content, identical digest) and the manifest's own
 checksum (recorded create-only in the claim, compared on every read).
+A stored manifest is read through `StoredManifest` (pydantic, strict types, no unknown keys: every
+bad field is named at once) and written with `json.dumps`, so its bytes never change.
 `components/registry/registry.py` reads and writes these under a storage root; the file names of a
 version folder (`MANIFEST`, `CARD`) and its path (`version_dir`) are defined here.
 """
@@ -24,9 +26,21 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from components.storage.storage import PART_SIZE, check_rel
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    NonNegativeInt,
+    PositiveInt,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from components.storage.storage import PART_SIZE, StorageError, check_rel
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MAX_NAME_LENGTH = 128
@@ -115,17 +129,37 @@ def timestamp() -> str:
 # --- manifest ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _relative_path(rel: str) -> str:
+    """A `files` key: a normalised relative path (pydantic reports the ValueError with its key)."""
+    try:
+        return check_rel(rel)
+    except StorageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(strict=True, extra="forbid"))
 class FileEntry:
     """sha256 and size of one file; files larger than one part also list the sha256 of every
     `part_size`-byte part, so that `pull` verifies parts in parallel as they arrive instead
     of hashing the whole file in one serial pass (each byte is still covered by a sha256
     written in the manifest, and the whole-file sha256 was computed from the same bytes)."""
 
-    sha256: str
-    size: int
-    part_size: int | None = None
-    parts: tuple[str, ...] = ()
+    sha256: Sha256Hex
+    size: NonNegativeInt
+    part_size: PositiveInt | None = None  # only with `parts`
+    parts: tuple[Sha256Hex, ...] = ()
+
+    @model_validator(mode="after")
+    def _parts_cover_size(self) -> FileEntry:
+        if not self.parts and self.part_size is not None:
+            raise ValueError(f"part_size {self.part_size} without parts: list the parts' sha256s or drop part_size")
+        if self.parts and (self.part_size is None or len(self.parts) != -(-self.size // self.part_size)):
+            raise ValueError(f"{len(self.parts)} part hashes do not cover {self.size} bytes in parts of "
+                             f"{self.part_size}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
@@ -133,19 +167,28 @@ class FileEntry:
             out.update(part_size=self.part_size, parts=list(self.parts))
         return out
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> FileEntry:
-        parts = tuple(str(p) for p in raw.get("parts") or ())
-        part_size = int(raw["part_size"]) if parts else None
-        size = int(raw["size"])
-        if parts and (part_size is None or part_size <= 0 or len(parts) != -(-size // part_size)):
-            raise ValueError(f"{len(parts)} part hashes do not cover {size} bytes in parts of {part_size}")
-        return cls(str(raw["sha256"]), size, part_size, parts)
+
+class StoredManifest(BaseModel):
+    """The manifest file exactly as `Manifest.to_json` writes it, checked field by field on read:
+    strict JSON types (a size written as a string is refused, not converted), no unknown keys."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    format: Literal[2]  # MANIFEST_FORMAT; checked first, with its own message
+    name: Annotated[str, StringConstraints(pattern=NAME_PATTERN.pattern, max_length=MAX_NAME_LENGTH)]
+    version: PositiveInt  # a JSON integer on disk, a string in Python
+    created_at: str
+    digest: Annotated[str, StringConstraints(pattern=rf"^{DIGEST_PREFIX}[0-9a-f]{{64}}$")]
+    files: dict[Annotated[str, AfterValidator(_relative_path)], FileEntry]
+    base: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    gate: dict[str, Any] | None
+    lineage: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a version contains and where it came from (contract 5)."""
+    """What a version contains and where it came from (contract 5); `StoredManifest` is its file."""
 
     name: str
     version: str
@@ -176,29 +219,56 @@ class Manifest:
         return "passed" if self.gate.get("passed") is True else "failed"
 
     def to_json(self) -> str:
+        # json.dumps, not pydantic: the stored bytes (ASCII escapes, NaN, float reprs) must not change.
         body = {"format": MANIFEST_FORMAT, "name": self.name, "version": int(self.version),
                 "created_at": self.created_at, "digest": self.digest, **self.content()}
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str) -> Manifest:
+        """Parse and validate a stored manifest; RegistryError names `source` and every bad field."""
         try:
-            raw = json.loads(text)
-            if raw.get("format") != MANIFEST_FORMAT:
-                raise RegistryError(f"{source}: manifest format {raw.get('format')!r}, this lcmlora reads format "
-                                    f"{MANIFEST_FORMAT}; republish the folder with this version")
-            files = {check_rel(k): FileEntry.from_dict(v) for k, v in raw["files"].items()}
-            return cls(name=raw["name"], version=str(int(raw["version"])), files=files, base=raw.get("base"),
-                       metrics=raw.get("metrics"), gate=raw.get("gate"), lineage=raw.get("lineage"),
-                       created_at=raw.get("created_at", ""),
-                       raw=text.encode() if isinstance(text, str) else bytes(text),
-                       stored_digest=str(raw.get("digest", "")))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RegistryError(f"{source}: malformed manifest ({type(exc).__name__}: {exc})") from None
+            stored = StoredManifest.model_validate_json(text)
+        except ValidationError as exc:
+            raise manifest_error(exc, source) from None
+        return cls(name=stored.name, version=str(stored.version), files=stored.files, base=stored.base,
+                   metrics=stored.metrics, gate=stored.gate, lineage=stored.lineage, created_at=stored.created_at,
+                   raw=text.encode() if isinstance(text, str) else bytes(text), stored_digest=stored.digest)
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files.values())
+
+
+def manifest_error(exc: ValidationError, source: str) -> RegistryError:
+    """One RegistryError for a manifest that failed validation: the format message if the format
+    is not ours (an older lcmlora wrote it), else every bad field by its path at once."""
+    errors = exc.errors(include_url=False)
+    for err in errors:
+        if err["loc"] == ("format",):
+            found = None if err["type"] == "missing" else err["input"]
+            return RegistryError(f"{source}: manifest format {found!r}, this lcmlora reads format "
+                                 f"{MANIFEST_FORMAT}; republish the folder with this version")
+    problems = []
+    for err in errors:
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if isinstance(err["input"], str | int | float) and err["type"] != "json_invalid":
+            msg += f" (got {err['input']!r:.60})"
+        problems.append(f"{field_path(err['loc'])}: {msg}" if err["loc"] else msg)
+    return RegistryError(f"{source}: malformed manifest: " + "; ".join(problems))
+
+
+def field_path(loc: tuple[str | int, ...]) -> str:
+    """`files['a.safetensors'].size` for pydantic's ('files', 'a.safetensors', 'size')."""
+    out = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for a bad dict key: the key itself is at fault
+            out += " (the key)"
+        elif isinstance(part, str) and part.isidentifier():
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
 
 
 def content_digest(content: dict[str, Any]) -> str:
