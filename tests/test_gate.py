@@ -138,3 +138,14 @@ def test_cfg_rows_need_negative_prompts():
     with pytest.raises(ValueError, match="negative_prompts"):
         EvaluateConfig(cfg_scales=[3.0])
     assert EvaluateConfig(cfg_scales=[3.0], negative_prompts="neg.txt").cfg_steps == [4]
+
+
+def test_a_rule_written_for_an_lcm_lora_reads_a_pcm_loras_own_rows():
+    from components.evaluate.gate import for_student
+
+    rule = Rule("goal lcm8_fd_le_1.1x_lcm4", "fd", "lcm-8", ("lcm-4", "lcm_base-4", "ddim-4"), 1.1)
+    assert for_student(rule, "lcm") is rule
+    moved = for_student(rule, "pcm")
+    assert (moved.subject, moved.references) == ("pcm-8", ("pcm-4", "lcm_base-4", "ddim-4"))
+    rows = {"pcm-8": {"fd": 1.0}, "pcm-4": {"fd": 1.0}, "lcm_base-4": {"fd": 5.0}, "ddim-4": {"fd": 5.0}}
+    assert check_rules([moved], rows).passed and not check_rules([rule], rows).passed

@@ -9,7 +9,7 @@ never a pass. A threshold switched off in params (None / false) is listed as ski
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from components.config import EvaluateConfig
@@ -47,6 +47,17 @@ class GateResult:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "violations": list(self.violations), "checks": list(self.checks),
                 "skipped": list(self.skipped)}
+
+
+def for_student(rule: Rule, student: str) -> Rule:
+    """`rule` with its LCM-LoRA rows (`lcm-N`, `lcm-N-cfgG`) read as the student's (`pcm-N`): a rule written
+    for an LCM-LoRA judges a PCM-LoRA's own rows; teacher and `lcm_base-N` rows are left as they are."""
+    def relabel(label: str) -> str:
+        return f"{student}-{label[4:]}" if label.startswith("lcm-") else label
+
+    if student == "lcm":
+        return rule
+    return replace(rule, subject=relabel(rule.subject), references=tuple(relabel(r) for r in rule.references))
 
 
 def metric_value(rows: Rows, label: str, metric: str) -> float | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Params
-from components.evaluate.gate import GateResult, Rule, check_rules
+from components.evaluate.gate import GateResult, Rule, check_rules, for_student
 from components.paths import project_path
 from components.progress import Progress, ProgressFn, no_progress
 from components.storage.storage import Storage
@@ -75,9 +75,11 @@ class Reproduction:
 
 
 def check_goals(doc: dict[str, Any], goals: list[Rule] | None = None) -> GateResult:
-    """The reproduction goals against an evaluation's metric rows (missing metrics fail)."""
+    """The reproduction goals against an evaluation's metric rows (missing metrics fail); a PCM-LoRA's
+    evaluation is judged on its own rows (`pcm-N` where a goal names `lcm-N`)."""
     rows = {row["label"]: row for row in doc["methods"]}
-    return check_rules(goals or TOY_GOALS, rows)
+    student = doc.get("info", {}).get("objective", "lcm")
+    return check_rules([for_student(rule, student) for rule in goals or TOY_GOALS], rows)
 
 
 def machine_info() -> dict[str, Any]:
