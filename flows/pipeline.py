@@ -23,8 +23,10 @@ from flows.stages import (
     encode_flow,
     evaluate_flow,
     merge_flow,
+    on_source,
     publish_flow,
     style_distill_flow,
+    synthesize_flow,
 )
 from tasks.encode import fingerprint_base
 from tasks.publish import GateFailed, enforce_gate
@@ -58,6 +60,12 @@ def base_pipeline(cfg: Params, base_name: str, base: BaseConfig, resolved: Resol
     # 2. Data: curated manifest at this base's resolution, latent shards for its VAE.
     curated = curate_flow(cfg, min_side=base.resolution)
     stages.append(stage_row("curate", curated))
+    if base.data == "synthesize":  # a base that comes without data (a DreamBooth fine-tune): its own samples
+        synthesized = synthesize_flow(cfg, resolved)
+        stages.append(stage_row("synthesize", synthesized))
+        cfg = on_source(cfg, synthesized["source_url"])  # encode reads its images from that source too
+        curated = curate_flow(cfg, min_side=base.resolution)
+        stages.append(stage_row("curate synthesized", curated))
     shards = encode_flow(cfg, resolved, curated)
     stages.append(stage_row("encode", shards))
     if shards["reused"] and not shards["skipped"]:

@@ -39,6 +39,7 @@ from tasks.evaluate import evaluate_lora
 from tasks.merge import find_style_lora, merge_variants
 from tasks.publish import publish_folder
 from tasks.style_distill import distill_style_variant
+from tasks.synthesize import synthesize_source
 
 
 @flow(name="curate", flow_run_name="curate-{min_side}px")
@@ -49,6 +50,18 @@ def curate_flow(cfg: Params, min_side: int) -> dict[str, Any]:
     # 2. The manifest (cached while stages/curate/KEY/manifest.parquet is stored).
     return run_cached(cfg, curate_manifest, f"{output_rel('curate', key)}/manifest.parquet", key,
                       min_side=min_side, key=key)
+
+
+@flow(name="synthesize", flow_run_name="synthesize-{base.name}")
+def synthesize_flow(cfg: Params, base: ResolvedBase) -> dict[str, Any]:
+    """The base's own samples of the curated captions as its source (bases.NAME.data: synthesize); the stage
+    reuses a complete source of its key (the sampled model, prompts and sampler settings)."""
+    return retrying(cfg, synthesize_source)(cfg, base)
+
+
+def on_source(cfg: Params, source_url: str) -> Params:
+    """`cfg` curating (and encoding from) another source: a synthesized one."""
+    return cfg.model_copy(update={"curate": cfg.curate.model_copy(update={"source": source_url})})
 
 
 @flow(name="encode", flow_run_name="encode-{base.name}")

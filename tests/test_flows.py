@@ -145,6 +145,28 @@ def test_both_objectives_share_the_shards_and_each_is_gated_and_published_under_
     assert labels[:2] == ["pcm-1", "pcm-4"], labels
 
 
+def test_a_base_without_data_distills_on_its_own_samples(harness, workdir: Path) -> None:
+    """bases.toy.data synthesize (issue 28): the toy samples the curated captions, that source is curated and
+    encoded, and the LoRA is distilled on it and published."""
+    import pyarrow.parquet as pq
+
+    from components.stages.keys import output_rel
+
+    params = write_params(workdir, ["bases.toy.data=synthesize", "synthesize.count=32", "synthesize.steps=4",
+                                    "synthesize.batch_size=16", "curate.min_rows=16",
+                                    f"registry.root={workdir / 'registry-synthesize'}"], name="synthesize.yaml")
+    state, summary = _run(params)
+
+    assert state.is_completed(), summary
+    toy = summary["bases"]["toy"]
+    rows = {s["stage"]: s for s in toy["stages"]}
+    assert list(rows)[:4] == ["curate", "synthesize", "curate synthesized", "encode"], list(rows)
+    assert not any(rows[s]["skipped"] for s in ("synthesize", "curate synthesized", "encode", "distill"))
+    manifest = workdir / "artifacts" / output_rel("curate", rows["curate synthesized"]["key"]) / "manifest.parquet"
+    assert pq.read_metadata(manifest).num_rows == 32, "the distillation set is the 32 samples"
+    assert _registry(params).show("toy-lcm-lora@candidate").gate["passed"] is True
+
+
 def test_failing_gate_fails_the_flow_and_publishes_nothing(harness, workdir: Path) -> None:
     from flows.nightly import BasesFailed
 
