@@ -70,7 +70,7 @@ def test_dry_run_prints_each_familys_resolved_config_with_its_hard_base(tmp_path
     sd15, sdxl = (yaml.safe_load(doc.split("\n", 1)[1]) for doc in result.output.split("# hard toy")[1:])
     assert sd15["bases"]["toy-hard"] == {"reference": "data/toy/hard/base", "family": "sd15", "resolution": 64,
                                          "guidance_scale": 5.0, "prediction_type": None, "judges": "toy-hard",
-                                         "hub_id": None, "license": None}
+                                         "data": "source", "hub_id": None, "license": None, "objectives": None}
     assert sdxl["bases"]["toy-hard-xl"]["family"] == "sdxl"
     assert sdxl["bases"]["toy-hard-xl"]["reference"] == "/elsewhere/xl"  # --set wins over the recipe
     assert sd15["bases"]["toy-hard-xl"] == sdxl["bases"]["toy-hard-xl"]  # one --set reaches every family's run
