@@ -15,29 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.toy_short import NEVER_MET_PSNR, REPO, write_params
+from tests.toy_short import NEVER_MET_PSNR, prefect_harness, toy_workdir, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STAGES = ["curate", "encode", "distill", "evaluate", "merge", "publish"]
 
 
-@pytest.fixture(scope="module")
-def harness():
-    import torch
-    from prefect.testing.utilities import prefect_test_harness
-
-    threads = torch.get_num_threads()  # the flows set 1 (orchestrate.torch_threads); put it back after
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    torch.set_num_threads(threads)
+harness = pytest.fixture(scope="module")(prefect_harness)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (REPO / "data/toy/base/model_index.json").is_file():
-        pytest.fail("data/toy/base is missing: the toy base must be committed (lcmlora toy base)")
-    return tmp_path_factory.mktemp("nightly")
+    return toy_workdir(tmp_path_factory, "nightly")
 
 
 def _run(params: Path):

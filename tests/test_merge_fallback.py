@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.toy_short import REPO, write_params
+from tests.toy_short import prefect_harness, toy_workdir, write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,22 +27,12 @@ FALLBACK = ["synthesize.count=16", "synthesize.steps=4", "curate.min_rows=16"]
 LOST = ["merge.min_style_retention=1000"]  # no (l1, l2) keeps this much style
 
 
-@pytest.fixture(scope="module")
-def harness():
-    import torch
-    from prefect.testing.utilities import prefect_test_harness
-
-    threads = torch.get_num_threads()
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    torch.set_num_threads(threads)
+harness = pytest.fixture(scope="module")(prefect_harness)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (REPO / "data/toy/base/model_index.json").is_file():
-        pytest.fail("data/toy/base is missing: the toy base must be committed (lcmlora toy base)")
-    return tmp_path_factory.mktemp("fallback")
+    return toy_workdir(tmp_path_factory, "fallback")
 
 
 def _run(params: Path) -> dict:

@@ -8,6 +8,7 @@ make the gate fail on purpose.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -51,3 +52,23 @@ def write_params(tmp: Path, extra: list[str] | None = None, name: str = "params.
     path = tmp / name
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def prefect_harness() -> Iterator[None]:
+    """A module's Prefect test server (the flows set one torch thread: put the count back after)."""
+    import torch
+    from prefect.testing.utilities import prefect_test_harness
+
+    threads = torch.get_num_threads()
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    torch.set_num_threads(threads)
+
+
+def toy_workdir(tmp_path_factory, name: str) -> Path:
+    """A fresh folder for a module's nightly runs; fails when the committed toy base is missing."""
+    if not (REPO / "data/toy/base/model_index.json").is_file():
+        import pytest
+
+        pytest.fail("data/toy/base is missing: the toy base must be committed (lcmlora toy base)")
+    return tmp_path_factory.mktemp(name)
