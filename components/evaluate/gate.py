@@ -117,36 +117,36 @@ def check_rules(rules: list[Rule], rows: Rows, skipped: list[str] | None = None)
 def gate_rules(cfg: EvaluateConfig, student: str = "lcm") -> tuple[list[Rule], list[str]]:
     """(rules, skipped keys) from the evaluate section's thresholds. `student`: the sampler of the
     LoRA's own rows (`lcm`, or `pcm` for a PCM-LoRA); the `lcm4_*` / `lcm2_*` keys judge its 4- and
-    2-step rows either way."""
+    2-step rows either way (`for_student`)."""
     # "teacher50" in the two ratio keys: the teacher at gate_teacher_steps (50 unless set); the
     # rule's record and violation name the rows it compared against
     teacher50 = tuple(f"{s}-{cfg.gate_teacher_steps}" for s in cfg.teacher_samplers)
     rules, skipped = [], []
     if cfg.lcm4_fd_max_ratio_to_teacher50 is not None:
-        rules.append(Rule("evaluate.lcm4_fd_max_ratio_to_teacher50", "fd", f"{student}-4", teacher50,
+        rules.append(Rule("evaluate.lcm4_fd_max_ratio_to_teacher50", "fd", "lcm-4", teacher50,
                           cfg.lcm4_fd_max_ratio_to_teacher50))
     else:
         skipped.append("evaluate.lcm4_fd_max_ratio_to_teacher50")
     if cfg.lcm4_fd_below_dpm4:
-        rules.append(Rule("evaluate.lcm4_fd_below_dpm4", "fd", f"{student}-4", ("dpmpp-4",)))
+        rules.append(Rule("evaluate.lcm4_fd_below_dpm4", "fd", "lcm-4", ("dpmpp-4",)))
     else:
         skipped.append("evaluate.lcm4_fd_below_dpm4")
     if cfg.adherence_min_ratio is not None:
-        rules.append(Rule("evaluate.adherence_min_ratio", "adherence", f"{student}-4", teacher50, cfg.adherence_min_ratio))
+        rules.append(Rule("evaluate.adherence_min_ratio", "adherence", "lcm-4", teacher50, cfg.adherence_min_ratio))
     else:
         skipped.append("evaluate.adherence_min_ratio")
     if cfg.lcm2_adherence_min_ratio is not None:
-        rules.append(Rule("evaluate.lcm2_adherence_min_ratio", "adherence", f"{student}-2", teacher50,
+        rules.append(Rule("evaluate.lcm2_adherence_min_ratio", "adherence", "lcm-2", teacher50,
                           cfg.lcm2_adherence_min_ratio))
     else:
         skipped.append("evaluate.lcm2_adherence_min_ratio")
     for steps, bound in ((1, cfg.lcm1_psnr_min), (2, cfg.lcm2_psnr_min)):
         key = f"evaluate.lcm{steps}_psnr_min"
         if bound is not None:
-            rules.append(Rule(key, "psnr", f"{student}-{steps}", constant=bound))
+            rules.append(Rule(key, "psnr", f"lcm-{steps}", constant=bound))
         else:
             skipped.append(key)
-    return rules, skipped
+    return [for_student(rule, student) for rule in rules], skipped
 
 
 def evaluate_gate(rows: Rows, cfg: EvaluateConfig, student: str = "lcm") -> GateResult:
