@@ -95,7 +95,7 @@ def evaluate_flow(cfg: Params, base: ResolvedBase, lora: dict[str, Any]) -> dict
     out = output_rel("evaluate", key, base.name)
     # 2. The evaluation (cached while stages/evaluate/BASE/KEY is stored complete).
     result = run_cached(cfg, evaluate_lora, f"{out}/{COMPLETE}", key, cfg.orchestrate.evaluate_timeout_s,
-                        base=base, key=key)
+                        base=base, lora_rel=lora["output"], key=key)
     return {**result, "evaluation": out, "lora_folder": out, "lora_subdir": EVALUATED_LORA}
 
 
@@ -111,7 +111,7 @@ def merge_flow(cfg: Params, base: ResolvedBase, lora: dict[str, Any]) -> dict[st
     key = merge_key(cfg, base.name, base.config, base.fingerprints, lora["weights_sha256"], lora_sha256(style))
     # 3. The variants, each evaluated (cached while stages/merge/BASE/KEY is stored complete).
     result = run_cached(cfg, merge_variants, f"{output_rel('merge', key, base.name)}/{COMPLETE}", key,
-                        cfg.orchestrate.merge_timeout_s, base=base, style_file=style, key=key)
+                        cfg.orchestrate.merge_timeout_s, base=base, style_file=style, lora_rel=lora["output"], key=key)
     if not result["passed"]:
         result["note"] = ("skipped (unchanged)" if result["skipped"] else "ran") + ": no variant met the merge rule"
     return result

@@ -30,16 +30,19 @@ def publish_report_artifacts(doc: dict[str, Any], markdown: str, base_name: str)
 
 
 @task(name="evaluate", cache_key_fn=key_parameter, persist_result=True)
-def evaluate_lora(cfg: Params, base: ResolvedBase, key: str) -> dict[str, Any]:
-    """Evaluate the base's distilled LoRA into `stages/evaluate/BASE/KEY/` (metrics.json, report, judged copy).
+def evaluate_lora(cfg: Params, base: ResolvedBase, lora_rel: str, key: str) -> dict[str, Any]:
+    """Evaluate the distilled LoRA at `lora_rel` (the distill flow's output) into `stages/evaluate/BASE/KEY/`
+    (metrics.json, report, judged copy).
 
     Returns the gate, so the calling flow can stop before publishing a failed LoRA.
     """
     from components.stages.evaluate import evaluate_stage
+    from components.storage.folder_sync import pull_folder
 
     logger = get_run_logger()
+    storage = Storage.from_config(cfg.storage)
     progress = task_progress("evaluate", base.name, f"evaluation of {base.name}")
-    stage = evaluate_stage(cfg, base, Storage.from_config(cfg.storage), key=key, progress=progress)
+    stage = evaluate_stage(cfg, base, storage, lora=pull_folder(storage, lora_rel), key=key, progress=progress)
     progress.finish()
     out = stage.evaluation
     publish_report_artifacts(out.doc, Path(out.paths["report.md"]).read_text(), base.name)

@@ -31,13 +31,15 @@ def find_style_lora(cfg: Params, base_name: str) -> str | None:
 
 
 @task(name="merge", cache_key_fn=key_parameter, persist_result=True)
-def merge_variants(cfg: Params, base: ResolvedBase, style_file: str, key: str) -> dict[str, Any]:
+def merge_variants(cfg: Params, base: ResolvedBase, style_file: str, lora_rel: str, key: str) -> dict[str, Any]:
     """Runtime-adapter, exact merged, fused (and SVD) variants of the base's distilled LoRA, evaluated;
     the best by the rule in params, stored in `stages/merge/BASE/KEY/`."""
     from components.stages.merge import merge_stage
+    from components.storage.folder_sync import pull_folder
 
+    storage = Storage.from_config(cfg.storage)
     progress = task_progress("merge", base.name, f"style merge variants of {base.name}")
-    stage = merge_stage(cfg, base, Storage.from_config(cfg.storage), style=Path(style_file), key=key,
+    stage = merge_stage(cfg, base, storage, lcm=pull_folder(storage, lora_rel), style=Path(style_file), key=key,
                         progress=progress)
     progress.finish()
     result = stage.merge
