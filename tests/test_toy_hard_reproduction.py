@@ -62,7 +62,7 @@ def _cli(args: list[str]):
 
 
 def test_dry_run_prints_each_familys_resolved_config_with_its_hard_base(tmp_path):
-    result = _cli(["reproduce", "--toy", "--hard", "--dry-run", "--output", str(tmp_path),
+    result = _cli(["reproduce", "--toy", "--hard", "--dry-run", "--output", str(tmp_path), "--objectives", "lcm",
                    "--set", "distill.max_steps=7", "--set", "bases.toy-hard-xl.reference=/elsewhere/xl"])
     assert result.exit_code == 0, result.output
     titles = [line for line in result.output.splitlines() if line.startswith("# hard toy")]
@@ -83,7 +83,7 @@ def test_dry_run_prints_each_familys_resolved_config_with_its_hard_base(tmp_path
     # the nightly's bases are untouched: params.yaml still names the easy toy only
     assert set(load_params(REPO / "params.yaml").bases) == {"toy"}
 
-    one = _cli(["reproduce", "--toy", "--hard", "--family", "sdxl", "--dry-run"])
+    one = _cli(["reproduce", "--toy", "--hard", "--family", "sdxl", "--objectives", "pcm", "--dry-run"])
     assert one.exit_code == 0 and "toy-hard-xl:" in one.output and "# hard toy" not in one.output
     assert _cli(["reproduce", "--toy", "--hard", "--family", "sd21", "--dry-run"]).exit_code != 0
 
@@ -92,7 +92,7 @@ def test_gate_margin_runs_one_per_seed_and_broken_variant_sharing_the_familys_da
     """`--seeds` / `--broken` (issue 12, item 5): each seed a run that must pass the gate, each broken
     variant one that must fail it; all of a family's runs share its curated and encoded data."""
     result = _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--seeds", "0,3", "--broken", "no-guidance",
-                   "--broken", "ten-steps", "--dry-run", "--output", str(tmp_path)])
+                   "--broken", "ten-steps", "--dry-run", "--output", str(tmp_path), "--objectives", "lcm"])
     assert result.exit_code == 0, result.output
     titles = [line for line in result.output.splitlines() if line.startswith("# hard toy")]
     labels = ["seed-0", "seed-3", "broken-no-guidance", "broken-ten-steps"]
@@ -112,6 +112,33 @@ def test_gate_margin_runs_one_per_seed_and_broken_variant_sharing_the_familys_da
     assert bad.exit_code != 0 and "no-guidance, ten-steps" in bad.output + str(bad.exception)
     assert _cli(["reproduce", "--toy", "--seeds", "0,1", "--dry-run"]).exit_code != 0  # the easy toy: no
     assert _cli(["reproduce", "--toy", "--hard", "--seeds", "0,x", "--dry-run"]).exit_code != 0
+
+
+def test_the_hard_reproduction_runs_both_objectives_on_one_familys_data(tmp_path):
+    """Issue 29, item 4: by default each family distills and evaluates LCM and PCM on the same curated data
+    and latents (one storage root), LCM's run where a single run lands, PCM's in FAMILY/pcm; both with the
+    CFG rows at 1.5 and 3 and the hard toy's negative prompts."""
+    result = _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--dry-run", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    titles = [line for line in result.output.splitlines() if line.startswith("# hard toy")]
+    assert titles == ["# hard toy, sd15 family (bases.toy-hard), lcm", "# hard toy, sd15 family (bases.toy-hard), pcm"]
+    lcm, pcm = (yaml.safe_load(doc.split("\n", 1)[1]) for doc in result.output.split("# hard toy")[1:])
+    assert (lcm["distill"]["objective"], pcm["distill"]["objective"]) == ("lcm", "pcm")
+    assert lcm["storage"]["root"] == pcm["storage"]["root"] == str(tmp_path / "sd15" / "artifacts")
+    for cfg in (lcm, pcm):
+        assert cfg["evaluate"]["cfg_scales"] == [1.5, 3.0] and cfg["evaluate"]["cfg_steps"] == [4]
+        negatives = (REPO / cfg["evaluate"]["negative_prompts"]).read_text().splitlines()
+        prompts = (REPO / "data/prompts/toy-hard.txt").read_text().splitlines()
+        negatives, prompts = ([ln for ln in lines if ln and not ln.startswith("#")] for lines in (negatives, prompts))
+        assert len(negatives) == len(prompts)  # line j for prompt j
+    # the seeds of a gate check run per objective, each objective's under its own folder
+    gate = _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--seeds", "1", "--dry-run",
+                 "--output", str(tmp_path)])
+    assert [line for line in gate.output.splitlines() if line.startswith("# hard toy")] == [
+        "# hard toy, sd15 family (bases.toy-hard), lcm, seed-1", "# hard toy, sd15 family (bases.toy-hard), pcm, seed-1"]
+    assert _cli(["reproduce", "--toy", "--hard", "--objectives", "tcd", "--dry-run"]).exit_code != 0
+    assert _cli(["reproduce", "--toy", "--hard", "--family", "sd15", "--merge", "--objectives", "pcm",
+                 "--dry-run"]).exit_code != 0  # the merge merges the LCM-LoRA
 
 
 # --- the short reproduction on the hard base -----------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.toy.hard.merge_claim import check_merge_claim
+from components.toy.hard.merge_claim import check_merge_claim, check_style_variant
 from components.toy.hard.style import hard_style_set, read_hard_style, write_hard_style
 from components.toy.hard.style_metric import hard_style_metric, hard_style_renders
 from tests.tiny_pipeline import single_thread
@@ -105,6 +105,26 @@ def test_merge_claim_refuses_other_step_counts():
     doc["config"]["lcm_steps"] = 8
     with pytest.raises(ValueError, match="merge.lcm_steps=4"):
         check_merge_claim(doc)
+
+
+def test_style_variant_goals_against_the_merge_reference_and_the_base_distillation_time():
+    """Issue 28's goals for the style-distilled variant: style >= 0.8 x and adherence >= 0.95 x the
+    reference's, synthesize + distill seconds <= 1.5 x the base's own distillation."""
+    doc = _doc(0.9, 0.8, 0.1, 0.9)  # the merge lost the style
+    row = {"label": "style-distilled lcm-4", "style_strength": 0.75, "adherence": 0.77}
+    met = check_style_variant(doc, row, {"synthesize": 100.0, "distill": 900.0, "evaluate": 500.0}, 700.0)
+    assert met.passed, met.violations  # 0.75 >= 0.72, 0.77 >= 0.76, 1000 <= 1050 (evaluate is not counted)
+    assert [c["key"] for c in met.checks] == ["goal variant_style_ge_0.8x_reference",
+                                              "goal variant_adherence_ge_0.95x_reference",
+                                              "goal variant_cost_le_1.5x_base_distill"]
+    weak = check_style_variant(doc, {**row, "style_strength": 0.7, "adherence": 0.75},
+                               {"synthesize": 200.0, "distill": 900.0}, 700.0)
+    assert [v.split(":")[0] for v in weak.violations] == [
+        "goal variant_style_ge_0.8x_reference", "goal variant_adherence_ge_0.95x_reference",
+        "goal variant_cost_le_1.5x_base_distill"]
+    unknown_cost = check_style_variant(doc, row, {"synthesize": 1e6, "distill": 1e6}, None)
+    assert unknown_cost.passed and len(unknown_cost.checks) == 2  # no base time: the cost goal is not judged
+    assert not check_style_variant(doc, {"label": "style-distilled lcm-4", "adherence": 0.9}, {}, None).passed
 
 
 class _RoundTrip(torch.nn.Module):

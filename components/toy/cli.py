@@ -199,6 +199,10 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
               broken: Annotated[list[str] | None, typer.Option("--broken", help="with --hard: a deliberately broken "
                                                                "distillation (no-guidance, ten-steps) that must FAIL "
                                                                "the gate; repeatable")] = None,
+              objectives: Annotated[str | None, typer.Option(
+                  "--objectives", help="acceleration objectives distilled and evaluated side by side on the same "
+                  "curated data and latents, e.g. lcm,pcm (default: lcm,pcm with --hard, distill.objective on the "
+                  "easy toy); with more than one, OBJECTIVE's run lands in FAMILY/OBJECTIVE (lcm's in FAMILY)")] = None,
               ) -> None:
     """Run curate, encode, distill and evaluate on the toy world and print the table; exits non-zero
     when a reproduction goal (or, with --merge, the merge claim) is not met. Everything lands under --output (default runs/reproduce,
@@ -214,6 +218,11 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
     except ValueError:
         raise click.BadParameter(f"{seeds!r}: expected comma-separated integers, e.g. 0,1,2,3,4",
                                  param_hint="--seeds") from None
+    chosen = [o.strip() for o in (objectives or ("lcm,pcm" if hard else "")).split(",") if o.strip()]
+    if bad := [o for o in chosen if o not in ("lcm", "pcm")]:
+        raise click.BadParameter(f"{', '.join(bad)}: expected lcm, pcm or both (lcm,pcm)", param_hint="--objectives")
+    if merge_claim and chosen and "lcm" not in chosen:
+        raise click.UsageError("--merge merges the base's LCM-LoRA: keep lcm in --objectives")
     import time
 
     from components.toy.reproduction import EASY_TOY, TOY_RECIPE, goals_markdown, run_reproduction
@@ -230,14 +239,23 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
                 checks = gate_runs(fam, seed_list, list(broken or []))
             except ValueError as err:
                 raise click.BadParameter(str(err), param_hint="--broken") from None
-            if not checks:
-                runs.append((title, hard_world(fam), out, recipe, None))
-            # gate-margin runs share the family's curated and encoded data (storage.root), each its own folder
-            runs += [(f"{title}, {run.label}", hard_world(fam), out / run.label, recipe + list(run.overrides),
-                      run.gate_must_pass) for run in checks]
+            # every objective and gate-margin run shares the family's curated and encoded data (storage.root),
+            # each in its own folder: lcm's where a single run lands (FAMILY), another objective's in FAMILY/OBJECTIVE
+            for objective in chosen:
+                where = out if objective == "lcm" or len(chosen) == 1 else out / objective
+                named = title if len(chosen) == 1 else f"{title}, {objective}"
+                with_objective = recipe + [f"distill.objective={objective}"]
+                if not checks:
+                    runs.append((named, hard_world(fam), where, with_objective, None))
+                runs += [(f"{named}, {run.label}", hard_world(fam), where / run.label,
+                          with_objective + list(run.overrides), run.gate_must_pass) for run in checks]
     else:
         out = (output or Path("runs/reproduce")).resolve()
-        runs.append(("toy", EASY_TOY, out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"], None))
+        recipe = TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]
+        for objective in chosen or [None]:
+            where = out if objective in (None, "lcm") or len(chosen) == 1 else out / objective
+            runs.append(("toy" if len(chosen) < 2 else f"toy, {objective}", EASY_TOY, where,
+                         recipe + ([f"distill.objective={objective}"] if objective else []), None))
     resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
                                             [f"distill.max_steps={max_steps}"] if max_steps is not None else []),
                  must_pass)
@@ -272,13 +290,25 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         if must_pass is not None:
             typer.echo(f"gate check: must {'pass' if must_pass else 'fail'}; "
                        f"{'passed' if gate['passed'] else 'failed: ' + '; '.join(gate['violations'])}")
-        if merge_claim and must_pass is None and world.base_name == "toy-hard":
+        if merge_claim and must_pass is None and world.base_name == "toy-hard" and cfg.distill.objective == "lcm":
             from components.toy.hard.reproduction import run_merge_claim
 
             with ProgressView(console) as view:
-                _, claim = run_merge_claim(cfg, out / "lora", out / "merge", progress=view)
+                _, claim, variant = run_merge_claim(cfg, out / "lora", out / "merge", progress=view,
+                                                    base_distill_seconds=result.seconds.get("distill"))
             typer.echo("merge claim (issue 12, item 4):")
             typer.echo(goals_markdown(claim))
             unmet += [f"{title}: {violation}" for violation in claim.violations]
+            if variant is not None:  # the merge lost the style: the style model's own LCM-LoRA (issue 28)
+                from components.evaluate.gate import GateResult
+
+                goals = GateResult(**variant["goals"])
+                row = variant["row"]
+                typer.echo(f"style-distilled variant (issue 28): style strength {row['style_strength']}, "
+                           f"retention {row['style_retention']}, adherence {row['adherence']}, FD {row['fd']}; "
+                           f"evaluation gate {'passed' if variant['gate']['passed'] else 'FAILED'}; "
+                           f"seconds {variant['seconds']}; record {out / 'merge' / 'style_variant.json'}")
+                typer.echo(goals_markdown(goals))
+                unmet += [f"{title}: {violation}" for violation in goals.violations]
     if unmet:
         raise click.ClickException(f"{len(unmet)} reproduction goal(s) not met: " + "; ".join(unmet))

@@ -19,6 +19,10 @@ CLAIM_WEIGHTS = (0.8, 1.0)  # (l1 style, l2 LCM)
 MIN_STYLE_RETENTION = 0.8  # merged style strength / the reference's
 MIN_ADHERENCE_RATIO = 0.8  # merged adherence / the reference's
 MIN_REFERENCE_STRENGTH = 0.5  # the reference must show the style at all
+# issue 28: the style-dedicated variant (an LCM-LoRA distilled for the style model on its own samples)
+VARIANT_MIN_STYLE_RETENTION = 0.8  # its style strength at 4 steps / the reference's
+VARIANT_MIN_ADHERENCE_RATIO = 0.95  # its adherence / the reference's
+VARIANT_MAX_COST_RATIO = 1.5  # synthesize + distill seconds / the base's own distillation's
 
 
 def reference_label(reference_steps: int = 25) -> str:
@@ -47,3 +51,33 @@ def check_merge_claim(doc: dict[str, Any]) -> GateResult:
                          f"{steps} and {doc['config'].get('lcm_steps')}; rerun the merge with those")
     rows = {row["label"]: row for row in doc["rows"]}
     return check_rules(claim_rules(steps), rows)
+
+
+def variant_rules(variant_label: str, reference_steps: int = 25) -> list[Rule]:
+    """Issue 28's goals for the style-dedicated variant, over the merge rows plus the variant's row."""
+    ref = reference_label(reference_steps)
+    return [
+        Rule("goal variant_style_ge_0.8x_reference", "style_strength", variant_label, (ref,),
+             VARIANT_MIN_STYLE_RETENTION),
+        Rule("goal variant_adherence_ge_0.95x_reference", "adherence", variant_label, (ref,),
+             VARIANT_MIN_ADHERENCE_RATIO),
+    ]
+
+
+def check_style_variant(merge_doc: dict[str, Any], variant_row: dict[str, Any], variant_seconds: dict[str, float],
+                        base_distill_seconds: float | None) -> GateResult:
+    """The variant's goals: style and adherence against the merge's reference row, and (when the base's own
+    distillation time is known) the cost of synthesizing and distilling it against that time."""
+    rows = {row["label"]: row for row in merge_doc["rows"]}
+    rows[variant_row["label"]] = variant_row
+    result = check_rules(variant_rules(variant_row["label"], int(merge_doc["config"].get("reference_steps", 25))),
+                         rows)
+    if base_distill_seconds is None:
+        return result
+    cost = variant_seconds.get("synthesize", 0.0) + variant_seconds.get("distill", 0.0)
+    bound = VARIANT_MAX_COST_RATIO * base_distill_seconds
+    check = {"key": "goal variant_cost_le_1.5x_base_distill", "rule": "synthesize + distill seconds <= 1.5 x "
+             "the base's distill seconds", "value": round(cost, 1), "bound": round(bound, 1), "passed": cost <= bound}
+    violations = list(result.violations) + ([] if check["passed"] else [
+        f"{check['key']}: {check['rule']}: {cost:.1f} > {bound:.1f}"])
+    return GateResult(not violations, violations, [*result.checks, check], list(result.skipped))

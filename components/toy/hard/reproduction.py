@@ -12,6 +12,7 @@ overridden (`--set bases.toy-hard.reference=/tmp/base`, `--set distill.max_steps
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ HARD_RECIPE = [
     # the same noise was 20.07 dB (LCMScheduler alone 19.46), the good seeds' 21.93-22.89: the rule sits between,
     # chosen before seed 4 and the no-guidance run finished (docs/results.md, "Session 8")
     "evaluate.lcm2_psnr_min=21.0",
+    # issue 29: both objectives with CFG at 1.5 and 3 and a negative prompt (the scene with its sides swapped)
+    "evaluate.cfg_scales=[1.5,3]", "evaluate.cfg_steps=[4]", "evaluate.negative_prompts=data/prompts/toy-hard-negative.txt",
     f"curate.source={HardToyConfig().source_dir}",
 ]
 # The SD-1.5 family does not know crops: only square originals, whose centre crop is the whole
@@ -102,15 +105,24 @@ def hard_world(family: str) -> ToyWorld:
     return ToyWorld(family_base(family), BUILD_HINT[family], write_source, HARD_GOALS, source_settings)
 
 
-def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None) -> tuple[dict, GateResult]:
+def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None,
+                    base_distill_seconds: float | None = None) -> tuple[dict, GateResult, dict | None]:
     """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA if missing
     (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
-    in `lcm_folder` on bases.toy-hard, into `output`; returns the merge metrics and the claim's checks."""
+    in `lcm_folder` on bases.toy-hard, into `output`; where the merge lost the style and `merge.fallback`
+    is distill, the style-distill stage (the style model's own LCM-LoRA, issue 28) after it. Returns the
+    merge metrics, the claim's checks and the variant's record (None without a fallback): its row, its
+    seconds per step, its evaluation gate and issue 28's goals (`base_distill_seconds`: the cost goal's bound)."""
     from components.models.base_model import fingerprint_base
     from components.paths import project_path
     from components.stages.merge import merge_stage
+    from components.stages.style_distill import style_distill_stage
     from components.storage.storage import Storage
-    from components.toy.hard.merge_claim import CLAIM_WEIGHTS, check_merge_claim
+    from components.toy.hard.merge_claim import (
+        CLAIM_WEIGHTS,
+        check_merge_claim,
+        check_style_variant,
+    )
     from components.toy.hard.style_lora import run_hard_style_lora
 
     hard = hard_toy_config(params)
@@ -121,10 +133,21 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
     claim = params.model_copy(update={"merge": params.merge.model_copy(update={
         "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"})})
     # The base's judges and prompts (bases.toy-hard.judges: the hard toy's digit judges and style scorer).
-    result = merge_stage(claim, fingerprint_base(name, params.base(name), keep_loaded=True),
-                         Storage.from_config(params.storage), lcm=lcm_folder, style=style_folder, output=output,
+    base = fingerprint_base(name, params.base(name), keep_loaded=True)
+    storage = Storage.from_config(params.storage)
+    result = merge_stage(claim, base, storage, lcm=lcm_folder, style=style_folder, output=output,
                          progress=progress).merge
-    return result.doc, check_merge_claim(result.doc)
+    doc = result.doc
+    variant = None
+    if doc.get("selection", {}).get("style_lost") and params.merge.fallback == "distill":
+        styled = style_distill_stage(claim, base, storage, style=style_folder, merge_doc=doc, progress=progress)
+        seconds = json.loads((styled.folder / "metrics.json").read_text()).get("seconds", {})
+        goals = check_style_variant(doc, styled.row, seconds, base_distill_seconds)
+        variant = {"folder": str(styled.folder), "row": styled.row, "seconds": seconds, "reused": styled.reused,
+                   "gate": {"passed": styled.passed, "violations": list(styled.violations)},
+                   "goals": goals.to_dict(), "base_distill_seconds": base_distill_seconds}
+        (output / "style_variant.json").write_text(json.dumps(variant, indent=2) + "\n")
+    return doc, check_merge_claim(doc), variant
 
 
 # Issue 12, item 5: the gate with margins. A good distillation must pass the gate on any seed, a
