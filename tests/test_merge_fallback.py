@@ -100,6 +100,16 @@ def test_a_style_the_merge_loses_gets_a_distilled_variant(harness, workdir: Path
     report = (workdir / "artifacts" / rows_output(toy) / "report.md").read_text()
     assert "| merged LoRA (0.8, 1) |" in report and "| style-distilled lcm-4 |" in report
     assert "stage seconds (device)" in report
+    # 5. How users run it (issue 28, item 3), from the same noise: the fused model at 2, 4 and 8 steps, and the
+    #    unfused base with the style LoRA at l1 and this LoRA as two adapters at runtime.
+    doc = json.loads((workdir / "artifacts" / rows_output(toy) / "metrics.json").read_text())
+    uses = {row["label"]: row for row in doc["use_rows"]}
+    assert list(uses) == ["style-distilled lcm-2", "style-distilled lcm-4", "style-distilled lcm-8",
+                          "base + style x1 + style-distilled LoRA at runtime, lcm-4"]
+    assert uses["style-distilled lcm-4"] == doc["row"]
+    assert all(row["style_retention"] is not None and 0.0 <= row["adherence"] <= 1.0 for row in uses.values())
+    assert len({row["fd"] for row in uses.values()}) == 4, "four different samplings"
+    assert "| base + style x1 + style-distilled LoRA at runtime, lcm-4 |" in report
 
 
 def rows_output(toy: dict) -> str:

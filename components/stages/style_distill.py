@@ -132,11 +132,16 @@ def fuse_style(base: ResolvedBase, storage: Storage, style_file: Path, weight: f
     return fingerprint_base(f"{base.name}-{style_slug(style_file)}", config)
 
 
+USE_STEPS = (2, 4, 8)  # the dedicated LoRA on the fused model is also sampled at these step counts
+
+
 def measure_variant(cfg: MergeConfig, device: str, *, base: ResolvedBase, fused: ResolvedBase, style_file: Path,
                     lora_folder: Path, judges: Any, prompts: list[str], style_weight: float,
-                    far_fd: float | None) -> dict[str, Any]:
-    """The variant's merge-table row: the LoRA on the fused model at `merge.lcm_steps`, against the style
-    reference (the style LoRA alone on the base, the merge's prompts and noise).
+                    far_fd: float | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The variant's merge-table row, the LoRA on the fused model at `merge.lcm_steps`, against the style
+    reference (the style LoRA alone on the base, the merge's prompts and noise); and the rows of how users
+    will run it, from the same noise: the fused model at the other `USE_STEPS`, and the unfused base with the
+    style LoRA at l1 and this LoRA at 1.0 as two adapters at runtime (how ComfyUI users stack them).
 
     `far_fd` (the merge's LCM-LoRA-alone FD) gives the FD-based retention where the judges have no style scorer.
     """
@@ -144,27 +149,40 @@ def measure_variant(cfg: MergeConfig, device: str, *, base: ResolvedBase, fused:
     from components.lora import io as lora_io
 
     config = base.config
+
+    def measured(pipe: Any, label: str, steps: int, weights: tuple[float, float]) -> dict[str, Any]:
+        image_prompts, seeds, noise = sample_plan(pipe, prompts, cfg, config.resolution)
+        run = run_method(pipe, Method("lcm", steps, cfg.lcm_guidance_scale, True), image_prompts, noise, seeds,
+                         height=config.resolution, width=config.resolution, batch_size=50)
+        row = measure_row(label, "distilled", weights, run.images, image_prompts, judges, reference.features,
+                          judges.style, reference.strength, run.seconds_per_image, None)
+        if judges.style is None:
+            row["style_retention"] = fd_retention(row["fd"], far_fd) if far_fd is not None else None
+        row["steps"] = steps
+        return row
+
     # 1. The reference, on the base with the style LoRA as its one adapter.
     pipe = base.load().pipe.to(device)
     lora_io.load_adapter(pipe, config.family, lora_io.lora_file(style_file), STYLE)
     lora_io.set_weights(pipe, {STYLE: 1.0})
     reference = sample_reference(pipe, cfg, judges, prompts, teacher_guidance=config.guidance_scale,
                                  resolution=config.resolution)
+    # 2. Runtime stacking on the unfused base: the style LoRA at l1 and the distilled LoRA at 1.0.
+    lora_io.load_adapter(pipe, config.family, lora_folder, LCM)
+    lora_io.set_weights(pipe, {STYLE: style_weight, LCM: 1.0})
+    runtime = measured(pipe, f"base + style x{style_weight:g} + style-distilled LoRA at runtime, lcm-{cfg.lcm_steps}",
+                       cfg.lcm_steps, (style_weight, 1.0))
+    runtime["variant"] = "distilled, runtime adapters"
     del pipe
-    # 2. The distilled LoRA on the fused model, from the same noise.
+    # 3. The distilled LoRA on the fused model, from the same noise, at merge.lcm_steps and the other use steps.
     fused_pipe = fused.load().pipe.to(device)
     fused_pipe.set_progress_bar_config(disable=True)
     lora_io.load_adapter(fused_pipe, config.family, lora_folder, LCM)
     lora_io.set_weights(fused_pipe, {LCM: 1.0})
-    image_prompts, seeds, noise = sample_plan(fused_pipe, prompts, cfg, config.resolution)
-    run = run_method(fused_pipe, Method("lcm", cfg.lcm_steps, cfg.lcm_guidance_scale, True), image_prompts, noise,
-                     seeds, height=config.resolution, width=config.resolution, batch_size=50)
-    row = measure_row(f"style-distilled lcm-{cfg.lcm_steps}", "distilled", (style_weight, 1.0), run.images,
-                      image_prompts, judges, reference.features, judges.style, reference.strength,
-                      run.seconds_per_image, None)
-    if judges.style is None:
-        row["style_retention"] = fd_retention(row["fd"], far_fd) if far_fd is not None else None
-    return row
+    row = measured(fused_pipe, f"style-distilled lcm-{cfg.lcm_steps}", cfg.lcm_steps, (style_weight, 1.0))
+    uses = [measured(fused_pipe, f"style-distilled lcm-{n}", n, (style_weight, 1.0))
+            for n in USE_STEPS if n != cfg.lcm_steps]
+    return row, sorted(uses + [row], key=lambda r: r["steps"]) + [runtime]
 
 
 def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *, style: str | Path,
@@ -230,7 +248,7 @@ def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *,
     evaluation_rel_, evaluated_lora, gate = evaluated_on(run, fused, storage, pull_folder(storage, distilled.rel),
                                                          judges, progress)
     far_fd = merge_doc["rows"][1]["fd"] if merge_doc else None  # the merge's lcm-alone row
-    row = measure_variant(params.merge, params.evaluate.device, base=base, fused=fused, style_file=style_file,
+    row, uses = measure_variant(params.merge, params.evaluate.device, base=base, fused=fused, style_file=style_file,
                           lora_folder=evaluated_lora, judges=judges,
                           prompts=prompts_for(params.evaluate, judges, base.name, base.config),
                           style_weight=weight, far_fd=far_fd)
@@ -245,7 +263,7 @@ def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *,
            "synthesized": synthesized.as_dict(), "latents": {"index": encoded.index, "index_hash": encoded.index_hash},
            "lora": {"distill": distilled.rel, "weights_sha256": distilled.weights_sha256, "evaluation": evaluation_rel_},
            "gate": gate,
-           "row": row, "merge_rows": merged_rows(merge_doc), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+           "row": row, "use_rows": uses, "merge_rows": merged_rows(merge_doc), "seconds": {k: round(v, 1) for k, v in seconds.items()},
            "started_at": started_at}
     write_variant(folder, doc, evaluated_lora, params, base, started_at)
     push_folder(storage, folder, rel)
@@ -312,7 +330,8 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
             "```\n\n"
             "The training-free merge of the style LoRA and the base's LCM-LoRA lost the style "
             "(merge.min_style_retention); the variants side by side:\n\n"
-            + comparison_table(doc["merge_rows"] + [row]) + "\n")
+            + comparison_table(doc["merge_rows"] + [row]) + "\n\nHow it runs (the same prompts and noise):\n\n"
+            + comparison_table(doc.get("use_rows", [row])) + "\n")
     card = render_model_card(base_model=doc["base_reference"], title=title, tags=CARD_TAGS,
                              num_inference_steps=params.merge.lcm_steps,
                              guidance_scale=params.merge.lcm_guidance_scale, body=body, relation="adapter",
@@ -326,7 +345,7 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
     # 2. Metrics: the evaluation's (its gate), plus the style row.
     metrics_path = lora / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    metrics["style_variant"] = {"row": row, "merge_rows": doc["merge_rows"]}
+    metrics["style_variant"] = {"row": row, "use_rows": doc.get("use_rows", []), "merge_rows": doc["merge_rows"]}
     metrics_path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     # 3. Lineage: the base and the style LoRA, and the distillation's own record under `distill`.
     distill_lineage = json.loads((lora / "lineage.json").read_text()) if (lora / "lineage.json").is_file() else None
@@ -348,6 +367,9 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
              f"- data: {doc['synthesized']['count']} own samples (`{doc['synthesized']['source']}`)",
              f"- evaluation gate on the fused model: {'passed' if gate['passed'] else 'FAILED'}", "",
              comparison_table(doc["merge_rows"] + [row]), "",
+             ("How it runs: at other step counts on the fused model, and on the unfused base with the style LoRA "
+              "and this LoRA as two adapters at runtime (the same prompts and noise):"), "",
+             comparison_table(doc.get("use_rows", [row])), "",
              "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in doc["seconds"].items())]
     lines += [f"- {v}" for v in gate["violations"]]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
