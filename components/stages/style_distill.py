@@ -179,10 +179,9 @@ def measure_variant(cfg: MergeConfig, device: str, *, base: ResolvedBase, fused:
     fused_pipe.set_progress_bar_config(disable=True)
     lora_io.load_adapter(fused_pipe, config.family, lora_folder, LCM)
     lora_io.set_weights(fused_pipe, {LCM: 1.0})
-    row = measured(fused_pipe, f"style-distilled lcm-{cfg.lcm_steps}", cfg.lcm_steps, (style_weight, 1.0))
-    uses = [measured(fused_pipe, f"style-distilled lcm-{n}", n, (style_weight, 1.0))
-            for n in USE_STEPS if n != cfg.lcm_steps]
-    return row, sorted(uses + [row], key=lambda r: r["steps"]) + [runtime]
+    on_fused = {n: measured(fused_pipe, f"style-distilled lcm-{n}", n, (style_weight, 1.0))
+                for n in sorted({*USE_STEPS, cfg.lcm_steps})}
+    return on_fused[cfg.lcm_steps], [*on_fused.values(), runtime]
 
 
 def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *, style: str | Path,
@@ -249,9 +248,9 @@ def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *,
                                                          judges, progress)
     far_fd = merge_doc["rows"][1]["fd"] if merge_doc else None  # the merge's lcm-alone row
     row, uses = measure_variant(params.merge, params.evaluate.device, base=base, fused=fused, style_file=style_file,
-                          lora_folder=evaluated_lora, judges=judges,
-                          prompts=prompts_for(params.evaluate, judges, base.name, base.config),
-                          style_weight=weight, far_fd=far_fd)
+                                lora_folder=evaluated_lora, judges=judges,
+                                prompts=prompts_for(params.evaluate, judges, base.name, base.config),
+                                style_weight=weight, far_fd=far_fd)
     seconds["evaluate"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     row["stage_seconds"] = round(total, 1)
@@ -263,7 +262,8 @@ def style_distill_stage(params: Params, base: ResolvedBase, storage: Storage, *,
            "synthesized": synthesized.as_dict(), "latents": {"index": encoded.index, "index_hash": encoded.index_hash},
            "lora": {"distill": distilled.rel, "weights_sha256": distilled.weights_sha256, "evaluation": evaluation_rel_},
            "gate": gate,
-           "row": row, "use_rows": uses, "merge_rows": merged_rows(merge_doc), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+           "row": row, "use_rows": uses, "merge_rows": merged_rows(merge_doc),
+           "seconds": {k: round(v, 1) for k, v in seconds.items()},
            "started_at": started_at}
     write_variant(folder, doc, evaluated_lora, params, base, started_at)
     push_folder(storage, folder, rel)
@@ -331,7 +331,7 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
             "The training-free merge of the style LoRA and the base's LCM-LoRA lost the style "
             "(merge.min_style_retention); the variants side by side:\n\n"
             + comparison_table(doc["merge_rows"] + [row]) + "\n\nHow it runs (the same prompts and noise):\n\n"
-            + comparison_table(doc.get("use_rows", [row])) + "\n")
+            + comparison_table(doc["use_rows"]) + "\n")
     card = render_model_card(base_model=doc["base_reference"], title=title, tags=CARD_TAGS,
                              num_inference_steps=params.merge.lcm_steps,
                              guidance_scale=params.merge.lcm_guidance_scale, body=body, relation="adapter",
@@ -345,7 +345,7 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
     # 2. Metrics: the evaluation's (its gate), plus the style row.
     metrics_path = lora / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    metrics["style_variant"] = {"row": row, "use_rows": doc.get("use_rows", []), "merge_rows": doc["merge_rows"]}
+    metrics["style_variant"] = {"row": row, "use_rows": doc["use_rows"], "merge_rows": doc["merge_rows"]}
     metrics_path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     # 3. Lineage: the base and the style LoRA, and the distillation's own record under `distill`.
     distill_lineage = json.loads((lora / "lineage.json").read_text()) if (lora / "lineage.json").is_file() else None
@@ -369,7 +369,7 @@ def write_variant(folder: Path, doc: dict[str, Any], evaluated_lora: Path, param
              comparison_table(doc["merge_rows"] + [row]), "",
              ("How it runs: at other step counts on the fused model, and on the unfused base with the style LoRA "
               "and this LoRA as two adapters at runtime (the same prompts and noise):"), "",
-             comparison_table(doc.get("use_rows", [row])), "",
+             comparison_table(doc["use_rows"]), "",
              "Stage seconds: " + ", ".join(f"{k} {v:g}" for k, v in doc["seconds"].items())]
     lines += [f"- {v}" for v in gate["violations"]]
     (folder / "report.md").write_text("\n".join(lines) + "\n")

@@ -184,6 +184,16 @@ def toy_style_lora(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None,
     typer.echo(json.dumps(metrics, indent=2))
 
 
+def objective_runs(title: str, out: Path, recipe: list[str],
+                   objectives: list[str]) -> list[tuple[str, Path, list[str]]]:
+    """(title, folder, overrides) of each objective's run: one objective (or none: distill.objective) runs in
+    `out` under `title`; with several, lcm's stays in `out` and another's goes to `out/OBJECTIVE`."""
+    if len(objectives) < 2:
+        return [(title, out, recipe + [f"distill.objective={o}" for o in objectives])]
+    return [(f"{title}, {o}", out if o == "lcm" else out / o, recipe + [f"distill.objective={o}"])
+            for o in objectives]
+
+
 def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_run: DryRunOpt = False,
               output: OutputOpt = None,
               toy: Annotated[bool, typer.Option("--toy", help="reproduce on the embedded toy world")] = False,
@@ -241,21 +251,15 @@ def reproduce(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
                 raise click.BadParameter(str(err), param_hint="--broken") from None
             # every objective and gate-margin run shares the family's curated and encoded data (storage.root),
             # each in its own folder: lcm's where a single run lands (FAMILY), another objective's in FAMILY/OBJECTIVE
-            for objective in chosen:
-                where = out if objective == "lcm" or len(chosen) == 1 else out / objective
-                named = title if len(chosen) == 1 else f"{title}, {objective}"
-                with_objective = recipe + [f"distill.objective={objective}"]
+            for named, where, with_objective in objective_runs(title, out, recipe, chosen):
                 if not checks:
                     runs.append((named, hard_world(fam), where, with_objective, None))
                 runs += [(f"{named}, {run.label}", hard_world(fam), where / run.label,
                           with_objective + list(run.overrides), run.gate_must_pass) for run in checks]
     else:
         out = (output or Path("runs/reproduce")).resolve()
-        recipe = TOY_RECIPE + [f"storage.root={out / 'artifacts'}"]
-        for objective in chosen or [None]:
-            where = out if objective in (None, "lcm") or len(chosen) == 1 else out / objective
-            runs.append(("toy" if len(chosen) < 2 else f"toy, {objective}", EASY_TOY, where,
-                         recipe + ([f"distill.objective={objective}"] if objective else []), None))
+        runs += [(named, EASY_TOY, where, with_objective, None) for named, where, with_objective
+                 in objective_runs("toy", out, TOY_RECIPE + [f"storage.root={out / 'artifacts'}"], chosen)]
     resolved = [(title, world, out, resolve(params, recipe + list(set_ or []),
                                             [f"distill.max_steps={max_steps}"] if max_steps is not None else []),
                  must_pass)
