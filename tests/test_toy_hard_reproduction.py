@@ -147,6 +147,7 @@ SHORT_RECIPE = [
     "distill.max_steps=40", "distill.batch_size=16", "distill.checkpoint_every=0",
     "evaluate.samples_per_prompt=2", "evaluate.steps=[2]", "evaluate.teacher_steps=[]",
     "evaluate.teacher_samplers=[ddim]", "evaluate.agreement_reference=ddim-2", "evaluate.lcm_without_lora=false",
+    "evaluate.cfg_scales=[]",  # the recipe's CFG rows (4 steps) are not this short run's question
     "toy.hard.source_rows=800",  # about 250 square originals pass curation (min_rows 100)
 ]
 
