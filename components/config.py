@@ -200,6 +200,8 @@ class EvaluateConfig(Section):
     cfg_steps: list[PositiveInt] = Field(default_factory=lambda: [4])  # step counts of those CFG rows
     negative_prompts: str | None = None  # file, one per line: line j for prompt j, or one line for all; needed by cfg_scales
     prompts: str | None = None  # prompt file, one per line; None: the base's judges' own prompt file
+    style: str | None = None  # the style the judges' style scorer measures, for judges that know several (the
+    # hard toy's: blue-ruled, sepia-grid); None: the judges' default
     samples_per_prompt: int = Field(20, ge=1)  # images per prompt and method (seeds seed .. seed + N - 1 per prompt)
     seed: int = Field(0, ge=0)  # first noise seed; every method gets the same initial noise
     batch_size: int = Field(50, ge=1)  # images per pipeline call

@@ -106,7 +106,8 @@ def test_style_set_records_its_layout_and_a_style_lora_refuses_another(tmp_path)
     from components.toy.hard.style import STYLE_SET_SETTINGS, read_hard_style, write_hard_style
 
     folder = write_hard_style(tmp_path / "wide", count=4, seed=3, layout="wide")
-    assert json.loads((folder / STYLE_SET_SETTINGS).read_text()) == {"count": 4, "seed": 3, "layout": "wide"}
+    assert json.loads((folder / STYLE_SET_SETTINGS).read_text()) == {"count": 4, "seed": 3, "layout": "wide",
+                                                                   "style": "blue-ruled"}
     images, captions = read_hard_style(folder, "wide")
     assert images.shape == (4, 3, HARD_SIZE, HARD_SIZE) and len(captions) == 4
     with pytest.raises(ValueError, match="a hard style set of the wide layout, toy.hard.layout is narrow"):

@@ -161,3 +161,76 @@ def test_style_through_vae_is_the_styles_ceiling(metric):
     assert abs(exact["plain_through_vae"]) < 0.1
     blurred = style_through_vae(_RoundTrip(blur=5), count=40, metric=metric)  # the 4-px stripes wash out
     assert blurred["styled_through_vae"] < 0.8 * blurred["styled"]
+
+
+# issue 28: a second, different style, so that a style result is not a property of one look
+
+def test_the_second_style_is_another_paper_and_ink_with_the_same_scenes():
+    from components.toy.hard.render import render_scene
+    from components.toy.hard.style import STYLES, hard_style, render_scene_styled
+
+    assert set(STYLES) == {"blue-ruled", "sepia-grid"}
+    with pytest.raises(ValueError, match="blue-ruled, sepia-grid"):
+        hard_style("watercolour")
+    plain, blue = hard_style_renders(6, seed=2)
+    _, sepia = hard_style_renders(6, seed=2, style="sepia-grid")
+    assert (sepia - plain).abs().mean() > 0.05 and (sepia - blue).abs().mean() > 0.1
+    # the same digits, places and jitter: the default style's render is today's, pixel for pixel
+    digit = np.zeros((8, 8))
+    digit[2:6, 3:5] = 16.0
+    from components.toy.hard.render import Scene
+
+    scene = Scene(1, 0, 1, 2)
+    default = render_scene_styled(digit, digit, scene, np.random.default_rng(4))
+    drawn = render_scene(digit, digit, scene, np.random.default_rng(4), background=STYLES["blue-ruled"].background())
+    assert np.array_equal(np.asarray(default), np.asarray(drawn))
+    # washed ink: on the sepia paper a stroke pixel is ink mixed with the paper, not the ink alone
+    solid = np.asarray(render_scene(digit, digit, scene, None, background=STYLES["sepia-grid"].background()), float)
+    washed = np.asarray(render_scene_styled(digit, digit, scene, None, style="sepia-grid"), float)
+    stroke = np.abs(solid - washed).sum(-1) > 0
+    assert stroke.any() and (washed[stroke].mean(0) > solid[stroke].mean(0)).all()  # lighter: paper shows through
+
+
+def test_each_style_has_its_own_metric_and_the_judges_score_the_one_asked(one_thread):
+    from components.config import EvaluateConfig
+    from components.toy.hard.judges import load_judges
+    from components.toy.hard.plugins import hard_judges, hard_judges_dir
+
+    sepia_metric = hard_style_metric(count=150, seed=0, style="sepia-grid")
+    plain, sepia = hard_style_renders(60, seed=9, style="sepia-grid")
+    assert sepia_metric.separation == 1.0
+    assert abs(sepia_metric.mean_strength(plain)) < 0.1 and abs(sepia_metric.mean_strength(sepia) - 1) < 0.1
+    judges = hard_judges(EvaluateConfig(style="sepia-grid"), 64)
+    assert judges.style.mean_strength(sepia) > 0.9
+    assert hard_judges(EvaluateConfig(), 64).style.mean_strength(sepia) < 0.5  # blue-ruled's metric: not its style
+    with pytest.raises(ValueError, match="sepia-grid"):
+        hard_judges(EvaluateConfig(style="nope"), 64)
+    # the judges read the second style's scenes as well as the first's
+    reader = load_judges(hard_judges_dir())
+    images, _, rows = hard_style_set(300, seed=5, style="sepia-grid")
+    assert (reader.read(images) == torch.tensor([r["parts"] for r in rows])).all(dim=1).float().mean() >= 0.9
+
+
+def test_a_style_set_of_another_style_is_refused_by_name_and_the_second_style_gets_its_own_folders(tmp_path):
+    from components.toy.hard.config import HardToyConfig
+    from components.toy.hard.style import vae_training_images
+
+    folder = write_hard_style(tmp_path / "sepia", count=3, seed=1, style="sepia-grid")
+    assert json.loads((folder / "settings.json").read_text())["style"] == "sepia-grid"
+    assert len(read_hard_style(folder, style="sepia-grid")[1]) == 3
+    with pytest.raises(ValueError, match="sepia-grid style, toy.hard.style is blue-ruled"):
+        read_hard_style(folder, style="blue-ruled")
+    default = HardToyConfig()
+    sepia = HardToyConfig(style="sepia-grid")
+    assert (sepia.style_dir, sepia.style_output) == (f"{default.style_dir}-sepia-grid",
+                                                     f"{default.style_output}-sepia-grid")
+    assert HardToyConfig(style="sepia-grid", style_output="/x").style_output == "/x"  # what a user names is kept
+    with pytest.raises(ValueError, match="expected one of blue-ruled, sepia-grid"):
+        HardToyConfig(decoder_styles=["blue-ruled", "nope"])
+    # the VAE's images: style_fraction of each decoder style; blue-ruled alone is the committed bases' recipe
+    images = torch.zeros(8, 3, 64, 64)
+    one = vae_training_images(images, HardToyConfig(style_fraction=0.25))
+    two = vae_training_images(images, HardToyConfig(style_fraction=0.25, decoder_styles=["blue-ruled", "sepia-grid"]))
+    assert one.shape[0] == 10 and two.shape[0] == 12
+    assert torch.equal(one, two[:10])
+    assert torch.equal(two[10:], hard_style_set(2, 12, style="sepia-grid")[0])

@@ -146,8 +146,8 @@ def toy_style(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, dry_
         from components.toy.hard.style import write_hard_style
 
         s = hard_toy_config(cfg)
-        folder = write_hard_style(s.style_dir, s.style_count, s.style_seed, s.layout)
-        typer.echo(f"wrote {s.style_count} hard-style scenes ({s.layout} layout; png + txt, metadata.jsonl) to {folder}")
+        folder = write_hard_style(s.style_dir, s.style_count, s.style_seed, s.layout, s.style)
+        typer.echo(f"wrote {s.style_count} {s.style} scenes ({s.layout} layout; png + txt, metadata.jsonl) to {folder}")
         return
     from components.toy.style import write_toy_style
 

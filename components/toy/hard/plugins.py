@@ -12,7 +12,8 @@ and its source writer (`toy-hard` in group `lcmlora.sources`).
 - Default prompts: `data/prompts/toy-hard.txt` (40 captions: every digit and colour on both sides,
   both word orders).
 - Style: the hard style strength (`style_metric.py`: LDA over colour and stripe statistics, plain
-  renders 0, hard-style renders 1), fitted on first use.
+  renders 0, hard-style renders 1) of the style evaluate.style names (blue-ruled unless set; `style.py`),
+  fitted on first use.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from components.toy.hard.render import (
     render_scene,
 )
 from components.toy.hard.source import source_settings, write_source
+from components.toy.hard.style import DEFAULT_STYLE
 from components.toy.hard.style_metric import LazyHardStyle
 from components.toy.source import ToySource
 
@@ -112,7 +114,7 @@ class HardJudgesProvider:
                                               layout=judges.layout)
         return Judges(judges.features, "hard toy judges' features (both halves, 128-d)", hard_adherence_metric(judges),
                       "hard toy adherence (both digits, colours and sides right)", reference,
-                      style=LazyHardStyle(judges.layout),
+                      style=LazyHardStyle(judges.layout, cfg.style or DEFAULT_STYLE),
                       style_name="hard toy style strength (LDA over colour and stripe statistics)",
                       default_prompts=HARD_PROMPTS)
 

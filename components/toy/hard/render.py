@@ -55,7 +55,7 @@ def caption_for(scene: Scene, right_first: bool = False) -> str:
 
 def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
                  rng: np.random.Generator | None = None, background: np.ndarray | None = None,
-                 layout: str = "narrow") -> Image.Image:
+                 layout: str = "narrow", ink_opacity: float = 1.0) -> Image.Image:
     """Two 8x8 digits (values 0-16) in their scene's colours as a 64x64 RGB image.
 
     With `rng` paper and inks vary slightly and each digit moves: in the `narrow` layout by up to
@@ -63,7 +63,8 @@ def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
     and sits anywhere in its half, so a caption leaves the digit's place and size open (what a
     few-step sampler must then settle). With `rng=None` the rendering is canonical (centred 26-pixel
     box, fixed colours) in either layout. `background` (64 x 64 x 3, 0-255) replaces the plain paper
-    (the hard style, `style.py`).
+    and `ink_opacity` < 1 lets it show through the ink (the hard styles, `style.py`; no random draw
+    depends on either).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -82,7 +83,7 @@ def render_scene(left8x8: np.ndarray, right8x8: np.ndarray, scene: Scene,
             size = int(rng.integers(WIDE_MIN_BOX, DIGIT_BOX + 1))
             left = side * HALF + int(rng.integers(0, HALF - size + 1))
             top = int(rng.integers(0, HARD_SIZE - size + 1))
-        mask = digit_box(digit, size)[..., None]
+        mask = digit_box(digit, size)[..., None] * ink_opacity
         window = rgb[top:top + size, left:left + size]
         rgb[top:top + size, left:left + size] = window * (1.0 - mask) + ink * mask
     return to_image(rgb)

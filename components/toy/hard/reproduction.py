@@ -107,8 +107,8 @@ def hard_world(family: str) -> ToyWorld:
 
 def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None,
                     base_distill_seconds: float | None = None) -> tuple[dict, GateResult, dict | None]:
-    """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA if missing
-    (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
+    """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA of toy.hard.style if
+    missing (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
     in `lcm_folder` on bases.toy-hard, into `output`; where the merge lost the style and `merge.fallback`
     is distill, the style-distill stage (the style model's own LCM-LoRA, issue 28) after it. Returns the
     merge metrics, the claim's checks and the variant's record (None without a fallback): its row, its
@@ -131,8 +131,9 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
         run_hard_style_lora(params, style_folder, progress=progress)
     name = FAMILIES["sd15"]
     claim = params.model_copy(update={"merge": params.merge.model_copy(update={
-        "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"})})
-    # The base's judges and prompts (bases.toy-hard.judges: the hard toy's digit judges and style scorer).
+        "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"}),
+        "evaluate": params.evaluate.model_copy(update={"style": params.evaluate.style or hard.style})})
+    # The base's judges and prompts (bases.toy-hard.judges: the hard toy's digit judges, scoring toy.hard.style).
     base = fingerprint_base(name, params.base(name), keep_loaded=True)
     storage = Storage.from_config(params.storage)
     result = merge_stage(claim, base, storage, lcm=lcm_folder, style=style_folder, output=output,

@@ -28,7 +28,7 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     from components.paths import project_path
     from components.toy.hard.config import hard_toy_config
     from components.toy.hard.render import HARD_SIZE
-    from components.toy.hard.style import read_hard_style, write_hard_style
+    from components.toy.hard.style import hard_style, read_hard_style, write_hard_style
     from components.toy.style_lora import StyleTraining, save_style_lora, train_style_lora
 
     hard = hard_toy_config(params)
@@ -39,12 +39,12 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
                                 "`lcmlora toy base --hard` or point toy.hard.base_dir at one")
     style_dir = project_path(hard.style_dir)
     if not (style_dir / "metadata.jsonl").is_file():
-        write_hard_style(style_dir, hard.style_count, hard.style_seed, hard.layout)
+        write_hard_style(style_dir, hard.style_count, hard.style_seed, hard.layout, hard.style)
     loaded = load_base(str(reference), family="sd15")
     pipe = loaded.pipe
     # 1. Training on the style set (plain captions).
     t0 = time.perf_counter()
-    images, captions = read_hard_style(style_dir, hard.layout, hard.style_count, hard.style_seed)
+    images, captions = read_hard_style(style_dir, hard.layout, hard.style_count, hard.style_seed, hard.style)
     training = StyleTraining(rank=hard.style_rank, alpha=hard.style_alpha, steps=hard.style_steps,
                              batch_size=hard.style_batch_size, lr=hard.style_lr, seed=hard.style_seed)
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
@@ -52,14 +52,16 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     # 2. Both formats, alpha kept.
     base_meta = {"name": "toy-hard", "family": "sd15", "resolution": HARD_SIZE, "reference": str(reference),
                  "fingerprint": loaded.fingerprint}
-    paths = save_style_lora(pipe, out, losses, base_meta, "toy-hard-style-lora",
-                            "hard toy style LoRA (blue ruled paper, framed), plain diffusion LoRA fine-tuning")
+    look = hard_style(hard.style)
+    name = "toy-hard-style-lora" if hard.style == "blue-ruled" else f"toy-hard-{look.name}-style-lora"
+    paths = save_style_lora(pipe, out, losses, base_meta, name,
+                            f"hard toy style LoRA ({look.description}), plain diffusion LoRA fine-tuning")
     # 3. Style strength and adherence with and without the LoRA.
-    scores = score_hard_style_lora(pipe, hard.style_eval_images, hard.guidance_scale)
+    scores = score_hard_style_lora(pipe, hard.style_eval_images, hard.guidance_scale, hard.style)
     metrics = {
         "train_seconds": round(train_seconds, 1), "first_loss_mean_first50": float(np.mean(losses[:50])),
         "final_loss_mean_last50": float(np.mean(losses[-50:])),
-        **scores, "rank": hard.style_rank, "alpha": hard.style_alpha,
+        **scores, "style": hard.style, "rank": hard.style_rank, "alpha": hard.style_alpha,
         "base": str(reference), "files": {k: str(v) for k, v in paths.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -67,15 +69,15 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     return metrics
 
 
-def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float) -> dict[str, float]:
-    """Hard style strength and adherence of `images` samples (the hard prompts in turn, seeds 0..) with
-    the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
+def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float, style: str = "blue-ruled") -> dict[str, float]:
+    """Strength of hard style `style` and adherence of `images` samples (the hard prompts in turn, seeds 0..)
+    with the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
     from components.evaluate.evaluation import load_prompts
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.render import HARD_SIZE
     from components.toy.style_lora import sample_with_and_without
 
-    judges = hard_judges(EvaluateConfig(), HARD_SIZE)
+    judges = hard_judges(EvaluateConfig(style=style), HARD_SIZE)
     hard_prompts = load_prompts(HARD_PROMPTS)
     prompts = [hard_prompts[i % len(hard_prompts)] for i in range(images)]
     with_lora, without = sample_with_and_without(pipe, prompts, guidance_scale, HARD_SIZE)
@@ -111,7 +113,8 @@ def rescore_hard_style_lora(params: Params, folder: str | Path | None = None) ->
     loaded = load_base(str(reference), family="sd15")
     lora_io.load_adapter(loaded.pipe, "sd15", lora_io.lora_file(out), STYLE_ADAPTER)
     metrics = json.loads(metrics_file.read_text())
-    metrics.update(score_hard_style_lora(loaded.pipe, hard.style_eval_images, hard.guidance_scale))
+    metrics.update(score_hard_style_lora(loaded.pipe, hard.style_eval_images, hard.guidance_scale,
+                                         metrics.get("style", "blue-ruled")))
     metrics.update({"base": str(reference), "scored_base_fingerprint": loaded.fingerprint,
                     "scored_at": datetime.now(UTC).isoformat(timespec="seconds")})
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")

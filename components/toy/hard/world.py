@@ -166,13 +166,15 @@ def build_hard_sdxl(s: HardToyConfig, progress: ProgressFn | None = None) -> dic
 
 
 @torch.no_grad()
-def _decoder_report(vae, held_out: torch.Tensor, layout: str) -> dict:
-    """What the decoder shows: the hard style's strength through the VAE, and the plain scenes' MSE."""
+def _decoder_report(vae, held_out: torch.Tensor, layout: str, styles: list[str]) -> dict:
+    """What the decoder shows: each hard style's strength through the VAE (`style_strength` the first
+    style's, `style_strengths` all of them), and the plain scenes' MSE."""
     from components.toy.hard.style_metric import style_through_vae
 
     batch = held_out.to(vae.device)
     mse = float(torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent_dist.mean).sample, batch))
-    return {"style_strength": style_through_vae(vae, layout=layout), "heldout_plain_mse": mse}
+    strengths = {style: style_through_vae(vae, layout=layout, style=style) for style in styles}
+    return {"style_strength": strengths[styles[0]], "style_strengths": strengths, "heldout_plain_mse": mse}
 
 
 def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: ProgressFn | None = None) -> dict:
@@ -188,9 +190,9 @@ def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: Progre
     start = time.time()
     train = render_scenes(images8, labels, s.train_scenes, np.random.default_rng(s.seed + 7), layout=s.layout)
     held_out = render_scenes(images8, labels, 200, np.random.default_rng(s.seed + 900), layout=s.layout).images
-    before = _decoder_report(vae, held_out, s.layout)
+    before = _decoder_report(vae, held_out, s.layout, s.decoder_styles)
     vae = finetune_decoder(vae, vae_training_images(train.images, s), s, progress)
-    after = _decoder_report(vae, held_out, s.layout)
+    after = _decoder_report(vae, held_out, s.layout, s.decoder_styles)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     config = folder / "vae" / "config.json"  # from_pretrained recorded where it was loaded from: not part of the model
     config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "_name_or_path"},
@@ -198,7 +200,7 @@ def finetune_base_decoder(s: HardToyConfig, sdxl: bool = False, progress: Progre
     report = {"folder": str(folder), "before": before, "after": after, "wall_s": round(time.time() - start, 1),
               "device": device_name(s.device), "torch": torch.__version__,
               "params": {k: getattr(s, k) for k in ("decoder_steps", "decoder_lr", "vae_batch_size", "style_fraction",
-                                                   "train_scenes", "seed")}}
+                                                   "decoder_styles", "train_scenes", "seed")}}
     (folder / "decoder.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
