@@ -47,32 +47,64 @@ def toy_style_set(count: int = 1797, seed: int = 0) -> tuple[torch.Tensor, list[
     return images, [caption_for(int(digits.target[i])) for i in pick]
 
 
+@dataclass(frozen=True)
+class StyleInputs:
+    """The style set as the UNet sees it, computed once: VAE latents (mean, scaled), text embeddings and,
+    for SDXL, the pooled text embeddings and the micro-conditioning time ids (size, no crop, size)."""
+
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def unet_kwargs(self, index: torch.Tensor, drop: torch.Tensor, empty: StyleInputs) -> dict:
+        """The UNet's conditioning of rows `index`, the `drop` ones with the empty caption's."""
+        kwargs = {"encoder_hidden_states": torch.where(drop[:, None, None], empty.embeddings, self.embeddings[index])}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.where(drop[:, None], empty.pooled, self.pooled[index]),
+                                           "time_ids": self.time_ids[index]}
+        return kwargs
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 @torch.no_grad()
-def encode_style_set(pipe, images: torch.Tensor, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE latents (mean, scaled) and text embeddings of the style set, computed once."""
-    latents, embeddings = [], []
+def encode_style_set(pipe, images: torch.Tensor, captions: list[str], batch_size: int = 256) -> StyleInputs:
+    """The style set's UNet inputs (`StyleInputs`), computed once; SD-1.5 and SDXL pipelines alike."""
+    latents, embeddings, pooled = [], [], []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(pipe.vae.device, pipe.vae.dtype)
         latents.append(pipe.vae.encode(batch).latent_dist.mean * pipe.vae.config.scaling_factor)
-        embeds, _ = pipe.encode_prompt(captions[start:start + batch_size], pipe.unet.device, 1, False)
-        embeddings.append(embeds)
-    return torch.cat(latents).float(), torch.cat(embeddings).float()
+        encoded = pipe.encode_prompt(captions[start:start + batch_size], device=pipe.unet.device,
+                                     num_images_per_prompt=1, do_classifier_free_guidance=False)
+        embeddings.append(encoded[0])
+        if is_sdxl(pipe):
+            pooled.append(encoded[2])
+    if not pooled:
+        return StyleInputs(torch.cat(latents).float(), torch.cat(embeddings).float())
+    height, width = images.shape[-2:]
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(len(images), 1)
+    return StyleInputs(torch.cat(latents).float(), torch.cat(embeddings).float(), torch.cat(pooled).float(), time_ids)
 
 
-def diffusion_loss(unet, scheduler, latents: torch.Tensor, embeddings: torch.Tensor,
+def diffusion_loss(unet, scheduler, latents: torch.Tensor, conditioning: dict,
                    generator: torch.Generator) -> torch.Tensor:
-    """DDPM's simple loss: || target - unet(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2 (eps or v)."""
+    """DDPM's simple loss: || target - unet(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, **conditioning) ||^2
+    (eps or v)."""
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    prediction = unet(noisy, t, encoder_hidden_states=embeddings).sample
+    prediction = unet(noisy, t, **conditioning).sample
     return F.mse_loss(prediction.float(), target.float())
 
 
 def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: StyleTraining,
                      progress: ProgressFn | None = None) -> list[float]:
     """Add a LoRA adapter named `style` to `pipe.unet` and fit it to the style set; returns the losses.
+    An SDXL pipeline's UNet gets its pooled text embeddings and time ids as well.
 
     The base weights stay frozen; the adapter stays loaded in `pipe` for the caller to save
     (`lora_io.adapter_factors(pipe, STYLE_ADAPTER)`).
@@ -82,10 +114,11 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
 
     # 1. Frozen base, fixed inputs.
     torch.manual_seed(cfg.seed)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    latents, embeddings = encode_style_set(pipe, images, captions)
-    empty = encode_style_set(pipe, images[:1], [""])[1]  # the CFG unconditional embedding
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+    inputs = encode_style_set(pipe, images, captions)
+    empty = encode_style_set(pipe, images[:1], [""])  # the CFG unconditional conditioning
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # 2. The LoRA: B starts at zero, so step 0 is the base.
     pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
@@ -99,10 +132,11 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     pipe.unet.train()
     # 3. Plain diffusion fine-tuning over random mini-batches.
     for step in range(cfg.steps):
-        index = torch.randint(0, latents.shape[0], (min(cfg.batch_size, latents.shape[0]),), generator=generator)
+        count = inputs.latents.shape[0]
+        index = torch.randint(0, count, (min(cfg.batch_size, count),), generator=generator)
         drop = torch.rand(len(index), generator=generator) < cfg.caption_dropout
-        context = torch.where(drop[:, None, None], empty, embeddings[index])
-        loss = diffusion_loss(pipe.unet, scheduler, latents[index], context, generator)
+        loss = diffusion_loss(pipe.unet, scheduler, inputs.latents[index], inputs.unet_kwargs(index, drop, empty),
+                              generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"style LoRA: loss became {loss.item()} at step {step}; lower toy.style_lr")
         optimizer.zero_grad(set_to_none=True)
@@ -118,15 +152,15 @@ def train_style_lora(pipe, images: torch.Tensor, captions: list[str], cfg: Style
     return losses
 
 
-def save_style_lora(pipe, out: Path, losses: list[float], base_meta: dict, title: str, description: str
-                    ) -> dict[str, Path]:
+def save_style_lora(pipe, out: Path, losses: list[float], base_meta: dict, title: str, description: str,
+                    family: str = "sd15") -> dict[str, Path]:
     """The pipe's style adapter in both LoRA formats (alpha kept), and `losses.csv`, written to `out`;
     returns the LoRA files."""
     from components.lora import io as lora_io
     from components.lora import merge
 
     factors = lora_io.adapter_factors(pipe, STYLE_ADAPTER)
-    paths = merge.save_lora_folder(out, factors, family="sd15", base_meta=base_meta, title=title,
+    paths = merge.save_lora_folder(out, factors, family=family, base_meta=base_meta, title=title,
                                    description=description)
     (out / "losses.csv").write_text("step,loss\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(losses)))
     return paths

@@ -106,10 +106,11 @@ def hard_world(family: str) -> ToyWorld:
 
 
 def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=None,
-                    base_distill_seconds: float | None = None) -> tuple[dict, GateResult, dict | None]:
-    """`reproduce --toy --hard --merge` (SD-1.5 family): the hard style set and style LoRA of toy.hard.style if
-    missing (toy.hard.style_dir, toy.hard.style_output), then the merge stage at (0.8, 1.0) with the LCM-LoRA
-    in `lcm_folder` on bases.toy-hard, into `output`; where the merge lost the style and `merge.fallback`
+                    base_distill_seconds: float | None = None,
+                    base_name: str = "toy-hard") -> tuple[dict, GateResult, dict | None]:
+    """`reproduce --toy --hard --merge`, per family: the hard style set and the family's style LoRA of
+    toy.hard.style if missing (toy.hard.style_dir; style_lora.style_lora_folder), then the merge stage at
+    (0.8, 1.0) with the LCM-LoRA in `lcm_folder` on bases.`base_name` (toy-hard, toy-hard-xl), into `output`; where the merge lost the style and `merge.fallback`
     is distill, the style-distill stage (the style model's own LCM-LoRA, issue 28) after it. Returns the
     merge metrics, the claim's checks and the variant's record (None without a fallback): its row, its
     seconds per step, its evaluation gate and issue 28's goals (`base_distill_seconds`: the cost goal's bound)."""
@@ -123,13 +124,14 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
         check_merge_claim,
         check_style_variant,
     )
-    from components.toy.hard.style_lora import run_hard_style_lora
+    from components.toy.hard.style_lora import run_hard_style_lora, style_lora_folder
 
     hard = hard_toy_config(params)
-    style_folder = project_path(hard.style_output)
+    family = next(fam for fam, name in FAMILIES.items() if name == base_name)
+    style_folder = project_path(style_lora_folder(hard, family))
     if not (style_folder / "pytorch_lora_weights.safetensors").is_file():
-        run_hard_style_lora(params, style_folder, progress=progress)
-    name = FAMILIES["sd15"]
+        run_hard_style_lora(params, style_folder, progress=progress, family=family)
+    name = base_name
     claim = params.model_copy(update={"merge": params.merge.model_copy(update={
         "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"}),
         "evaluate": params.evaluate.model_copy(update={"style": params.evaluate.style or hard.style})})

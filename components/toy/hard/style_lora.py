@@ -1,6 +1,7 @@
-"""`lcmlora toy style-lora --hard`: the hard style LoRA, trained with the easy toy's trainer
+"""`lcmlora toy style-lora --hard [--sdxl]`: the hard style LoRA, trained with the easy toy's trainer
 (`components/toy/style_lora.py:train_style_lora`, plain DDPM LoRA fine-tuning) on the hard
-style set, on the SD-1.5-family hard base (toy.hard.base_dir).
+style set, on the SD-1.5-family hard base (toy.hard.base_dir) or, with --sdxl, the SDXL-family one
+(toy.hard.sdxl_dir; its folder: toy.hard.style_output with `-sdxl` appended).
 
 Its folder has the easy style LoRA's layout: both LoRA formats (alpha kept), `losses.csv`,
 `metrics.json` (hard style strength and adherence of 25-step DPM-Solver++ samples with and
@@ -20,10 +21,16 @@ from components.config import RESOLVED_CONFIG_NAME, EvaluateConfig, Params
 from components.progress import ProgressFn
 
 
+def style_lora_folder(hard, family: str = "sd15") -> str:
+    """Where the hard style LoRA of `family` is kept by default: toy.hard.style_output (SDXL: `-sdxl` appended)."""
+    return hard.style_output if family == "sd15" else f"{hard.style_output}-sdxl"
+
+
 def run_hard_style_lora(params: Params, output: str | Path | None = None,
-                        progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Train the hard style LoRA on toy.hard.base_dir from the style set in toy.hard.style_dir (written
-    first if missing) and write its folder (toy.hard.style_output unless `output`); returns the metrics."""
+                        progress: ProgressFn | None = None, family: str = "sd15") -> dict[str, Any]:
+    """Train the hard style LoRA on the `family` hard base (toy.hard.base_dir, or sdxl_dir) from the style set
+    in toy.hard.style_dir (written first if missing) and write its folder (`style_lora_folder` unless
+    `output`); returns the metrics."""
     from components.models.base_model import load_base
     from components.paths import project_path
     from components.toy.hard.config import hard_toy_config
@@ -32,15 +39,16 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     from components.toy.style_lora import StyleTraining, save_style_lora, train_style_lora
 
     hard = hard_toy_config(params)
-    out = Path(output or hard.style_output)
-    reference = project_path(hard.base_dir)
+    out = Path(output or style_lora_folder(hard, family))
+    key, where = ("base_dir", hard.base_dir) if family == "sd15" else ("sdxl_dir", hard.sdxl_dir)
+    reference = project_path(where)
     if not (reference / "model_index.json").is_file():
-        raise FileNotFoundError(f"toy.hard.base_dir={hard.base_dir}: no hard base there; build it with "
-                                "`lcmlora toy base --hard` or point toy.hard.base_dir at one")
+        raise FileNotFoundError(f"toy.hard.{key}={where}: no hard base there; build it with `lcmlora toy base "
+                                f"--hard{' --sdxl' if family == 'sdxl' else ''}` or point toy.hard.{key} at one")
     style_dir = project_path(hard.style_dir)
     if not (style_dir / "metadata.jsonl").is_file():
         write_hard_style(style_dir, hard.style_count, hard.style_seed, hard.layout, hard.style)
-    loaded = load_base(str(reference), family="sd15")
+    loaded = load_base(str(reference), family=family)
     pipe = loaded.pipe
     # 1. Training on the style set (plain captions).
     t0 = time.perf_counter()
@@ -50,18 +58,19 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept.
-    base_meta = {"name": "toy-hard", "family": "sd15", "resolution": HARD_SIZE, "reference": str(reference),
+    base_name = "toy-hard" if family == "sd15" else "toy-hard-xl"
+    base_meta = {"name": base_name, "family": family, "resolution": HARD_SIZE, "reference": str(reference),
                  "fingerprint": loaded.fingerprint}
     look = hard_style(hard.style)
-    name = "toy-hard-style-lora" if hard.style == "blue-ruled" else f"toy-hard-{look.name}-style-lora"
+    name = f"{base_name}-style-lora" if hard.style == "blue-ruled" else f"{base_name}-{look.name}-style-lora"
     paths = save_style_lora(pipe, out, losses, base_meta, name,
-                            f"hard toy style LoRA ({look.description}), plain diffusion LoRA fine-tuning")
+                            f"hard toy style LoRA ({look.description}), plain diffusion LoRA fine-tuning", family)
     # 3. Style strength and adherence with and without the LoRA.
     scores = score_hard_style_lora(pipe, hard.style_eval_images, hard.guidance_scale, hard.style)
     metrics = {
         "train_seconds": round(train_seconds, 1), "first_loss_mean_first50": float(np.mean(losses[:50])),
         "final_loss_mean_last50": float(np.mean(losses[-50:])),
-        **scores, "style": hard.style, "rank": hard.style_rank, "alpha": hard.style_alpha,
+        **scores, "style": hard.style, "family": family, "rank": hard.style_rank, "alpha": hard.style_alpha,
         "base": str(reference), "files": {k: str(v) for k, v in paths.items()},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -109,10 +118,11 @@ def rescore_hard_style_lora(params: Params, folder: str | Path | None = None) ->
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{out}: no style LoRA folder (metrics.json); train one with "
                                 "`lcmlora toy style-lora --hard`")
-    reference = project_path(hard.base_dir)
-    loaded = load_base(str(reference), family="sd15")
-    lora_io.load_adapter(loaded.pipe, "sd15", lora_io.lora_file(out), STYLE_ADAPTER)
     metrics = json.loads(metrics_file.read_text())
+    family = metrics.get("family", "sd15")
+    reference = project_path(hard.base_dir if family == "sd15" else hard.sdxl_dir)
+    loaded = load_base(str(reference), family=family)
+    lora_io.load_adapter(loaded.pipe, family, lora_io.lora_file(out), STYLE_ADAPTER)
     metrics.update(score_hard_style_lora(loaded.pipe, hard.style_eval_images, hard.guidance_scale,
                                          metrics.get("style", "blue-ruled")))
     metrics.update({"base": str(reference), "scored_base_fingerprint": loaded.fingerprint,
