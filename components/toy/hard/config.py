@@ -66,7 +66,7 @@ class HardToyConfig(BaseModel):
     style_fraction: float = Field(0.0, ge=0.0, le=1.0)  # styled scenes added to the VAE's training set, as a
     # share of train_scenes; 0 keeps the VAE plain, and a plain VAE cannot draw the style (0.25: the easy toy's)
     style: str = "blue-ruled"  # the hard style of the style set, its LoRA and the merge claim (style.py:STYLES:
-    # blue-ruled, sepia-grid); another than blue-ruled moves style_dir and style_output to NAME-suffixed folders
+    # blue-ruled, sepia-grid); any other than blue-ruled moves style_dir and style_output to NAME-suffixed folders
     decoder_styles: list[str] = Field(default_factory=lambda: ["blue-ruled"])  # styles the VAE (and a decoder
     # fine-tune) sees, style_fraction of train_scenes each; the committed bases: blue-ruled alone
     style_dir: str = "data/toy/hard/style"  # where `lcmlora toy style --hard` writes the hard style set
@@ -81,11 +81,10 @@ class HardToyConfig(BaseModel):
     style_seed: int = 0  # scenes, data order, noise, init
     style_eval_images: int = 80  # DPM-Solver++-25 samples (hard prompts in turn) scored with and without the LoRA
 
-
     @model_validator(mode="before")
     @classmethod
     def _another_styles_folders(cls, values: Any) -> Any:
-        """Another style than blue-ruled moves the style set and LoRA folders not named to NAME-suffixed ones,
+        """A style other than blue-ruled moves the style set and LoRA folders not named to NAME-suffixed ones,
         so that a second style's set and LoRA never overwrite (or are refused as) blue-ruled's."""
         if not isinstance(values, dict) or values.get("style", "blue-ruled") == "blue-ruled":
             return values

@@ -110,10 +110,11 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
                     base_name: str = "toy-hard") -> tuple[dict, GateResult, dict | None]:
     """`reproduce --toy --hard --merge`, per family: the hard style set and the family's style LoRA of
     toy.hard.style if missing (toy.hard.style_dir; style_lora.style_lora_folder), then the merge stage at
-    (0.8, 1.0) with the LCM-LoRA in `lcm_folder` on bases.`base_name` (toy-hard, toy-hard-xl), into `output`; where the merge lost the style and `merge.fallback`
-    is distill, the style-distill stage (the style model's own LCM-LoRA, issue 28) after it. Returns the
-    merge metrics, the claim's checks and the variant's record (None without a fallback): its row, its
-    seconds per step, its evaluation gate and issue 28's goals (`base_distill_seconds`: the cost goal's bound)."""
+    (0.8, 1.0) with the LCM-LoRA in `lcm_folder` on bases.`base_name` (toy-hard, toy-hard-xl), into
+    `output`; where the merge lost the style and `merge.fallback` is distill, the style-distill stage (the
+    style model's own LCM-LoRA, issue 28) after it. Returns the merge metrics, the claim's checks and the
+    variant's record (None without a fallback): its row, its seconds per step, its evaluation gate and
+    issue 28's goals (`base_distill_seconds`: the cost goal's bound)."""
     from components.models.base_model import fingerprint_base
     from components.paths import project_path
     from components.stages.merge import merge_stage
