@@ -223,6 +223,10 @@ class EvaluateConfig(Section):
     # trajectory from the same noise, what consistency distillation trains (the hard toy: a 10-step LoRA
     # reads like a good one on adherence, not here)
     lcm2_psnr_min: float | None = None
+    # for a PCM-LoRA, PSNR(pcm-2 vs agreement_reference) minimum in dB in place of lcm2_psnr_min; None: that
+    # judges it. PCM samples at its phase edges, which follow the teacher closely even barely trained (the
+    # hard toy: a 10-step PCM-LoRA reads 21.9 dB, good ones 25.5-25.9; LCM's 10-step 20.1, good 21.9-23.2)
+    pcm2_psnr_min: float | None = None
 
     @model_validator(mode="after")
     def _cfg_rows_have_negatives(self) -> EvaluateConfig:

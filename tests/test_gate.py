@@ -149,3 +149,23 @@ def test_a_rule_written_for_an_lcm_lora_reads_a_pcm_loras_own_rows():
     assert (moved.subject, moved.references) == ("pcm-8", ("pcm-4", "lcm_base-4", "ddim-4"))
     rows = {"pcm-8": {"fd": 1.0}, "pcm-4": {"fd": 1.0}, "lcm_base-4": {"fd": 5.0}, "ddim-4": {"fd": 5.0}}
     assert check_rules([moved], rows).passed and not check_rules([rule], rows).passed
+
+
+def test_a_pcm_lora_has_its_own_2_step_psnr_bound_where_one_is_set():
+    from components.evaluate.gate import gate_rules
+
+    cfg = EvaluateConfig(lcm2_psnr_min=21.0, pcm2_psnr_min=23.5)
+    psnr = {r.key: (r.subject, r.constant) for r in gate_rules(cfg, student="pcm")[0] if r.metric == "psnr"}
+    assert psnr == {"evaluate.pcm2_psnr_min": ("pcm-2", 23.5)}
+    lcm = {r.key: (r.subject, r.constant) for r in gate_rules(cfg)[0] if r.metric == "psnr"}
+    assert lcm == {"evaluate.lcm2_psnr_min": ("lcm-2", 21.0)}  # an LCM-LoRA keeps its own
+    assert {r.key for r in gate_rules(EvaluateConfig(lcm2_psnr_min=21.0), student="pcm")[0]
+            if r.metric == "psnr"} == {"evaluate.lcm2_psnr_min"}  # unset: lcm2_psnr_min judges pcm-2
+    # the hard toy's 10-step PCM-LoRA (session 16) passed lcm2_psnr_min at 21.86 dB; PCM's own bound fails it
+    rows = {"pcm-2": {"fd": 417.3, "adherence": 0.84, "psnr": 21.864}, "pcm-4": {"fd": 274.3, "adherence": 0.89},
+            "ddim-25": {"fd": 527.4, "adherence": 1.0}, "dpmpp-25": {"fd": 509.9, "adherence": 1.0}}
+    hard = {"gate_teacher_steps": 25, "lcm4_fd_max_ratio_to_teacher50": 1.2, "adherence_min_ratio": 0.8,
+            "lcm4_fd_below_dpm4": False, "lcm2_adherence_min_ratio": 0.75, "lcm2_psnr_min": 21.0}
+    assert evaluate_gate(rows, EvaluateConfig(**hard), student="pcm").passed
+    failed = evaluate_gate(rows, EvaluateConfig(**hard, pcm2_psnr_min=23.5), student="pcm")
+    assert not failed.passed and failed.violations == ["evaluate.pcm2_psnr_min: pcm-2 psnr 21.86 falls below 23.5"]

@@ -117,7 +117,8 @@ def check_rules(rules: list[Rule], rows: Rows, skipped: list[str] | None = None)
 def gate_rules(cfg: EvaluateConfig, student: str = "lcm") -> tuple[list[Rule], list[str]]:
     """(rules, skipped keys) from the evaluate section's thresholds. `student`: the sampler of the
     LoRA's own rows (`lcm`, or `pcm` for a PCM-LoRA); the `lcm4_*` / `lcm2_*` keys judge its 4- and
-    2-step rows either way (`for_student`)."""
+    2-step rows either way (`for_student`), except that `pcm2_psnr_min`, where set, replaces
+    `lcm2_psnr_min` for a PCM-LoRA."""
     # "teacher50" in the two ratio keys: the teacher at gate_teacher_steps (50 unless set); the
     # rule's record and violation name the rows it compared against
     teacher50 = tuple(f"{s}-{cfg.gate_teacher_steps}" for s in cfg.teacher_samplers)
@@ -142,6 +143,8 @@ def gate_rules(cfg: EvaluateConfig, student: str = "lcm") -> tuple[list[Rule], l
         skipped.append("evaluate.lcm2_adherence_min_ratio")
     for steps, bound in ((1, cfg.lcm1_psnr_min), (2, cfg.lcm2_psnr_min)):
         key = f"evaluate.lcm{steps}_psnr_min"
+        if steps == 2 and student == "pcm" and cfg.pcm2_psnr_min is not None:  # PCM's own bound
+            key, bound = "evaluate.pcm2_psnr_min", cfg.pcm2_psnr_min
         if bound is not None:
             rules.append(Rule(key, "psnr", f"lcm-{steps}", constant=bound))
         else:

@@ -57,6 +57,11 @@ HARD_RECIPE = [
     # the same noise was 20.07 dB (LCMScheduler alone 19.46), the good seeds' 21.93-22.89: the rule sits between,
     # chosen before seed 4 and the no-guidance run finished (docs/results.md, "Session 8")
     "evaluate.lcm2_psnr_min=21.0",
+    # session 16, PCM (4 phases): the 10-step PCM-LoRA PASSED the gate above (PCM-2 adherence 0.84, PCM-4 0.89,
+    # PCM-2 PSNR 21.86 dB): PCM's edge sampler follows the teacher even barely trained. Seeds 0-3 read
+    # 25.47-25.90 dB; the bound sits between, chosen before the no-guidance run and seed 4 finished
+    # (docs/results.md, "Gate, SD-1.5 family, PCM")
+    "evaluate.pcm2_psnr_min=23.5",
     # issue 29: both objectives with CFG at 1.5 and 3 and a negative prompt (the scene with its sides swapped)
     "evaluate.cfg_scales=[1.5,3]", "evaluate.cfg_steps=[4]", "evaluate.negative_prompts=data/prompts/toy-hard-negative.txt",
     f"curate.source={HardToyConfig().source_dir}",
