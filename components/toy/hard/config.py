@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from components.config import Params
 from components.toy.config import toy_config, validate_section
 
+FAMILIES = {"sd15": "toy-hard", "sdxl": "toy-hard-xl"}  # hard family -> the params base it runs on
+
 
 class HardToyConfig(BaseModel):
     """Every number the hard toy's builders use; `python -m components.toy.hard ... --set k=v` overrides."""

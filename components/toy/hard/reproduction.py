@@ -18,11 +18,10 @@ from pathlib import Path
 
 from components.config import Params
 from components.evaluate.gate import GateResult, Rule
-from components.toy.hard.config import HardToyConfig, hard_toy_config
+from components.toy.hard.config import FAMILIES, HardToyConfig, hard_toy_config
 from components.toy.hard.source import source_settings, write_source
 from components.toy.reproduction import ToyWorld
 
-FAMILIES = {"sd15": "toy-hard", "sdxl": "toy-hard-xl"}  # family -> the params base it runs on
 HARD_BASES: dict[str, dict[str, object]] = {
     "toy-hard": {"reference": HardToyConfig().base_dir, "family": "sd15", "resolution": 64,
                  "guidance_scale": 5.0, "judges": "toy-hard"},
@@ -137,12 +136,11 @@ def run_merge_claim(params: Params, lcm_folder: Path, output: Path, progress=Non
     style_folder = project_path(style_lora_folder(hard, family))
     if not (style_folder / "pytorch_lora_weights.safetensors").is_file():
         run_hard_style_lora(params, style_folder, progress=progress, family=family)
-    name = base_name
     claim = params.model_copy(update={"merge": params.merge.model_copy(update={
         "weights": [CLAIM_WEIGHTS], "lcm_steps": 4, "reference_steps": 25, "svd_rank": None, "save_fused": "none"}),
         "evaluate": params.evaluate.model_copy(update={"style": params.evaluate.style or hard.style})})
     # The base's judges and prompts (bases.toy-hard.judges: the hard toy's digit judges, scoring toy.hard.style).
-    base = fingerprint_base(name, params.base(name), keep_loaded=True)
+    base = fingerprint_base(base_name, params.base(base_name), keep_loaded=True)
     storage = Storage.from_config(params.storage)
     result = merge_stage(claim, base, storage, lcm=lcm_folder, style=style_folder, output=output,
                          progress=progress).merge

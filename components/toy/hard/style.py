@@ -12,7 +12,7 @@ positions and jitter, the same random draws) on the style's paper with its ink. 
 still read all four parts of both (tests/test_toy_hard_style.py; darker papers are not read: the
 judges learned light paper only). A base's VAE shows only the styles its decoder was tuned on
 (`toy.hard.decoder_styles`, `vae_training_images`): the committed bases', blue-ruled alone; a
-base whose decoder also learned sepia-grid is built on demand (docs/toy-hard.md, "Merge claim");
+base whose decoder also learned sepia-grid is built on demand (docs/toy-hard.md, "A second style");
 `style_metric.style_through_vae` measures how much of a style a VAE can show.
 
 The style set on disk (`lcmlora toy style --hard`) has the easy style set's layout

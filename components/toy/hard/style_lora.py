@@ -33,9 +33,14 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     `output`); returns the metrics."""
     from components.models.base_model import load_base
     from components.paths import project_path
-    from components.toy.hard.config import hard_toy_config
+    from components.toy.hard.config import FAMILIES, hard_toy_config
     from components.toy.hard.render import HARD_SIZE
-    from components.toy.hard.style import hard_style, read_hard_style, write_hard_style
+    from components.toy.hard.style import (
+        DEFAULT_STYLE,
+        hard_style,
+        read_hard_style,
+        write_hard_style,
+    )
     from components.toy.style_lora import StyleTraining, save_style_lora, train_style_lora
 
     hard = hard_toy_config(params)
@@ -58,11 +63,11 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     losses = train_style_lora(pipe, images, captions, training, progress=progress)
     train_seconds = time.perf_counter() - t0
     # 2. Both formats, alpha kept.
-    base_name = "toy-hard" if family == "sd15" else "toy-hard-xl"
+    base_name = FAMILIES[family]
     base_meta = {"name": base_name, "family": family, "resolution": HARD_SIZE, "reference": str(reference),
                  "fingerprint": loaded.fingerprint}
     look = hard_style(hard.style)
-    name = f"{base_name}-style-lora" if hard.style == "blue-ruled" else f"{base_name}-{look.name}-style-lora"
+    name = f"{base_name}-style-lora" if hard.style == DEFAULT_STYLE else f"{base_name}-{look.name}-style-lora"
     paths = save_style_lora(pipe, out, losses, base_meta, name,
                             f"hard toy style LoRA ({look.description}), plain diffusion LoRA fine-tuning", family)
     # 3. Style strength and adherence with and without the LoRA.
@@ -78,9 +83,10 @@ def run_hard_style_lora(params: Params, output: str | Path | None = None,
     return metrics
 
 
-def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float, style: str = "blue-ruled") -> dict[str, float]:
-    """Strength of hard style `style` and adherence of `images` samples (the hard prompts in turn, seeds 0..)
-    with the pipe's style LoRA and without it: 25 DPM-Solver++ steps at `guidance_scale` (the hard base's)."""
+def score_hard_style_lora(pipe: Any, images: int, guidance_scale: float, style: str | None = None) -> dict[str, float]:
+    """Strength of hard style `style` (None: the default style) and adherence of `images` samples (the hard
+    prompts in turn, seeds 0..) with the pipe's style LoRA and without it: 25 DPM-Solver++ steps at
+    `guidance_scale` (the hard base's)."""
     from components.evaluate.evaluation import load_prompts
     from components.toy.hard.plugins import HARD_PROMPTS, hard_judges
     from components.toy.hard.render import HARD_SIZE
@@ -124,7 +130,7 @@ def rescore_hard_style_lora(params: Params, folder: str | Path | None = None) ->
     loaded = load_base(str(reference), family=family)
     lora_io.load_adapter(loaded.pipe, family, lora_io.lora_file(out), STYLE_ADAPTER)
     metrics.update(score_hard_style_lora(loaded.pipe, hard.style_eval_images, hard.guidance_scale,
-                                         metrics.get("style", "blue-ruled")))
+                                         metrics.get("style")))
     metrics.update({"base": str(reference), "scored_base_fingerprint": loaded.fingerprint,
                     "scored_at": datetime.now(UTC).isoformat(timespec="seconds")})
     metrics_file.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -12,11 +12,12 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from components.toy.hard.style import DEFAULT_STYLE
 from components.toy.style_metric import StyleMetric, fit_style_metric
 
 
 def hard_style_renders(count: int = 400, seed: int = 0, layout: str = "narrow",
-                       style: str = "blue-ruled") -> tuple[torch.Tensor, torch.Tensor]:
+                       style: str = DEFAULT_STYLE) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` random scenes (in `layout`) rendered plain and in `style`, same digits and jitter: two
     N x 3 x 64 x 64 in [-1, 1]."""
     from components.toy.classifier import load_sklearn_digits
@@ -35,7 +36,7 @@ def hard_style_renders(count: int = 400, seed: int = 0, layout: str = "narrow",
     return torch.from_numpy(np.stack(plain)), torch.from_numpy(np.stack(styled))
 
 
-def hard_style_metric(count: int = 400, seed: int = 0, layout: str = "narrow", style: str = "blue-ruled") -> StyleMetric:
+def hard_style_metric(count: int = 400, seed: int = 0, layout: str = "narrow", style: str = DEFAULT_STYLE) -> StyleMetric:
     """The metric of hard style `style`, fitted on fresh renders in `layout` (deterministic for a seed; about a second)."""
     from components.toy.hard.style import hard_style
 
@@ -44,7 +45,7 @@ def hard_style_metric(count: int = 400, seed: int = 0, layout: str = "narrow", s
 
 
 def style_through_vae(vae, count: int = 200, seed: int = 1, metric: StyleMetric | None = None,
-                      layout: str = "narrow", style: str = "blue-ruled") -> dict[str, float]:
+                      layout: str = "narrow", style: str = DEFAULT_STYLE) -> dict[str, float]:
     """How much of the hard style `style` `vae` can show at all: mean style strength of `count` fresh scenes
     rendered plain and styled, as rendered and after an encode / decode round trip (latent mean).
     A sampler on this base cannot draw more style than `styled_through_vae`; the merge claim's
@@ -68,7 +69,7 @@ class LazyHardStyle:
     """The metric of hard style `style` (fitted on renders in `layout`, the judges'), fitted the first time a
     merge asks for it."""
 
-    def __init__(self, layout: str = "narrow", style: str = "blue-ruled") -> None:
+    def __init__(self, layout: str = "narrow", style: str = DEFAULT_STYLE) -> None:
         from components.toy.hard.style import hard_style
 
         self.layout, self.style = layout, hard_style(style).name
